@@ -1,0 +1,60 @@
+"""Backbones by name: `keras.applications` image networks, keras-hub BERT, TF-Hub models.
+
+`build_backbone(name, ...)` looks the name up in the families' tables (plain dicts) and
+calls that family's builder. Families are imported only when used, so `import tfxfer` does
+not import keras-hub or tensorflow-hub.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tfxfer.backbones.base import Backbone, split_into_groups
+from tfxfer.backbones.vision import VISION_BACKBONES, build_vision_backbone
+from tfxfer.errors import TfxferError
+
+__all__ = ["Backbone", "build_backbone", "known_backbones", "split_into_groups"]
+
+HUB_PREFIX = "hub:"
+
+
+def _text_table() -> dict[str, Any]:
+    from tfxfer.backbones.text import TEXT_BACKBONES
+
+    return TEXT_BACKBONES
+
+
+def known_backbones() -> dict[str, list[str]]:
+    """The named backbones of each family."""
+    return {"image": sorted(VISION_BACKBONES), "text": sorted(_text_table())}
+
+
+def build_backbone(name: str, **kwargs: Any) -> Backbone:
+    """Builds a backbone from a table name, a keras-hub preset, a local directory or a hub handle.
+
+    Args:
+        name: str. An image table name ("resnet50", ...), a text table name ("minilm-l6",
+            "bert-tiny", ...), a keras-hub BERT preset ("bert_base_en_uncased"), a local
+            keras-hub preset or Hugging Face BERT directory, or "hub:" followed by a TF-Hub
+            handle or SavedModel path.
+        **kwargs: passed to the family's builder (`weights`, `image_size`,
+            `sequence_length`, ...).
+    """
+    key = name.lower()
+    if key in VISION_BACKBONES:
+        return build_vision_backbone(key, **kwargs)
+    if name.startswith(HUB_PREFIX):
+        from tfxfer.backbones.hub import build_hub_backbone
+
+        return build_hub_backbone(name[len(HUB_PREFIX):], **kwargs)
+    if key in _text_table() or key.startswith("bert_") or os.path.isdir(os.path.expanduser(name)):
+        from tfxfer.backbones.text import build_bert_backbone
+
+        return build_bert_backbone(name, **kwargs)
+    known = known_backbones()
+    raise TfxferError(
+        f"Unknown backbone {name!r}. Known image backbones: {known['image']}; text backbones: "
+        f"{known['text']}; or a keras-hub BERT preset name (bert_...), a local BERT directory, "
+        "or 'hub:<TF-Hub handle or SavedModel path>'."
+    )

@@ -1,0 +1,226 @@
+"""Image backbones from `keras.applications`, one table row each.
+
+Every row says which constructor to call, how that network wants its pixels
+(`preprocessing`), the smallest input it accepts, and where its layer groups begin. Adding a
+backbone is adding a row: the builder below is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import keras
+from keras import ops
+
+from tfxfer.backbones.base import Backbone, split_into_groups
+from tfxfer.errors import TfxferError, WeightsError
+
+# Per-channel constants of the two common ImageNet conventions.
+_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+# `preprocessing` is the pixel convention the network was trained with:
+#   caffe: RGB->BGR, subtract the ImageNet mean (ResNet v1, VGG)
+#   tf:    scale to [-1, 1] (ResNet v2, MobileNet v2, Inception)
+#   torch: scale to [0, 1], normalise by ImageNet mean/std (DenseNet)
+#   none:  the network rescales itself and takes [0, 255] floats (EfficientNetV2, MobileNetV3)
+# `groups` are (group name, prefix of the group's first layer), input side first.
+VISION_BACKBONES: dict[str, dict[str, Any]] = {
+    "resnet50": {
+        "constructor": "ResNet50",
+        "preprocessing": "caffe",
+        "min_image_size": 32,
+        "default_image_size": 224,
+        "groups": [("stem", "conv1"), ("conv2", "conv2_"), ("conv3", "conv3_"),
+                   ("conv4", "conv4_"), ("conv5", "conv5_")],
+    },
+    "resnet101": {
+        "constructor": "ResNet101",
+        "preprocessing": "caffe",
+        "min_image_size": 32,
+        "default_image_size": 224,
+        "groups": [("stem", "conv1"), ("conv2", "conv2_"), ("conv3", "conv3_"),
+                   ("conv4", "conv4_"), ("conv5", "conv5_")],
+    },
+    "resnet50v2": {
+        "constructor": "ResNet50V2",
+        "preprocessing": "tf",
+        "min_image_size": 32,
+        "default_image_size": 224,
+        "groups": [("stem", "conv1"), ("conv2", "conv2_"), ("conv3", "conv3_"),
+                   ("conv4", "conv4_"), ("conv5", "conv5_")],
+    },
+    "efficientnetv2b0": {
+        "constructor": "EfficientNetV2B0",
+        "preprocessing": "none",
+        "min_image_size": 32,
+        "default_image_size": 224,
+        "groups": [("stem", "stem_"), ("block1", "block1"), ("block2", "block2"),
+                   ("block3", "block3"), ("block4", "block4"), ("block5", "block5"),
+                   ("block6", "block6"), ("top", "top_")],
+    },
+    "mobilenetv3small": {
+        "constructor": "MobileNetV3Small",
+        "preprocessing": "none",
+        "min_image_size": 32,
+        "default_image_size": 224,
+        # MobileNetV3 names its blocks expanded_conv, expanded_conv_1, ... expanded_conv_10.
+        "groups": [("stem", "conv"), ("early", "expanded_conv"), ("middle", "expanded_conv_3_"),
+                   ("late", "expanded_conv_8_"), ("top", "conv_1")],
+        "kwargs": {"include_preprocessing": True},
+    },
+}
+
+
+@keras.saving.register_keras_serializable(package="tfxfer")
+class ImagePreprocessing(keras.layers.Layer):
+    """Turns raw uint8 RGB images of any size into what a pretrained network expects.
+
+    It resizes to the backbone's input size and applies the network's own pixel convention.
+    Living inside the model (rather than in the user's code) is what lets a saved or exported
+    model take raw images, and what makes a wrong convention impossible at serving time.
+
+    Args:
+        image_size: int. Height and width the network sees.
+        mode: str. One of "caffe", "tf", "torch", "none" (see `VISION_BACKBONES`).
+    """
+
+    def __init__(self, image_size: int, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "tf", "torch", "none"):
+            raise ValueError(
+                f"Expected `mode` to be one of 'caffe', 'tf', 'torch', 'none'. Received: mode={mode!r}"
+            )
+        self.image_size = int(image_size)
+        self.mode = mode
+        self.resize = keras.layers.Resizing(self.image_size, self.image_size, dtype="float32")
+
+    def call(self, images):
+        x = ops.cast(images, "float32")
+        # Resizing is a no-op when the tf.data pipeline already resized to this size.
+        x = self.resize(x)
+        if self.mode == "caffe":
+            x = ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_BGR_MEAN, "float32")
+        elif self.mode == "tf":
+            x = x / 127.5 - 1.0
+        elif self.mode == "torch":
+            x = (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN, "float32")) / ops.convert_to_tensor(
+                _TORCH_STD, "float32"
+            )
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.image_size, self.image_size, 3)
+
+    def get_config(self):
+        return {**super().get_config(), "image_size": self.image_size, "mode": self.mode}
+
+
+def _resolve_weights(weights: str | None) -> str | None:
+    """Maps the user's `weights` to what keras.applications takes, checking local files."""
+    if weights is None or str(weights).lower() in ("none", "random", ""):
+        return None
+    if str(weights).lower() == "imagenet":
+        return "imagenet"
+    path = os.path.expanduser(str(weights))
+    if not os.path.isfile(path):
+        raise WeightsError(
+            f"Weights file not found: {path!r}. Pass weights='imagenet' (downloaded by Keras "
+            "when online), weights=None for random initialisation, or the path of an existing "
+            "`.weights.h5` / `.h5` file saved from the same architecture."
+        )
+    if not path.endswith(".h5"):
+        raise WeightsError(
+            f"Unsupported weights file {path!r}: keras.applications loads HDF5 weights files "
+            "(`.h5` or `.weights.h5`), such as those Keras downloads into ~/.keras/models/."
+        )
+    return path
+
+
+def _load_local_weights(network: keras.Model, path: str, key: str, constructor: str) -> None:
+    """Loads a local weights file, turning a mismatch into one readable sentence."""
+    with warnings.catch_warnings():
+        # A mismatched file makes Keras warn once per layer before it raises; the error
+        # below says it once.
+        warnings.simplefilter("ignore")
+        try:
+            network.load_weights(path)
+        except (ValueError, KeyError, OSError) as error:
+            first_line = str(error).strip().splitlines()[0][:300]
+            raise WeightsError(
+                f"The weights file {path!r} does not match the {key} architecture without its "
+                f"top ({first_line}). Use a weights file saved from "
+                f"keras.applications.{constructor}(include_top=False)."
+            ) from None
+
+
+def build_vision_backbone(
+    name: str = "resnet50", *, weights: str | None = "imagenet", image_size: int | None = None
+) -> Backbone:
+    """Builds a `keras.applications` backbone from its table row.
+
+    Args:
+        name: str. A key of `VISION_BACKBONES` (case-insensitive). Defaults to "resnet50".
+        weights: str or None. "imagenet" (downloaded and cached by Keras when online), None
+            for random initialisation, or the path of a local weights file for the same
+            architecture without its top (e.g. `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`).
+            Defaults to "imagenet".
+        image_size: int. Side of the square the network sees. Defaults to the row's
+            `default_image_size`.
+
+    Returns:
+        A `Backbone` whose network takes preprocessed float images of `image_size` and returns
+        a spatial feature map; its preprocessor takes raw uint8 images of any size.
+
+    Example:
+
+    >>> backbone = build_vision_backbone("resnet50", weights=None, image_size=64)
+    >>> backbone.group_names
+    ['stem', 'conv2', 'conv3', 'conv4', 'conv5']
+    """
+    key = name.lower()
+    if key not in VISION_BACKBONES:
+        raise TfxferError(
+            f"Unknown image backbone {name!r}. Known image backbones: {sorted(VISION_BACKBONES)}."
+        )
+    row = VISION_BACKBONES[key]
+    size = int(image_size or row["default_image_size"])
+    if size < row["min_image_size"]:
+        raise TfxferError(
+            f"image_size={size} is too small for {key}: it needs at least "
+            f"{row['min_image_size']} pixels per side (its five stride-2 stages would shrink "
+            f"the image to nothing). Pass --image-size {row['min_image_size']} or more."
+        )
+    resolved = _resolve_weights(weights)
+    constructor = getattr(keras.applications, row["constructor"])
+    try:
+        network = constructor(
+            include_top=False,
+            weights="imagenet" if resolved == "imagenet" else None,
+            input_shape=(size, size, 3),
+            **row.get("kwargs", {}),
+        )
+    except Exception as error:  # Keras raises a bare Exception for a failed download.
+        if resolved == "imagenet" and "URL fetch failure" in str(error):
+            raise WeightsError(
+                f"Could not download the ImageNet weights for {key}: this machine seems to be "
+                "offline. Download the `..._notop.h5` weights file on a machine that is online "
+                "(Keras caches it in ~/.keras/models/) and pass its path (--weights PATH, or "
+                "weights='path/to/file.h5'), or train from scratch with --weights none."
+            ) from None
+        raise
+    if resolved not in (None, "imagenet"):
+        _load_local_weights(network, resolved, key, row["constructor"])
+    return Backbone(
+        name=key,
+        network=network,
+        preprocessor=ImagePreprocessing(size, row["preprocessing"], name="image_preprocessing"),
+        output_kind="spatial",
+        input_kind="image",
+        layer_groups=split_into_groups(network.layers, row["groups"]),
+        info={"backbone": key, "weights": weights if resolved != "imagenet" else "imagenet",
+              "image_size": size, "preprocessing": row["preprocessing"]},
+    )

@@ -1,0 +1,67 @@
+"""Batched datasets whose order depends only on the epoch, so training can resume exactly."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import tensorflow as tf
+
+from tfxfer.errors import TfxferError
+
+
+@dataclass
+class TrainData:
+    """Training batches that can start at any epoch, in the order an uninterrupted run sees.
+
+    Args:
+        build: callable. `build(start_epoch)` returns an endless dataset of batches whose
+            first batch is the first batch of epoch `start_epoch`.
+        steps_per_epoch: int. Batches per epoch.
+    """
+
+    build: Callable[[int], tf.data.Dataset]
+    steps_per_epoch: int
+
+
+def epoch_batches(
+    examples: tf.data.Dataset,
+    *,
+    num_examples: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    transform: Callable | None = None,
+) -> TrainData:
+    """Turns unbatched examples into `TrainData` whose shuffle is a function of the epoch.
+
+    A shuffle that depends on how many times a dataset was iterated cannot be replayed after
+    a crash; seeding each epoch's shuffle with `seed` and the epoch number can.
+
+    Args:
+        examples: tf.data.Dataset. Unbatched `(input, label)` pairs, ideally cached.
+        num_examples: int. How many there are (the shuffle buffer holds all of them).
+        batch_size: int. The global batch size.
+        seed: int. Base seed. Defaults to `0`.
+        shuffle: bool. Defaults to `True`.
+        transform: callable or None. Applied to each batch (augmentation, one-hot labels).
+    """
+    if num_examples < 1:
+        raise TfxferError("The training set is empty.")
+
+    @tf.autograph.experimental.do_not_convert
+    def one_epoch(epoch):
+        ds = examples
+        if shuffle:
+            ds = ds.shuffle(num_examples, seed=tf.cast(epoch, tf.int64) * 1_000_003 + seed)
+        ds = ds.batch(batch_size)
+        if transform is not None:
+            ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds
+
+    def build(start_epoch: int) -> tf.data.Dataset:
+        epochs = tf.data.Dataset.range(int(start_epoch), 2**62)
+        return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+
+    return TrainData(build, math.ceil(num_examples / batch_size))

@@ -1,0 +1,541 @@
+"""Strategies, mixed precision and batch sizes: where a run's compute comes from.
+
+A config names its hardware with one word ("auto", "cpu", "mirrored", "multi_worker",
+"tpu") and gives its batch size per replica. This module turns the word into a
+`tf.distribute.Strategy`, derives the global batch and the mixed-precision policy from it,
+and says in plain words what is wrong when the environment does not match the request (no
+TPU, no or a broken `TF_CONFIG`, a batch that does not split evenly), so that a user learns it
+before a model is built rather than from a TensorFlow traceback ten minutes later.
+
+Create the strategy first thing in a process: `MultiWorkerMirroredStrategy` configures
+collective ops, which TensorFlow only allows before it has run any op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfxfer.errors import TfxferError
+
+STRATEGY_NAMES = ("auto", "cpu", "one_device", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISION_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+TpuResolverFactory = Callable[[], Any]
+
+
+# === Cluster description (TF_CONFIG) ===
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+    """What `TF_CONFIG` says about the cluster and this process's place in it.
+
+    Args:
+        worker_count: int. Number of training tasks ("chief" plus "worker").
+        task_type: str. This process's job name, e.g. "worker".
+        task_index: int. This process's index within its job.
+        worker_index: int. This process's rank among the training tasks, the chief first.
+        is_chief: bool. Whether this process is the one that writes the run's files.
+    """
+
+    worker_count: int
+    task_type: str
+    task_index: int
+    worker_index: int
+    is_chief: bool
+
+
+def cluster_from_tf_config(environ: Mapping[str, str] | None = None) -> ClusterInfo | None:
+    """Reads and checks `TF_CONFIG`, the cluster description every multi-worker job gets.
+
+    TensorFlow reads `TF_CONFIG` lazily and reports a malformed one as a hang or a gRPC
+    error on another machine; checking it here turns a typo into a message that says which
+    key is wrong.
+
+    Args:
+        environ: mapping. Where to read `TF_CONFIG` from. Defaults to `os.environ`.
+
+    Returns:
+        A `ClusterInfo`, or `None` when `TF_CONFIG` is unset or empty.
+
+    Raises:
+        TfxferError: `TF_CONFIG` is not JSON, lacks "cluster" or "task", names a
+            parameter-server cluster, or its task is not listed in the cluster.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    shown = raw if len(raw) <= 300 else raw[:300] + "..."
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise TfxferError(f"TF_CONFIG is not valid JSON ({e}). Received: TF_CONFIG={shown!r}")
+    if not isinstance(config, dict):
+        raise TfxferError(
+            f"Expected TF_CONFIG to be a JSON object with 'cluster' and 'task'. "
+            f"Received: TF_CONFIG={shown!r}"
+        )
+    cluster = config.get("cluster")
+    if not isinstance(cluster, dict) or not cluster:
+        raise TfxferError(
+            "TF_CONFIG has no 'cluster' (a mapping from job name to a list of 'host:port', "
+            f"e.g. {{'worker': ['host1:2222', 'host2:2222']}}). Received: TF_CONFIG={shown!r}"
+        )
+    for job, addresses in cluster.items():
+        if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+            raise TfxferError(
+                f"TF_CONFIG cluster job {job!r} must list 'host:port' strings. "
+                f"Received: {addresses!r}"
+            )
+    if "ps" in cluster:
+        raise TfxferError(
+            "TF_CONFIG describes a parameter-server cluster ('ps' job); tfxfer trains with "
+            "MultiWorkerMirroredStrategy, which needs only 'chief' and/or 'worker' jobs. "
+            f"Received: cluster jobs {sorted(cluster)}"
+        )
+    task = config.get("task")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise TfxferError(
+            "TF_CONFIG has no 'task' with 'type' and 'index' (this process's job and its "
+            f"position in that job's list, e.g. {{'type': 'worker', 'index': 0}}). "
+            f"Received: TF_CONFIG={shown!r}"
+        )
+    task_type, task_index = task["type"], task["index"]
+    if task_type not in cluster:
+        raise TfxferError(
+            f"TF_CONFIG task type {task_type!r} is not a job of the cluster. "
+            f"Expected one of {sorted(cluster)}."
+        )
+    if isinstance(task_index, bool) or not isinstance(task_index, int):
+        raise TfxferError(f"TF_CONFIG task index must be an integer. Received: {task_index!r}")
+    num_tasks = len(cluster[task_type])
+    if not 0 <= task_index < num_tasks:
+        raise TfxferError(
+            f"TF_CONFIG task index {task_index} is out of range: job {task_type!r} lists "
+            f"{num_tasks} address(es), so the index must be in 0..{num_tasks - 1}."
+        )
+    chiefs = len(cluster.get("chief", []))
+    worker_count = chiefs + len(cluster.get("worker", []))
+    if task_type == "chief":
+        worker_index, is_chief = task_index, True
+    elif task_type == "worker":
+        worker_index, is_chief = chiefs + task_index, chiefs == 0 and task_index == 0
+    else:  # e.g. an "evaluator" side-car: not a training replica.
+        worker_index, is_chief = -1, False
+    return ClusterInfo(worker_count, task_type, task_index, worker_index, is_chief)
+
+
+# === Strategy ===
+
+
+def _default_tpu_resolver() -> Any:
+    """Finds a TPU the way Colab and Cloud TPU VMs expose one."""
+    resolver_cls = tf.distribute.cluster_resolver.TPUClusterResolver
+    try:
+        # Colab and TPU nodes: the address comes from the environment (TPU_NAME, ...).
+        return resolver_cls()
+    except ValueError:
+        pass
+    # Cloud TPU VMs: the chips are attached to this host.
+    if tf.config.list_physical_devices("TPU"):
+        return resolver_cls(tpu="local")
+    raise ValueError("No TPU address in the environment and no TPU attached to this host.")
+
+
+def _find_tpu(tpu_resolver_factory: TpuResolverFactory | None) -> tuple[Any, str]:
+    """Returns (resolver, "") when a TPU resolves, else (None, why not)."""
+    factory = tpu_resolver_factory or _default_tpu_resolver
+    try:
+        return factory(), ""
+    except (ValueError, RuntimeError, KeyError, tf.errors.OpError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _normalize_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TfxferError(
+            f"Expected the strategy name to be a string, one of {STRATEGY_NAMES}. "
+            f"Received: {name!r}"
+        )
+    normalized = name.strip().lower().replace("-", "_")
+    if normalized not in STRATEGY_NAMES:
+        raise TfxferError(
+            f"Expected the strategy to be one of {STRATEGY_NAMES}. Received: strategy={name!r}"
+        )
+    return normalized
+
+
+def _resolve(name: str, tpu_resolver_factory: TpuResolverFactory | None) -> tuple[str, Any]:
+    """Returns the concrete kind ("tpu", "multi_worker", ..., "default") and a TPU resolver."""
+    name = _normalize_name(name)
+    if name == "tpu":
+        resolver, why = _find_tpu(tpu_resolver_factory)
+        if resolver is None:
+            raise TfxferError(
+                "strategy='tpu' but no TPU resolves on this machine "
+                f"({why}). On Colab, pick a TPU runtime; on a Cloud TPU VM, check that "
+                "the TPU is attached; otherwise use strategy='auto'."
+            )
+        return "tpu", resolver
+    if name == "multi_worker":
+        if cluster_from_tf_config() is None:
+            raise TfxferError(
+                "strategy='multi_worker' needs TF_CONFIG, the JSON cluster description every "
+                "worker gets, e.g. TF_CONFIG='{\"cluster\": {\"worker\": [\"host1:2222\", "
+                "\"host2:2222\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}'. "
+                "It is not set in this process."
+            )
+        return "multi_worker", None
+    if name != "auto":
+        return name, None
+    resolver, _ = _find_tpu(tpu_resolver_factory)
+    if resolver is not None:
+        return "tpu", resolver
+    cluster = cluster_from_tf_config()  # A malformed TF_CONFIG raises even under "auto".
+    if cluster is not None and cluster.worker_count > 1:
+        return "multi_worker", None
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return "mirrored", None
+    return "default", None
+
+
+def resolve_strategy_name(
+    name: str = "auto", *, tpu_resolver_factory: TpuResolverFactory | None = None
+) -> str:
+    """Says which strategy `get_strategy(name)` would build here, without building it.
+
+    Building a strategy is not free (a TPU is initialised, a multi-worker one fixes
+    TensorFlow's collective setup for the life of the process), so a CLI `--dry-run` or a
+    test asks this instead.
+
+    Args:
+        name: str. One of `STRATEGY_NAMES`. Defaults to `"auto"`.
+        tpu_resolver_factory: callable. Returns a `TPUClusterResolver`, raising
+            `ValueError` when there is no TPU. Defaults to looking for Colab / Cloud TPU.
+
+    Returns:
+        One of "tpu", "multi_worker", "mirrored", "cpu", "one_device", or "default" (what
+        "auto" gives on one GPU or on CPU: TensorFlow's default strategy).
+
+    Example:
+
+    >>> resolve_strategy_name("auto")  # on a laptop
+    'default'
+    """
+    return _resolve(name, tpu_resolver_factory)[0]
+
+
+def _tpu_strategy(resolver: Any) -> tf.distribute.Strategy:
+    try:
+        if resolver.cluster_spec().as_dict():  # A remote TPU (Colab, TPU node).
+            tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except (ValueError, RuntimeError, IndexError, tf.errors.OpError) as e:
+        raise TfxferError(
+            f"A TPU cluster resolved (master={resolver.master()!r}) but could not be "
+            f"initialised: {type(e).__name__}: {str(e)[:500]}. Restart the runtime, or use "
+            "strategy='cpu' to train without it."
+        ) from e
+
+
+def get_strategy(
+    name: str = "auto", *, tpu_resolver_factory: TpuResolverFactory | None = None
+) -> tf.distribute.Strategy:
+    """Builds the `tf.distribute.Strategy` a strategy name asks for.
+
+    One word in a config should be enough to move a run from a laptop to GPUs, workers or a
+    TPU; "auto" picks the biggest thing this process can see, in this order: a TPU that
+    resolves, a `TF_CONFIG` naming more than one worker (MultiWorkerMirroredStrategy),
+    more than one GPU (MirroredStrategy), else TensorFlow's default strategy (one GPU or
+    the CPU).
+
+    Call it before building datasets or models: MultiWorkerMirroredStrategy must be created
+    before TensorFlow runs its first op, and models must be built inside `strategy.scope()`.
+
+    Args:
+        name: str. One of "auto", "cpu" (`OneDeviceStrategy("/cpu:0")`), "one_device" (the
+            first GPU, else the CPU), "mirrored" (all GPUs, else all logical CPUs of this
+            host), "multi_worker" (needs `TF_CONFIG`), "tpu". Defaults to `"auto"`.
+        tpu_resolver_factory: callable. Returns a `TPUClusterResolver`, raising
+            `ValueError` when there is no TPU; tests pass a fake. Defaults to looking for a
+            Colab / Cloud TPU.
+
+    Returns:
+        The strategy.
+
+    Raises:
+        TfxferError: an unknown name, "multi_worker" without (or with a malformed)
+            `TF_CONFIG`, "tpu" where none resolves, or a TPU that resolves but does not
+            initialise.
+
+    Example:
+
+    >>> strategy = get_strategy("cpu")
+    >>> strategy.num_replicas_in_sync
+    1
+    """
+    kind, resolver = _resolve(name, tpu_resolver_factory)
+    if kind == "tpu":
+        return _tpu_strategy(resolver)
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if kind == "cpu":
+        return tf.distribute.OneDeviceStrategy("/cpu:0")
+    if kind == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    return tf.distribute.get_strategy()
+
+
+def _is_tpu_strategy(strategy: tf.distribute.Strategy) -> bool:
+    return any(cls.__name__.startswith("TPUStrategy") for cls in type(strategy).__mro__)
+
+
+def _device_types(strategy: tf.distribute.Strategy) -> set[str]:
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # The default strategy has no device list: it uses what is there.
+        return {d.device_type for d in tf.config.list_logical_devices()}
+    return {tf.DeviceSpec.from_string(d).device_type or "CPU" for d in devices}
+
+
+def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:
+    """Summarises a strategy as plain JSON-able values for a run's `config.json`.
+
+    A run's results depend on how many replicas shared each batch; recording it next to the
+    config makes a run on 8 GPUs distinguishable from one on a laptop months later.
+
+    Args:
+        strategy: tf.distribute.Strategy. The strategy the run trains with.
+
+    Returns:
+        A dict with "strategy" (class name), "num_replicas", "device_types", "worker_index",
+        "worker_count" and "is_chief" (whether this process should write the run's files).
+
+    Example:
+
+    >>> describe(get_strategy("cpu"))["num_replicas"]
+    1
+    """
+    worker_index, worker_count, is_chief = 0, 1, True
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        resolver = strategy.cluster_resolver
+        cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+        if cluster:
+            chiefs = len(cluster.get("chief", []))
+            worker_count = chiefs + len(cluster.get("worker", []))
+            task_type, task_id = resolver.task_type, resolver.task_id or 0
+            worker_index = task_id if task_type == "chief" else chiefs + task_id
+            is_chief = task_type == "chief" or (chiefs == 0 and task_id == 0)
+    elif _is_tpu_strategy(strategy):
+        worker_count = int(getattr(strategy.extended, "num_hosts", 1))
+    return {
+        "strategy": type(strategy).__name__,
+        "num_replicas": int(strategy.num_replicas_in_sync),
+        "device_types": sorted(_device_types(strategy)),
+        "worker_index": worker_index,
+        "worker_count": worker_count,
+        "is_chief": is_chief,
+    }
+
+
+# === Mixed precision ===
+
+
+def mixed_precision_policy(name: str = "auto", strategy: tf.distribute.Strategy | None = None) -> str:
+    """Chooses the Keras dtype policy for the hardware a strategy trains on.
+
+    Half precision roughly doubles throughput where the hardware has units for it (float16
+    on GPU tensor cores, bfloat16 on TPU) and slows a CPU down, so "auto" picks per device.
+
+    Args:
+        name: str. "auto", "float32", "mixed_float16" or "mixed_bfloat16". Defaults to
+            `"auto"`.
+        strategy: tf.distribute.Strategy. The run's strategy, read by "auto". Defaults to
+            the devices visible to this process.
+
+    Returns:
+        A policy name for `apply_mixed_precision`.
+
+    Raises:
+        TfxferError: `name` is not one of the above.
+
+    Example:
+
+    >>> mixed_precision_policy("auto", get_strategy("cpu"))
+    'float32'
+    """
+    known = ("auto", *MIXED_PRECISION_POLICIES)
+    if name not in known:
+        raise TfxferError(
+            f"Expected `mixed_precision` to be one of {known}. Received: mixed_precision={name!r}"
+        )
+    if name != "auto":
+        return name
+    if strategy is not None:
+        if _is_tpu_strategy(strategy):
+            return "mixed_bfloat16"
+        return "mixed_float16" if "GPU" in _device_types(strategy) else "float32"
+    if tf.config.list_logical_devices("TPU"):
+        return "mixed_bfloat16"
+    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "float32"
+
+
+def apply_mixed_precision(policy: str) -> str:
+    """Sets Keras's global dtype policy and returns the one it replaces.
+
+    Layers take the global policy when they are constructed, so call this before building
+    the model. Loss scaling then needs nothing more: under "mixed_float16", Keras 3's
+    `Model.compile` wraps the optimizer in a `LossScaleOptimizer` by itself (its
+    `auto_scale_loss=True` default) when the *model's* policy is "mixed_float16", at every
+    compile, so each stage of a schedule gets one; an optimizer already wrapped is not wrapped
+    twice. bfloat16 has float32's range and needs no scaling. A model built before this
+    call keeps float32 and gets no loss scaling.
+
+    Args:
+        policy: str. "float32", "mixed_float16" or "mixed_bfloat16" (resolve "auto" with
+            `mixed_precision_policy` first).
+
+    Returns:
+        The name of the previous global policy; pass it back to restore it.
+
+    Raises:
+        TfxferError: `policy` is not one of the above.
+
+    Example:
+
+    >>> previous = apply_mixed_precision("mixed_bfloat16")
+    >>> _ = apply_mixed_precision(previous)
+    """
+    if policy not in MIXED_PRECISION_POLICIES:
+        raise TfxferError(
+            f"Expected the dtype policy to be one of {MIXED_PRECISION_POLICIES}. "
+            f"Received: policy={policy!r}"
+        )
+    previous = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy(policy)
+    return previous
+
+
+@contextlib.contextmanager
+def mixed_precision_scope(policy: str) -> Iterator[str]:
+    """Applies a dtype policy for the duration of a `with` block, then restores the old one.
+
+    Keras's policy is process-global; a scope keeps one run (or one test) from leaking its
+    policy into the next.
+
+    Args:
+        policy: str. As for `apply_mixed_precision`.
+
+    Example:
+
+    >>> with mixed_precision_scope("mixed_bfloat16"):
+    ...     pass
+    """
+    previous = apply_mixed_precision(policy)
+    try:
+        yield policy
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+# === Batch size and learning rate ===
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TfxferError(f"Expected `{name}` to be a positive integer. Received: {name}={value!r}")
+    return value
+
+
+def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strategy) -> int:
+    """Multiplies the per-replica batch size of a config by the number of replicas.
+
+    Configs give the batch per replica so that one config fits every device count; the
+    input pipeline batches by the global size and the strategy splits each batch evenly.
+
+    Args:
+        per_replica_batch_size: int. Examples each replica sees per step.
+        strategy: tf.distribute.Strategy. The run's strategy.
+
+    Returns:
+        The global batch size.
+
+    Example:
+
+    >>> global_batch_size(32, get_strategy("cpu"))
+    32
+    """
+    _check_positive_int("per_replica_batch_size", per_replica_batch_size)
+    return per_replica_batch_size * int(strategy.num_replicas_in_sync)
+
+
+def split_global_batch(global_batch_size: int, strategy: tf.distribute.Strategy) -> int:
+    """Checks that a global batch splits evenly over the replicas and returns each share.
+
+    An uneven split makes replicas see different batch sizes and silently changes the
+    gradient's weighting (and breaks TPUs, which need static shapes), so it is refused.
+
+    Args:
+        global_batch_size: int. Examples per step over all replicas.
+        strategy: tf.distribute.Strategy. The run's strategy.
+
+    Returns:
+        The per-replica batch size.
+
+    Raises:
+        TfxferError: the global batch is not a positive multiple of the replica count.
+    """
+    _check_positive_int("global_batch_size", global_batch_size)
+    replicas = int(strategy.num_replicas_in_sync)
+    if global_batch_size % replicas:
+        lower = (global_batch_size // replicas) * replicas
+        options = ", ".join(str(b) for b in (lower, lower + replicas) if b > 0)
+        raise TfxferError(
+            f"Expected the global batch size to be divisible by the number of replicas "
+            f"({replicas}). Received: global_batch_size={global_batch_size}. Use a multiple "
+            f"of {replicas} (e.g. {options}), or set the batch size per replica."
+        )
+    return global_batch_size // replicas
+
+
+def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch_size: int) -> float:
+    """Scales a learning rate linearly with the batch size (Goyal et al., 2017).
+
+    A learning rate tuned for one batch size is too small for a batch k times larger,
+    because each step averages k times more examples; multiplying it by k keeps the
+    per-example update the same. It is optional: with warmup it holds well for SGD up to a
+    few thousand examples per batch, less so for Adam.
+
+    Args:
+        base_lr: float. The learning rate tuned at `reference_batch_size`.
+        global_batch_size: int. The batch size the run uses over all replicas.
+        reference_batch_size: int. The batch size `base_lr` was tuned for.
+
+    Returns:
+        `base_lr * global_batch_size / reference_batch_size`.
+
+    Example:
+
+    >>> scaled_learning_rate(0.1, 512, 256)
+    0.2
+    """
+    if isinstance(base_lr, bool) or not isinstance(base_lr, int | float) or base_lr <= 0:
+        raise TfxferError(f"Expected `base_lr` to be a positive number. Received: base_lr={base_lr!r}")
+    _check_positive_int("global_batch_size", global_batch_size)
+    _check_positive_int("reference_batch_size", reference_batch_size)
+    return float(base_lr) * global_batch_size / reference_batch_size

@@ -1,0 +1,150 @@
+"""The head: pooling, an optional dense stack with dropout, and the output layer.
+
+The head is written once for every backbone. What changes with the backbone is only the
+pooling: a spatial map is pooled over height and width, a token sequence over the tokens
+that are not padding, and a vector needs no pooling at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import keras
+from keras import ops
+
+from tfxfer.errors import TfxferError
+
+Task = Literal["single_label", "multi_label", "regression"]
+
+SPATIAL_POOLINGS = ("avg", "max", "avg+max")
+SEQUENCE_POOLINGS = ("cls", "mean", "max")
+TASKS = ("single_label", "multi_label", "regression")
+
+
+@dataclass
+class HeadConfig:
+    """What sits on top of the backbone.
+
+    Args:
+        pooling: str. For spatial maps: "avg", "max" or "avg+max" (both, concatenated).
+            For token sequences: "cls" (the backbone's pooled [CLS] output), "mean" or "max"
+            (over non-padding tokens). Defaults to `None`, which picks "avg" for spatial maps
+            and "cls" for sequences.
+        hidden_units: list[int]. Widths of dense hidden layers between pooling and output.
+            Defaults to `[]` (a linear probe on the pooled features).
+        dropout: float. Dropout rate before each dense layer. Defaults to `0.2`.
+        activation: str. Activation of the hidden layers. Defaults to `"relu"`.
+    """
+
+    pooling: str | None = None
+    hidden_units: list[int] = field(default_factory=list)
+    dropout: float = 0.2
+    activation: str = "relu"
+
+    def validate(self, output_kind: str) -> None:
+        allowed = {"spatial": SPATIAL_POOLINGS, "sequence": SEQUENCE_POOLINGS, "vector": (None,)}
+        pooling = self.resolved_pooling(output_kind)
+        if pooling not in allowed[output_kind]:
+            raise TfxferError(
+                f"Expected `pooling` to be one of {allowed[output_kind]} for a {output_kind} "
+                f"backbone output. Received: pooling={self.pooling!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise TfxferError(f"Expected `dropout` in [0, 1). Received: dropout={self.dropout}")
+        if any(int(units) <= 0 for units in self.hidden_units):
+            raise TfxferError(
+                f"Expected positive `hidden_units`. Received: hidden_units={self.hidden_units}"
+            )
+
+    def resolved_pooling(self, output_kind: str) -> str | None:
+        if self.pooling is not None or output_kind == "vector":
+            return self.pooling
+        return "avg" if output_kind == "spatial" else "cls"
+
+
+@keras.saving.register_keras_serializable(package="tfxfer")
+class MaskedSequencePooling(keras.layers.Layer):
+    """Mean or max over the tokens of a sequence that are not padding.
+
+    Padding tokens carry arbitrary activations; averaging them in would make a sentence's
+    features depend on how long the batch's longest sentence was.
+
+    Args:
+        mode: str. "mean" or "max".
+    """
+
+    def __init__(self, mode: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("mean", "max"):
+            raise ValueError(f"Expected `mode` to be 'mean' or 'max'. Received: mode={mode!r}")
+        self.mode = mode
+
+    def call(self, sequence, padding_mask):
+        mask = ops.expand_dims(ops.cast(padding_mask, sequence.dtype), -1)
+        if self.mode == "mean":
+            total = ops.sum(sequence * mask, axis=1)
+            count = ops.maximum(ops.sum(mask, axis=1), 1.0)
+            return total / count
+        # A large negative value where there is padding, so max ignores it.
+        very_negative = ops.cast(-1e4 if sequence.dtype == "float16" else -1e9, sequence.dtype)
+        return ops.max(ops.where(mask > 0, sequence, very_negative), axis=1)
+
+    def compute_output_shape(self, sequence_shape, padding_mask_shape=None):
+        return (sequence_shape[0], sequence_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+def pool_features(features, output_kind: str, pooling: str | None):
+    """Applies the pooling a `HeadConfig` asks for to a backbone's output."""
+    if output_kind == "vector":
+        return features
+    if output_kind == "spatial":
+        if pooling == "avg":
+            return keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
+        if pooling == "max":
+            return keras.layers.GlobalMaxPooling2D(name="max_pool")(features)
+        return keras.layers.Concatenate(name="avg_max_pool")(
+            [keras.layers.GlobalAveragePooling2D(name="avg_pool")(features),
+             keras.layers.GlobalMaxPooling2D(name="max_pool")(features)]
+        )
+    # A token sequence: a dict with sequence_output, padding_mask and maybe pooled_output.
+    if pooling == "cls":
+        if "pooled_output" in features:
+            return features["pooled_output"]
+        return features["sequence_output"][:, 0, :]
+    return MaskedSequencePooling(pooling, name=f"masked_{pooling}_pool")(
+        features["sequence_output"], features["padding_mask"]
+    )
+
+
+def build_head(features, output_kind: str, config: HeadConfig, num_outputs: int, task: Task):
+    """Puts pooling, the dense stack and the output layer on `features` (symbolic tensors).
+
+    Args:
+        features: the backbone's symbolic output (a tensor, or a dict for sequences).
+        output_kind: str. The backbone's `output_kind`.
+        config: HeadConfig. Pooling, hidden layers, dropout.
+        num_outputs: int. Number of classes (single- or multi-label) or regression targets.
+        task: str. "single_label" (softmax), "multi_label" (sigmoid) or "regression" (linear).
+
+    Returns:
+        The symbolic output tensor, always float32: under mixed precision the last layer still
+        computes in float32, because softmax and the loss lose too much in float16.
+    """
+    if task not in TASKS:
+        raise TfxferError(f"Expected `task` to be one of {TASKS}. Received: task={task!r}")
+    if num_outputs < 1:
+        raise TfxferError(f"Expected at least one output. Received: num_outputs={num_outputs}")
+    config.validate(output_kind)
+    x = pool_features(features, output_kind, config.resolved_pooling(output_kind))
+    for i, units in enumerate(config.hidden_units):
+        if config.dropout:
+            x = keras.layers.Dropout(config.dropout, name=f"head_dropout_{i}")(x)
+        x = keras.layers.Dense(int(units), activation=config.activation, name=f"head_dense_{i}")(x)
+    if config.dropout:
+        x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
+    activation = {"single_label": "softmax", "multi_label": "sigmoid", "regression": None}[task]
+    return keras.layers.Dense(num_outputs, activation=activation, dtype="float32", name="predictions")(x)

@@ -1,0 +1,113 @@
+"""Metrics a user reads after a run: accuracy, macro F1, per-class report, confusion matrix.
+
+Keras' compiled metrics give loss and accuracy per batch; macro F1 and the per-class report
+need every prediction at once, so they are computed here from `predict` output with numpy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+
+def collect(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Runs `model` over a batched `(x, y)` dataset; returns (labels, probabilities)."""
+    labels, probabilities = [], []
+    for x, y in dataset:
+        probabilities.append(np.asarray(model(x, training=False)))
+        labels.append(np.asarray(y))
+    return np.concatenate(labels), np.concatenate(probabilities)
+
+
+def classification_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], multi_label: bool = False
+) -> dict[str, Any]:
+    """Accuracy, loss, macro F1, a per-class report and the confusion matrix.
+
+    Args:
+        labels: array. Integer class ids, or (for multi-label) a multi-hot matrix; one-hot
+            rows are accepted for single-label too.
+        probabilities: array. `(n, num_classes)` model outputs.
+        class_names: list[str]. Names in output order.
+        multi_label: bool. Threshold each output at 0.5 instead of taking the argmax.
+    """
+    eps = 1e-7
+    n_classes = probabilities.shape[-1]
+    if multi_label:
+        truth = labels.astype(bool)
+        predicted = probabilities >= 0.5
+        p = np.clip(probabilities, eps, 1 - eps)
+        loss = float(-np.mean(truth * np.log(p) + (~truth) * np.log(1 - p)))
+        accuracy = float(np.mean(truth == predicted))
+        tp = (truth & predicted).sum(0)
+        fp = (~truth & predicted).sum(0)
+        fn = (truth & ~predicted).sum(0)
+        confusion = None
+    else:
+        if labels.ndim == 2:
+            labels = labels.argmax(-1)
+        labels = labels.astype(int)
+        predicted_ids = probabilities.argmax(-1)
+        loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], eps, 1))))
+        accuracy = float(np.mean(predicted_ids == labels))
+        confusion = np.zeros((n_classes, n_classes), dtype=int)
+        np.add.at(confusion, (labels, predicted_ids), 1)
+        tp = np.diag(confusion)
+        fp = confusion.sum(0) - tp
+        fn = confusion.sum(1) - tp
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / np.maximum(tp + fn, 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, eps)
+    support = (tp + fn).astype(int)
+    result: dict[str, Any] = {
+        "loss": loss,
+        "accuracy": accuracy,
+        "macro_f1": float(np.mean(f1)),
+        "num_examples": int(len(labels)),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                   "f1": float(f1[i]), "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        },
+    }
+    if confusion is not None:
+        result["confusion_matrix"] = confusion.tolist()
+    return result
+
+
+def summary_line(split: str, metrics: dict[str, Any]) -> str:
+    return (f"{split}: accuracy={metrics['accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f} "
+            f"loss={metrics['loss']:.4f} (n={metrics['num_examples']})")
+
+
+def plot_history(history: list[dict[str, Any]], path: str) -> str | None:
+    """Saves loss and accuracy curves over global epochs, with stage boundaries marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are a nicety; a run without matplotlib still succeeds
+        return None
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key in (metric, f"val_{metric}"):
+            values = [row.get(key) for row in history]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", label=key)
+        stages = [row["stage"] for row in history]
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                ax.axvline(epochs[i] - 0.5, color="grey", linestyle="--")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,108 @@
+"""The run directory: everything a run leaves behind, written so that nothing is lost.
+
+Layout::
+
+    config.json        the resolved config (every default filled in)
+    class_names.json   label order of the model's outputs
+    history.csv        one row per epoch of every stage: epoch, stage, metrics, lr
+    metrics.json       one object per evaluated split: {"val": {"accuracy": ..., "loss": ...}}
+    checkpoints/       best.weights.h5 and per-epoch resume states
+    model.keras        the final model; reloads and predicts identically
+    export/            a SavedModel that takes raw inputs
+
+A directory that already holds a run is never overwritten or mixed into unless the caller
+asks (`overwrite=True` replaces it, `resume=True` continues it). Files are written to a
+temporary name and renamed into place, so a crash mid-write leaves the old file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from tfxfer.errors import RunDirError
+
+# Any of these in a directory means a run has written there.
+RUN_MARKERS = ("config.json", "history.csv", "metrics.json", "model.keras", "checkpoints")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class RunDir:
+    """A run's output directory.
+
+    Args:
+        path: str. Where the run writes.
+        overwrite: bool. Delete an earlier run in `path` first. Defaults to `False`.
+        resume: bool. Continue the run in `path`. Defaults to `False`.
+
+    Raises:
+        RunDirError: `path` holds an earlier run and neither flag was given, or `path` is a
+            file, or both flags were given.
+    """
+
+    def __init__(self, path: str, *, overwrite: bool = False, resume: bool = False):
+        if overwrite and resume:
+            raise RunDirError("Pass either --overwrite or --resume, not both.")
+        self.path = os.path.abspath(os.path.expanduser(path))
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise RunDirError(f"Output path {self.path!r} is a file, not a directory.")
+        self.resumed = False
+        if self.holds_run():
+            if overwrite:
+                shutil.rmtree(self.path)
+            elif resume:
+                self.resumed = True
+            else:
+                raise RunDirError(
+                    f"Output directory {self.path!r} already holds a run "
+                    f"({', '.join(self._markers())}). Pass --resume to continue it, --overwrite "
+                    "to replace it, or choose another --output-dir."
+                )
+        os.makedirs(self.checkpoints, exist_ok=True)
+
+    def _markers(self) -> list[str]:
+        if not os.path.isdir(self.path):
+            return []
+        return [name for name in RUN_MARKERS if os.path.exists(os.path.join(self.path, name))]
+
+    def holds_run(self) -> bool:
+        return bool(self._markers())
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.path, "checkpoints")
+
+    def write_json(self, name: str, obj: Any) -> str:
+        path = self.file(name)
+        atomic_write_json(path, obj)
+        return path
+
+    def read_json(self, name: str) -> Any:
+        with open(self.file(name), encoding="utf-8") as handle:
+            return json.load(handle)

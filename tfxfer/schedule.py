@@ -1,0 +1,357 @@
+"""Stages of a fine-tuning schedule, and what a stage does to a model before it trains.
+
+Transfer learning works best in stages: first train only the new head on a frozen backbone
+(a randomly initialised head would otherwise send large, noisy gradients into pretrained
+weights), then unfreeze some or all of the backbone at a lower learning rate. A `Stage` says
+which layer groups train, with which optimizer and learning rate, for how many epochs; a
+schedule is a list of stages. This module knows nothing of data, strategies or run
+directories.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import keras
+from keras import ops
+
+from tfxfer.errors import TfxferError
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+DECAYS = ("cosine", "constant")
+
+
+@dataclass
+class Stage:
+    """One stage of training.
+
+    Args:
+        name: str. Shown in logs and recorded in the history (e.g. "head", "finetune").
+        epochs: int. Epochs this stage trains.
+        train: str, int or list[str]. What trains besides the head: "head" (the backbone is
+            frozen), "all" (every backbone group), an int k (the top k layer groups), or a
+            list of group names. Defaults to `"head"`.
+        learning_rate: float. Peak learning rate. Defaults to `1e-3`.
+        optimizer: str. "adamw", "adam" or "sgd" (with momentum 0.9). Defaults to `"adamw"`.
+        weight_decay: float. Decoupled weight decay for "adamw". Defaults to `1e-4`.
+        warmup_fraction: float. Fraction of the stage's steps over which the learning rate
+            rises linearly from zero to its peak. Defaults to `0.1`.
+        decay: str. "cosine" (to `min_lr_ratio` of the peak at the stage's end) or
+            "constant". Defaults to `"cosine"`.
+        min_lr_ratio: float. Final learning rate as a fraction of the peak. Defaults to `0.0`.
+        layerwise_lr_decay: float or None. Discriminative learning rates: the top trainable
+            backbone group gets the full rate, each group below it `layerwise_lr_decay` times
+            the rate of the group above. The head always gets the full rate. Defaults to `None`.
+        lora_rank: int or None. Train low-rank adapters (LoRA) of this rank on the backbone
+            layers that support them, instead of the layers' own weights. Defaults to `None`.
+        train_batchnorm: bool. Let BatchNormalization layers in unfrozen groups update their
+            statistics. Off by default: with the small batches of fine-tuning, batch statistics
+            are noisy and undo what pretraining learned. Frozen groups' BatchNorm layers always
+            run in inference mode. Defaults to `False`.
+    """
+
+    name: str
+    epochs: int
+    train: str | int | list[str] = "head"
+    learning_rate: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.1
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.0
+    layerwise_lr_decay: float | None = None
+    lora_rank: int | None = None
+    train_batchnorm: bool = False
+
+    def validate(self, group_names: list[str] | None = None) -> None:
+        problems = []
+        if int(self.epochs) < 0:
+            problems.append(f"epochs must be >= 0, got {self.epochs}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.decay not in DECAYS:
+            problems.append(f"decay must be one of {DECAYS}, got {self.decay!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.layerwise_lr_decay is not None:
+            if not 0.0 < self.layerwise_lr_decay <= 1.0:
+                problems.append(
+                    f"layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}"
+                )
+            if self.optimizer == "sgd":
+                problems.append("layerwise_lr_decay needs optimizer 'adamw' or 'adam'")
+        if self.lora_rank is not None and int(self.lora_rank) < 1:
+            problems.append(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if group_names is not None:
+            try:
+                self.trainable_groups(group_names)
+            except TfxferError as error:
+                problems.append(str(error))
+        if problems:
+            raise TfxferError(f"Invalid stage {self.name!r}: " + "; ".join(problems) + ".")
+
+    def trainable_groups(self, group_names: list[str]) -> list[str]:
+        """The backbone groups this stage trains, in model order."""
+        if self.train == "head":
+            return []
+        if self.train == "all":
+            return list(group_names)
+        if isinstance(self.train, int) and not isinstance(self.train, bool):
+            if not 0 <= self.train <= len(group_names):
+                raise TfxferError(
+                    f"train={self.train} top groups, but the backbone has {len(group_names)} "
+                    f"groups: {group_names}"
+                )
+            return list(group_names[len(group_names) - self.train :])
+        if isinstance(self.train, (list, tuple)):
+            unknown = [g for g in self.train if g not in group_names]
+            if unknown:
+                raise TfxferError(
+                    f"Unknown layer groups {unknown}. This backbone's groups are {group_names}"
+                )
+            return [g for g in group_names if g in self.train]
+        raise TfxferError(
+            f"Expected `train` to be 'head', 'all', an int or a list of group names. "
+            f"Received: train={self.train!r}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_schedule(
+    head_epochs: int = 3,
+    finetune_epochs: int = 3,
+    *,
+    head_learning_rate: float = 1e-3,
+    finetune_learning_rate: float = 1e-4,
+    unfreeze: str | int | list[str] = "all",
+    layerwise_lr_decay: float | None = None,
+) -> list[Stage]:
+    """The two-stage schedule: train the head on a frozen backbone, then fine-tune.
+
+    Args:
+        head_epochs: int. Epochs of the first stage. Defaults to `3`.
+        finetune_epochs: int. Epochs of the second stage; 0 skips it. Defaults to `3`.
+        head_learning_rate: float. Defaults to `1e-3`.
+        finetune_learning_rate: float. Lower than the head's, so pretrained weights move
+            gently. Defaults to `1e-4`.
+        unfreeze: "all", an int (top k groups) or group names for the second stage.
+        layerwise_lr_decay: float or None. Discriminative learning rates in the second stage.
+    """
+    stages = []
+    if head_epochs:
+        stages.append(Stage("head", head_epochs, train="head", learning_rate=head_learning_rate))
+    if finetune_epochs:
+        stages.append(
+            Stage("finetune", finetune_epochs, train=unfreeze,
+                  learning_rate=finetune_learning_rate, layerwise_lr_decay=layerwise_lr_decay)
+        )
+    if not stages:
+        raise TfxferError("The schedule is empty: head_epochs and finetune_epochs are both 0.")
+    return stages
+
+
+def gradual_unfreezing(
+    group_names: list[str],
+    *,
+    head_epochs: int = 1,
+    epochs_per_group: int = 1,
+    head_learning_rate: float = 1e-3,
+    learning_rate: float = 1e-4,
+    groups: int | None = None,
+) -> list[Stage]:
+    """ULMFiT-style gradual unfreezing: the head, then one more group per stage, top first.
+
+    Unfreezing from the top lets the most task-specific features adapt before the general
+    low-level ones are touched, which makes fine-tuning on small data more stable.
+
+    Args:
+        group_names: list[str]. The backbone's groups, input side first.
+        head_epochs: int. Epochs of the head-only stage. Defaults to `1`.
+        epochs_per_group: int. Epochs of each later stage. Defaults to `1`.
+        head_learning_rate: float. Defaults to `1e-3`.
+        learning_rate: float. For the unfreezing stages. Defaults to `1e-4`.
+        groups: int or None. How many groups to unfreeze in all. Defaults to all of them.
+    """
+    count = len(group_names) if groups is None else int(groups)
+    stages = [Stage("head", head_epochs, train="head", learning_rate=head_learning_rate)]
+    for k in range(1, count + 1):
+        stages.append(
+            Stage(f"unfreeze_{group_names[-k]}", epochs_per_group, train=k, learning_rate=learning_rate)
+        )
+    return stages
+
+
+def validate_schedule(stages: list[Stage], group_names: list[str]) -> None:
+    if not stages:
+        raise TfxferError("The schedule has no stages.")
+    names = [stage.name for stage in stages]
+    if len(set(names)) != len(names):
+        raise TfxferError(f"Stage names must be unique (they key the history). Received: {names}")
+    for stage in stages:
+        stage.validate(group_names)
+
+
+def apply_stage(
+    model: keras.Model,
+    layer_groups: dict[str, list],
+    stage: Stage,
+    lora_targets: list | None = None,
+) -> list[str]:
+    """Sets which layers train in this stage; returns the trainable backbone groups.
+
+    Every layer of the model outside the backbone groups is the head, and always trains.
+    Frozen layers get `trainable=False`, which in Keras 3 also puts BatchNormalization into
+    inference mode (it normalises with its moving statistics and never updates them). The
+    caller must recompile afterwards: a compiled train step captured the old trainable set.
+
+    With `stage.lora_rank`, the stage's groups stay frozen except for low-rank adapters added
+    to their `lora_targets` layers: only the adapters and the head train.
+    """
+    trainable = stage.trainable_groups(list(layer_groups))
+    model.trainable = True  # undo any earlier stage, then freeze what this stage freezes
+    for group_name, layers in layer_groups.items():
+        for layer in layers:
+            layer.trainable = group_name in trainable and not stage.lora_rank
+            if (
+                layer.trainable
+                and not stage.train_batchnorm
+                and isinstance(layer, keras.layers.BatchNormalization)
+            ):
+                layer.trainable = False
+    if stage.lora_rank:
+        _enable_lora(layer_groups, trainable, lora_targets or [], int(stage.lora_rank), stage.name)
+    return trainable
+
+
+def _enable_lora(layer_groups, trainable, lora_targets, rank, stage_name) -> None:
+    in_stage = {id(layer) for group in trainable for layer in layer_groups[group]}
+    targets = [layer for layer in lora_targets if id(layer) in in_stage]
+    if not targets:
+        raise TfxferError(
+            f"Stage {stage_name!r} asks for LoRA, but no layer of its groups {trainable} can take "
+            "adapters (this backbone supports LoRA on: "
+            f"{sorted({layer.name for layer in lora_targets}) or 'nothing'})."
+        )
+    for layer in targets:
+        if not getattr(layer, "lora_enabled", False):
+            layer.enable_lora(rank)
+        layer.trainable = True
+        # enable_lora freezes the kernel but not the bias: freeze every non-adapter weight.
+        for variable in layer.weights:
+            if "lora" not in variable.path.rsplit("/", 1)[-1]:
+                variable.trainable = False
+
+
+def layerwise_multipliers(
+    layer_groups: dict[str, list], trainable: list[str], decay: float | None
+) -> dict[str, float]:
+    """Learning-rate multiplier per variable path: 1 for the top trainable group, `decay`**d below."""
+    if decay is None or decay == 1.0:
+        return {}
+    multipliers = {}
+    for depth, group_name in enumerate(reversed(trainable)):
+        for layer in layer_groups[group_name]:
+            for variable in layer.trainable_weights:
+                multipliers[variable.path] = float(decay**depth)
+    return multipliers
+
+
+@keras.saving.register_keras_serializable(package="tfxfer")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from zero to `peak`, then cosine decay to `peak * min_ratio`.
+
+    Args:
+        peak: float. Learning rate at the end of warmup.
+        total_steps: int. Steps in the stage.
+        warmup_steps: int. Steps of linear warmup.
+        min_ratio: float. Final learning rate as a fraction of `peak`.
+        decay: str. "cosine" or "constant" (after warmup).
+    """
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0,
+                 min_ratio: float = 0.0, decay: str = "cosine"):
+        self.peak = float(peak)
+        self.total_steps = max(int(total_steps), 1)
+        self.warmup_steps = int(warmup_steps)
+        self.min_ratio = float(min_ratio)
+        self.decay = decay
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup = ops.cast(max(self.warmup_steps, 1), "float32")
+        # Step 0 gets a small nonzero rate, so the first batch is not wasted.
+        warm = self.peak * (step + 1.0) / (warmup + 1.0)
+        if self.decay == "constant":
+            after = ops.convert_to_tensor(self.peak, "float32")
+        else:
+            span = float(max(self.total_steps - self.warmup_steps, 1))
+            progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+            cosine = 0.5 * (1.0 + ops.cos(math.pi * progress))
+            after = self.peak * (self.min_ratio + (1.0 - self.min_ratio) * cosine)
+        return ops.where(step < self.warmup_steps, warm, after)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "min_ratio": self.min_ratio, "decay": self.decay}
+
+
+@keras.saving.register_keras_serializable(package="tfxfer")
+class LayerwiseAdamW(keras.optimizers.AdamW):
+    """AdamW whose learning rate is scaled per variable (discriminative learning rates).
+
+    Keras 3 optimizers take one learning rate for every variable, and scaling gradients does
+    not help with Adam (its update is invariant to gradient scale). So the scaling is applied
+    where the rate is used, in `update_step`, which every backend path (including
+    `tf.distribute`'s per-replica update) calls once per variable.
+
+    Args:
+        lr_multipliers: dict[str, float]. Variable path to multiplier; absent paths get 1.
+        **kwargs: passed to `keras.optimizers.AdamW`.
+    """
+
+    def __init__(self, lr_multipliers: dict[str, float] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.lr_multipliers = dict(lr_multipliers or {})
+        self._multiplier_by_key: dict[Any, float] = {}
+
+    def build(self, variables):
+        super().build(variables)
+        self._multiplier_by_key = {
+            self._var_key(v): self.lr_multipliers[v.path]
+            for v in variables
+            if v.path in self.lr_multipliers
+        }
+
+    def update_step(self, gradient, variable, learning_rate):
+        multiplier = self._multiplier_by_key.get(self._var_key(variable), 1.0)
+        if multiplier != 1.0:
+            learning_rate = learning_rate * multiplier
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "lr_multipliers": self.lr_multipliers}
+
+
+def make_optimizer(stage: Stage, steps_per_epoch: int, multipliers: dict[str, float] | None = None,
+                   lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
+    """The optimizer for a stage, with its warmup + decay schedule over the stage's steps."""
+    total = max(int(stage.epochs) * int(steps_per_epoch), 1)
+    schedule = WarmupCosine(
+        stage.learning_rate * lr_scale, total, int(total * stage.warmup_fraction),
+        stage.min_lr_ratio, stage.decay,
+    )
+    if stage.optimizer == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=0.9)
+    weight_decay = stage.weight_decay if stage.optimizer == "adamw" else 0.0
+    if multipliers:
+        return LayerwiseAdamW(lr_multipliers=multipliers, learning_rate=schedule,
+                              weight_decay=weight_decay)
+    if stage.optimizer == "adam":
+        return keras.optimizers.Adam(schedule)
+    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)

@@ -1,0 +1,303 @@
+"""Runs a schedule: per stage set trainable, recompile, fit; checkpoint every epoch; resume.
+
+Keras' own `BackupAndRestore` assumes one `compile` for the whole run, which a staged
+schedule breaks: every stage changes the trainable set, and so the optimizer's variables.
+So the trainer records the stage itself. After every epoch it writes a complete checkpoint
+(model weights, this stage's optimizer state, which stage and epoch, the history so far) into
+a fresh directory and only then moves the `latest.json` pointer to it. A run killed at any
+moment resumes from the last complete checkpoint: same stage, same trainable layers, same
+optimizer moments and learning-rate position, and (because each epoch's shuffle is seeded by
+its epoch number) the same batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.saving import saving_lib
+
+from tfxfer.data.pipeline import TrainData
+from tfxfer.errors import RunDirError
+from tfxfer.rundir import RunDir, atomic_write_json, atomic_write_text
+from tfxfer.schedule import Stage, apply_stage, layerwise_multipliers, make_optimizer, validate_schedule
+
+log = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 2
+# Config keys that may differ between a run and its resumption.
+RESUME_IGNORED_KEYS = ("resume", "overwrite", "output_dir", "verbose")
+
+
+@dataclass
+class TrainResult:
+    """What `run_schedule` returns."""
+
+    model: keras.Model
+    history: list[dict[str, Any]]
+    resumed_from_epoch: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_chief(strategy: tf.distribute.Strategy | None) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "cluster_spec", None):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+class Checkpointer:
+    """Writes and finds complete per-epoch checkpoints in `run_dir/checkpoints`."""
+
+    def __init__(self, directory: str, write: bool = True):
+        self.directory = directory
+        self.write = write
+
+    @property
+    def pointer(self) -> str:
+        return os.path.join(self.directory, "latest.json")
+
+    def latest(self) -> dict[str, Any] | None:
+        """The state of the last complete checkpoint, or None."""
+        if not os.path.exists(self.pointer):
+            return None
+        with open(self.pointer, encoding="utf-8") as handle:
+            name = json.load(handle)["checkpoint"]
+        with open(os.path.join(self.directory, name, "state.json"), encoding="utf-8") as handle:
+            state = json.load(handle)
+        state["weights_path"] = os.path.join(self.directory, name, "model.weights.h5")
+        return state
+
+    def save(self, model: keras.Model, state: dict[str, Any]) -> None:
+        if not self.write:
+            return
+        name = f"epoch-{state['global_epoch']:06d}"
+        final = os.path.join(self.directory, name)
+        tmp = os.path.join(self.directory, f".tmp-{name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        # The weights file holds the model and this stage's optimizer state.
+        model.save_weights(os.path.join(tmp, "model.weights.h5"))
+        atomic_write_json(os.path.join(tmp, "state.json"), state)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        # Only a complete checkpoint directory is ever pointed at.
+        atomic_write_json(self.pointer, {"checkpoint": name})
+        self._prune(keep=name)
+
+    def _prune(self, keep: str) -> None:
+        names = sorted(n for n in os.listdir(self.directory) if n.startswith("epoch-"))
+        for name in names[:-KEEP_CHECKPOINTS]:
+            if name != keep:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = (set(saved) | set(current)) - set(RESUME_IGNORED_KEYS)
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
+    lr = optimizer.learning_rate
+    return float(np.asarray(lr))
+
+
+class _EpochEnd(keras.callbacks.Callback):
+    """After each epoch: history row, best weights, a complete resume checkpoint."""
+
+    def __init__(self, trainer: _Trainer, stage_index: int, stage: Stage, stage_start: int):
+        super().__init__()
+        self.trainer = trainer
+        self.stage_index = stage_index
+        self.stage = stage
+        self.stage_start = stage_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        t = self.trainer
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        row = {"epoch": epoch + 1, "stage": self.stage.name,
+               "stage_epoch": epoch + 1 - self.stage_start, **logs,
+               "learning_rate": _current_lr(self.model.optimizer)}
+        t.history.append(row)
+        value = logs.get(t.monitor)
+        if value is not None and (t.best.get("value") is None or t._better(value, t.best["value"])):
+            t.best = {"value": value, "epoch": epoch + 1, "stage": self.stage.name,
+                      "monitor": t.monitor}
+            t.save_best(self.model)
+        t.checkpointer.save(self.model, {
+            "stage_index": self.stage_index, "stage": self.stage.name,
+            "global_epoch": epoch + 1, "history": t.history, "best": t.best,
+            "config": t.config,
+        })
+        t.write_history()
+
+
+class _Trainer:
+    def __init__(self, run_dir: RunDir | None, monitor: str, config: dict[str, Any], chief: bool):
+        self.run_dir = run_dir
+        self.monitor = monitor
+        self.config = config
+        self.chief = chief
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        directory = run_dir.checkpoints if run_dir else None
+        self.checkpointer = Checkpointer(directory, write=chief) if directory else _NoCheckpoints()
+
+    def _better(self, value: float, best: float) -> bool:
+        maximize = any(k in self.monitor for k in ("accuracy", "auc", "f1"))
+        return value > best if maximize else value < best
+
+    def save_best(self, model: keras.Model) -> None:
+        if not (self.run_dir and self.chief):
+            return
+        final = os.path.join(self.run_dir.checkpoints, "best.weights.h5")
+        tmp = os.path.join(self.run_dir.checkpoints, ".tmp-best.weights.h5")
+        saving_lib.save_weights_only(model, tmp, objects_to_skip=[model.optimizer])
+        os.replace(tmp, final)
+
+    def write_history(self) -> None:
+        if not (self.run_dir and self.chief and self.history):
+            return
+        columns: list[str] = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir.file("history.csv"), buffer.getvalue())
+
+
+class _NoCheckpoints:
+    write = False
+
+    def latest(self):
+        return None
+
+    def save(self, model, state):
+        pass
+
+
+def run_schedule(
+    model: keras.Model,
+    layer_groups: dict[str, list],
+    stages: list[Stage],
+    train_data: TrainData,
+    val_data: tf.data.Dataset | None,
+    *,
+    loss: Any,
+    metrics: list | None = None,
+    run_dir: RunDir | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    lora_targets: list | None = None,
+    lr_scale: float = 1.0,
+    monitor: str | None = None,
+    config: dict[str, Any] | None = None,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | str = "auto",
+) -> TrainResult:
+    """Trains `model` through `stages`, resuming from `run_dir` when it was opened to resume.
+
+    Args:
+        model: keras.Model. Built in `strategy`'s scope.
+        layer_groups: dict. The backbone's ordered layer groups.
+        stages: list[Stage]. The schedule.
+        train_data: TrainData. From `epoch_batches`.
+        val_data: tf.data.Dataset or None. Batched validation data.
+        loss: a Keras loss. metrics: Keras metrics (a fresh copy is compiled per stage).
+        run_dir: RunDir or None. Where checkpoints and history go; None keeps nothing.
+        strategy: tf.distribute.Strategy or None. Compiles inside its scope.
+        lora_targets: list or None. Layers that stages with `lora_rank` adapt.
+        lr_scale: float. Multiplies every stage's learning rate (linear scaling with the
+            global batch). Defaults to `1.0`.
+        monitor: str or None. Metric that picks the best checkpoint. Defaults to "val_loss"
+            with validation data, else "loss".
+        config: dict or None. The resolved config; a resumed run must match it.
+        callbacks: extra Keras callbacks for every stage.
+        verbose: passed to `fit`.
+
+    Returns:
+        TrainResult with the trained model and the history of every stage.
+    """
+    validate_schedule(stages, list(layer_groups))
+    strategy = strategy or tf.distribute.get_strategy()
+    monitor = monitor or ("val_loss" if val_data is not None else "loss")
+    config = json.loads(json.dumps(config or {}, default=str))
+    trainer = _Trainer(run_dir, monitor, config, _is_chief(strategy))
+
+    state = trainer.checkpointer.latest() if run_dir is not None and run_dir.resumed else None
+    if run_dir is not None and run_dir.resumed and state is None:
+        raise RunDirError(
+            f"Cannot resume {run_dir.path!r}: it has no complete checkpoint yet. Start again "
+            "with --overwrite, or choose another --output-dir."
+        )
+    done_epochs = 0
+    if state is not None:
+        differences = config_differences(state.get("config", {}), config)
+        if differences:
+            raise RunDirError(
+                f"Cannot resume {run_dir.path!r}: its checkpoint was made with a different "
+                f"config. Keys that differ: {differences}. Resume with the original settings, or "
+                "start a new run with --overwrite or another --output-dir."
+            )
+        done_epochs = int(state["global_epoch"])
+        trainer.history = list(state["history"])
+        trainer.best = dict(state.get("best") or {})
+        log.info("Resuming after epoch %d (stage %r).", done_epochs, state["stage"])
+
+    loaded = False
+    stage_start = 0
+    for stage_index, stage in enumerate(stages):
+        stage_end = stage_start + int(stage.epochs)
+        with strategy.scope():
+            trainable = apply_stage(model, layer_groups, stage, lora_targets)
+        if stage.epochs == 0 or stage_end <= done_epochs:
+            stage_start = stage_end  # finished before the interruption
+            continue
+        with strategy.scope():
+            multipliers = layerwise_multipliers(layer_groups, trainable, stage.layerwise_lr_decay)
+            optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
+            stage_metrics = [m if isinstance(m, str) else type(m).from_config(m.get_config())
+                             for m in (metrics or [])]
+            model.compile(optimizer=optimizer, loss=loss, metrics=stage_metrics)
+            if state is not None and stage_start <= done_epochs:
+                loaded = True
+                if done_epochs > stage_start:
+                    # Mid-stage: restore this stage's optimizer state too.
+                    optimizer.build(model.trainable_variables)
+                    model.load_weights(state["weights_path"])
+                else:
+                    saving_lib.load_weights_only(model, state["weights_path"],
+                                                 objects_to_skip=[model.optimizer])
+        initial_epoch = max(stage_start, done_epochs)
+        if verbose:
+            print(f"[tfxfer] stage {stage_index + 1}/{len(stages)} {stage.name!r}: epochs "
+                  f"{initial_epoch + 1}-{stage_end}, training {trainable or 'head only'}"
+                  f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}", flush=True)
+        model.fit(
+            train_data.build(initial_epoch),
+            steps_per_epoch=train_data.steps_per_epoch,
+            validation_data=val_data,
+            initial_epoch=initial_epoch,
+            epochs=stage_end,
+            callbacks=[_EpochEnd(trainer, stage_index, stage, stage_start), *(callbacks or [])],
+            verbose=verbose,
+        )
+        stage_start = stage_end
+    if state is not None and not loaded:
+        # Every stage had finished: the checkpoint holds the final weights.
+        saving_lib.load_weights_only(model, state["weights_path"], objects_to_skip=[model.optimizer])
+    return TrainResult(model, trainer.history, done_epochs, trainer.best)
