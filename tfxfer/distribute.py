@@ -78,7 +78,9 @@ def cluster_from_tf_config(environ: Mapping[str, str] | None = None) -> ClusterI
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise TfxferError(f"TF_CONFIG is not valid JSON ({e}). Received: TF_CONFIG={shown!r}")
+        raise TfxferError(
+            f"TF_CONFIG is not valid JSON ({e}). Received: TF_CONFIG={shown!r}"
+        ) from None
     if not isinstance(config, dict):
         raise TfxferError(
             f"Expected TF_CONFIG to be a JSON object with 'cluster' and 'task'. "
@@ -288,7 +290,16 @@ def get_strategy(
     if kind == "tpu":
         return _tpu_strategy(resolver)
     if kind == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as e:
+            if "program startup" not in str(e):
+                raise
+            raise TfxferError(
+                "MultiWorkerMirroredStrategy must be created before TensorFlow runs any op "
+                f"({e}). Call tfxfer.distribute.get_strategy() first thing in the program, "
+                "before building datasets or models."
+            ) from e
     if kind == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
         devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
@@ -311,6 +322,23 @@ def _device_types(strategy: tf.distribute.Strategy) -> set[str]:
     except RuntimeError:  # The default strategy has no device list: it uses what is there.
         return {d.device_type for d in tf.config.list_logical_devices()}
     return {tf.DeviceSpec.from_string(d).device_type or "CPU" for d in devices}
+
+
+def _strategy_name(strategy: tf.distribute.Strategy) -> str:
+    # The names users write: MultiWorkerMirroredStrategy's class is CollectiveAllReduceStrategy.
+    named = (
+        (tf.distribute.MultiWorkerMirroredStrategy, "MultiWorkerMirroredStrategy"),
+        (tf.distribute.MirroredStrategy, "MirroredStrategy"),
+        (tf.distribute.OneDeviceStrategy, "OneDeviceStrategy"),
+    )
+    for cls, name in named:
+        if isinstance(strategy, cls):
+            return name
+    if _is_tpu_strategy(strategy):
+        return "TPUStrategy"
+    if type(strategy).__name__ == "_DefaultDistributionStrategy":
+        return "DefaultStrategy"
+    return type(strategy).__name__
 
 
 def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:
@@ -344,7 +372,7 @@ def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:
     elif _is_tpu_strategy(strategy):
         worker_count = int(getattr(strategy.extended, "num_hosts", 1))
     return {
-        "strategy": type(strategy).__name__,
+        "strategy": _strategy_name(strategy),
         "num_replicas": int(strategy.num_replicas_in_sync),
         "device_types": sorted(_device_types(strategy)),
         "worker_index": worker_index,

@@ -11,6 +11,7 @@ import os
 import shutil
 
 import keras
+import tensorflow as tf
 
 # Importing the layer modules registers tfxfer's serializable layers for `load_model`.
 import tfxfer.backbones.vision  # noqa: F401
@@ -26,30 +27,124 @@ def save_model(model: keras.Model, path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, ".tmp-" + os.path.basename(path))
+    _ensure_built(model)
     model.save(tmp)
     os.replace(tmp, path)
     return path
 
 
-def load_model(path: str) -> keras.Model:
-    """Loads a model saved by tfxfer (or any `.keras` file) for inference or more training."""
+def _export_text(model: TextClassifier, directory: str) -> None:
+    # Serving takes a batch of strings. Loading this SavedModel elsewhere needs
+    # `import tensorflow_text` first: the BERT tokenizer's ops live there.
+    archive = keras.export.ExportArchive()
+    archive.track(model.classifier)
+    archive.track(model.preprocessor)
+
+    def serve(texts):
+        return model.classifier(model.preprocessor(texts), training=False)
+
+    archive.add_endpoint("serve", serve,
+                         input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    archive.write_out(directory, verbose=False)
+
+
+def _ensure_built(model: keras.Model) -> None:
+    # A TextClassifier is built by its first call; saving needs it built.
+    if isinstance(model, TextClassifier) and not model.built:
+        model(tf.constant(["tfxfer"]))
+
+
+def load_model(path: str, *, safe_mode: bool = True) -> keras.Model:
+    """Loads a model saved by tfxfer (or any `.keras` file) for inference or more training.
+
+    Args:
+        path: str. A `.keras` file.
+        safe_mode: bool. Keras' safe mode. A model with a TF-Hub backbone runs that
+            SavedModel's graph when loaded, so it needs `safe_mode=False`: pass it only for
+            files you trust. Defaults to `True`.
+    """
     if not os.path.exists(path):
         raise TfxferError(f"Model file not found: {path!r}")
-    return keras.saving.load_model(path, compile=False)
+    import keras_hub  # noqa: F401  (registers keras-hub's layers, e.g. BERT's preprocessor)
+
+    import tfxfer.backbones.hub  # noqa: F401  (registers HubLayer)
+
+    return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
 
 
 def export_saved_model(model: keras.Model, directory: str) -> str:
     """Exports a TensorFlow SavedModel with a `serve` endpoint that takes raw inputs.
 
     For image models the endpoint takes a uint8 batch `(batch, height, width, 3)` of any
-    height and width; resizing and the backbone's preprocessing happen inside.
+    height and width; resizing and the backbone's preprocessing happen inside. For a
+    `TextClassifier` it takes a batch of strings; the tokenizer is inside.
     """
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, ".tmp-" + os.path.basename(os.path.abspath(directory)))
     shutil.rmtree(tmp, ignore_errors=True)
-    model.export(tmp, format="tf_saved_model", verbose=False)
+    _ensure_built(model)
+    if isinstance(model, TextClassifier):
+        _export_text(model, tmp)
+    else:
+        model.export(tmp, format="tf_saved_model", verbose=False)
     if os.path.exists(directory):
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
+
+
+@keras.saving.register_keras_serializable(package="tfxfer")
+class TextClassifier(keras.Model):
+    """A trained text model together with its tokenizer, so it takes raw strings.
+
+    Training feeds token dicts tokenized inside `tf.data` (fast); this wrapper puts the same
+    preprocessor in front of the same classifier, so the saved model gives the training-time
+    predictions from raw text. Token dicts pass straight through.
+
+    Args:
+        preprocessor: keras.layers.Layer. The backbone's preprocessor (strings to token dict).
+        classifier: keras.Model. The trained model that takes token dicts.
+
+    Example:
+
+    >>> serving = TextClassifier(backbone.preprocessor, model)
+    >>> serving.predict(["the match went to extra time"])
+    """
+
+    def __init__(self, preprocessor, classifier, **kwargs):
+        super().__init__(**kwargs)
+        self.preprocessor = preprocessor
+        self.classifier = classifier
+
+    def build(self, input_shape=None):
+        # Nothing to create: the classifier is built. (Keras' default would trace `call` on
+        # float zeros, which the tokenizer rejects.)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        if not isinstance(inputs, dict):
+            inputs = self.preprocessor(inputs)
+        return self.classifier(inputs, training=training)
+
+    def predict(self, x, *args, **kwargs):
+        # Python lists and numpy unicode arrays are what users pass; tf.data wants tf.string.
+        if isinstance(x, str):
+            x = [x]
+        if isinstance(x, (list, tuple)) or (hasattr(x, "dtype") and getattr(x.dtype, "kind", "") == "U"):
+            x = tf.constant([str(t) for t in x], tf.string)
+        return super().predict(x, *args, **kwargs)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "preprocessor": keras.layers.serialize(self.preprocessor),
+            "classifier": keras.layers.serialize(self.classifier),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["preprocessor"] = keras.layers.deserialize(config["preprocessor"])
+        config["classifier"] = keras.layers.deserialize(config["classifier"])
+        return cls(**config)

@@ -105,9 +105,11 @@ class Session:
 
     def __init__(self, strategy: str = "auto", mixed_precision: str = "auto",
                  per_replica_batch_size: int = 32, scale_learning_rate: bool = False):
-        from tfxfer import distribute
+        from tfxfer import distribute, keras_compat
 
         self.strategy = distribute.get_strategy(strategy)
+        # Keras 3.15's fit fails under MultiWorkerMirroredStrategy; a no-op elsewhere.
+        keras_compat.patch_keras_for_multi_worker()
         self.policy = distribute.mixed_precision_policy(mixed_precision, self.strategy)
         distribute.apply_mixed_precision(self.policy)
         self.per_replica_batch_size = int(per_replica_batch_size)

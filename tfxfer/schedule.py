@@ -179,6 +179,11 @@ def gradual_unfreezing(
         groups: int or None. How many groups to unfreeze in all. Defaults to all of them.
     """
     count = len(group_names) if groups is None else int(groups)
+    if not 0 <= count <= len(group_names):
+        raise TfxferError(
+            f"Expected `groups` between 0 and {len(group_names)} (the backbone's groups: "
+            f"{group_names}). Received: groups={groups}"
+        )
     stages = [Stage("head", head_epochs, train="head", learning_rate=head_learning_rate)]
     for k in range(1, count + 1):
         stages.append(
@@ -230,7 +235,12 @@ def apply_stage(
 
 
 def _enable_lora(layer_groups, trainable, lora_targets, rank, stage_name) -> None:
-    in_stage = {id(layer) for group in trainable for layer in layer_groups[group]}
+    in_stage = {
+        id(sublayer)
+        for group in trainable
+        for layer in layer_groups[group]
+        for sublayer in layer._flatten_layers(include_self=True, recursive=True)
+    }
     targets = [layer for layer in lora_targets if id(layer) in in_stage]
     if not targets:
         raise TfxferError(
@@ -238,14 +248,18 @@ def _enable_lora(layer_groups, trainable, lora_targets, rank, stage_name) -> Non
             "adapters (this backbone supports LoRA on: "
             f"{sorted({layer.name for layer in lora_targets}) or 'nothing'})."
         )
+    # A frozen parent hides its children's weights from `trainable_weights`, so the stage's
+    # group layers are made trainable and every weight in them except the adapters frozen.
+    for group in trainable:
+        for layer in layer_groups[group]:
+            layer.trainable = True
     for layer in targets:
         if not getattr(layer, "lora_enabled", False):
             layer.enable_lora(rank)
-        layer.trainable = True
-        # enable_lora freezes the kernel but not the bias: freeze every non-adapter weight.
-        for variable in layer.weights:
-            if "lora" not in variable.path.rsplit("/", 1)[-1]:
-                variable.trainable = False
+    for group in trainable:
+        for layer in layer_groups[group]:
+            for variable in layer.weights:
+                variable.trainable = variable.path.rsplit("/", 1)[-1].startswith("lora_kernel")
 
 
 def layerwise_multipliers(

@@ -78,7 +78,7 @@ class Checkpointer:
             name = json.load(handle)["checkpoint"]
         with open(os.path.join(self.directory, name, "state.json"), encoding="utf-8") as handle:
             state = json.load(handle)
-        state["weights_path"] = os.path.join(self.directory, name, "model.weights.h5")
+        state["checkpoint_dir"] = os.path.join(self.directory, name)
         return state
 
     def save(self, model: keras.Model, state: dict[str, Any]) -> None:
@@ -89,8 +89,14 @@ class Checkpointer:
         tmp = os.path.join(self.directory, f".tmp-{name}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        # The weights file holds the model and this stage's optimizer state.
-        model.save_weights(os.path.join(tmp, "model.weights.h5"))
+        # Raw variable values, in order, rather than Keras' per-layer saving: that merges
+        # LoRA adapters into kernels and zeroes the adapters on load, which would silently
+        # end a LoRA stage on resume.
+        optimizer_variables = list(model.optimizer.variables) if model.optimizer else []
+        _save_arrays(os.path.join(tmp, "model.npz"), model.variables)
+        _save_arrays(os.path.join(tmp, "optimizer.npz"), optimizer_variables)
+        state = {**state, "model_variables": [v.path for v in model.variables],
+                 "optimizer_variables": [v.path for v in optimizer_variables]}
         atomic_write_json(os.path.join(tmp, "state.json"), state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -98,11 +104,42 @@ class Checkpointer:
         atomic_write_json(self.pointer, {"checkpoint": name})
         self._prune(keep=name)
 
+    @staticmethod
+    def restore(model: keras.Model, state: dict[str, Any], with_optimizer: bool) -> None:
+        """Loads a checkpoint's model variables (and this stage's optimizer state)."""
+        _load_arrays(os.path.join(state["checkpoint_dir"], "model.npz"), model.variables,
+                     state["model_variables"], "model")
+        if with_optimizer:
+            model.optimizer.build(model.trainable_variables)
+            _load_arrays(os.path.join(state["checkpoint_dir"], "optimizer.npz"),
+                         model.optimizer.variables, state["optimizer_variables"], "optimizer")
+
     def _prune(self, keep: str) -> None:
         names = sorted(n for n in os.listdir(self.directory) if n.startswith("epoch-"))
         for name in names[:-KEEP_CHECKPOINTS]:
             if name != keep:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+def _save_arrays(path: str, variables: list) -> None:
+    np.savez(path, *[np.asarray(v.numpy()) for v in variables])
+
+
+def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) -> None:
+    with np.load(path) as arrays:
+        values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    current = [v.path for v in variables]
+    shapes_match = len(values) == len(variables) and all(
+        tuple(v.shape) == value.shape for v, value in zip(variables, values))
+    if not shapes_match:
+        raise RunDirError(
+            f"The checkpoint in {os.path.dirname(path)!r} does not fit this {what}: it holds "
+            f"{len(values)} variables, the {what} has {len(variables)} (first differing: "
+            f"{next((a, b) for a, b in zip([*saved_paths, None], [*current, None]) if a != b)}). "
+            "Resume with the config the run started with."
+        )
+    for variable, value in zip(variables, values):
+        variable.assign(value)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -275,13 +312,8 @@ def run_schedule(
             model.compile(optimizer=optimizer, loss=loss, metrics=stage_metrics)
             if state is not None and stage_start <= done_epochs:
                 loaded = True
-                if done_epochs > stage_start:
-                    # Mid-stage: restore this stage's optimizer state too.
-                    optimizer.build(model.trainable_variables)
-                    model.load_weights(state["weights_path"])
-                else:
-                    saving_lib.load_weights_only(model, state["weights_path"],
-                                                 objects_to_skip=[model.optimizer])
+                # Mid-stage, the optimizer's moments and step count come back too.
+                Checkpointer.restore(model, state, with_optimizer=done_epochs > stage_start)
         initial_epoch = max(stage_start, done_epochs)
         if verbose:
             print(f"[tfxfer] stage {stage_index + 1}/{len(stages)} {stage.name!r}: epochs "
@@ -294,10 +326,12 @@ def run_schedule(
             initial_epoch=initial_epoch,
             epochs=stage_end,
             callbacks=[_EpochEnd(trainer, stage_index, stage, stage_start), *(callbacks or [])],
+            shuffle=False,  # the data shuffles itself, per epoch, replayably
             verbose=verbose,
         )
         stage_start = stage_end
     if state is not None and not loaded:
         # Every stage had finished: the checkpoint holds the final weights.
-        saving_lib.load_weights_only(model, state["weights_path"], objects_to_skip=[model.optimizer])
+        with strategy.scope():
+            Checkpointer.restore(model, state, with_optimizer=False)
     return TrainResult(model, trainer.history, done_epochs, trainer.best)

@@ -35,7 +35,7 @@ NETWORK_TIMEOUT_SECONDS = 15.0
 REMOTE_PREFIXES = ("http://", "https://")
 
 
-def resolve_hub_handle(handle: str) -> str:
+def resolve_hub_handle(handle: str | os.PathLike[str]) -> str:
     """Turns a TF-Hub handle into a local SavedModel directory, downloading it if needed.
 
     A URL (tfhub.dev or a Kaggle model page) goes through `tensorflow_hub.resolve`, which
@@ -43,8 +43,8 @@ def resolve_hub_handle(handle: str) -> str:
     Anything else is a directory (local or `gs://`) that must hold `saved_model.pb`.
 
     Args:
-        handle: str. A local SavedModel directory, or a `https://tfhub.dev/...` or
-            `https://www.kaggle.com/models/...` URL.
+        handle: str or path. A local SavedModel directory, or a `https://tfhub.dev/...`
+            or `https://www.kaggle.com/models/...` URL.
 
     Returns:
         The directory that holds `saved_model.pb`.
@@ -52,9 +52,10 @@ def resolve_hub_handle(handle: str) -> str:
     Raises:
         WeightsError: the directory holds no SavedModel, or the URL cannot be fetched.
     """
+    handle = os.fspath(handle)
     if handle.startswith(REMOTE_PREFIXES):
         return _download(handle)
-    path = os.path.expanduser(os.fspath(handle))
+    path = os.path.expanduser(handle)
     if not any(
         tf.io.gfile.exists(os.path.join(path, name))
         for name in ("saved_model.pb", "saved_model.pbtxt")
@@ -186,12 +187,12 @@ class HubLayer(keras.layers.Layer):
         # Created trainable so the hub's trainable variables are tracked as such; the
         # `trainable` argument is applied at the end, which is what a schedule toggles.
         super().__init__(trainable=True, **kwargs)
-        self.handle = handle
+        self.handle = os.fspath(handle)
         self.signature = signature
         self.output_key = output_key
 
         # === SavedModel ===
-        self._hub_object, self.saved_model_path = _load_saved_model(handle)
+        self._hub_object, self.saved_model_path = _load_saved_model(self.handle)
         self._function = self._select_function()
         self._input_name = self._signature_input_name()
         self._takes_training = (
@@ -253,7 +254,13 @@ class HubLayer(keras.layers.Layer):
         return names[0]
 
     def _check_output_key(self) -> None:
-        outputs = _concrete_functions(self._function)[0].structured_outputs
+        concrete = _concrete_functions(self._function)
+        if not concrete:
+            raise WeightsError(
+                f"The SavedModel at {self.saved_model_path!r} has a __call__ that was never "
+                f"traced, so it cannot be called. Pass a `signature` to use instead."
+            )
+        outputs = concrete[0].structured_outputs
         if not isinstance(outputs, dict):
             if self.output_key is not None:
                 raise TfxferError(
@@ -278,13 +285,20 @@ class HubLayer(keras.layers.Layer):
         # A keras.Variable built from a tf.Variable wraps that very variable (this is how
         # keras.layers.TFSMLayer adopts SavedModel weights): the hub's functions and the
         # optimizer read and write the same memory.
-        return keras.Variable(
+        alias = keras.Variable(
             initializer=variable,
             shape=variable.shape,
             dtype=variable.dtype,
             trainable=trainable,
             name=variable.name.split(":")[0].replace("/", "_"),
         )
+        if alias.value is not variable:
+            # A copy would train weights the hub's functions never read.
+            raise RuntimeError(
+                f"This Keras version ({keras.__version__}) copies a tf.Variable passed to "
+                f"keras.Variable instead of wrapping it; HubLayer needs the wrapping."
+            )
+        return alias
 
     @property
     def input_spec_from_model(self) -> tf.TensorSpec | None:
@@ -330,7 +344,7 @@ class HubLayer(keras.layers.Layer):
 
 
 def build_hub_backbone(
-    handle: str,
+    handle: str | os.PathLike[str],
     *,
     input_kind: InputKind = "image",
     image_size: int | None = None,
@@ -347,7 +361,7 @@ def build_hub_backbone(
     string tensor.
 
     Args:
-        handle: str. A SavedModel directory, or a `https://tfhub.dev/...` or
+        handle: str or path. A SavedModel directory, or a `https://tfhub.dev/...` or
             `https://www.kaggle.com/models/...` URL (needs network the first time).
         input_kind: "image" or "text". Defaults to `"image"`.
         image_size: int or None. The side the images are resized to. Defaults to `None`:
@@ -369,6 +383,7 @@ def build_hub_backbone(
     backbone.output_kind  # "vector"
     ```
     """
+    handle = os.fspath(handle)
     if input_kind not in ("image", "text"):
         raise TfxferError(
             f"Expected `input_kind` to be one of {{'image', 'text'}}. "
@@ -391,6 +406,13 @@ def build_hub_backbone(
             raise TfxferError(
                 f"Expected input_kind='text' for {handle!r}, which takes strings. "
                 f"Received: input_kind='image'."
+            )
+        if spec is not None and not spec.dtype.is_floating:
+            raise TfxferError(
+                f"Expected {handle!r} to take float images in [0, 1], the TF-Hub convention "
+                f"for image feature extractors. Received a model that takes "
+                f"{spec.dtype.name} tensors of shape {spec.shape}, which tfxfer does not "
+                f"support as a backbone."
             )
         height, width = _image_size(handle, image_size, spec)
         preprocessor: keras.layers.Layer | None = keras.Sequential(

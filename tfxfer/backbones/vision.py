@@ -98,6 +98,11 @@ class ImagePreprocessing(keras.layers.Layer):
         self.mode = mode
         self.resize = keras.layers.Resizing(self.image_size, self.image_size, dtype="float32")
 
+    def build(self, input_shape):
+        # Building the (weightless) Resizing sublayer here keeps Keras from warning that this
+        # layer has unbuilt state every time a saved model is loaded.
+        self.resize.build(input_shape)
+
     def call(self, images):
         x = ops.cast(images, "float32")
         # Resizing is a no-op when the tf.data pipeline already resized to this size.

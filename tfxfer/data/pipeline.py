@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,14 +53,27 @@ def epoch_batches(
     def one_epoch(epoch):
         ds = examples
         if shuffle:
+            # The order must depend on `seed` and the epoch alone. This function's graph
+            # inherits the global seed, which would mix into the shuffle's seed (and a global
+            # seed of 0 makes TensorFlow test the tensor seed as a Python bool, which fails).
+            tf.compat.v1.get_default_graph().seed = None
             ds = ds.shuffle(num_examples, seed=tf.cast(epoch, tf.int64) * 1_000_003 + seed)
-        ds = ds.batch(batch_size)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         if transform is not None:
             ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
         return ds
 
     def build(start_epoch: int) -> tf.data.Dataset:
         epochs = tf.data.Dataset.range(int(start_epoch), 2**62)
-        return epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+        ds = epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+        # Under MultiWorkerMirroredStrategy each worker takes its share of every global batch;
+        # sharding by file would fail (the examples come from tensors, not files).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        return ds.with_options(options)
 
-    return TrainData(build, math.ceil(num_examples / batch_size))
+    # Full batches only (when there is at least one): every replica of every worker then gets
+    # the same share, and a tiny last batch cannot make one step's gradient noisy.
+    drop_remainder = num_examples >= batch_size
+    steps = num_examples // batch_size if drop_remainder else 1
+    return TrainData(build, steps)

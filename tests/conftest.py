@@ -1,0 +1,61 @@
+"""Fixtures shared by the test suite. Builders that are plain functions live in `helpers.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `import tfxfer` / `import recipes` without an install
+    sys.path.insert(0, REPO_ROOT)
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+import tfxfer  # noqa: E402
+
+UNREACHABLE_PROXY = "http://127.0.0.1:9"  # the discard port: connections fail at once
+
+
+@pytest.fixture(autouse=True)
+def _restore_dtype_policy():
+    """A test that sets a global mixed-precision policy must not leak it into the next one."""
+    policy = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(policy)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Makes every HTTP(S) request in this process fail fast, as on a machine with no network."""
+    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy",
+                 "ALL_PROXY"):
+        monkeypatch.setenv(name, UNREACHABLE_PROXY)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+    """A tiny three-class image folder (6 PNGs of 40 px per class)."""
+    return tfxfer.write_shapes_dataset(str(tmp_path_factory.mktemp("shapes") / "data"),
+                                       per_class=6, image_size=40, seed=0)
+
+
+@pytest.fixture(scope="session")
+def image_recipe_run(shapes_dir, tmp_path_factory) -> dict:
+    """One smoke run of the ResNet50 recipe (32 px, one epoch per stage) with its export.
+
+    Shared by the recipe and CLI tests: the run is the expensive part, the checks are cheap.
+    """
+    from recipes import resnet50_image_classifier as recipe
+
+    keras.utils.set_random_seed(0)
+    output_dir = str(tmp_path_factory.mktemp("recipe") / "run")
+    config = dataclasses.replace(recipe.Config.smoke(shapes_dir, output_dir), export=True)
+    result = recipe.main(config)
+    return {**result, "config": config}

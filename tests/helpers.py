@@ -1,0 +1,154 @@
+"""Small builders shared by the foundation tests: a tiny backbone, tiny data, image folders.
+
+Everything here is sized to run in seconds on two CPU cores and never downloads anything.
+The tiny backbone has the parts that make transfer learning hard to get right (ordered layer
+groups and BatchNormalization), without ResNet50's cost.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfxfer
+from tfxfer.backbones import Backbone, split_into_groups
+from tfxfer.backbones.vision import ImagePreprocessing
+from tfxfer.data.pipeline import TrainData
+
+TINY_GROUPS = ("low", "mid", "top")
+TINY_IMAGE_SIZE = 16
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "bmp": "BMP", "gif": "GIF"}
+
+
+# === Tiny backbone and model ===
+
+
+def tiny_backbone(image_size: int = TINY_IMAGE_SIZE, seed: int = 0) -> Backbone:
+    """Three groups ("low", "mid", "top") of Conv2D + BatchNormalization + ReLU."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((image_size, image_size, 3), name="tiny_input")
+    x = inputs
+    for group, width in zip(TINY_GROUPS, (4, 6, 8)):
+        x = keras.layers.Conv2D(width, 3, padding="same", name=f"{group}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"{group}_bn")(x)
+        x = keras.layers.ReLU(name=f"{group}_relu")(x)
+    network = keras.Model(inputs, x, name="tiny_network")
+    return Backbone(
+        name="tiny",
+        network=network,
+        preprocessor=ImagePreprocessing(image_size, "tf", name="image_preprocessing"),
+        output_kind="spatial",
+        input_kind="image",
+        layer_groups=split_into_groups(network.layers, [(g, f"{g}_") for g in TINY_GROUPS]),
+    )
+
+
+def tiny_model(num_classes: int = 3, seed: int = 0) -> tuple[Backbone, keras.Model]:
+    """A seeded tiny backbone with a linear head and no dropout (so training is repeatable)."""
+    backbone = tiny_backbone(seed=seed)
+    model = tfxfer.build_model(backbone, num_classes, head=tfxfer.HeadConfig(dropout=0.0))
+    return backbone, model
+
+
+def layer_weights(layers) -> dict[str, np.ndarray]:
+    """A snapshot {variable path: value} of every weight (trainable or not) of `layers`."""
+    return {v.path: np.array(v.numpy()) for layer in layers for v in layer.weights}
+
+
+def backbone_layers(backbone: Backbone, kind: type | None = None, groups=None) -> list:
+    names = groups or backbone.group_names
+    return [layer for g in names for layer in backbone.layer_groups[g]
+            if kind is None or isinstance(layer, kind)]
+
+
+class WeightSnapshots(keras.callbacks.Callback):
+    """Records every weight of the model at the start and end of each `fit` (= each stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages: list[dict[str, dict[str, np.ndarray]]] = []
+
+    def on_train_begin(self, logs=None):
+        self.stages.append({"begin": layer_weights(self.model.layers)})
+
+    def on_train_end(self, logs=None):
+        self.stages[-1]["end"] = layer_weights(self.model.layers)
+
+
+class InterruptAfterEpoch(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of global epoch `epoch` (1-based).
+
+    tfxfer's own epoch-end callback runs before user callbacks, so the checkpoint of that
+    epoch is complete when this fires: it is a kill right after a checkpoint.
+    """
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt(f"simulated kill after epoch {self.epoch}")
+
+
+# === Tiny data ===
+
+
+def tiny_arrays(n: int = 24, num_classes: int = 3, image_size: int = TINY_IMAGE_SIZE,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images whose class is which colour channel is bright: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % num_classes).astype(np.int32)
+    images = rng.integers(0, 100, (n, image_size, image_size, 3))
+    images[np.arange(n), :, :, labels % 3] += 150
+    return images.astype(np.uint8), labels
+
+
+def tiny_train_data(images: np.ndarray, labels: np.ndarray, batch_size: int = 8,
+                    seed: int = 0) -> TrainData:
+    examples = tf.data.Dataset.from_tensor_slices((images, labels))
+    return tfxfer.epoch_batches(examples, num_examples=len(images), batch_size=batch_size,
+                                seed=seed)
+
+
+def tiny_val_data(images: np.ndarray, labels: np.ndarray, batch_size: int = 8) -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+
+
+# === Image folders ===
+
+
+def write_image(path: str, height: int = 24, width: int = 24, seed: int = 0) -> str:
+    """Writes a random RGB image; the format follows the extension (jpg, png, bmp, gif)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path, format=PIL_FORMATS[path.rsplit(".", 1)[-1].lower()])
+    return path
+
+
+def write_image_folder(root: str, classes: dict[str, int] | None = None, ext: str = "png",
+                       size: int = 24, seed: int = 0) -> str:
+    """Writes `root/<class>/<i>.<ext>` with `classes[class]` random images per class."""
+    classes = classes or {"cat": 4, "dog": 4}
+    for c, (name, count) in enumerate(sorted(classes.items())):
+        for i in range(count):
+            write_image(os.path.join(root, name, f"{i:03d}.{ext}"), size, size,
+                        seed=seed * 1000 + c * 100 + i)
+    return root
+
+
+def snapshot_files(directory: str) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under `directory`, to prove nothing changed."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as handle:
+                files[os.path.relpath(path, directory)] = handle.read()
+    return files

@@ -1,0 +1,248 @@
+"""The run directory and what training leaves in it: no lost runs, complete checkpoints, resume.
+
+The trainer's checkpoint and resume tests live here because they are about the run directory's
+promise: a run killed at any moment continues from its last complete checkpoint to the same
+result as a run that was never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from helpers import (
+    InterruptAfterEpoch,
+    snapshot_files,
+    tiny_arrays,
+    tiny_model,
+    tiny_train_data,
+    tiny_val_data,
+)
+
+import tfxfer
+from tfxfer import rundir as rundir_module
+from tfxfer.errors import RunDirError
+from tfxfer.rundir import RunDir, atomic_write_json, atomic_write_text
+from tfxfer.train import KEEP_CHECKPOINTS, Checkpointer
+
+# === RunDir ===
+
+
+def test_new_directory_is_created_with_checkpoints(tmp_path):
+    run_dir = RunDir(str(tmp_path / "a" / "run"))
+    assert os.path.isdir(run_dir.checkpoints) and not run_dir.resumed
+    run_dir.write_json("config.json", {"x": 1})
+    assert run_dir.read_json("config.json") == {"x": 1}
+    # An empty existing directory holds no run, so it can be used as is.
+    (tmp_path / "empty").mkdir()
+    assert not RunDir(str(tmp_path / "empty")).holds_run()
+
+
+def _earlier_run(path):
+    os.makedirs(path)
+    for name, text in [("config.json", '{"seed": 1}'), ("history.csv", "epoch\n1\n"),
+                       ("notes.txt", "mine")]:
+        with open(os.path.join(path, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return snapshot_files(path)
+
+
+def test_refuses_a_directory_that_holds_a_run_and_leaves_it_untouched(tmp_path):
+    path = str(tmp_path / "run")
+    before = _earlier_run(path)
+    with pytest.raises(RunDirError) as info:
+        RunDir(path)
+    message = str(info.value)
+    assert path in message and "--overwrite" in message and "--resume" in message
+    assert "config.json" in message
+    assert snapshot_files(path) == before
+    assert not os.path.exists(os.path.join(path, "checkpoints"))
+
+
+def test_overwrite_replaces_the_earlier_run(tmp_path):
+    path = str(tmp_path / "run")
+    _earlier_run(path)
+    run_dir = RunDir(path, overwrite=True)
+    assert not run_dir.resumed
+    assert sorted(os.listdir(path)) == ["checkpoints"]
+
+
+def test_resume_keeps_the_earlier_run(tmp_path):
+    path = str(tmp_path / "run")
+    before = _earlier_run(path)
+    run_dir = RunDir(path, resume=True)
+    assert run_dir.resumed
+    assert {k: v for k, v in snapshot_files(path).items()} == before
+
+
+def test_bad_run_dir_arguments(tmp_path):
+    with pytest.raises(RunDirError, match="either --overwrite or --resume"):
+        RunDir(str(tmp_path / "run"), overwrite=True, resume=True)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(RunDirError, match="is a file"):
+        RunDir(str(a_file))
+
+
+# === Atomic writes ===
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    atomic_write_json(str(path), {"old": True})
+    before = path.read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rundir_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(str(path), "new")
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["metrics.json"], "no temporary file left behind"
+
+
+def test_atomic_write_replaces_the_file(tmp_path):
+    path = tmp_path / "sub" / "history.csv"
+    atomic_write_text(str(path), "a\n")
+    atomic_write_text(str(path), "b\n")
+    assert path.read_text() == "b\n"
+    assert os.listdir(path.parent) == ["history.csv"]
+
+
+# === Checkpoints ===
+
+
+def _state(epoch):
+    return {"stage_index": 0, "stage": "head", "global_epoch": epoch, "history": [],
+            "best": {}, "config": {}}
+
+
+def test_checkpointer_points_only_at_complete_checkpoints(tmp_path, monkeypatch):
+    _, model = tiny_model()
+    checkpointer = Checkpointer(str(tmp_path))
+    assert checkpointer.latest() is None
+    for epoch in (1, 2, 3):
+        checkpointer.save(model, _state(epoch))
+    latest = checkpointer.latest()
+    assert latest["global_epoch"] == 3
+    assert latest["weights_path"] == str(tmp_path / "epoch-000003" / "model.weights.h5")
+    kept = sorted(n for n in os.listdir(tmp_path) if n.startswith("epoch-"))
+    assert kept == ["epoch-000002", "epoch-000003"] and len(kept) == KEEP_CHECKPOINTS
+
+    # A leftover temporary directory from a killed save is not a checkpoint.
+    leftover = tmp_path / ".tmp-epoch-000004"
+    leftover.mkdir()
+    (leftover / "state.json").write_text(json.dumps(_state(4)))
+    assert checkpointer.latest()["global_epoch"] == 3
+
+    # A save that dies before it is complete leaves the pointer on the last complete one.
+    def dying_save_weights(path):
+        raise KeyboardInterrupt("killed while writing weights")
+
+    monkeypatch.setattr(model, "save_weights", dying_save_weights)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(model, _state(5))
+    assert checkpointer.latest()["global_epoch"] == 3
+    assert os.path.exists(checkpointer.latest()["weights_path"])
+
+
+# === Resume ===
+
+RESUME_CONFIG = {"learning_rate": 0.01, "seed": 0, "output_dir": "ignored", "verbose": 0}
+
+
+def _two_stage_run(run_dir: RunDir | None, config=None, callbacks=None):
+    """Two stages (head 2 epochs, all groups 2 epochs with layer-wise decay), seeded, no dropout."""
+    backbone, model = tiny_model(seed=0)
+    images, labels = tiny_arrays(n=20)
+    stages = [
+        tfxfer.Stage("head", 2, learning_rate=1e-2),
+        tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3, layerwise_lr_decay=0.5),
+    ]
+    loss, metrics = tfxfer.loss_and_metrics("single_label", 3)
+    result = tfxfer.run_schedule(
+        model, backbone.layer_groups, stages, tiny_train_data(images, labels, batch_size=6),
+        tiny_val_data(images[:8], labels[:8]), loss=loss, metrics=metrics, run_dir=run_dir,
+        config=config or RESUME_CONFIG, callbacks=callbacks, verbose=0,
+    )
+    return model, result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    model, result = _two_stage_run(RunDir(str(tmp_path_factory.mktemp("straight") / "run")))
+    return model.get_weights(), result.history
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3], ids=["mid_head", "stage_boundary",
+                                                       "mid_finetune"])
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, uninterrupted,
+                                                                  kill_after):
+    weights, history = uninterrupted
+    path = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        _two_stage_run(RunDir(path), callbacks=[InterruptAfterEpoch(kill_after)])
+    with open(os.path.join(path, "checkpoints", "latest.json"), encoding="utf-8") as handle:
+        assert json.load(handle) == {"checkpoint": f"epoch-{kill_after:06d}"}
+
+    # A fresh process would build a fresh model: a different seed proves the weights come
+    # from the checkpoint. `output_dir` and `verbose` may differ on resume.
+    model, result = _resumed_run(path, {**RESUME_CONFIG, "output_dir": "elsewhere",
+                                        "verbose": 2})
+    assert result.resumed_from_epoch == kill_after
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    assert [row["stage"] for row in result.history] == ["head", "head", "finetune", "finetune"]
+    for row, want in zip(result.history, history):
+        assert row["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    for value, want in zip(model.get_weights(), weights):
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+
+
+def _resumed_run(path, config):
+    backbone, model = tiny_model(seed=7)
+    images, labels = tiny_arrays(n=20)
+    stages = [
+        tfxfer.Stage("head", 2, learning_rate=1e-2),
+        tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3, layerwise_lr_decay=0.5),
+    ]
+    loss, metrics = tfxfer.loss_and_metrics("single_label", 3)
+    result = tfxfer.run_schedule(
+        model, backbone.layer_groups, stages, tiny_train_data(images, labels, batch_size=6),
+        tiny_val_data(images[:8], labels[:8]), loss=loss, metrics=metrics,
+        run_dir=RunDir(path, resume=True), config=config, verbose=0,
+    )
+    return model, result
+
+
+def test_resume_of_a_finished_run_returns_its_final_weights(tmp_path, uninterrupted):
+    path = str(tmp_path / "run")
+    _two_stage_run(RunDir(path))
+    model, result = _resumed_run(path, RESUME_CONFIG)
+    assert result.resumed_from_epoch == 4 and len(result.history) == 4
+    for value, want in zip(model.get_weights(), uninterrupted[0]):
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_with_a_different_config_names_the_differing_keys(tmp_path):
+    path = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        _two_stage_run(RunDir(path), callbacks=[InterruptAfterEpoch(1)])
+    before = snapshot_files(path)
+    with pytest.raises(RunDirError) as info:
+        _resumed_run(path, {**RESUME_CONFIG, "learning_rate": 0.1, "batch_size": 4})
+    message = str(info.value)
+    assert "['batch_size', 'learning_rate']" in message
+    assert "seed" not in message and "output_dir" not in message
+    assert snapshot_files(path) == before
+
+
+def test_resume_without_a_checkpoint(tmp_path):
+    path = str(tmp_path / "run")
+    os.makedirs(path)
+    atomic_write_json(os.path.join(path, "config.json"), RESUME_CONFIG)
+    with pytest.raises(RunDirError, match="no complete checkpoint"):
+        _resumed_run(path, RESUME_CONFIG)
+
