@@ -2,6 +2,7 @@
 # tfxfer's set-up and everyday commands, for a fresh machine with python3 and pip:
 #   bash dev.sh demo   set up, then train the default demo run
 #   bash dev.sh test   set up, then run the whole test suite
+#   bash dev.sh demo-images  set up, then train the image recipe on drawn shapes
 #   bash dev.sh setup  only set up (a virtual environment in .venv, or $TFXFER_VENV)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,8 +34,12 @@ command="${1:-}"
 shift || true
 case "$command" in
   setup) setup ;;
-  demo) setup; exec "$PY" -m recipes.resnet50_image_classifier --output-dir runs/demo --weights none \
-          --image-size 48 --batch-size 16 --head-epochs 2 --finetune-epochs 3 --overwrite "$@" ;;
+  # The main job: the pretrained MiniLM text classifier on the bundled demo data, offline.
+  demo) setup; exec "$PY" -m recipes.bert_text_classifier --output-dir runs/demo --overwrite "$@" ;;
+  # The image recipe on drawn shapes (no pretrained weights can be downloaded offline).
+  demo-images) setup; exec "$PY" -m recipes.resnet50_image_classifier --output-dir runs/demo-images \
+          --weights none --image-size 48 --batch-size 16 --head-epochs 2 --finetune-epochs 3 \
+          --overwrite "$@" ;;
   test) setup; exec "$PY" -m pytest -q tests "$@" ;;
-  *) echo "usage: bash dev.sh demo|test|setup [extra args]" >&2; exit 2 ;;
+  *) echo "usage: bash dev.sh demo|demo-images|test|setup [extra args]" >&2; exit 2 ;;
 esac

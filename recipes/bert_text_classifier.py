@@ -94,7 +94,11 @@ def build_model(config: Config, data: TextData):
     head = tfxfer.HeadConfig(pooling=config.pooling or backbone.info.get("pooling") or "cls",
                              hidden_units=list(config.hidden_units), dropout=config.dropout)
     task = "multi_label" if data.multi_label else "single_label"
-    return backbone, tfxfer.build_model(backbone, len(data.class_names), task=task, head=head)
+    model = tfxfer.build_model(backbone, len(data.class_names), task=task, head=head)
+    # Only CLS pooling reads BERT's pooler; otherwise it gets no gradient, so it stays frozen
+    # and out of the schedule's groups (top-k unfreezing then counts transformer layers).
+    unused = backbone.layer_groups.pop("pooler") if head.pooling != "cls" else []
+    return backbone, model, unused
 
 
 def build_schedule(config: Config) -> list[tfxfer.Stage]:
@@ -126,7 +130,7 @@ def main(config: Config) -> dict:
                               extra={"data": data.summary(), **run.describe()},
                               write=run.is_chief)
     with run.scope():
-        backbone, model = build_model(config, data)
+        backbone, model, unused_layers = build_model(config, data)
     batch = run.global_batch_size
     train = text_train_data(data.train, backbone.preprocessor, batch_size=batch, seed=config.seed)
 
@@ -140,6 +144,7 @@ def main(config: Config) -> dict:
     result = tfxfer.run_schedule(
         model, backbone.layer_groups, build_schedule(config), train, val, loss=loss,
         metrics=metrics, run_dir=run_dir, strategy=run.strategy, lora_targets=backbone.lora_targets,
+        frozen_layers=unused_layers,
         config=dataclasses.asdict(config), lr_scale=run.lr_scale, verbose=config.verbose,
     )
     serving = TextClassifier(backbone.preprocessor, model, name="tfxfer_text_classifier")

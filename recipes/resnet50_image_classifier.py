@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import tfxfer
 from tfxfer.data.images import Augmentation, ImageData, load_image_folder, make_image_dataset
+from tfxfer.schedule import validate_schedule
 
 
 @dataclass
@@ -87,10 +88,6 @@ def main(config: Config) -> dict:
     run = tfxfer.Session(config.strategy, config.mixed_precision, config.batch_size)
     data = build_data(config)
     print(f"[tfxfer] data: {data.summary()}")
-    run_dir = tfxfer.open_run(config.output_dir, dataclasses.asdict(config),
-                              overwrite=config.overwrite, resume=config.resume,
-                              extra={"data": data.summary(), **run.describe()},
-                              write=run.is_chief)
     with run.scope():
         backbone, model = build_model(config, len(data.class_names))
     stages = tfxfer.default_schedule(
@@ -99,6 +96,13 @@ def main(config: Config) -> dict:
         finetune_learning_rate=config.finetune_learning_rate,
         unfreeze=int(config.unfreeze) if str(config.unfreeze).isdigit() else config.unfreeze,
     )
+    validate_schedule(stages, backbone.group_names)
+    # Only now, with every setting checked, does the run directory get written: a typo in a
+    # flag must not leave a half-started run that the next attempt refuses to overwrite.
+    run_dir = tfxfer.open_run(config.output_dir, dataclasses.asdict(config),
+                              overwrite=config.overwrite, resume=config.resume,
+                              extra={"data": data.summary(), **run.describe()},
+                              write=run.is_chief)
     size, batch = config.image_size, run.global_batch_size
     train = tfxfer.image_train_data(
         data.train, image_size=size, batch_size=batch, seed=config.seed,

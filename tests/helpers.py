@@ -31,7 +31,7 @@ def tiny_backbone(image_size: int = TINY_IMAGE_SIZE, seed: int = 0) -> Backbone:
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((image_size, image_size, 3), name="tiny_input")
     x = inputs
-    for group, width in zip(TINY_GROUPS, (4, 6, 8)):
+    for group, width in zip(TINY_GROUPS, (4, 6, 8), strict=True):
         x = keras.layers.Conv2D(width, 3, padding="same", name=f"{group}_conv")(x)
         x = keras.layers.BatchNormalization(name=f"{group}_bn")(x)
         x = keras.layers.ReLU(name=f"{group}_relu")(x)
@@ -135,7 +135,7 @@ def write_image(path: str, height: int = 24, width: int = 24, seed: int = 0) -> 
 def write_image_folder(root: str, classes: dict[str, int] | None = None, ext: str = "png",
                        size: int = 24, seed: int = 0) -> str:
     """Writes `root/<class>/<i>.<ext>` with `classes[class]` random images per class."""
-    classes = classes or {"cat": 4, "dog": 4}
+    classes = {"cat": 4, "dog": 4} if classes is None else classes
     for c, (name, count) in enumerate(sorted(classes.items())):
         for i in range(count):
             write_image(os.path.join(root, name, f"{i:03d}.{ext}"), size, size,

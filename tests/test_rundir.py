@@ -23,6 +23,7 @@ from helpers import (
 
 import tfxfer
 from tfxfer import rundir as rundir_module
+from tfxfer import train as train_module
 from tfxfer.errors import RunDirError
 from tfxfer.rundir import RunDir, atomic_write_json, atomic_write_text
 from tfxfer.train import KEEP_CHECKPOINTS, Checkpointer
@@ -37,7 +38,7 @@ def test_new_directory_is_created_with_checkpoints(tmp_path):
     assert run_dir.read_json("config.json") == {"x": 1}
     # An empty existing directory holds no run, so it can be used as is.
     (tmp_path / "empty").mkdir()
-    assert not RunDir(str(tmp_path / "empty")).holds_run()
+    assert not RunDir(str(tmp_path / "empty")).resumed
 
 
 def _earlier_run(path):
@@ -122,13 +123,13 @@ def _state(epoch):
 
 def test_checkpointer_points_only_at_complete_checkpoints(tmp_path, monkeypatch):
     _, model = tiny_model()
+    model.compile("adam", "sparse_categorical_crossentropy")
     checkpointer = Checkpointer(str(tmp_path))
     assert checkpointer.latest() is None
     for epoch in (1, 2, 3):
         checkpointer.save(model, _state(epoch))
-    latest = checkpointer.latest()
-    assert latest["global_epoch"] == 3
-    assert latest["weights_path"] == str(tmp_path / "epoch-000003" / "model.weights.h5")
+    assert checkpointer.latest()["global_epoch"] == 3
+    assert json.loads((tmp_path / "latest.json").read_text()) == {"checkpoint": "epoch-000003"}
     kept = sorted(n for n in os.listdir(tmp_path) if n.startswith("epoch-"))
     assert kept == ["epoch-000002", "epoch-000003"] and len(kept) == KEEP_CHECKPOINTS
 
@@ -138,15 +139,19 @@ def test_checkpointer_points_only_at_complete_checkpoints(tmp_path, monkeypatch)
     (leftover / "state.json").write_text(json.dumps(_state(4)))
     assert checkpointer.latest()["global_epoch"] == 3
 
-    # A save that dies before it is complete leaves the pointer on the last complete one.
-    def dying_save_weights(path):
-        raise KeyboardInterrupt("killed while writing weights")
+    # A save killed before its checkpoint is complete leaves the pointer on the last complete one.
+    real_write = train_module.atomic_write_json
 
-    monkeypatch.setattr(model, "save_weights", dying_save_weights)
+    def killed_while_writing_state(path, obj):
+        if path.endswith("state.json"):
+            raise KeyboardInterrupt("killed while writing the checkpoint")
+        real_write(path, obj)
+
+    monkeypatch.setattr(train_module, "atomic_write_json", killed_while_writing_state)
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save(model, _state(5))
     assert checkpointer.latest()["global_epoch"] == 3
-    assert os.path.exists(checkpointer.latest()["weights_path"])
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("epoch-")) == kept
 
 
 # === Resume ===
@@ -195,9 +200,9 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, unin
     assert result.resumed_from_epoch == kill_after
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
     assert [row["stage"] for row in result.history] == ["head", "head", "finetune", "finetune"]
-    for row, want in zip(result.history, history):
+    for row, want in zip(result.history, history, strict=True):
         assert row["loss"] == pytest.approx(want["loss"], rel=1e-4)
-    for value, want in zip(model.get_weights(), weights):
+    for value, want in zip(model.get_weights(), weights, strict=True):
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
 
 
@@ -222,7 +227,7 @@ def test_resume_of_a_finished_run_returns_its_final_weights(tmp_path, uninterrup
     _two_stage_run(RunDir(path))
     model, result = _resumed_run(path, RESUME_CONFIG)
     assert result.resumed_from_epoch == 4 and len(result.history) == 4
-    for value, want in zip(model.get_weights(), uninterrupted[0]):
+    for value, want in zip(model.get_weights(), uninterrupted[0], strict=True):
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
 
 

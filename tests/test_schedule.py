@@ -168,7 +168,7 @@ def test_warmup_cosine_values():
     assert lr[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # linear rise, nonzero at step 0
     assert lr[4] == pytest.approx(1.0)  # the peak, at the end of warmup
     assert lr[7] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway down the cosine
-    assert all(a >= b for a, b in zip(lr[4:], lr[5:]))  # never rises after the peak
+    assert all(a >= b for a, b in zip(lr[4:-1], lr[5:], strict=True))  # never rises again
     assert lr[10] == pytest.approx(0.1) and lr[12] == pytest.approx(0.1)  # ends at min ratio
 
     constant = WarmupCosine(peak=2.0, total_steps=10, warmup_steps=2, decay="constant")
@@ -239,7 +239,7 @@ def test_layerwise_optimizer_survives_keras_save_and_load(tmp_path):
     # One more step on each: same optimizer state and multipliers give the same weights.
     model.fit(images, labels, batch_size=8, epochs=1, verbose=0)
     loaded.fit(images, labels, batch_size=8, epochs=1, verbose=0)
-    for a, b in zip(model.get_weights(), loaded.get_weights()):
+    for a, b in zip(model.get_weights(), loaded.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -267,7 +267,7 @@ def staged_run(tmp_path_factory):
         callbacks=[snapshots], verbose=0,
     )
     return {"backbone": backbone, "model": model, "result": result, "run_dir": run_dir,
-            "stages": {s.name: snap for s, snap in zip(stages, snapshots.stages)}}
+            "stages": dict(zip([s.name for s in stages], snapshots.stages, strict=True))}
 
 
 def _changed(snapshot, suffix):
@@ -319,7 +319,7 @@ def test_history_has_one_row_per_epoch_and_matches_history_csv(staged_run):
         rows = list(csv.DictReader(handle))
     assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4, 5]
     assert [row["stage"] for row in rows] == [row["stage"] for row in history]
-    for row, want in zip(rows, history):
+    for row, want in zip(rows, history, strict=True):
         assert float(row["loss"]) == pytest.approx(want["loss"])
         assert float(row["val_loss"]) == pytest.approx(want["val_loss"])
 

@@ -102,7 +102,7 @@ def test_matching_local_weights_file_loads_those_exact_weights(random_resnet50_w
     backbone = tfxfer.build_backbone("resnet50", weights=path, image_size=48)
     loaded = backbone.network.get_weights()
     assert len(loaded) == len(expected)
-    for value, want in zip(loaded, expected):
+    for value, want in zip(loaded, expected, strict=True):
         np.testing.assert_array_equal(value, want)
     assert backbone.info["weights"] == path
 
@@ -151,7 +151,8 @@ def test_legacy_hdf5_weights_file_like_the_keras_download(tmp_path):
         legacy_h5_format.save_weights_to_hdf5_group(handle, network)
 
     backbone = tfxfer.build_backbone("resnet50", weights=path, image_size=32)
-    for value, want in zip(backbone.network.get_weights(), network.get_weights()):
+    loaded = backbone.network.get_weights()
+    for value, want in zip(loaded, network.get_weights(), strict=True):
         np.testing.assert_array_equal(value, want)
     with pytest.raises(WeightsError, match="does not match the resnet50v2 architecture"):
         tfxfer.build_backbone("resnet50v2", weights=path, image_size=32)

@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tfxfer.errors import TfxferError
 

@@ -207,6 +207,7 @@ def apply_stage(
     layer_groups: dict[str, list],
     stage: Stage,
     lora_targets: list | None = None,
+    frozen_layers: list | None = None,
 ) -> list[str]:
     """Sets which layers train in this stage; returns the trainable backbone groups.
 
@@ -217,6 +218,9 @@ def apply_stage(
 
     With `stage.lora_rank`, the stage's groups stay frozen except for low-rank adapters added
     to their `lora_targets` layers: only the adapters and the head train.
+
+    `frozen_layers` never train: backbone layers the head does not use (BERT's pooler under
+    mean pooling), which would otherwise get no gradient.
     """
     trainable = stage.trainable_groups(list(layer_groups))
     model.trainable = True  # undo any earlier stage, then freeze what this stage freezes
@@ -229,6 +233,8 @@ def apply_stage(
                 and isinstance(layer, keras.layers.BatchNormalization)
             ):
                 layer.trainable = False
+    for layer in frozen_layers or []:
+        layer.trainable = False
     if stage.lora_rank:
         _enable_lora(layer_groups, trainable, lora_targets or [], int(stage.lora_rank), stage.name)
     return trainable

@@ -240,6 +240,7 @@ def run_schedule(
     run_dir: RunDir | None = None,
     strategy: tf.distribute.Strategy | None = None,
     lora_targets: list | None = None,
+    frozen_layers: list | None = None,
     lr_scale: float = 1.0,
     monitor: str | None = None,
     config: dict[str, Any] | None = None,
@@ -258,6 +259,7 @@ def run_schedule(
         run_dir: RunDir or None. Where checkpoints and history go; None keeps nothing.
         strategy: tf.distribute.Strategy or None. Compiles inside its scope.
         lora_targets: list or None. Layers that stages with `lora_rank` adapt.
+        frozen_layers: list or None. Layers that never train (unused by the head).
         lr_scale: float. Multiplies every stage's learning rate (linear scaling with the
             global batch). Defaults to `1.0`.
         monitor: str or None. Metric that picks the best checkpoint. Defaults to "val_loss"
@@ -300,7 +302,7 @@ def run_schedule(
     for stage_index, stage in enumerate(stages):
         stage_end = stage_start + int(stage.epochs)
         with strategy.scope():
-            trainable = apply_stage(model, layer_groups, stage, lora_targets)
+            trainable = apply_stage(model, layer_groups, stage, lora_targets, frozen_layers)
         if stage.epochs == 0 or stage_end <= done_epochs:
             stage_start = stage_end  # finished before the interruption
             continue

@@ -330,6 +330,8 @@ def _tokenized(
             ds.batch(_TOKENIZE_CHUNK)
             .map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .unbatch()
+            # Unbatching hides the size; Keras warns "ran out of data" on datasets of unknown size.
+            .apply(tf.data.experimental.assert_cardinality(len(texts)))
         )
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")

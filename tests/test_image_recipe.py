@@ -1,0 +1,172 @@
+"""The ResNet50 recipe end to end on a tiny shapes folder, and what it does with bad input."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO_ROOT
+from helpers import snapshot_files, write_image_folder
+
+import tfxfer
+from recipes import resnet50_image_classifier as recipe
+from tfxfer.errors import DataError, RunDirError, TfxferError
+from tfxfer.rundir import RUN_MARKERS
+
+
+def _raw_images(height=45, width=37, n=4, seed=0):
+    """Raw uint8 images of a size other than the model's image_size (32)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3)).astype("uint8")
+
+
+# === A smoke run ===
+
+
+def test_run_directory_holds_everything(image_recipe_run):
+    run_dir = image_recipe_run["run_dir"]
+    for name in ("config.json", "history.csv", "metrics.json", "class_names.json",
+                 "model.keras", "checkpoints/best.weights.h5", "checkpoints/latest.json",
+                 "export/saved_model.pb"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    assert config["backbone"] == "resnet50" and config["image_size"] == 32
+    assert config["data"]["classes"] == ["circle", "square", "triangle"]
+    assert config["data"]["train_images"] + config["data"]["val_images"] == 18
+
+    with open(os.path.join(run_dir, "class_names.json"), encoding="utf-8") as handle:
+        assert json.load(handle) == ["circle", "square", "triangle"]
+
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as handle:
+        metrics = json.load(handle)
+    assert set(metrics) == {"val"}
+    val = metrics["val"]
+    assert {"accuracy", "loss", "macro_f1", "per_class", "num_examples"} <= set(val)
+    assert 0.0 <= val["accuracy"] <= 1.0 and 0.0 <= val["macro_f1"] <= 1.0
+    assert val["num_examples"] == config["data"]["val_images"]
+    assert val == image_recipe_run["metrics"]["val"]
+
+    with open(os.path.join(run_dir, "history.csv"), newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(int(r["epoch"]), r["stage"]) for r in rows] == [(1, "head"), (2, "finetune")]
+    assert [r["stage"] for r in image_recipe_run["history"]] == ["head", "finetune"]
+
+
+def test_saved_model_reloads_and_predicts_identically_on_raw_images(image_recipe_run):
+    model = image_recipe_run["model"]
+    loaded = tfxfer.load_model(os.path.join(image_recipe_run["run_dir"], "model.keras"))
+    images = _raw_images()
+    expected = model.predict(images, verbose=0)
+    assert expected.shape == (4, 3)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    # Another size again, through a plain call: any size goes in.
+    other = _raw_images(64, 50, n=2, seed=1)
+    np.testing.assert_allclose(np.asarray(loaded(other, training=False)),
+                               np.asarray(model(other, training=False)), rtol=1e-5, atol=1e-6)
+
+
+def test_export_serves_raw_uint8_images(image_recipe_run):
+    exported = tf.saved_model.load(os.path.join(image_recipe_run["run_dir"], "export"))
+    images = _raw_images(50, 41)
+    served = np.asarray(exported.serve(tf.constant(images)))
+    np.testing.assert_allclose(served, image_recipe_run["model"].predict(images, verbose=0),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(served.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_resnet50_batchnorm_statistics_never_moved(image_recipe_run):
+    # Random weights start every moving mean at 0 and variance at 1; both stages keep
+    # BatchNorm frozen, so after training they must still be exactly that.
+    backbone = image_recipe_run["backbone"]
+    batchnorms = [layer for group in backbone.layer_groups.values() for layer in group
+                  if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(batchnorms) == 53
+    for layer in batchnorms:
+        np.testing.assert_array_equal(np.asarray(layer.moving_mean), 0.0)
+        np.testing.assert_array_equal(np.asarray(layer.moving_variance), 1.0)
+
+
+def test_best_checkpoint_loads_into_the_recipe_model(image_recipe_run, tmp_path):
+    config = image_recipe_run["config"]
+    _, model = recipe.build_model(config, 3)
+    model.load_weights(os.path.join(image_recipe_run["run_dir"], "checkpoints",
+                                    "best.weights.h5"))
+    assert model.predict(_raw_images(n=1), verbose=0).shape == (1, 3)
+
+
+# === Bad input ===
+
+
+def _smoke(data_dir, output_dir, **changes):
+    return dataclasses.replace(recipe.Config.smoke(data_dir, output_dir), **changes)
+
+
+def test_missing_data_dir(tmp_path):
+    missing = str(tmp_path / "no_such_photos")
+    with pytest.raises(DataError, match="Data directory not found") as info:
+        recipe.main(_smoke(missing, str(tmp_path / "run")))
+    assert missing in str(info.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_one_class(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"), {"only": 3})
+    with pytest.raises(DataError, match="only one class"):
+        recipe.main(_smoke(data, str(tmp_path / "run")))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_output_dir_holding_a_run_is_left_unchanged(tmp_path, shapes_dir):
+    output = tmp_path / "run"
+    (output / "checkpoints").mkdir(parents=True)
+    (output / "config.json").write_text('{"earlier": true}')
+    (output / "model.keras").write_bytes(b"an earlier model")
+    before = snapshot_files(str(output))
+    with pytest.raises(RunDirError, match="already holds a run.*--resume.*--overwrite"):
+        recipe.main(_smoke(shapes_dir, str(output)))
+    assert snapshot_files(str(output)) == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"backbone": "resnet5O"}, r"Unknown backbone 'resnet5O'.*resnet50"),
+        ({"image_size": 16}, r"image_size=16 is too small for resnet50"),
+        ({"weights": "/no/such/weights_notop.h5"}, "Weights file not found"),
+        ({"pooling": "mean"}, r"Expected `pooling` to be one of"),
+        ({"unfreeze": "9"}, r"Invalid stage 'finetune'.*train=9 top groups"),
+    ],
+    ids=["unknown_backbone", "image_too_small", "missing_weights", "bad_pooling",
+         "bad_unfreeze"],
+)
+def test_bad_settings_are_clear_errors_and_leave_no_run_behind(tmp_path, shapes_dir, changes,
+                                                               match):
+    output = tmp_path / "run"
+    with pytest.raises(TfxferError, match=match):
+        recipe.main(_smoke(shapes_dir, str(output), **changes))
+    # Fixing the typo and running again must not need --overwrite.
+    left = [name for name in RUN_MARKERS if os.path.exists(output / name)]
+    assert not left, f"a failed start left {left} behind"
+
+
+def test_command_line_bad_input_exits_2_with_one_message(tmp_path):
+    missing = str(tmp_path / "missing_photos")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONPATH": REPO_ROOT}
+    process = subprocess.run(
+        [sys.executable, "-m", "recipes.resnet50_image_classifier", "--data-dir", missing,
+         "--output-dir", str(tmp_path / "run"), "--weights", "none"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 2, process.stderr
+    assert f"tfxfer: error: Data directory not found: {missing!r}" in process.stderr
+    assert "Traceback" not in process.stderr + process.stdout

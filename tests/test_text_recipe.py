@@ -1,0 +1,253 @@
+"""The BERT text recipe end to end, on a tiny random BERT written to a temporary directory.
+
+What is checked here is what a user relies on: the run directory and its metrics, that the
+saved and exported models take raw strings and agree with the training-time (tokenized)
+path, LoRA and layer-wise learning rates doing what they promise, and clear errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from bert_helpers import write_hf_checkpoint
+
+import tfxfer
+from recipes.bert_text_classifier import Config, main
+from tfxfer.data.text import make_text_dataset, text_train_data
+from tfxfer.errors import DataError, TfxferError
+
+REPO = Path(__file__).resolve().parent.parent
+
+POSITIVE = ["i loved it", "great fun", "good film", "the acting was great", "loved the plot",
+            "a good movie", "it was fun", "great plot", "good acting", "i loved the film"]
+NEGATIVE = ["i hated it", "awful film", "bad movie", "the acting was awful", "boring plot",
+            "a bad film", "it was boring", "awful plot", "bad acting", "i hated the movie"]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert") / "hf_bert"
+    write_hf_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("texts")
+    rows = [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
+    train = write_csv(root / "train.csv", rows * 2)
+    test = write_csv(root / "test.csv", [("great movie", "pos"), ("awful acting", "neg"),
+                                         ("fun film", "pos"), ("boring film", "neg")])
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def finished_run(bert_dir, text_files, tmp_path_factory):
+    train, test = text_files
+    output = tmp_path_factory.mktemp("runs") / "run"
+    config = Config.smoke(train, str(output), bert_dir)
+    config.test, config.export = test, True
+    return main(config)
+
+
+def test_run_directory_holds_every_artifact(finished_run):
+    run = Path(finished_run["run_dir"])
+    for name in ("config.json", "history.csv", "metrics.json", "class_names.json", "model.keras",
+                 "export/saved_model.pb", "checkpoints/best.weights.h5", "checkpoints/latest.json"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test"}
+    for split in metrics.values():
+        assert {"accuracy", "loss", "macro_f1", "per_class", "confusion_matrix"} <= set(split)
+        assert 0.0 <= split["accuracy"] <= 1.0
+    assert metrics["test"]["num_examples"] == 4
+    assert json.loads((run / "class_names.json").read_text()) == ["neg", "pos"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["train_texts"] + config["data"]["val_texts"] == 40
+    assert config["distribution"]["global_batch_size"] == 8
+
+
+def test_history_spans_both_stages_with_global_epochs(finished_run):
+    history = finished_run["history"]
+    assert [(row["epoch"], row["stage"]) for row in history] == [(1, "head"), (2, "finetune")]
+
+
+def test_saved_model_takes_raw_strings_and_matches_the_training_path(finished_run):
+    texts = ["great fun film", "boring awful plot", "i loved the acting"]
+    backbone, model = finished_run["backbone"], finished_run["model"]
+    tokenized = np.asarray(model(backbone.preprocessor(tf.constant(texts)), training=False))
+
+    reloaded = tfxfer.load_model(str(Path(finished_run["run_dir"]) / "model.keras"))
+    from_list = reloaded.predict(texts, verbose=0)
+    np.testing.assert_allclose(from_list, tokenized, atol=1e-5)
+
+    exported = tf.saved_model.load(str(Path(finished_run["run_dir"]) / "export"))
+    served = exported.serve(tf.constant(texts)).numpy()
+    np.testing.assert_allclose(served, tokenized, atol=1e-5)
+
+
+def test_metrics_json_matches_the_reloaded_model_on_the_test_file(finished_run, text_files):
+    reloaded = tfxfer.load_model(str(Path(finished_run["run_dir"]) / "model.keras"))
+    texts = ["great movie", "awful acting", "fun film", "boring film"]
+    labels = np.array([1, 0, 1, 0])
+    accuracy = float(np.mean(reloaded.predict(texts, verbose=0).argmax(-1) == labels))
+    assert accuracy == pytest.approx(finished_run["metrics"]["test"]["accuracy"])
+
+
+def _tiny_text_setup(bert_dir, stages, sequence_length=16):
+    backbone = tfxfer.build_backbone(bert_dir, sequence_length=sequence_length)
+    model = tfxfer.build_model(backbone, 2, head=tfxfer.HeadConfig(pooling="mean", dropout=0.0))
+    texts = POSITIVE + NEGATIVE
+    labels = np.array([1] * len(POSITIVE) + [0] * len(NEGATIVE), np.int32)
+    examples = tfxfer.data.text.TextExamples(texts, labels, ["neg", "pos"])
+    train = text_train_data(examples, backbone.preprocessor, batch_size=10)
+    loss, metrics = tfxfer.loss_and_metrics("single_label", 2)
+    unused = backbone.layer_groups.pop("pooler")  # mean pooling never reads the pooler
+    return backbone, model, train, loss, metrics, unused
+
+
+def _values(layers):
+    return {v.path: np.array(v.numpy()) for layer in layers for v in layer.weights}
+
+
+def test_lora_stage_trains_only_adapters_and_head(bert_dir):
+    stages = [tfxfer.Stage("lora", 1, train="all", learning_rate=1e-2, lora_rank=2)]
+    backbone, model, train, loss, metrics, unused = _tiny_text_setup(bert_dir, stages)
+    backbone_layers = [layer for group in backbone.layer_groups.values() for layer in group]
+    head = model.get_layer("predictions")
+    before, head_before = _values(backbone_layers), head.kernel.numpy().copy()
+
+    tfxfer.run_schedule(model, backbone.layer_groups, stages, train, None, loss=loss,
+                        metrics=metrics, lora_targets=backbone.lora_targets,
+                        frozen_layers=unused, verbose=0)
+
+    after = _values(backbone_layers)
+    adapters = [p for p in after if p.rsplit("/", 1)[-1].startswith("lora_kernel")]
+    assert len(adapters) == 2 * 2 * 2  # query and value, in 2 layers, A and B
+    assert all(not v.trainable for layer in unused for v in layer.weights)
+    trainable = {v.path for v in model.trainable_variables}
+    assert set(adapters) <= trainable
+    assert not {p for p in after if p not in adapters} & trainable
+    for path, value in after.items():
+        if path in adapters:
+            continue
+        np.testing.assert_array_equal(value, before[path], err_msg=path)
+    assert any(np.abs(after[p]).sum() > 0 for p in adapters if p.endswith("lora_kernel_b"))
+    assert not np.allclose(head.kernel.numpy(), head_before)
+
+
+def test_lora_needs_a_backbone_with_adapter_targets():
+    backbone = tfxfer.build_backbone("mobilenetv3small", weights=None, image_size=32)
+    model = tfxfer.build_model(backbone, 2)
+    stage = tfxfer.Stage("lora", 1, train="all", lora_rank=2)
+    with pytest.raises(TfxferError, match="LoRA"):
+        tfxfer.apply_stage(model, backbone.layer_groups, stage, backbone.lora_targets)
+
+
+def test_layerwise_lr_decay_moves_lower_bert_layers_less(bert_dir):
+    decay = 0.5
+    stages = [tfxfer.Stage("finetune", 1, train="all", learning_rate=1e-3, optimizer="adamw",
+                           weight_decay=0.0, warmup_fraction=0.0, decay="constant",
+                           layerwise_lr_decay=decay)]
+    backbone, model, train, loss, metrics, unused = _tiny_text_setup(bert_dir, stages)
+    groups = backbone.layer_groups
+    before = {name: _values(layers) for name, layers in groups.items()}
+    # One step: Adam's first update is lr * sign(gradient) per weight, so a moved weight moves
+    # by its group's learning rate.
+    one_step = tfxfer.TrainData(train.build, 1)
+    tfxfer.run_schedule(model, groups, stages, one_step, None, loss=loss, metrics=metrics,
+                        frozen_layers=unused, verbose=0)
+
+    def typical_change(name):
+        # Median over the weights that moved (an embedding row moves only if its token occurs).
+        after = _values(groups[name])
+        changes = np.concatenate([np.abs(after[p] - before[name][p]).ravel() for p in after])
+        return float(np.median(changes[changes > 0]))
+
+    top, middle, bottom = (typical_change(g) for g in ("layer_1", "layer_0", "embeddings"))
+    assert top == pytest.approx(1e-3, rel=0.2)
+    assert middle == pytest.approx(top * decay, rel=0.2)
+    assert bottom == pytest.approx(top * decay**2, rel=0.2)
+
+
+def test_multi_label_rows_train_sigmoid_outputs(bert_dir, tmp_path):
+    rows = [(t, "pos|fun") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
+    train = write_csv(tmp_path / "multi.csv", rows * 2)
+    config = Config.smoke(train, str(tmp_path / "run"), bert_dir)
+    config.multi_label, config.finetune_epochs = True, 0
+    result = main(config)
+    assert result["class_names"] == ["fun", "neg", "pos"]
+    probabilities = result["serving_model"].predict(["great fun"], verbose=0)
+    assert probabilities.shape == (1, 3)
+    assert probabilities.sum() != pytest.approx(1.0, abs=1e-3)  # independent sigmoids
+    assert "macro_f1" in result["metrics"]["val"]
+
+
+# === Bad input ===
+
+
+def test_label_only_in_test_file_is_named(bert_dir, text_files, tmp_path):
+    train, _ = text_files
+    test = write_csv(tmp_path / "test.csv", [("great movie", "pos"), ("meh", "neutral")])
+    config = Config.smoke(train, str(tmp_path / "run"), bert_dir)
+    config.test = test
+    with pytest.raises(DataError, match="neutral"):
+        main(config)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+
+
+def test_missing_label_column_names_the_columns_found(bert_dir, tmp_path):
+    train = write_csv(tmp_path / "train.csv", [(t, "pos") for t in POSITIVE],
+                      header=("review", "stars"))
+    config = Config.smoke(train, str(tmp_path / "run"), bert_dir)
+    with pytest.raises(DataError, match="review"):
+        main(config)
+
+
+def test_sequence_length_above_the_model_maximum(bert_dir, text_files, tmp_path):
+    config = Config.smoke(text_files[0], str(tmp_path / "run"), bert_dir)
+    config.sequence_length = 4096
+    with pytest.raises(TfxferError, match="4096"):
+        main(config)
+
+
+def test_existing_run_is_not_overwritten(finished_run, bert_dir, text_files):
+    run = Path(finished_run["run_dir"])
+    before = (run / "metrics.json").read_bytes()
+    with pytest.raises(tfxfer.RunDirError, match="--overwrite"):
+        main(Config.smoke(text_files[0], str(run), bert_dir))
+    assert (run / "metrics.json").read_bytes() == before
+
+
+def test_command_line_error_is_one_clear_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.bert_text_classifier", "--train",
+         str(tmp_path / "missing.csv"), "--output-dir", str(tmp_path / "run")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "missing.csv" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_make_text_dataset_batches_token_dicts(bert_dir):
+    backbone = tfxfer.build_backbone(bert_dir, sequence_length=8)
+    ds = make_text_dataset(POSITIVE[:5], np.ones(5, np.int32), backbone.preprocessor, batch_size=2)
+    x, y = next(iter(ds))
+    assert set(x) == {"token_ids", "segment_ids", "padding_mask"}
+    assert x["token_ids"].shape == (2, 8) and y.shape == (2,)
