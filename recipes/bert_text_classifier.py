@@ -89,15 +89,21 @@ def build_data(config: Config) -> TextData:
 
 
 def build_model(config: Config, data: TextData):
-    backbone = tfxfer.build_backbone(config.backbone, sequence_length=config.sequence_length,
-                                     weights=config.pretrained)
-    head = tfxfer.HeadConfig(pooling=config.pooling or backbone.info.get("pooling") or "cls",
+    if config.backbone.startswith("hub:"):
+        # A TF-Hub text model takes raw strings and tokenizes inside itself.
+        backbone = tfxfer.build_backbone(config.backbone, input_kind="text")
+    else:
+        backbone = tfxfer.build_backbone(config.backbone, sequence_length=config.sequence_length,
+                                         weights=config.pretrained)
+    default_pooling = "cls" if backbone.output_kind == "sequence" else None
+    head = tfxfer.HeadConfig(pooling=config.pooling or backbone.info.get("pooling") or default_pooling,
                              hidden_units=list(config.hidden_units), dropout=config.dropout)
     task = "multi_label" if data.multi_label else "single_label"
     model = tfxfer.build_model(backbone, len(data.class_names), task=task, head=head)
     # Only CLS pooling reads BERT's pooler; otherwise it gets no gradient, so it stays frozen
     # and out of the schedule's groups (top-k unfreezing then counts transformer layers).
-    unused = backbone.layer_groups.pop("pooler") if head.pooling != "cls" else []
+    uses_pooler = backbone.output_kind != "sequence" or head.pooling == "cls"
+    unused = [] if uses_pooler else backbone.layer_groups.pop("pooler", [])
     return backbone, model, unused
 
 
@@ -147,7 +153,8 @@ def main(config: Config) -> dict:
         frozen_layers=unused_layers,
         config=dataclasses.asdict(config), lr_scale=run.lr_scale, verbose=config.verbose,
     )
-    serving = TextClassifier(backbone.preprocessor, model, name="tfxfer_text_classifier")
+    serving = (TextClassifier(backbone.preprocessor, model, name="tfxfer_text_classifier")
+               if backbone.preprocessor is not None else model)
     scores = tfxfer.finish_run(run_dir, model, result, data.class_names,
                                {"val": val, "test": test}, multi_label=data.multi_label,
                                serving_model=serving, export_saved_model=config.export,

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from bert_helpers import write_hf_checkpoint
+from hub_helpers import SentenceEncoder
 
 import tfxfer
 from recipes.bert_text_classifier import Config, main
@@ -251,3 +252,16 @@ def test_make_text_dataset_batches_token_dicts(bert_dir):
     x, y = next(iter(ds))
     assert set(x) == {"token_ids", "segment_ids", "padding_mask"}
     assert x["token_ids"].shape == (2, 8) and y.shape == (2,)
+
+
+def test_recipe_trains_on_a_tf_hub_text_model(text_files, tmp_path):
+    hub_dir = str(tmp_path / "encoder")
+    tf.saved_model.save(SentenceEncoder(), hub_dir)
+    config = Config.smoke(text_files[0], str(tmp_path / "run"), f"hub:{hub_dir}")
+    config.export = True
+    result = main(config)
+    assert result["backbone"].output_kind == "vector"
+    reloaded = tfxfer.load_model(str(tmp_path / "run" / "model.keras"), safe_mode=False)
+    texts = tf.constant(["goal match", "oven recipe"])
+    np.testing.assert_allclose(reloaded.predict(texts, verbose=0),
+                               result["model"].predict(texts, verbose=0), atol=1e-6)

@@ -47,6 +47,15 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
     if name.startswith(HUB_PREFIX):
         from tfxfer.backbones.hub import build_hub_backbone
 
+        # A SavedModel comes with its weights, so recipes' `weights` has no meaning here;
+        # `pretrained=False` cannot be honoured and is refused rather than ignored.
+        weights = kwargs.pop("weights", True)
+        if weights in (None, False) or str(weights).lower() == "none":
+            raise TfxferError(
+                "A TF-Hub backbone always loads its SavedModel's weights; random "
+                "initialisation (--weights none / --no-pretrained) is not available for it."
+            )
+        kwargs.pop("sequence_length", None)  # a hub text model tokenizes inside itself
         return build_hub_backbone(name[len(HUB_PREFIX):], **kwargs)
     if key in _text_table() or key.startswith("bert_") or os.path.isdir(os.path.expanduser(name)):
         from tfxfer.backbones.text import build_bert_backbone
