@@ -65,6 +65,10 @@ class Config:
     resume: bool = False
     verbose: int = 2
 
+    def validate(self) -> Config:
+        tfxfer.validate_config(self)
+        return self
+
     @classmethod
     def smoke(cls, train: str | None, output_dir: str, backbone: str) -> Config:
         """Tiny settings for tests: short sequences, one epoch per stage, no export."""
@@ -125,6 +129,7 @@ def build_schedule(config: Config) -> list[tfxfer.Stage]:
 
 def main(config: Config) -> dict:
     """Trains and evaluates; returns the run's paths, models, history and metrics."""
+    config.validate()
     if not config.pretrained:
         print("[tfxfer] --no-pretrained: the backbone is randomly initialised.")
     run = tfxfer.Session(config.strategy, config.mixed_precision, config.batch_size,

@@ -54,6 +54,10 @@ class Config:
     resume: bool = False  # continue the run in output_dir
     verbose: int = 2
 
+    def validate(self) -> Config:
+        tfxfer.validate_config(self)
+        return self
+
     @classmethod
     def smoke(cls, data_dir: str | None, output_dir: str) -> Config:
         """Tiny settings for tests: 32 px, one epoch per stage, no export."""
@@ -83,6 +87,7 @@ def build_model(config: Config, num_classes: int):
 
 def main(config: Config) -> dict:
     """Trains and evaluates; returns the run's paths, model, history and metrics."""
+    config.validate()
     if config.weights is None or str(config.weights).lower() == "none":
         print("[tfxfer] weights=None: the backbone is randomly initialised, not pretrained.")
     run = tfxfer.Session(config.strategy, config.mixed_precision, config.batch_size)

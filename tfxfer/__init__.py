@@ -24,7 +24,7 @@ from tfxfer.errors import DataError, RunDirError, TfxferError, WeightsError  # n
 from tfxfer.export import export_saved_model, load_model, save_model  # noqa: E402
 from tfxfer.heads import HeadConfig  # noqa: E402
 from tfxfer.model import build_model, loss_and_metrics  # noqa: E402
-from tfxfer.run import Session, finish_run, open_run  # noqa: E402
+from tfxfer.run import Session, finish_run, open_run, validate_config  # noqa: E402
 from tfxfer.rundir import RunDir  # noqa: E402
 from tfxfer.schedule import Stage, apply_stage, default_schedule, gradual_unfreezing  # noqa: E402
 from tfxfer.train import TrainResult, run_schedule  # noqa: E402
@@ -63,5 +63,6 @@ __all__ = [
     "run_recipe",
     "run_schedule",
     "save_model",
+    "validate_config",
     "write_shapes_dataset",
 ]

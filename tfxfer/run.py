@@ -132,3 +132,42 @@ class Session:
                                  "per_replica_batch_size": self.per_replica_batch_size,
                                  "global_batch_size": self.global_batch_size,
                                  "learning_rate_scale": self.lr_scale}}
+
+
+def validate_config(config: Any) -> None:
+    """Checks the fields recipes' `Config`s share, and names every bad one at once.
+
+    Catching a negative epoch count or a misspelt strategy before any model is built saves
+    a user the minutes a backbone takes to load; a recipe's `Config.validate` calls this.
+    """
+    from tfxfer.distribute import MIXED_PRECISION_POLICIES, STRATEGY_NAMES
+
+    values = config_dict(config)
+    problems = []
+
+    def check(name: str, ok, expected: str) -> None:
+        if name in values and values[name] is not None and not ok(values[name]):
+            problems.append(f"{name}={values[name]!r} (expected {expected})")
+
+    positive_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    for name in ("batch_size", "image_size", "sequence_length", "lora_rank"):
+        check(name, positive_int, "a positive integer")
+    for name in ("head_epochs", "finetune_epochs"):
+        check(name, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    for name in ("head_learning_rate", "finetune_learning_rate"):
+        check(name, lambda v: v > 0, "> 0")
+    check("val_split", lambda v: 0 <= v < 1, "in [0, 1)")
+    check("dropout", lambda v: 0 <= v < 1, "in [0, 1)")
+    check("layerwise_lr_decay", lambda v: 0 < v <= 1, "in (0, 1]")
+    check("unfreeze", lambda v: str(v) == "all" or str(v).isdigit(), "'all' or a number of groups")
+    check("strategy", lambda v: v in STRATEGY_NAMES, f"one of {STRATEGY_NAMES}")
+    check("mixed_precision", lambda v: v in ("auto", *MIXED_PRECISION_POLICIES),
+          f"one of {('auto', *MIXED_PRECISION_POLICIES)}")
+    if values.get("head_epochs") == 0 and values.get("finetune_epochs") == 0:
+        problems.append("head_epochs and finetune_epochs are both 0 (nothing would train)")
+    if values.get("overwrite") and values.get("resume"):
+        problems.append("overwrite and resume are both set (pick one)")
+    if problems:
+        from tfxfer.errors import TfxferError
+
+        raise TfxferError(f"Invalid {type(config).__name__}: " + "; ".join(problems) + ".")

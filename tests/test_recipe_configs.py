@@ -1,0 +1,65 @@
+"""Every shipped recipe: importable without side effects, and its configs validate themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+
+import pytest
+
+import recipes
+from tfxfer.errors import TfxferError
+
+RECIPES = sorted(m.name for m in pkgutil.iter_modules(recipes.__path__))
+
+
+def test_there_are_recipes():
+    assert {"bert_text_classifier", "resnet50_image_classifier"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_shape_and_shipped_configs_validate(name):
+    module = importlib.import_module(f"recipes.{name}")
+    assert module.__doc__ and "python -m recipes." + name in module.__doc__
+    assert dataclasses.is_dataclass(module.Config)
+    assert callable(module.main) and callable(module.parse_args)
+    module.Config().validate()
+    # Flags round-trip: parsing no flags gives the defaults.
+    assert module.parse_args([]) == module.Config()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", 0, "batch_size=0"),
+    ("head_epochs", -1, "head_epochs=-1"),
+    ("strategy", "gpu_cluster", "strategy='gpu_cluster'"),
+    ("mixed_precision", "fp8", "mixed_precision='fp8'"),
+    ("unfreeze", "most", "unfreeze='most'"),
+    ("val_split", 1.5, "val_split=1.5"),
+])
+def test_bad_config_values_are_named(name, field, value, message):
+    module = importlib.import_module(f"recipes.{name}")
+    config = dataclasses.replace(module.Config(), **{field: value})
+    with pytest.raises(TfxferError, match=message.replace("(", r"\(")):
+        config.validate()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_several_problems_are_reported_together(name):
+    module = importlib.import_module(f"recipes.{name}")
+    config = dataclasses.replace(module.Config(), batch_size=-2, dropout=1.0,
+                                 overwrite=True, resume=True)
+    with pytest.raises(TfxferError) as error:
+        config.validate()
+    for part in ("batch_size=-2", "dropout=1.0", "overwrite and resume"):
+        assert part in str(error.value)
+
+
+def test_flags_parse_into_typed_fields():
+    from recipes.bert_text_classifier import parse_args
+
+    config = parse_args(["--batch-size", "4", "--hidden-units", "64,32", "--no-pretrained",
+                         "--layerwise-lr-decay", "0.8", "--lora-rank", "4"])
+    assert config.batch_size == 4 and config.hidden_units == [64, 32]
+    assert config.pretrained is False and config.layerwise_lr_decay == 0.8 and config.lora_rank == 4
