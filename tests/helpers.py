@@ -18,6 +18,7 @@ from tfxfer.backbones import Backbone, split_into_groups
 from tfxfer.backbones.vision import ImagePreprocessing
 from tfxfer.data.pipeline import TrainData
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GROUPS = ("low", "mid", "top")
 TINY_IMAGE_SIZE = 16
 PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "bmp": "BMP", "gif": "GIF"}

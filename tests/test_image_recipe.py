@@ -14,8 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO_ROOT
-from helpers import snapshot_files, write_image_folder
+from helpers import REPO_ROOT, snapshot_files, write_image_folder
 
 import tfxfer
 from recipes import resnet50_image_classifier as recipe

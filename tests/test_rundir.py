@@ -159,9 +159,13 @@ def test_checkpointer_points_only_at_complete_checkpoints(tmp_path, monkeypatch)
 RESUME_CONFIG = {"learning_rate": 0.01, "seed": 0, "output_dir": "ignored", "verbose": 0}
 
 
-def _two_stage_run(run_dir: RunDir | None, config=None, callbacks=None):
-    """Two stages (head 2 epochs, all groups 2 epochs with layer-wise decay), seeded, no dropout."""
-    backbone, model = tiny_model(seed=0)
+def _two_stage_run(run_dir: RunDir, config=None, callbacks=None, seed=0):
+    """Two stages (head 2 epochs, all groups 2 epochs with layer-wise decay), no dropout.
+
+    A resumed run passes another `seed`, as a fresh process would build a fresh model: only
+    the checkpoint can then make it end where the uninterrupted run ended.
+    """
+    backbone, model = tiny_model(seed=seed)
     images, labels = tiny_arrays(n=20)
     stages = [
         tfxfer.Stage("head", 2, learning_rate=1e-2),
@@ -171,9 +175,13 @@ def _two_stage_run(run_dir: RunDir | None, config=None, callbacks=None):
     result = tfxfer.run_schedule(
         model, backbone.layer_groups, stages, tiny_train_data(images, labels, batch_size=6),
         tiny_val_data(images[:8], labels[:8]), loss=loss, metrics=metrics, run_dir=run_dir,
-        config=config or RESUME_CONFIG, callbacks=callbacks, verbose=0,
+        config=RESUME_CONFIG if config is None else config, callbacks=callbacks, verbose=0,
     )
     return model, result
+
+
+def _resumed_run(path, config):
+    return _two_stage_run(RunDir(path, resume=True), config, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +201,7 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, unin
     with open(os.path.join(path, "checkpoints", "latest.json"), encoding="utf-8") as handle:
         assert json.load(handle) == {"checkpoint": f"epoch-{kill_after:06d}"}
 
-    # A fresh process would build a fresh model: a different seed proves the weights come
-    # from the checkpoint. `output_dir` and `verbose` may differ on resume.
+    # `output_dir` and `verbose` may differ on resume.
     model, result = _resumed_run(path, {**RESUME_CONFIG, "output_dir": "elsewhere",
                                         "verbose": 2})
     assert result.resumed_from_epoch == kill_after
@@ -205,21 +212,6 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, unin
     for value, want in zip(model.get_weights(), weights, strict=True):
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
 
-
-def _resumed_run(path, config):
-    backbone, model = tiny_model(seed=7)
-    images, labels = tiny_arrays(n=20)
-    stages = [
-        tfxfer.Stage("head", 2, learning_rate=1e-2),
-        tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3, layerwise_lr_decay=0.5),
-    ]
-    loss, metrics = tfxfer.loss_and_metrics("single_label", 3)
-    result = tfxfer.run_schedule(
-        model, backbone.layer_groups, stages, tiny_train_data(images, labels, batch_size=6),
-        tiny_val_data(images[:8], labels[:8]), loss=loss, metrics=metrics,
-        run_dir=RunDir(path, resume=True), config=config, verbose=0,
-    )
-    return model, result
 
 
 def test_resume_of_a_finished_run_returns_its_final_weights(tmp_path, uninterrupted):

@@ -265,3 +265,25 @@ def test_recipe_trains_on_a_tf_hub_text_model(text_files, tmp_path):
     texts = tf.constant(["goal match", "oven recipe"])
     np.testing.assert_allclose(reloaded.predict(texts, verbose=0),
                                result["model"].predict(texts, verbose=0), atol=1e-6)
+
+
+def test_cli_evaluate_and_export_a_finished_text_run(finished_run, text_files, tmp_path, capsys):
+    from tfxfer.cli import main as tfxfer_command
+
+    model = str(Path(finished_run["run_dir"]) / "model.keras")
+    assert tfxfer_command(["evaluate", "--model", model, "--text-file", text_files[1]]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == pytest.approx(finished_run["metrics"]["test"]["accuracy"])
+    assert tfxfer_command(["export", "--model", model, "--output", str(tmp_path / "sm")]) == 0
+    exported = tf.saved_model.load(str(tmp_path / "sm"))
+    served = exported.serve(tf.constant(["great fun"])).numpy()
+    assert served.shape == (1, 2)
+
+
+def test_cli_evaluate_refuses_labels_the_model_never_saw(finished_run, tmp_path, capsys):
+    from tfxfer.cli import main as tfxfer_command
+
+    other = write_csv(tmp_path / "other.csv", [("great movie", "pos"), ("meh", "neutral")])
+    model = str(Path(finished_run["run_dir"]) / "model.keras")
+    assert tfxfer_command(["evaluate", "--model", model, "--text-file", other]) == 2
+    assert "neutral" in capsys.readouterr().err

@@ -89,6 +89,60 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_class_names(args: argparse.Namespace) -> list[str]:
+    import os
+
+    path = args.class_names or os.path.join(os.path.dirname(os.path.abspath(args.model)),
+                                            "class_names.json")
+    if not os.path.exists(path):
+        raise TfxferError(f"Class names not found at {path!r}; pass --class-names run/class_names.json")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tfxfer import report
+    from tfxfer.export import load_model
+
+    model = load_model(args.model)
+    class_names = _read_class_names(args)
+    if args.images_dir:
+        from tfxfer.data.images import make_image_dataset, scan_image_folder
+
+        files = scan_image_folder(args.images_dir, class_names)
+        size = model.get_layer("image_preprocessing").image_size
+        labels, probabilities = report.collect(
+            model, make_image_dataset(files, image_size=size, batch_size=args.batch_size))
+    elif args.text_file:
+        from tfxfer.data.text import load_text_file
+        from tfxfer.errors import DataError
+
+        data = load_text_file(args.text_file, text_column=args.text_column,
+                              label_column=args.label_column, val_split=0)
+        unknown = sorted(set(data.class_names) - set(class_names))
+        if unknown:
+            raise DataError(f"Labels {unknown} in {args.text_file!r} are not among the model's "
+                            f"classes {class_names}.")
+        index = [class_names.index(name) for name in data.class_names]
+        labels = np.asarray(index)[data.train.labels]
+        probabilities = np.asarray(model.predict(list(data.train.texts),
+                                                 batch_size=args.batch_size, verbose=0))
+    else:
+        raise TfxferError("Pass --images-dir DIR or --text-file FILE to evaluate on.")
+    metrics = report.classification_metrics(labels, probabilities, class_names)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tfxfer.export import export_saved_model, load_model
+
+    print(export_saved_model(load_model(args.model), args.output))
+    return 0
+
+
 def _print_prediction(name: str, probabilities, class_names) -> None:
     best = int(probabilities.argmax())
     label = class_names[best] if class_names else best
@@ -106,6 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--images", nargs="*", help="image files")
     predict.add_argument("--texts", nargs="*", help="texts")
     predict.set_defaults(run=_cmd_predict)
+    evaluate = commands.add_parser("evaluate", help="metrics of a saved model.keras on labelled data")
+    evaluate.add_argument("--model", required=True, help="path to a run's model.keras")
+    evaluate.add_argument("--class-names", help="defaults to class_names.json beside the model")
+    evaluate.add_argument("--images-dir", help="a folder with one subfolder per class")
+    evaluate.add_argument("--text-file", help="a CSV/JSONL file with texts and labels")
+    evaluate.add_argument("--text-column", default="text")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.set_defaults(run=_cmd_evaluate)
+    export = commands.add_parser("export", help="export a saved model.keras as a SavedModel")
+    export.add_argument("--model", required=True, help="path to a run's model.keras")
+    export.add_argument("--output", required=True, help="directory for the SavedModel")
+    export.set_defaults(run=_cmd_export)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -33,6 +33,15 @@ def save_model(model: keras.Model, path: str) -> str:
     return path
 
 
+def _without_compile_config(config: dict) -> dict:
+    # The wrapped classifier was compiled for training; a reloaded TextClassifier is for
+    # inference, and recompiling it from the stored config would only warn about optimizer
+    # state that does not fit.
+    config = dict(config)
+    config.pop("compile_config", None)
+    return config
+
+
 def _export_text(model: TextClassifier, directory: str) -> None:
     # Serving takes a batch of strings. Loading this SavedModel elsewhere needs
     # `import tensorflow_text` first: the BERT tokenizer's ops live there.
@@ -49,8 +58,8 @@ def _export_text(model: TextClassifier, directory: str) -> None:
 
 
 def _ensure_built(model: keras.Model) -> None:
-    # A TextClassifier is built by its first call; saving needs it built.
-    if isinstance(model, TextClassifier) and not model.built:
+    # A TextClassifier (and, after loading, its preprocessor) is built by a first call.
+    if isinstance(model, TextClassifier) and not (model.built and model.preprocessor.built):
         model(tf.constant(["tfxfer"]))
 
 
@@ -139,7 +148,7 @@ class TextClassifier(keras.Model):
         return {
             **super().get_config(),
             "preprocessor": keras.layers.serialize(self.preprocessor),
-            "classifier": keras.layers.serialize(self.classifier),
+            "classifier": _without_compile_config(keras.layers.serialize(self.classifier)),
         }
 
     @classmethod
