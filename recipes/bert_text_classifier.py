@@ -26,7 +26,13 @@ import sys
 from dataclasses import dataclass, field
 
 import tfxfer
-from tfxfer.data.text import TextData, load_text_file, load_text_folder, make_text_dataset, text_train_data
+from tfxfer.data.text import (
+    TextData,
+    load_text_file,
+    load_text_folder,
+    make_text_dataset,
+    text_train_data,
+)
 from tfxfer.demo_data import demo_text_paths
 from tfxfer.export import TextClassifier
 
@@ -130,18 +136,22 @@ def build_schedule(config: Config) -> list[tfxfer.Stage]:
 def main(config: Config) -> dict:
     """Trains and evaluates; returns the run's paths, models, history and metrics."""
     config.validate()
+    tfxfer.RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
     if not config.pretrained:
         print("[tfxfer] --no-pretrained: the backbone is randomly initialised.")
     run = tfxfer.Session(config.strategy, config.mixed_precision, config.batch_size,
                          config.scale_learning_rate)
     data = build_data(config)
     print(f"[tfxfer] data: {data.summary()}")
+    with run.scope():
+        backbone, model, unused_layers = build_model(config, data)
+    stages = build_schedule(config)
+    tfxfer.validate_schedule(stages, backbone.group_names)
+    # Only now, with every setting checked, is the run directory written.
     run_dir = tfxfer.open_run(config.output_dir, dataclasses.asdict(config),
                               overwrite=config.overwrite, resume=config.resume,
                               extra={"data": data.summary(), **run.describe()},
                               write=run.is_chief)
-    with run.scope():
-        backbone, model, unused_layers = build_model(config, data)
     batch = run.global_batch_size
     train = text_train_data(data.train, backbone.preprocessor, batch_size=batch, seed=config.seed)
 
@@ -153,7 +163,7 @@ def main(config: Config) -> dict:
     task = "multi_label" if data.multi_label else "single_label"
     loss, metrics = tfxfer.loss_and_metrics(task, len(data.class_names))
     result = tfxfer.run_schedule(
-        model, backbone.layer_groups, build_schedule(config), train, val, loss=loss,
+        model, backbone.layer_groups, stages, train, val, loss=loss,
         metrics=metrics, run_dir=run_dir, strategy=run.strategy, lora_targets=backbone.lora_targets,
         frozen_layers=unused_layers,
         config=dataclasses.asdict(config), lr_scale=run.lr_scale, verbose=config.verbose,

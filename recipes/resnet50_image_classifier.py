@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import tfxfer
 from tfxfer.data.images import Augmentation, ImageData, load_image_folder, make_image_dataset
-from tfxfer.schedule import validate_schedule
 
 
 @dataclass
@@ -52,6 +51,7 @@ class Config:
     export: bool = True  # write a SavedModel that takes raw images
     overwrite: bool = False  # replace an earlier run in output_dir
     resume: bool = False  # continue the run in output_dir
+    scale_learning_rate: bool = False  # multiply learning rates by the number of replicas
     verbose: int = 2
 
     def validate(self) -> Config:
@@ -88,9 +88,11 @@ def build_model(config: Config, num_classes: int):
 def main(config: Config) -> dict:
     """Trains and evaluates; returns the run's paths, model, history and metrics."""
     config.validate()
+    tfxfer.RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
     if config.weights is None or str(config.weights).lower() == "none":
         print("[tfxfer] weights=None: the backbone is randomly initialised, not pretrained.")
-    run = tfxfer.Session(config.strategy, config.mixed_precision, config.batch_size)
+    run = tfxfer.Session(config.strategy, config.mixed_precision, config.batch_size,
+                         config.scale_learning_rate)
     data = build_data(config)
     print(f"[tfxfer] data: {data.summary()}")
     with run.scope():
@@ -101,7 +103,7 @@ def main(config: Config) -> dict:
         finetune_learning_rate=config.finetune_learning_rate,
         unfreeze=int(config.unfreeze) if str(config.unfreeze).isdigit() else config.unfreeze,
     )
-    validate_schedule(stages, backbone.group_names)
+    tfxfer.validate_schedule(stages, backbone.group_names)
     # Only now, with every setting checked, does the run directory get written: a typo in a
     # flag must not leave a half-started run that the next attempt refuses to overwrite.
     run_dir = tfxfer.open_run(config.output_dir, dataclasses.asdict(config),

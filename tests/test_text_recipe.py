@@ -287,3 +287,29 @@ def test_cli_evaluate_refuses_labels_the_model_never_saw(finished_run, tmp_path,
     model = str(Path(finished_run["run_dir"]) / "model.keras")
     assert tfxfer_command(["evaluate", "--model", model, "--text-file", other]) == 2
     assert "neutral" in capsys.readouterr().err
+
+
+def test_full_finetune_after_a_lora_stage_trains_the_backbone_again(bert_dir):
+    stages = [tfxfer.Stage("lora", 1, train="all", learning_rate=1e-2, lora_rank=2),
+              tfxfer.Stage("finetune", 1, train="all", learning_rate=1e-3)]
+    backbone, model, train, loss, metrics, unused = _tiny_text_setup(bert_dir, stages)
+    layer = backbone.layer_groups["layer_0"][0]
+    tfxfer.run_schedule(model, backbone.layer_groups, stages[:1], train, None, loss=loss,
+                        metrics=metrics, lora_targets=backbone.lora_targets,
+                        frozen_layers=unused, verbose=0)
+    after_lora = {v.path: v.numpy().copy() for v in layer.weights}
+    tfxfer.run_schedule(model, backbone.layer_groups, stages[1:], train, None, loss=loss,
+                        metrics=metrics, lora_targets=backbone.lora_targets,
+                        frozen_layers=unused, verbose=0)
+    after = {v.path: v.numpy() for v in layer.weights}
+    moved = {p for p in after if not np.allclose(after_lora[p], after[p])}
+    # Every weight the LoRA stage froze trains again; the adapted query/value projections
+    # go on learning through their adapters (their base kernels stay merged-later constants).
+    adapted = {p.rsplit("/", 1)[0] for p in after if "lora_kernel" in p}
+    expected = {p for p in after if p.endswith(("kernel", "gamma", "beta", "bias"))
+                and not (p.endswith("/kernel") and p.rsplit("/", 1)[0] in adapted)
+                # Attention's key bias adds the same score to every key: softmax ignores it,
+                # so its gradient is exactly zero.
+                and not p.endswith("key/bias")}
+    assert expected <= moved, sorted(expected - moved)
+    assert {p for p in after if "lora_kernel" in p} <= moved

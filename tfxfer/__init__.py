@@ -26,7 +26,13 @@ from tfxfer.heads import HeadConfig  # noqa: E402
 from tfxfer.model import build_model, loss_and_metrics  # noqa: E402
 from tfxfer.run import Session, finish_run, open_run, validate_config  # noqa: E402
 from tfxfer.rundir import RunDir  # noqa: E402
-from tfxfer.schedule import Stage, apply_stage, default_schedule, gradual_unfreezing  # noqa: E402
+from tfxfer.schedule import (  # noqa: E402
+    Stage,
+    apply_stage,
+    default_schedule,
+    gradual_unfreezing,
+    validate_schedule,
+)
 from tfxfer.train import TrainResult, run_schedule  # noqa: E402
 
 __version__ = "0.1.0"
@@ -64,5 +70,6 @@ __all__ = [
     "run_schedule",
     "save_model",
     "validate_config",
+    "validate_schedule",
     "write_shapes_dataset",
 ]

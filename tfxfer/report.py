@@ -94,7 +94,7 @@ def plot_history(history: list[dict[str, Any]], path: str) -> str | None:
         return None
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for key in (metric, f"val_{metric}"):
             values = [row.get(key) for row in history]
             if any(v is not None for v in values):

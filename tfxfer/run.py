@@ -30,7 +30,7 @@ def config_dict(config: Any) -> dict[str, Any]:
 def open_run(output_dir: str, config: dict[str, Any], *, overwrite: bool, resume: bool,
              extra: dict[str, Any] | None = None, write: bool = True) -> RunDir:
     """Opens the run directory and writes `config.json` (the resolved config plus facts)."""
-    run_dir = RunDir(output_dir, overwrite=overwrite, resume=resume)
+    run_dir = RunDir(output_dir, overwrite=overwrite, resume=resume, write=write)
     if write and not run_dir.resumed:
         run_dir.write_json("config.json", {
             **config, **(extra or {}),

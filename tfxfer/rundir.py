@@ -57,36 +57,60 @@ class RunDir:
         path: str. Where the run writes.
         overwrite: bool. Delete an earlier run in `path` first. Defaults to `False`.
         resume: bool. Continue the run in `path`. Defaults to `False`.
+        write: bool. False on every worker of a multi-worker run but the chief: the
+            directory is then only read (to resume), never checked, created or deleted.
+            Defaults to `True`.
 
     Raises:
         RunDirError: `path` holds an earlier run and neither flag was given, or `path` is a
             file, or both flags were given.
     """
 
-    def __init__(self, path: str, *, overwrite: bool = False, resume: bool = False):
-        if overwrite and resume:
-            raise RunDirError("Pass either --overwrite or --resume, not both.")
+    def __init__(self, path: str, *, overwrite: bool = False, resume: bool = False,
+                 write: bool = True):
         self.path = os.path.abspath(os.path.expanduser(path))
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise RunDirError(f"Output path {self.path!r} is a file, not a directory.")
-        self.resumed = False
-        if self.holds_run():
-            if overwrite:
-                shutil.rmtree(self.path)
-            elif resume:
-                self.resumed = True
-            else:
-                raise RunDirError(
-                    f"Output directory {self.path!r} already holds a run "
-                    f"({', '.join(self._markers())}). Pass --resume to continue it, --overwrite "
-                    "to replace it, or choose another --output-dir."
-                )
+        if not write:
+            # The chief writes this (shared) directory at the same moment: what is there is
+            # its new run, not an earlier one to refuse or delete. A worker resumes exactly
+            # when there is a checkpoint, as the chief does; the chief cannot write a newer
+            # one before every worker has joined the first training step.
+            pointer = os.path.join(self.checkpoints, "latest.json")
+            self.resumed = resume and os.path.exists(pointer)
+            return
+        self.resumed = self.check(self.path, overwrite=overwrite, resume=resume)
+        if overwrite and self.holds_run():
+            shutil.rmtree(self.path)
         os.makedirs(self.checkpoints, exist_ok=True)
 
-    def _markers(self) -> list[str]:
-        if not os.path.isdir(self.path):
+    @classmethod
+    def check(cls, path: str, *, overwrite: bool = False, resume: bool = False) -> bool:
+        """Raises `RunDirError` if `path` cannot be used as asked; returns whether it resumes.
+
+        Cheap and side-effect free, so a recipe calls it first and a forgotten `--overwrite`
+        is reported before minutes go into loading a backbone.
+        """
+        if overwrite and resume:
+            raise RunDirError("Pass either --overwrite or --resume, not both.")
+        path = os.path.abspath(os.path.expanduser(path))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise RunDirError(f"Output path {path!r} is a file, not a directory.")
+        markers = cls._markers_in(path)
+        if markers and not (overwrite or resume):
+            raise RunDirError(
+                f"Output directory {path!r} already holds a run ({', '.join(markers)}). Pass "
+                "--resume to continue it, --overwrite to replace it, or choose another "
+                "--output-dir."
+            )
+        return bool(markers) and resume
+
+    @staticmethod
+    def _markers_in(path: str) -> list[str]:
+        if not os.path.isdir(path):
             return []
-        return [name for name in RUN_MARKERS if os.path.exists(os.path.join(self.path, name))]
+        return [name for name in RUN_MARKERS if os.path.exists(os.path.join(path, name))]
+
+    def _markers(self) -> list[str]:
+        return self._markers_in(self.path)
 
     def holds_run(self) -> bool:
         return bool(self._markers())

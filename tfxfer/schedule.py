@@ -223,7 +223,12 @@ def apply_stage(
     mean pooling), which would otherwise get no gradient.
     """
     trainable = stage.trainable_groups(list(layer_groups))
-    model.trainable = True  # undo any earlier stage, then freeze what this stage freezes
+    # Undo any earlier stage, then freeze what this stage freezes. A LoRA stage froze single
+    # variables, which a layer's `trainable` does not reach: give those back first.
+    for variable in getattr(model, "_tfxfer_lora_frozen", []):
+        variable.trainable = True
+    model._tfxfer_lora_frozen = []
+    model.trainable = True
     for group_name, layers in layer_groups.items():
         for layer in layers:
             layer.trainable = group_name in trainable and not stage.lora_rank
@@ -236,11 +241,13 @@ def apply_stage(
     for layer in frozen_layers or []:
         layer.trainable = False
     if stage.lora_rank:
-        _enable_lora(layer_groups, trainable, lora_targets or [], int(stage.lora_rank), stage.name)
+        model._tfxfer_lora_frozen = _enable_lora(
+            layer_groups, trainable, lora_targets or [], int(stage.lora_rank), stage.name)
     return trainable
 
 
-def _enable_lora(layer_groups, trainable, lora_targets, rank, stage_name) -> None:
+def _enable_lora(layer_groups, trainable, lora_targets, rank, stage_name) -> list:
+    """Adds adapters to the stage's targets; returns the variables it froze one by one."""
     in_stage = {
         id(sublayer)
         for group in trainable
@@ -262,10 +269,14 @@ def _enable_lora(layer_groups, trainable, lora_targets, rank, stage_name) -> Non
     for layer in targets:
         if not getattr(layer, "lora_enabled", False):
             layer.enable_lora(rank)
+    frozen = []
     for group in trainable:
         for layer in layer_groups[group]:
-            for variable in layer.weights:
-                variable.trainable = variable.path.rsplit("/", 1)[-1].startswith("lora_kernel")
+            for variable in layer.trainable_weights:
+                if not variable.path.rsplit("/", 1)[-1].startswith("lora_kernel"):
+                    variable.trainable = False
+                    frozen.append(variable)
+    return frozen
 
 
 def layerwise_multipliers(

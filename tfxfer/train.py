@@ -29,7 +29,13 @@ from keras.src.saving import saving_lib
 from tfxfer.data.pipeline import TrainData
 from tfxfer.errors import RunDirError
 from tfxfer.rundir import RunDir, atomic_write_json, atomic_write_text
-from tfxfer.schedule import Stage, apply_stage, layerwise_multipliers, make_optimizer, validate_schedule
+from tfxfer.schedule import (
+    Stage,
+    apply_stage,
+    layerwise_multipliers,
+    make_optimizer,
+    validate_schedule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +98,8 @@ class Checkpointer:
         # Raw variable values, in order, rather than Keras' per-layer saving: that merges
         # LoRA adapters into kernels and zeroes the adapters on load, which would silently
         # end a LoRA stage on resume.
-        optimizer_variables = list(model.optimizer.variables) if model.optimizer else []
+        optimizer = getattr(model, "optimizer", None)
+        optimizer_variables = list(optimizer.variables) if optimizer is not None else []
         _save_arrays(os.path.join(tmp, "model.npz"), model.variables)
         _save_arrays(os.path.join(tmp, "optimizer.npz"), optimizer_variables)
         state = {**state, "model_variables": [v.path for v in model.variables],
@@ -130,15 +137,18 @@ def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) 
         values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
     current = [v.path for v in variables]
     shapes_match = len(values) == len(variables) and all(
-        tuple(v.shape) == value.shape for v, value in zip(variables, values))
+        tuple(v.shape) == value.shape for v, value in zip(variables, values, strict=True))
     if not shapes_match:
+        differing = next(
+            ((a, b) for a, b in zip([*saved_paths, None], [*current, None], strict=False) if a != b),
+            "same names, other shapes",
+        )
         raise RunDirError(
             f"The checkpoint in {os.path.dirname(path)!r} does not fit this {what}: it holds "
             f"{len(values)} variables, the {what} has {len(variables)} (first differing: "
-            f"{next((a, b) for a, b in zip([*saved_paths, None], [*current, None]) if a != b)}). "
-            "Resume with the config the run started with."
+            f"{differing}). Resume with the config the run started with."
         )
-    for variable, value in zip(variables, values):
+    for variable, value in zip(variables, values, strict=True):
         variable.assign(value)
 
 

@@ -154,7 +154,8 @@ def _load_local_weights(network: keras.Model, path: str, key: str, constructor: 
         try:
             network.load_weights(path)
         except (ValueError, KeyError, OSError) as error:
-            first_line = str(error).strip().splitlines()[0][:300]
+            first_line = str(error).strip().splitlines()[0].split(" Example error message")[0]
+            first_line = first_line[:300].rstrip(". ")
             raise WeightsError(
                 f"The weights file {path!r} does not match the {key} architecture without its "
                 f"top ({first_line}). Use a weights file saved from "

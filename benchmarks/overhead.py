@@ -1,0 +1,454 @@
+"""tfxfer's training overhead against plain Keras: same model, same data, same optimizer.
+
+Two variants train the identical `keras.Model` (built with tfxfer's builders) through the
+same two stages, head only on a frozen backbone, then the whole backbone with BatchNorm
+frozen:
+
+  tfxfer: `tfxfer.run_schedule` with a run directory (per-epoch resume checkpoint of model +
+          optimizer state, best weights, history.csv) on tfxfer's input pipeline
+          (`image_train_data` / `text_train_data`: decode or tokenize once, cache, per-epoch
+          seeded shuffle, batch, prefetch).
+  plain:  `model.trainable` / `layer.trainable` set by hand, `compile` with the same AdamW and
+          warmup + cosine schedule, `model.fit` on a plain tf.data pipeline (decode/resize or
+          tokenize, cache, shuffle, batch, prefetch), no callbacks.
+
+Both validate after every epoch. Each (modality, variant) runs in its own process, so peak
+RSS is per variant; the pairs are repeated with alternating order.
+
+(i) image: MobileNetV3Small at 64 px, random weights, 300 synthetic shape images (240 train,
+    60 val), batch 16, 3 + 3 epochs.
+(ii) text: the pretrained MiniLM-L6 text model at sequence length 64, the demo data (360
+    train, 40 val texts), batch 16, 2 + 2 epochs.
+
+Run from the repository root (about 7 minutes on 2 busy CPU cores):
+
+    .venv/bin/python benchmarks/overhead.py
+    .venv/bin/python benchmarks/overhead.py --repeats 1 --only text
+    .venv/bin/python benchmarks/overhead.py --image-backbone resnet50   # heavier checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    emit_result,
+    facts_markdown,
+    fmt_spread,
+    machine_facts,
+    markdown_table,
+    peak_rss_mb,
+    quiet_tensorflow,
+    replace_section,
+    run_child,
+)
+
+SCRIPT = str(Path(__file__).resolve())
+SECTION = "overhead"
+SEED = 0
+# Sizes: big enough that a steady-state epoch takes seconds (so per-epoch costs show), small
+# enough that the 12 processes of a default run finish in minutes on 2 shared cores.
+IMAGE = {"per_class": 100, "image_size": 64, "batch_size": 16, "head_epochs": 3,
+         "finetune_epochs": 3, "head_lr": 1e-3, "finetune_lr": 1e-4, "val_split": 0.2}
+TEXT = {"sequence_length": 64, "batch_size": 16, "head_epochs": 2, "finetune_epochs": 2,
+        "head_lr": 3e-3, "finetune_lr": 5e-5, "val_split": 0.1}
+
+
+# === Children ===
+
+
+def timing_callback():
+    """Records, per `fit` call (stage) and per epoch, when training, validation and the epoch ended.
+
+    Keras calls a `fit`'s callbacks in list order; tfxfer's own epoch-end callback (checkpoint,
+    best weights, history) comes before the extra callbacks it is given, so `on_epoch_end`
+    here fires after that work and the epoch time includes it.
+    """
+    import keras
+
+    class Timing(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.stages: list[dict[str, Any]] = []
+
+        def on_train_begin(self, logs=None):
+            self.stages.append({"begin": time.perf_counter(), "epochs": [],
+                                "trainable_weights": len(self.model.trainable_weights),
+                                "trainable_params": int(sum(
+                                    int(_size(w.shape)) for w in self.model.trainable_weights))})
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.stages[-1]["epochs"].append({"begin": time.perf_counter()})
+
+        def on_test_begin(self, logs=None):
+            if self.stages and self.stages[-1]["epochs"]:
+                self.stages[-1]["epochs"][-1]["val_begin"] = time.perf_counter()
+
+        def on_test_end(self, logs=None):
+            if self.stages and self.stages[-1]["epochs"]:
+                self.stages[-1]["epochs"][-1]["val_end"] = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            record = self.stages[-1]["epochs"][-1]
+            record["end"] = time.perf_counter()
+            record["val_accuracy"] = (logs or {}).get("val_accuracy")
+
+        def on_train_end(self, logs=None):
+            self.stages[-1]["end"] = time.perf_counter()
+
+    return Timing()
+
+
+def _size(shape) -> int:
+    total = 1
+    for dim in shape:
+        total *= int(dim)
+    return total
+
+
+def summarize(timing, examples_per_epoch: int, names: list[str]) -> list[dict[str, Any]]:
+    """Per stage: fit wall time, first-epoch time, steady-state epoch time and its parts."""
+    out = []
+    for name, stage in zip(names, timing.stages, strict=True):
+        epochs = stage["epochs"]
+        durations = [e["end"] - e["begin"] for e in epochs]
+        steady = epochs[1:] or epochs  # the first epoch of a stage traces the train step
+        train_part = [e["val_begin"] - e["begin"] for e in steady]
+        val_part = [e["val_end"] - e["val_begin"] for e in steady]
+        end_part = [e["end"] - e["val_end"] for e in steady]
+        steady_epoch = statistics.median(e["end"] - e["begin"] for e in steady)
+        out.append({
+            "stage": name, "fit_s": stage["end"] - stage["begin"], "first_epoch_s": durations[0],
+            "steady_epoch_s": steady_epoch, "steady_train_s": statistics.median(train_part),
+            "steady_val_s": statistics.median(val_part),
+            "steady_epoch_end_s": statistics.median(end_part),
+            "examples_per_s": examples_per_epoch / steady_epoch,
+            "train_examples_per_s": examples_per_epoch / statistics.median(train_part),
+            "trainable_weights": stage["trainable_weights"],
+            "trainable_params": stage["trainable_params"],
+            "final_val_accuracy": epochs[-1].get("val_accuracy"),
+        })
+    return out
+
+
+def plain_optimizer(learning_rate: float, steps: int):
+    """The optimizer tfxfer makes for a stage, written with Keras' own schedule."""
+    import keras
+
+    warmup = int(steps * 0.1)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(steps - warmup, 1), warmup_target=learning_rate,
+        warmup_steps=warmup)
+    return keras.optimizers.AdamW(schedule, weight_decay=1e-4)
+
+
+def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    quiet_tensorflow()
+    from tfxfer.data.synthetic import write_shapes_dataset
+
+    write_shapes_dataset(spec["data_dir"], per_class=IMAGE["per_class"],
+                         image_size=IMAGE["image_size"], seed=SEED)
+    return {"data_dir": spec["data_dir"]}
+
+
+def child_image(spec: dict[str, Any]) -> dict[str, Any]:
+    quiet_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    import tfxfer
+
+    keras.utils.set_random_seed(SEED)
+    cfg, batch = IMAGE, IMAGE["batch_size"]
+    data = tfxfer.load_image_folder(spec["data_dir"], val_split=cfg["val_split"], seed=SEED)
+    backbone = tfxfer.build_backbone(spec["backbone"], weights=None, image_size=cfg["image_size"])
+    model = tfxfer.build_model(backbone, len(data.class_names),
+                               head=tfxfer.HeadConfig(pooling="avg", dropout=0.2))
+    loss, metrics = tfxfer.loss_and_metrics("single_label", len(data.class_names))
+    steps = len(data.train) // batch
+    timing = timing_callback()
+    with tempfile.TemporaryDirectory(prefix="tfxfer-bench-") as tmp:
+        if spec["variant"] == "tfxfer":
+            train = tfxfer.image_train_data(data.train, image_size=cfg["image_size"],
+                                            batch_size=batch, seed=SEED, augmentation=None)
+            val = tfxfer.make_image_dataset(data.val, image_size=cfg["image_size"],
+                                            batch_size=batch)
+            stages = tfxfer.default_schedule(cfg["head_epochs"], cfg["finetune_epochs"],
+                                             head_learning_rate=cfg["head_lr"],
+                                             finetune_learning_rate=cfg["finetune_lr"])
+            before = peak_rss_mb()
+            started = time.perf_counter()
+            tfxfer.run_schedule(model, backbone.layer_groups, stages, train, val, loss=loss,
+                                metrics=metrics, run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
+                                callbacks=[timing], verbose=0)
+            total = time.perf_counter() - started
+            checkpoint_mb = _directory_mb(os.path.join(tmp, "run"))
+        else:
+            def decode(path, label):
+                image = tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                           expand_animations=False)
+                image.set_shape([None, None, 3])
+                image = tf.image.resize(image, (cfg["image_size"],) * 2, antialias=True)
+                return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+
+            def pipeline(files, training):
+                ds = tf.data.Dataset.from_tensor_slices((files.paths, files.labels))
+                ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+                if training:
+                    ds = ds.shuffle(len(files), seed=SEED, reshuffle_each_iteration=True)
+                return ds.batch(batch, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+            train, val = pipeline(data.train, True), pipeline(data.val, False)
+            network = backbone.network
+            before = peak_rss_mb()
+            started = time.perf_counter()
+            network.trainable = False  # stage 1: head only
+            model.compile(optimizer=plain_optimizer(cfg["head_lr"], steps * cfg["head_epochs"]),
+                          loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
+            model.fit(train, validation_data=val, epochs=cfg["head_epochs"], callbacks=[timing],
+                      verbose=0)
+            network.trainable = True  # stage 2: everything but BatchNorm
+            for layer in network.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = False
+            model.compile(
+                optimizer=plain_optimizer(cfg["finetune_lr"], steps * cfg["finetune_epochs"]),
+                loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
+            total_epochs = cfg["head_epochs"] + cfg["finetune_epochs"]
+            model.fit(train, validation_data=val, initial_epoch=cfg["head_epochs"],
+                      epochs=total_epochs, callbacks=[timing], verbose=0)
+            total = time.perf_counter() - started
+            checkpoint_mb = 0.0
+    return {"stages": summarize(timing, steps * batch, ["head", "finetune"]), "total_s": total,
+            "peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": before,
+            "run_dir_mb": checkpoint_mb, "train_examples": steps * batch,
+            "params": model.count_params()}
+
+
+def child_text(spec: dict[str, Any]) -> dict[str, Any]:
+    quiet_tensorflow()
+    import keras
+    import tensorflow as tf
+
+    import tfxfer
+    from tfxfer.data.text import load_text_file, make_text_dataset, text_train_data
+    from tfxfer.demo_data import demo_text_paths
+
+    keras.utils.set_random_seed(SEED)
+    cfg, batch = TEXT, TEXT["batch_size"]
+    paths = demo_text_paths()
+    data = load_text_file(str(paths["train"]), val_split=cfg["val_split"], seed=SEED)
+    backbone = tfxfer.build_backbone("minilm-l6", sequence_length=cfg["sequence_length"])
+    # As the recipe does: the checkpoint's own (mean) pooling; BERT's pooler is then unused,
+    # so it stays frozen and out of the groups.
+    model = tfxfer.build_model(backbone, len(data.class_names),
+                               head=tfxfer.HeadConfig(pooling="mean", dropout=0.1))
+    pooler = backbone.layer_groups.pop("pooler", [])
+    loss, metrics = tfxfer.loss_and_metrics("single_label", len(data.class_names))
+    steps = len(data.train) // batch
+    timing = timing_callback()
+    with tempfile.TemporaryDirectory(prefix="tfxfer-bench-") as tmp:
+        if spec["variant"] == "tfxfer":
+            train = text_train_data(data.train, backbone.preprocessor, batch_size=batch,
+                                    seed=SEED)
+            val = make_text_dataset(data.val.texts, data.val.labels, backbone.preprocessor,
+                                    batch_size=batch)
+            stages = tfxfer.default_schedule(cfg["head_epochs"], cfg["finetune_epochs"],
+                                             head_learning_rate=cfg["head_lr"],
+                                             finetune_learning_rate=cfg["finetune_lr"])
+            before = peak_rss_mb()
+            started = time.perf_counter()
+            tfxfer.run_schedule(model, backbone.layer_groups, stages, train, val, loss=loss,
+                                metrics=metrics, run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
+                                lora_targets=backbone.lora_targets, frozen_layers=pooler,
+                                callbacks=[timing], verbose=0)
+            total = time.perf_counter() - started
+            checkpoint_mb = _directory_mb(os.path.join(tmp, "run"))
+        else:
+            preprocessor = backbone.preprocessor
+
+            def pipeline(examples, training):
+                ds = tf.data.Dataset.from_tensor_slices((examples.texts, examples.labels))
+                # Tokenize in chunks inside tf.data, once; cache the token ids.
+                ds = (ds.batch(256).map(lambda x, y: (preprocessor(x), y),
+                                        num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache())
+                if training:
+                    ds = ds.shuffle(len(examples), seed=SEED, reshuffle_each_iteration=True)
+                return ds.batch(batch, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+
+            train, val = pipeline(data.train, True), pipeline(data.val, False)
+            network = backbone.network
+            before = peak_rss_mb()
+            started = time.perf_counter()
+            network.trainable = False  # stage 1: head only
+            model.compile(optimizer=plain_optimizer(cfg["head_lr"], steps * cfg["head_epochs"]),
+                          loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
+            model.fit(train, validation_data=val, epochs=cfg["head_epochs"], callbacks=[timing],
+                      verbose=0)
+            network.trainable = True  # stage 2: the whole backbone but the unused pooler
+            for layer in pooler:
+                layer.trainable = False
+            model.compile(
+                optimizer=plain_optimizer(cfg["finetune_lr"], steps * cfg["finetune_epochs"]),
+                loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
+            total_epochs = cfg["head_epochs"] + cfg["finetune_epochs"]
+            model.fit(train, validation_data=val, initial_epoch=cfg["head_epochs"],
+                      epochs=total_epochs, callbacks=[timing], verbose=0)
+            total = time.perf_counter() - started
+            checkpoint_mb = 0.0
+    return {"stages": summarize(timing, steps * batch, ["head", "finetune"]), "total_s": total,
+            "peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": before,
+            "run_dir_mb": checkpoint_mb, "train_examples": steps * batch,
+            "params": model.count_params()}
+
+
+def _directory_mb(path: str) -> float:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total / 2**20
+
+
+def child(spec: dict[str, Any]) -> None:
+    kind = spec["kind"]
+    if kind == "prepare":
+        emit_result(child_prepare(spec))
+        return
+    result = child_image(spec) if kind == "image" else child_text(spec)
+    for stage in result["stages"]:
+        print(f"[{kind}/{spec['variant']}] {stage['stage']}: {stage['examples_per_s']:.1f} "
+              f"examples/s steady (epoch {stage['steady_epoch_s']:.2f} s = train "
+              f"{stage['steady_train_s']:.2f} + val {stage['steady_val_s']:.2f} + epoch end "
+              f"{stage['steady_epoch_end_s']:.2f}), stage {stage['fit_s']:.1f} s", flush=True)
+    emit_result(result)
+
+
+# === Parent ===
+
+
+def _stage_values(results: list[dict[str, Any]], stage: str, key: str) -> list[float]:
+    return [s[key] for r in results for s in r["stages"] if s["stage"] == stage]
+
+
+def modality_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Rows per stage and variant, then the tfxfer/plain ratios (paired by repeat)."""
+    tf_runs, plain_runs = results["tfxfer"], results["plain"]
+    rows = []
+    for stage in ("head", "finetune"):
+        for variant, runs in (("tfxfer", tf_runs), ("plain Keras", plain_runs)):
+            weights = _stage_values(runs, stage, "trainable_weights")
+            rows.append([
+                stage, variant,
+                fmt_spread(_stage_values(runs, stage, "examples_per_s"), 1),
+                fmt_spread(_stage_values(runs, stage, "train_examples_per_s"), 1),
+                fmt_spread(_stage_values(runs, stage, "steady_epoch_s"), 2, " s"),
+                fmt_spread(_stage_values(runs, stage, "steady_epoch_end_s"), 2, " s"),
+                fmt_spread(_stage_values(runs, stage, "first_epoch_s"), 1, " s"),
+                fmt_spread(_stage_values(runs, stage, "fit_s"), 1, " s"),
+                f"{weights[0]} ({_stage_values(runs, stage, 'trainable_params')[0]:,})",
+            ])
+    table = markdown_table(
+        ["stage", "variant", "examples/s (steady epoch)", "examples/s (train part only)",
+         "steady epoch", "of which epoch-end work", "first epoch (traces)", "stage wall time",
+         "trainable tensors (params)"], rows)
+
+    ratio_rows = []
+    for stage in ("head", "finetune"):
+        for key, label in (("examples_per_s", "examples/s, steady epoch"),
+                           ("train_examples_per_s", "examples/s, train part only"),
+                           ("fit_s", "stage wall time")):
+            ratios = [t / p for t, p in zip(_stage_values(tf_runs, stage, key),
+                                            _stage_values(plain_runs, stage, key), strict=True)]
+            ratio_rows.append([stage, label, fmt_spread(ratios, 2)])
+    totals = [t["total_s"] / p["total_s"] for t, p in zip(tf_runs, plain_runs, strict=True)]
+    ratio_rows.append(["both", "total training wall time", fmt_spread(totals, 2)])
+    rss = [t["peak_rss_mb"] / p["peak_rss_mb"] for t, p in zip(tf_runs, plain_runs, strict=True)]
+    ratio_rows.append(["both", "peak RSS", fmt_spread(rss, 2)])
+    ratios = markdown_table(["stage", "measure", "tfxfer / plain (median, range over repeats)"],
+                            ratio_rows)
+
+    memory = markdown_table(
+        ["variant", "peak RSS", "peak RSS before training", "training adds",
+         "total training wall time", "run dir written"],
+        [[variant, fmt_spread([r["peak_rss_mb"] for r in runs], 0, " MiB"),
+          fmt_spread([r["rss_before_training_mb"] for r in runs], 0, " MiB"),
+          fmt_spread([r["peak_rss_mb"] - r["rss_before_training_mb"] for r in runs], 0, " MiB"),
+          fmt_spread([r["total_s"] for r in runs], 1, " s"),
+          fmt_spread([r["run_dir_mb"] for r in runs], 0, " MiB")]
+         for variant, runs in (("tfxfer", tf_runs), ("plain Keras", plain_runs))])
+    return "\n\n".join([table, ratios, memory])
+
+
+def parent(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    facts = machine_facts()
+    print(f"[overhead] {facts['nproc']} cores, TF {facts['tensorflow']}, Keras {facts['keras']}; "
+          f"{args.repeats} repeats of {args.only or 'image and text'}", flush=True)
+    modalities = [args.only] if args.only else ["image", "text"]
+    results: dict[str, dict[str, list]] = {m: {"tfxfer": [], "plain": []} for m in modalities}
+    with tempfile.TemporaryDirectory(prefix="tfxfer-bench-shapes-") as tmp:
+        data_dir = os.path.join(tmp, "shapes")
+        if "image" in modalities:
+            run_child(SCRIPT, {"kind": "prepare", "data_dir": data_dir},
+                      f"drawing {3 * IMAGE['per_class']} shape images")
+        for repeat in range(args.repeats):
+            # Alternate the order, so neither variant always runs first on a warming machine.
+            order = ["tfxfer", "plain"] if repeat % 2 == 0 else ["plain", "tfxfer"]
+            for modality in modalities:
+                for variant in order:
+                    spec = {"kind": modality, "variant": variant, "data_dir": data_dir,
+                            "backbone": args.image_backbone}
+                    results[modality][variant].append(run_child(
+                        SCRIPT, spec, f"repeat {repeat + 1}/{args.repeats}: {modality}, {variant}"))
+
+    sections = []
+    if "image" in results:
+        sections.append(
+            f"### (i) image: {args.image_backbone} at {IMAGE['image_size']} px, random weights, "
+            f"{results['image']['tfxfer'][0]['train_examples']} train images per epoch, batch "
+            f"{IMAGE['batch_size']}, {IMAGE['head_epochs']} head + {IMAGE['finetune_epochs']} "
+            f"finetune epochs\n\n" + modality_table(results["image"]))
+    if "text" in results:
+        sections.append(
+            f"### (ii) text: MiniLM-L6 (pretrained), sequence length {TEXT['sequence_length']}, "
+            f"{results['text']['tfxfer'][0]['train_examples']} train texts per epoch, batch "
+            f"{TEXT['batch_size']}, {TEXT['head_epochs']} head + {TEXT['finetune_epochs']} "
+            f"finetune epochs\n\n" + modality_table(results["text"]))
+    wall = time.perf_counter() - started
+    body = (facts_markdown(facts, wall) + f"\n- {args.repeats} repeats, order alternating; "
+            "cells are median (min-max) over repeats\n\n" + "\n\n".join(sections))
+    print("\n" + body + "\n", flush=True)
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(results, indent=1), encoding="utf-8")
+    if not args.no_readme:
+        replace_section(SECTION if args.only is None and args.image_backbone == "mobilenetv3small"
+                        else f"{SECTION}_{args.only or 'all'}_{args.image_backbone}", body)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["image", "text"])
+    parser.add_argument("--image-backbone", default="mobilenetv3small",
+                        help="a tfxfer image backbone name; resnet50 shows heavier checkpoints")
+    parser.add_argument("--no-readme", action="store_true", help="print only; leave README.md")
+    parser.add_argument("--save-json", help="also write the raw measurements to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    return parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
