@@ -367,12 +367,14 @@ def test_text_train_data_replays_any_epoch(preprocessor):
 
     train = text_train_data(data, preprocessor, batch_size=6, seed=5)
 
-    assert train.steps_per_epoch == 4
-    stream = [y.numpy() for _, y in train.build(0).take(8)]
-    epoch_0, epoch_1 = np.concatenate(stream[:4]), np.concatenate(stream[4:])
-    assert sorted(epoch_0.tolist()) == sorted(epoch_1.tolist()) == list(range(20))
+    # Full batches only: 3 of 6 per epoch; the 2 left over differ from epoch to epoch.
+    assert train.steps_per_epoch == 3
+    stream = [y.numpy() for _, y in train.build(0).take(6)]
+    epoch_0, epoch_1 = np.concatenate(stream[:3]), np.concatenate(stream[3:])
+    for epoch in (epoch_0, epoch_1):
+        assert len(set(epoch.tolist())) == 18 and set(epoch.tolist()) <= set(range(20))
     assert epoch_0.tolist() != epoch_1.tolist()
-    resumed = np.concatenate([y.numpy() for _, y in train.build(1).take(4)])
+    resumed = np.concatenate([y.numpy() for _, y in train.build(1).take(3)])
     np.testing.assert_array_equal(resumed, epoch_1)
     x, _ = next(iter(train.build(0)))
     assert x["token_ids"].shape == (6, 8)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.data.pipeline import TrainData, epoch_batches
+from tfxfer.data.pipeline import TrainData, epoch_batches, stratified_split
 from tfxfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -139,29 +139,6 @@ def scan_image_folder(
     if files.ignored_other:
         log.info("Ignored %d non-image file(s) in %s", files.ignored_other, directory)
     return files
-
-
-def stratified_split(
-    labels: list[int], fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
-    """Indices of a seeded split that keeps each class's share in both parts.
-
-    Every class keeps at least one example on the training side; a class with two or more
-    examples gets at least one on the validation side.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise DataError(f"Expected a validation fraction in (0, 1). Received: {fraction}")
-    rng = np.random.default_rng(seed)
-    labels_array = np.asarray(labels)
-    train_idx, val_idx = [], []
-    for label in np.unique(labels_array):
-        idx = np.flatnonzero(labels_array == label)
-        rng.shuffle(idx)
-        n_val = int(round(len(idx) * fraction))
-        n_val = min(max(n_val, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        val_idx.extend(idx[:n_val].tolist())
-        train_idx.extend(idx[n_val:].tolist())
-    return sorted(train_idx), sorted(val_idx)
 
 
 def load_image_folder(

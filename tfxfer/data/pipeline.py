@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 
-from tfxfer.errors import TfxferError
+from tfxfer.errors import DataError, TfxferError
 
 
 @dataclass
@@ -77,3 +78,26 @@ def epoch_batches(
     drop_remainder = num_examples >= batch_size
     steps = num_examples // batch_size if drop_remainder else 1
     return TrainData(build, steps)
+
+
+def stratified_split(
+    labels, fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Indices of a seeded split that keeps each class's (or stratum's) share in both parts.
+
+    Every class keeps at least one example on the training side; a class with two or more
+    examples gets at least one on the validation side.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"Expected a validation fraction in (0, 1). Received: {fraction}")
+    rng = np.random.default_rng(seed)
+    labels_array = np.asarray(labels)
+    train_idx, val_idx = [], []
+    for label in np.unique(labels_array):
+        idx = np.flatnonzero(labels_array == label)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * fraction))
+        n_val = min(max(n_val, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        val_idx.extend(idx[:n_val].tolist())
+        train_idx.extend(idx[n_val:].tolist())
+    return sorted(train_idx), sorted(val_idx)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.data.pipeline import TrainData, epoch_batches
+from tfxfer.data.pipeline import TrainData, epoch_batches, stratified_split
 from tfxfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -243,24 +243,14 @@ def split_stratified(
         fraction: float. Share for validation, in (0, 1).
         seed: int. Seed of the shuffle inside each class. Defaults to `0`.
     """
-    if not 0.0 < fraction < 1.0:
-        raise DataError(f"Expected a validation fraction in (0, 1). Received: {fraction}")
     if examples.multi_label:
         frequency = examples.labels.sum(axis=0)
         rarity = np.where(examples.labels > 0, frequency[None, :], np.inf)
         strata = np.where(examples.labels.any(axis=1), rarity.argmin(axis=1), -1)
     else:
         strata = np.asarray(examples.labels)
-    rng = np.random.default_rng(seed)
-    train_idx: list[int] = []
-    val_idx: list[int] = []
-    for stratum in np.unique(strata):
-        idx = np.flatnonzero(strata == stratum)
-        rng.shuffle(idx)
-        n_val = min(max(int(round(len(idx) * fraction)), 1 if len(idx) > 1 else 0), len(idx) - 1)
-        val_idx.extend(idx[:n_val].tolist())
-        train_idx.extend(idx[n_val:].tolist())
-    return examples.subset(sorted(train_idx)), examples.subset(sorted(val_idx))
+    train_idx, val_idx = stratified_split(strata, fraction, seed)
+    return examples.subset(train_idx), examples.subset(val_idx)
 
 
 def make_text_dataset(
