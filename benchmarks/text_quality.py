@@ -100,11 +100,12 @@ def child_recipe(spec: dict[str, Any]) -> dict[str, Any]:
     run_schedule = tfxfer.run_schedule
 
     def timed_run_schedule(*args, **kwargs):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             return run_schedule(*args, **kwargs)
         finally:
             timing["train_s"] = time.perf_counter() - started
+            timing["train_cpu_s"] = time.process_time() - cpu_started
 
     tfxfer.run_schedule = timed_run_schedule
     with tempfile.TemporaryDirectory(prefix="tfxfer-bench-") as tmp:
@@ -120,8 +121,12 @@ def child_recipe(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"],
         "test_loss": test["loss"], "val_accuracy": val.get("accuracy"), "main_s": main_s, "train_s": timing["train_s"],
+        "train_cpu_s": timing["train_cpu_s"], "load_average": os.getloadavg()[0],
         "epochs": len(result["history"]),
         "train_examples": len(data.train) if data else None,
+        "settings": {k: getattr(config, k) for k in (
+            "head_epochs", "finetune_epochs", "head_learning_rate", "finetune_learning_rate",
+            "batch_size", "sequence_length", "pooling", "pretrained")},
         "data_digest": _digest(data.train, data.val) if data else None,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -198,7 +203,8 @@ def child_keras_hub(spec: dict[str, Any]) -> dict[str, Any]:
     metrics = classification_metrics(data.test.labels, probabilities, data.class_names)
     return {
         "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
-        "test_loss": metrics["loss"], "val_accuracy": budget.last_val_accuracy, "train_s": budget.elapsed,
+        "test_loss": metrics["loss"], "val_accuracy": budget.last_val_accuracy,
+        "train_s": budget.elapsed, "train_cpu_s": budget.cpu, "load_average": os.getloadavg()[0],
         "budget_s": spec["budget_s"], "epochs": budget.batches / steps_per_epoch,
         "batch_size": batch_size, "optimizer": optimizer_desc, "built_with": built_with,
         "default_sequence_length": default_sequence_length,
@@ -222,7 +228,7 @@ def time_budget_callback(budget_s: float, steps_per_epoch: int):
             self.last_val_accuracy = None
 
         def on_train_begin(self, logs=None):
-            self.started = time.perf_counter()
+            self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
         def _check(self):
             self.elapsed = time.perf_counter() - self.started
@@ -242,6 +248,7 @@ def time_budget_callback(budget_s: float, steps_per_epoch: int):
 
         def on_train_end(self, logs=None):
             self.elapsed = time.perf_counter() - self.started
+            self.cpu = time.process_time() - self.cpu_started
 
     return TimeBudget()
 
@@ -254,94 +261,103 @@ def child(spec: dict[str, Any]) -> None:
 
 # === Parent: run the children, print and record the tables ===
 
+NAMES = {
+    "a": "(a) recipe, defaults (pretrained MiniLM-L6)",
+    "b": "(b) recipe, pretrained=False",
+    "c": "(c) keras-hub BertTextClassifier, keras-hub's default compile",
+    "c_tuned": "(c') keras-hub BertTextClassifier, tuned compile",
+}
+
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def _median(results: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in results)
+def _settings(result: dict[str, Any]) -> str:
+    if "optimizer" in result:  # keras-hub
+        return (f"{result['optimizer']}, batch {result['batch_size']}, seq "
+                f"{result['sequence_length']}, CLS pooler; fit until (a)'s training time")
+    c = result["settings"]
+    return (f"head {c['head_epochs']} ep @ {c['head_learning_rate']:g} + finetune "
+            f"{c['finetune_epochs']} ep @ {c['finetune_learning_rate']:g}, batch "
+            f"{c['batch_size']}, seq {c['sequence_length']}, {c['pooling'] or 'mean'} pooling")
 
 
 def quality_section(runs: dict[str, list[dict[str, Any]]], seeds: list[int]) -> tuple[str, list[str]]:
-    """The main table and the bar verdicts, in Markdown."""
-    names = {
-        "a": "(a) recipe, defaults (pretrained MiniLM-L6)",
-        "b": "(b) recipe, pretrained=False",
-        "c": "(c) keras-hub BertTextClassifier, default compile, same wall time as (a)",
-        "c_tuned": "(c') keras-hub BertTextClassifier, tuned compile, same wall time as (a)",
-    }
+    """The main table, the per-seed table and the bar verdicts, in Markdown."""
     rows = []
-    for key, label in names.items():
+    for key, label in NAMES.items():
         results = runs.get(key)
         if not results:
             continue
-        detail = ""
-        if key.startswith("c"):
-            r0 = results[0]
-            detail = f"{r0['optimizer']}, batch {r0['batch_size']}"
-        elif key == "a" or key == "b":
-            detail = "head 4 + finetune 3 epochs (recipe defaults)"
         rows.append([
-            label, detail,
+            label, _settings(results[0]),
             fmt_spread([100 * r["test_accuracy"] for r in results], 1, "%"),
             fmt_spread([100 * r["test_macro_f1"] for r in results], 1, "%"),
             fmt_spread([r["test_loss"] for r in results], 4),
             fmt_spread([r["train_s"] for r in results], 0, " s"),
+            fmt_spread([r["train_cpu_s"] for r in results], 0, " s"),
             fmt_spread([r["main_s"] for r in results], 0, " s") if "main_s" in results[0] else "-",
             fmt_spread([r["epochs"] for r in results], 1),
+            fmt_spread([r["peak_rss_mb"] for r in results], 0, " MiB"),
         ])
-    headers = ["run", "settings", "test accuracy", "test macro F1", "test loss",
-               "training wall time",
-               "main() wall time", "epochs"]
-    table = markdown_table(headers, rows)
-    per_seed = [markdown_table(
-        ["seed", *[k for k in names if k in runs]],
-        [[seed, *[_pct(runs[k][i]["test_accuracy"]) for k in names if k in runs]]
-         for i, seed in enumerate(seeds)])]
+    table = markdown_table(
+        ["run", "settings", "test accuracy", "test macro F1", "test loss", "training wall time",
+         "training CPU time", "main() wall time", "epochs", "peak RSS"], rows)
+    keys = [k for k in NAMES if runs.get(k)]
+    per_seed = markdown_table(
+        ["seed", *[k.replace("_tuned", "'") + " test acc." for k in keys],
+         "(a) training time (budget of c, c')", "load average (a, c, c', b)"],
+        [[seed, *[_pct(runs[k][i]["test_accuracy"]) for k in keys],
+          f"{runs['a'][i]['train_s']:.0f} s",
+          ", ".join(f"{runs[k][i]['load_average']:.1f}" for k in ("a", "c", "c_tuned", "b")
+                    if runs.get(k))]
+         for i, seed in enumerate(seeds)])
 
     verdicts = []
     a, b = runs["a"], runs["b"]
     acc_ok = [r["test_accuracy"] >= ACCURACY_BAR for r in a]
     verdicts.append(f"(a) >= {ACCURACY_BAR:.2f} test accuracy: "
                     f"{'MET' if all(acc_ok) else 'NOT MET'} on {sum(acc_ok)}/{len(a)} seeds "
-                    f"(median {_pct(_median(a, 'test_accuracy'))})")
+                    f"(median {_pct(statistics.median(r['test_accuracy'] for r in a))})")
     margins = [ra["test_accuracy"] - rb["test_accuracy"] for ra, rb in zip(a, b, strict=True)]
     margin_ok = [m >= MARGIN_BAR - 1e-9 for m in margins]
     verdicts.append(f"(a) >= (b) + {100 * MARGIN_BAR:.0f} points: "
-                    f"{'MET' if all(margin_ok) else 'NOT MET'} on {sum(margin_ok)}/{len(a)} seeds "
-                    f"(margin median {100 * statistics.median(margins):.1f} points, "
-                    f"range {100 * min(margins):.1f}-{100 * max(margins):.1f})")
+                    f"{'MET' if all(margin_ok) else 'NOT MET'} on {sum(margin_ok)}/{len(a)} "
+                    f"seeds (margin median {100 * statistics.median(margins):.1f} points, "
+                    f"range {100 * min(margins):.1f} to {100 * max(margins):.1f})")
     for key, label in (("c", "(c) keras-hub default"), ("c_tuned", "(c') keras-hub tuned")):
-        if key not in runs:
+        if not runs.get(key):
             continue
-        diffs = [ra["test_accuracy"] - rc["test_accuracy"] for ra, rc in zip(a, runs[key], strict=True)]
+        diffs = [ra["test_accuracy"] - rc["test_accuracy"]
+                 for ra, rc in zip(a, runs[key], strict=True)]
         ok = [d >= -1e-9 for d in diffs]
-        verdicts.append(f"(a) >= {label}: {'MET' if all(ok) else 'NOT MET'} on "
-                        f"{sum(ok)}/{len(a)} seeds (difference median "
+        verdicts.append(f"(a) >= {label} in test accuracy: {'MET' if all(ok) else 'NOT MET'} "
+                        f"on {sum(ok)}/{len(a)} seeds (difference median "
                         f"{100 * statistics.median(diffs):+.1f} points)")
-    same = {r.get("data_digest") for key in runs for r in runs[key]}
-    note = ("every run trained on the identical train/val texts (digest "
-            f"{next(iter(same))})" if len(same) == 1 else
-            f"WARNING: runs saw different train/val data (digests {sorted(map(str, same))})")
+    digests = {r.get("data_digest") for key in runs for r in runs[key]}
+    note = (f"every run trained on the identical train/val texts (digest {next(iter(digests))})"
+            if len(digests) == 1 else
+            f"WARNING: runs saw different train/val data (digests {sorted(map(str, digests))})")
     c0 = (runs.get("c") or [{}])[0]
-    extra = (f"keras-hub model built with `{c0.get('built_with')}`; its preprocessor's default "
-             f"sequence_length was {c0.get('default_sequence_length')}, set to "
-             f"{c0.get('sequence_length')} like the recipe." if c0 else "")
-    body = "\n\n".join([table, "Test accuracy per seed:", *per_seed,
+    extra = (f" keras-hub model built with `{c0['built_with']}`; its preprocessor's default "
+             f"sequence_length was {c0['default_sequence_length']}, set to "
+             f"{c0['sequence_length']} like the recipe." if c0 else "")
+    body = "\n\n".join([table, "Per seed:", per_seed,
                         "Bars:\n\n" + "\n".join(f"- {v}" for v in verdicts),
-                        f"Data: {note}. {extra}"])
+                        f"Data: {note}.{extra}"])
     return body, verdicts
 
 
 def variants_section(results: dict[str, dict[str, Any]], baseline_train_s: float) -> str:
     rows = [[name, json.dumps(VARIANTS[name]) if VARIANTS[name] else "-",
              _pct(r["test_accuracy"]), _pct(r["test_macro_f1"]), f"{r['test_loss']:.4f}",
-             f"{r['train_s']:.0f} s",
-             f"{r['train_s'] / baseline_train_s:.2f}"]
+             f"{r['train_s']:.0f} s", f"{r['train_s'] / baseline_train_s:.2f}",
+             f"{r['load_average']:.1f}"]
             for name, r in results.items()]
     return markdown_table(["variant", "Config overrides", "test accuracy", "test macro F1",
-                           "test loss", "training wall time", "time / defaults' time (same run)"], rows)
+                           "test loss", "training wall time", "time / defaults' time",
+                           "load average"], rows)
 
 
 def parent(args: argparse.Namespace) -> int:
@@ -349,30 +365,30 @@ def parent(args: argparse.Namespace) -> int:
     facts = machine_facts()
     print(f"[text_quality] {facts['nproc']} cores, TF {facts['tensorflow']}, Keras "
           f"{facts['keras']}, keras-hub {facts['keras_hub']}; seeds {args.seeds}", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"a": [], "b": [], "c": []}
-    if not args.no_tuned:
-        runs["c_tuned"] = []
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in NAMES}
+    if args.no_tuned:
+        del runs["c_tuned"]
     for seed in args.seeds:
         print(f"[text_quality] seed {seed}", flush=True)
         a = run_child(SCRIPT, {"kind": "recipe", "seed": seed, "overrides": {}},
                       f"(a) recipe defaults, seed {seed}")
-        print(f"     (a) test accuracy {_pct(a['test_accuracy'])}, training {a['train_s']:.0f} s",
+        print(f"     test accuracy {_pct(a['test_accuracy'])}, training {a['train_s']:.0f} s",
               flush=True)
         runs["a"].append(a)
-        b = run_child(SCRIPT, {"kind": "recipe", "seed": seed, "overrides": {"pretrained": False}},
-                      f"(b) recipe pretrained=False, seed {seed}")
-        print(f"     (b) test accuracy {_pct(b['test_accuracy'])}", flush=True)
-        runs["b"].append(b)
+        # keras-hub right after (a), so its time budget meets the machine in a similar state.
         for key, settings in (("c", KERAS_HUB_DEFAULT), ("c_tuned", KERAS_HUB_TUNED)):
             if key not in runs:
                 continue
             c = run_child(SCRIPT, {"kind": "keras_hub", "seed": seed, "budget_s": a["train_s"],
                                    **settings},
-                          f"({key.replace('_tuned', chr(39))}) keras-hub {settings['optimizer']}, "
-                          f"{a['train_s']:.0f} s budget, seed {seed}")
+                          f"{NAMES[key][:4]} keras-hub, {a['train_s']:.0f} s budget, seed {seed}")
             print(f"     test accuracy {_pct(c['test_accuracy'])} after {c['epochs']:.1f} epochs",
                   flush=True)
             runs[key].append(c)
+        b = run_child(SCRIPT, {"kind": "recipe", "seed": seed, "overrides": {"pretrained": False}},
+                      f"(b) recipe pretrained=False, seed {seed}")
+        print(f"     test accuracy {_pct(b['test_accuracy'])}", flush=True)
+        runs["b"].append(b)
 
     body, verdicts = quality_section(runs, args.seeds)
     variants_body = None
@@ -380,23 +396,23 @@ def parent(args: argparse.Namespace) -> int:
         print(f"[text_quality] recipe variants (seed {args.seeds[0]})", flush=True)
         variant_results = {}
         for name, overrides in VARIANTS.items():
-            if name == "defaults":
-                variant_results[name] = runs["a"][0]
-                continue
             variant_results[name] = run_child(
                 SCRIPT, {"kind": "recipe", "seed": args.seeds[0], "overrides": overrides},
                 f"variant {name}")
-        variants_body = variants_section(variant_results, runs["a"][0]["train_s"])
+        variants_body = variants_section(variant_results, variant_results["defaults"]["train_s"])
 
     wall = time.perf_counter() - started
     print("\n" + body + "\n", flush=True)
     if variants_body:
         print(variants_body + "\n", flush=True)
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(runs, indent=1), encoding="utf-8")
     if not args.no_readme:
         replace_section(SECTION, facts_markdown(facts, wall) + "\n\n" + body)
         if variants_body:
             replace_section(SECTION_VARIANTS, facts_markdown(facts, wall) + f"\n- seed "
-                            f"{args.seeds[0]}; each variant changes only the fields shown\n\n"
+                            f"{args.seeds[0]}; each variant changes only the fields shown "
+                            "(defaults re-run in the same batch, for the time ratio)\n\n"
                             + variants_body)
     return 0 if all("NOT MET" not in v for v in verdicts) else 1
 
@@ -410,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tuned", action="store_true",
                         help="skip the tuned keras-hub run (c')")
     parser.add_argument("--no-readme", action="store_true", help="print only; leave README.md")
+    parser.add_argument("--save-json", help="also write the raw measurements to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

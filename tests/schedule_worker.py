@@ -118,20 +118,25 @@ def block(what: str) -> None:
 
 def audit_run_dir(run_dir: str, events: list[tuple[str, str]]) -> None:
     """Records every file or directory this process creates, writes, moves or deletes in
-    `run_dir` (Python-level operations, which is how tfxfer writes its checkpoints)."""
+    `run_dir` (Python-level operations, which is how tfxfer writes its checkpoints), and
+    prints each as `[audit] ...` at once, so a killed process's log still has them."""
     root = os.path.abspath(run_dir)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     inside = lambda p: isinstance(p, (str, bytes, os.PathLike)) and os.path.abspath(  # noqa: E731
         os.fsdecode(p)).startswith(root)
 
+    def record(event: str, path: Any) -> None:
+        events.append((event, os.fsdecode(path)))
+        print(f"[audit] {event} {os.fsdecode(path)}", flush=True)
+
     def hook(event: str, args: tuple) -> None:
         if event == "open":
             path, _, flags = args
             if isinstance(flags, int) and flags & write_flags and inside(path):
-                events.append((event, os.fsdecode(path)))
+                record(event, path)
         elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree"):
             if args and inside(args[0]):
-                events.append((event, os.fsdecode(args[0])))
+                record(event, args[0])
 
     sys.addaudithook(hook)
 
@@ -209,7 +214,8 @@ def main(args: argparse.Namespace) -> None:
               if key not in ("run_dir", "out", "init_seed") and not key.startswith("block")}
     config["output_dir"] = args.run_dir
     run_dir = tfxfer.open_run(args.run_dir, config, overwrite=args.overwrite,
-                              resume=args.resume, write=session.is_chief)
+                              resume=args.resume, extra=session.describe(),
+                              write=session.is_chief)
 
     # Each worker keeps its share of every global batch (the pipeline shards by DATA).
     options = tf.data.Options()

@@ -352,7 +352,7 @@ def test_table_rows_name_real_presets():
     for name, row in TEXT_BACKBONES.items():
         preset = row.get("preset", row.get("fallback_preset"))
         assert preset in presets, name
-        assert row["pooling"] in {"cls", "masked_mean"}
+        assert row["pooling"] in {"cls", "mean"}
 
 
 # === The real MiniLM from the installed package ===
@@ -375,7 +375,7 @@ def test_minilm_loads_from_the_package_with_its_digest_checked(minilm):
     assert package_dir is not None
     assert minilm.info["path"] == str(package_dir / "model")
     assert minilm.info["sha256_verified"] is True
-    assert minilm.info["pooling"] == "masked_mean"
+    assert minilm.info["pooling"] == "mean"
     assert minilm.info["sha256"] == TEXT_BACKBONES["minilm-l6"]["sha256"]["model.safetensors"]
     assert (minilm.info["num_layers"], minilm.info["hidden_dim"], minilm.info["vocab_size"]) == (
         6,

@@ -305,6 +305,9 @@ def run_schedule(
         done_epochs = int(state["global_epoch"])
         trainer.history = list(state["history"])
         trainer.best = dict(state.get("best") or {})
+        # The checkpoint's history is the truth: a kill between a checkpoint and the
+        # history.csv write after it left the file an epoch short.
+        trainer.write_history()
         log.info("Resuming after epoch %d (stage %r).", done_epochs, state["stage"])
 
     loaded = False

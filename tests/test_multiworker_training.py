@@ -1,0 +1,135 @@
+"""A real two-stage tfxfer schedule on two workers (MultiWorkerMirroredStrategy on 127.0.0.1).
+
+Each worker is a process of its own running `schedule_worker.py` through `tfxfer.Session`,
+`open_run`, `run_schedule` and `finish_run`, as a recipe would. The tests check that two
+workers with a global batch of 16 (8 each) end with the weights, history and evaluation of
+one process with a batch of 16; that only the chief writes the run directory; and that a
+worker SIGKILLed mid-fine-tuning takes its peer down within a grace period (a stuck
+collective must never hang CI) and that both, restarted with `--resume`, read the chief's
+checkpoint and end where an uninterrupted run ends. Every worker has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import multiworker_helpers as mh
+import numpy as np
+import pytest
+import schedule_worker as sw
+
+TIMEOUT = 150.0  # per launch; a healthy one takes ~20 s on two busy cores
+GRACE = 10.0  # how long a worker may outlive its killed peer
+STAGES = ["head", "head", "finetune", "finetune", "finetune"]
+MULTI_WORKER = ["--strategy", "multi_worker", "--per-replica-batch", "8"]
+
+
+def _run_workers(args: list[str], log_dir: Path, *, worker_args=None, kill_when=None,
+                 kill=None) -> list[mh.WorkerResult]:
+    return mh.run_workers(sw.THIS_FILE, args, num_workers=2, log_dir=log_dir, timeout=TIMEOUT,
+                          worker_args=worker_args, kill_when=kill_when, kill=kill, grace=GRACE)
+
+
+def _audit_lines(result: mh.WorkerResult) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("[audit]")]
+
+
+def _assert_like_reference(out: Path, reference: dict) -> None:
+    """Both workers: identical weights, equal to one process's; same history and evaluation."""
+    (w0, s0), (w1, s1) = sw.load_result(out, 0), sw.load_result(out, 1)
+    for i, (a, b) in enumerate(zip(w0, w1, strict=True)):
+        np.testing.assert_array_equal(a, b, err_msg=f"weight {i} differs between the workers")
+    assert len(w0) == len(reference["weights"])
+    for i, (value, want) in enumerate(zip(w0, reference["weights"], strict=True)):
+        # Only the order of float32 sums differs between two workers and one process.
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5, err_msg=f"weight {i}")
+    for index, summary in enumerate((s0, s1)):
+        assert summary["distribution"]["strategy"] == "MultiWorkerMirroredStrategy"
+        assert summary["distribution"]["num_replicas"] == 2
+        assert summary["distribution"]["global_batch_size"] == 16
+        assert summary["distribution"]["is_chief"] == (index == 0)
+        history = summary["history"]
+        assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+        assert [row["stage"] for row in history] == STAGES
+        for row, want in zip(history, reference["summary"]["history"], strict=True):
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+                assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (index, key)
+        # finish_run evaluates on every worker (each on the whole validation set).
+        metrics, want = summary["metrics"]["val"], reference["summary"]["metrics"]["val"]
+        assert metrics["num_examples"] == want["num_examples"] == 32
+        assert metrics["confusion_matrix"] == want["confusion_matrix"]
+        assert metrics["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """One process, one replica, batch 16: what two workers with 8 each must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    command = sw.command(root / "run", root / "out", "--strategy", "cpu",
+                         "--per-replica-batch", "16")
+    result = mh.run_processes([command], [mh.child_env()], log_dir=root / "logs",
+                              timeout=TIMEOUT)[0]
+    assert result.ok, mh.describe_results([result])
+    weights, summary = sw.load_result(root / "out")
+    assert summary["distribution"]["global_batch_size"] == 16
+    return {"weights": weights, "summary": summary}
+
+
+def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path, reference):
+    # Each worker gets a directory of its own: the non-chief's must never come to exist.
+    run_dirs = [tmp_path / "run", tmp_path / "run-of-worker1"]
+    results = _run_workers([*MULTI_WORKER, "--out", str(tmp_path / "out")], tmp_path / "logs",
+                           worker_args=lambda i: ["--run-dir", str(run_dirs[i])])
+    assert all(r.ok for r in results), mh.describe_results(results)
+    _assert_like_reference(tmp_path / "out", reference)
+
+    assert not run_dirs[1].exists()
+    assert _audit_lines(results[1]) == []
+    assert _audit_lines(results[0])  # the audit sees the chief's writes
+    for name in ("config.json", "history.csv", "metrics.json", "model.keras",
+                 "checkpoints/latest.json", "checkpoints/best.weights.h5"):
+        assert (run_dirs[0] / name).exists(), name
+    config = json.loads((run_dirs[0] / "config.json").read_text())
+    assert config["distribution"]["worker_count"] == 2
+    assert sw.latest_checkpoint(run_dirs[0]) == "epoch-000005"
+
+
+def test_a_killed_worker_takes_its_peer_down_and_both_resume(tmp_path, reference):
+    # One shared run directory, as on a cluster's shared filesystem.
+    run_dir = tmp_path / "run"
+    args = [*MULTI_WORKER, "--run-dir", str(run_dir)]
+
+    def worker1_stopped_mid_finetune(outputs: list[str]) -> bool:
+        return ("[worker] BLOCKED" in outputs[1]
+                and sw.latest_checkpoint(run_dir) == "epoch-000003")
+
+    # Worker 1 stops after batch 3 of epoch 4 and is killed there; the chief is then stuck in
+    # the next step's all-reduce until it fails or the helpers kill it after GRACE seconds.
+    killed = _run_workers(
+        [*args, "--out", str(tmp_path / "killed")], tmp_path / "logs1",
+        worker_args=lambda i: ["--block-at", "4:3"] if i == 1 else [],
+        kill_when=worker1_stopped_mid_finetune, kill=[1],
+    )
+    assert killed[1].killed_by == "condition" and killed[1].returncode == -9, (
+        mh.describe_results(killed))
+    assert not killed[0].ok and "TFXFER_DONE" not in killed[0].output, (
+        mh.describe_results(killed))
+    assert killed[0].killed_by in (None, "peer_failed")  # failed by itself, or was killed
+    assert sw.latest_checkpoint(run_dir) == "epoch-000003"
+    assert not (run_dir / "metrics.json").exists()
+
+    # Both restart; each reads the chief's checkpoint from the shared directory.
+    resumed = _run_workers([*args, "--out", str(tmp_path / "resumed"), "--resume",
+                            "--init-seed", "7"], tmp_path / "logs2")
+    assert all(r.ok for r in resumed), mh.describe_results(resumed)
+    for worker in (0, 1):
+        assert sw.load_result(tmp_path / "resumed", worker)[1]["resumed_from_epoch"] == 3
+    _assert_like_reference(tmp_path / "resumed", reference)
+    rows = sw.read_history_csv(run_dir)
+    assert [(int(r["epoch"]), r["stage"]) for r in rows] == list(enumerate(STAGES, start=1))
+    assert sw.latest_checkpoint(run_dir) == "epoch-000005"
+
+    # Only the chief wrote, before the kill and after the restart.
+    assert _audit_lines(killed[1]) == [] and _audit_lines(resumed[1]) == []
+    assert any("checkpoints/epoch-000005" in line for line in _audit_lines(resumed[0]))
