@@ -94,7 +94,7 @@ def _git(*args: str) -> str:
     """Read-only git queries (commit, dirty files) for the record; empty if git is missing."""
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+                              timeout=10).stdout.rstrip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -117,7 +117,7 @@ def machine_facts() -> dict[str, Any]:
         "tensorflow": _version("tensorflow"),
         "keras": _version("keras"),
         "keras_hub": _version("keras-hub"),
-        "tfxfer_commit": _git("rev-parse", "--short", "HEAD"),
+        "tfxfer_commit": _git("rev-parse", "--short", "HEAD").strip(),
         "uncommitted_files": dirty,
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "cwd": os.getcwd(),

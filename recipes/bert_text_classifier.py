@@ -166,7 +166,9 @@ def main(config: Config) -> dict:
         model, backbone.layer_groups, stages, train, val, loss=loss,
         metrics=metrics, run_dir=run_dir, strategy=run.strategy, lora_targets=backbone.lora_targets,
         frozen_layers=unused_layers,
-        config=dataclasses.asdict(config), lr_scale=run.lr_scale, verbose=config.verbose,
+        config={**dataclasses.asdict(config),
+                # Resuming on another number of replicas would change every batch.
+                "global_batch_size": run.global_batch_size}, lr_scale=run.lr_scale, verbose=config.verbose,
     )
     serving = (TextClassifier(backbone.preprocessor, model, name="tfxfer_text_classifier")
                if backbone.preprocessor is not None else model)

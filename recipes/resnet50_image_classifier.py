@@ -120,7 +120,9 @@ def main(config: Config) -> dict:
     loss, metrics = tfxfer.loss_and_metrics("single_label", len(data.class_names))
     result = tfxfer.run_schedule(
         model, backbone.layer_groups, stages, train, val, loss=loss, metrics=metrics,
-        run_dir=run_dir, strategy=run.strategy, config=dataclasses.asdict(config),
+        run_dir=run_dir, strategy=run.strategy, config={**dataclasses.asdict(config),
+                # Resuming on another number of replicas would change every batch.
+                "global_batch_size": run.global_batch_size},
         lr_scale=run.lr_scale, verbose=config.verbose,
     )
     scores = tfxfer.finish_run(run_dir, model, result, data.class_names, {"val": val},

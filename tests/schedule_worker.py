@@ -122,8 +122,12 @@ def audit_run_dir(run_dir: str, events: list[tuple[str, str]]) -> None:
     prints each as `[audit] ...` at once, so a killed process's log still has them."""
     root = os.path.abspath(run_dir)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    inside = lambda p: isinstance(p, (str, bytes, os.PathLike)) and os.path.abspath(  # noqa: E731
-        os.fsdecode(p)).startswith(root)
+
+    def inside(path: Any) -> bool:
+        if not isinstance(path, (str, bytes, os.PathLike)):  # e.g. a file descriptor
+            return False
+        path = os.path.abspath(os.fsdecode(path))
+        return path == root or path.startswith(root + os.sep)
 
     def record(event: str, path: Any) -> None:
         events.append((event, os.fsdecode(path)))

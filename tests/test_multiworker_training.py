@@ -133,3 +133,30 @@ def test_a_killed_worker_takes_its_peer_down_and_both_resume(tmp_path, reference
     # Only the chief wrote, before the kill and after the restart.
     assert _audit_lines(killed[1]) == [] and _audit_lines(resumed[1]) == []
     assert any("checkpoints/epoch-000005" in line for line in _audit_lines(resumed[0]))
+
+
+def test_the_image_recipe_trains_and_evaluates_on_two_workers(tmp_path, shapes_dir):
+    """The recipe end to end on two workers sharing one output directory: the chief writes the
+    run, both evaluate the final model on the whole validation split and agree."""
+    run_dir = tmp_path / "run"
+    args = ["--data-dir", shapes_dir, "--output-dir", str(run_dir), "--strategy", "multi_worker",
+            "--backbone", "mobilenetv3small", "--weights", "none", "--image-size", "32",
+            "--batch-size", "4", "--head-epochs", "1", "--finetune-epochs", "1",
+            "--no-augment", "--no-export", "--verbose", "0"]
+    recipe = mh.REPO_ROOT / "recipes" / "resnet50_image_classifier.py"
+    results = mh.run_workers(recipe, args, num_workers=2, log_dir=tmp_path / "logs",
+                             timeout=TIMEOUT, grace=GRACE)
+    assert all(r.ok for r in results), mh.describe_results(results)
+    val_lines = [[line for line in r.output.splitlines() if line.startswith("[tfxfer] val:")]
+                 for r in results]
+    assert len(val_lines[0]) == 1 and val_lines[0] == val_lines[1]
+    assert "run saved to" in results[0].output and "run saved to" not in results[1].output
+    metrics = json.loads((run_dir / "metrics.json").read_text())["val"]
+    assert metrics["num_examples"] == 3  # the whole split, not one worker's shard
+    assert f"n={metrics['num_examples']}" in val_lines[0][0]
+    assert f"accuracy={metrics['accuracy']:.4f}" in val_lines[0][0]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["distribution"]["num_replicas"] == 2
+    assert config["distribution"]["global_batch_size"] == 8
+    rows = sw.read_history_csv(run_dir)
+    assert [(int(r["epoch"]), r["stage"]) for r in rows] == [(1, "head"), (2, "finetune")]

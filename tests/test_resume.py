@@ -22,7 +22,18 @@ import multiworker_helpers as mh
 import numpy as np
 import pytest
 import schedule_worker as sw
-from helpers import snapshot_files
+from helpers import (
+    InterruptAfterEpoch,
+    snapshot_files,
+    tiny_arrays,
+    tiny_backbone,
+    tiny_train_data,
+)
+
+import tfxfer
+from tfxfer.errors import RunDirError
+from tfxfer.rundir import RunDir
+from tfxfer.train import KEEP_CHECKPOINTS
 
 TIMEOUT = 150.0  # per child; a healthy one takes ~10 s on two busy cores
 STAGES = ["head", "head", "finetune", "finetune", "finetune"]
@@ -132,7 +143,8 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, unin
     _assert_same_metrics(summary["metrics"]["val"], uninterrupted["summary"]["metrics"]["val"])
     assert json.loads((run_dir / "metrics.json").read_text()) == summary["metrics"]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["best.weights.h5", "epoch-000004", "epoch-000005", "latest.json"]
+    kept = [f"epoch-{epoch:06d}" for epoch in range(1, 6)][-KEEP_CHECKPOINTS:]
+    assert checkpoints == ["best.weights.h5", *kept, "latest.json"]
 
 
 def test_resume_before_the_first_checkpoint_is_refused_clearly(tmp_path):
@@ -162,6 +174,45 @@ def test_resume_with_a_different_config_names_the_keys_that_differ(tmp_path, uni
            "['finetune_epochs', 'learning_rate']" in refused.output
     assert "Traceback" not in refused.output
     assert snapshot_files(run_dir) == before
+
+
+def test_dropout_masks_replay_after_resume(tmp_path):
+    """Dropout draws from the model's seed-generator state, which is a model variable and so in
+    every checkpoint: a resumed run draws the masks the uninterrupted one drew. (In process:
+    this is about what a checkpoint holds, not about how the run died.)"""
+    def run(path, seed, callbacks=None, resume=False):
+        backbone = tiny_backbone(seed=seed)
+        head = tfxfer.HeadConfig(hidden_units=[8], dropout=0.5)
+        model = tfxfer.build_model(backbone, 3, head=head)
+        images, labels = tiny_arrays(n=20)
+        stages = [tfxfer.Stage("head", 2, learning_rate=1e-2),
+                  tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3)]
+        loss, metrics = tfxfer.loss_and_metrics("single_label", 3)
+        tfxfer.run_schedule(model, backbone.layer_groups, stages,
+                            tiny_train_data(images, labels, batch_size=6), None, loss=loss,
+                            metrics=metrics, run_dir=RunDir(str(path), resume=resume),
+                            config={}, callbacks=callbacks, verbose=0)
+        return model
+
+    straight = run(tmp_path / "straight", seed=0)
+    assert any("seed_generator_state" in v.path for v in straight.variables)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", seed=0, callbacks=[InterruptAfterEpoch(3)])
+    resumed = run(tmp_path / "killed", seed=5, resume=True)
+    for value, want in zip(resumed.get_weights(), straight.get_weights(), strict=True):
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
+    # The masks were real: two training-mode calls differ.
+    images = tiny_arrays(n=4)[0]
+    assert not np.allclose(straight(images, training=True), straight(images, training=True))
+
+
+def test_a_url_output_dir_is_refused_rather_than_written_locally(tmp_path, monkeypatch):
+    # os.makedirs("gs://bucket/run") would make a local directory "gs:" and say nothing.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError, match="Expected a local or mounted directory for the run. "
+                                          "Received: 'gs://bucket/run'"):
+        RunDir("gs://bucket/run", resume=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 # === The recipe's command line ===

@@ -49,7 +49,9 @@ def cli_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[str
 
 def run_recipe(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> int:
     """Runs a recipe from the command line: exit 0 on success, 2 with a message on bad input."""
-    logging.basicConfig(level=logging.INFO, format="[tfxfer] %(levelname)s %(message)s")
+    # tfxfer's own INFO lines (skipped files, resume points); other libraries' only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
+    logging.getLogger("tfxfer").setLevel(logging.INFO)
     config = parse_args()
     try:
         main(config)

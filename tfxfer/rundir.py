@@ -77,7 +77,7 @@ class RunDir:
             pointer = os.path.join(self.checkpoints, "latest.json")
             self.resumed = resume and os.path.exists(pointer)
             return
-        self.resumed = self.check(self.path, overwrite=overwrite, resume=resume)
+        self.resumed = self.check(path, overwrite=overwrite, resume=resume)
         if overwrite and self.holds_run():
             shutil.rmtree(self.path)
         os.makedirs(self.checkpoints, exist_ok=True)
@@ -91,6 +91,13 @@ class RunDir:
         """
         if overwrite and resume:
             raise RunDirError("Pass either --overwrite or --resume, not both.")
+        if "://" in str(path):
+            # os.makedirs("gs://b/run") would quietly make a local directory named "gs:".
+            raise RunDirError(
+                f"Expected a local or mounted directory for the run. Received: {path!r}. The "
+                "run directory is written through the local filesystem; write it to local "
+                "disk (or a mounted bucket) and copy it to cloud storage afterwards."
+            )
         path = os.path.abspath(os.path.expanduser(path))
         if os.path.exists(path) and not os.path.isdir(path):
             raise RunDirError(f"Output path {path!r} is a file, not a directory.")

@@ -39,7 +39,8 @@ from tfxfer.schedule import (
 
 log = logging.getLogger(__name__)
 
-KEEP_CHECKPOINTS = 2
+# The pointer moves only after a checkpoint is complete, so one kept is enough to resume.
+KEEP_CHECKPOINTS = 1
 # Config keys that may differ between a run and its resumption.
 RESUME_IGNORED_KEYS = ("resume", "overwrite", "output_dir", "verbose")
 
