@@ -112,6 +112,7 @@ def machine_facts() -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu": cpu or platform.processor(),
+        "gpu": "an NVIDIA GPU" if os.path.exists("/proc/driver/nvidia/version") else "no GPU",
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "tensorflow": _version("tensorflow"),
@@ -128,8 +129,9 @@ def facts_markdown(facts: dict[str, Any], wall_seconds: float) -> str:
     dirty = facts["uncommitted_files"]
     return "\n".join([
         f"- date: {facts['date']}; whole script: {wall_seconds / 60:.1f} min",
-        f"- machine: {facts['nproc']} CPU cores ({facts['cpu']}), no GPU, shared with other "
-        f"jobs (load average at start: {', '.join(map(str, facts['load_average_at_start']))})",
+        f"- machine: {facts['nproc']} CPU cores ({facts['cpu']}), {facts['gpu']}; load average "
+        f"at start {', '.join(map(str, facts['load_average_at_start']))} (above the core "
+        "count means other processes were competing for the cores)",
         f"- versions: Python {facts['python']}, TensorFlow {facts['tensorflow']}, Keras "
         f"{facts['keras']}, keras-hub {facts['keras_hub']}",
         f"- tfxfer: commit {facts['tfxfer_commit'] or '?'}"

@@ -165,6 +165,56 @@ def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     return {"data_dir": spec["data_dir"]}
 
 
+def train_tfxfer(model, backbone, cfg, train, val, loss, metrics, timing,
+                 **run_schedule_kwargs) -> dict[str, float]:
+    """Both stages through `tfxfer.run_schedule`, with a run directory (checkpoints on)."""
+    import tfxfer
+
+    stages = tfxfer.default_schedule(cfg["head_epochs"], cfg["finetune_epochs"],
+                                     head_learning_rate=cfg["head_lr"],
+                                     finetune_learning_rate=cfg["finetune_lr"])
+    with tempfile.TemporaryDirectory(prefix="tfxfer-bench-") as tmp:
+        before = peak_rss_mb()
+        started = time.perf_counter()
+        tfxfer.run_schedule(model, backbone.layer_groups, stages, train, val, loss=loss,
+                            metrics=metrics, run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
+                            callbacks=[timing], verbose=0, **run_schedule_kwargs)
+        total = time.perf_counter() - started
+        run_dir_mb = _directory_mb(os.path.join(tmp, "run"))
+    return {"total_s": total, "rss_before_training_mb": before, "run_dir_mb": run_dir_mb}
+
+
+def train_plain(model, network, cfg, steps, train, val, loss, timing,
+                frozen_in_finetune) -> dict[str, float]:
+    """Both stages by hand: set `trainable`, compile, `fit`; no callbacks but the timer."""
+    import keras
+
+    def compile_stage(learning_rate, epochs):
+        model.compile(optimizer=plain_optimizer(learning_rate, steps * epochs), loss=loss,
+                      metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
+
+    before = peak_rss_mb()
+    started = time.perf_counter()
+    network.trainable = False  # stage 1: head only
+    compile_stage(cfg["head_lr"], cfg["head_epochs"])
+    model.fit(train, validation_data=val, epochs=cfg["head_epochs"], callbacks=[timing],
+              verbose=0)
+    network.trainable = True  # stage 2: the backbone too, but what must stay frozen
+    for layer in frozen_in_finetune:
+        layer.trainable = False
+    compile_stage(cfg["finetune_lr"], cfg["finetune_epochs"])
+    model.fit(train, validation_data=val, initial_epoch=cfg["head_epochs"],
+              epochs=cfg["head_epochs"] + cfg["finetune_epochs"], callbacks=[timing], verbose=0)
+    return {"total_s": time.perf_counter() - started, "rss_before_training_mb": before,
+            "run_dir_mb": 0.0}
+
+
+def _result(timing, model, examples_per_epoch: int, run: dict[str, float]) -> dict[str, Any]:
+    return {"stages": summarize(timing, examples_per_epoch, ["head", "finetune"]), **run,
+            "peak_rss_mb": peak_rss_mb(), "train_examples": examples_per_epoch,
+            "params": model.count_params()}
+
+
 def child_image(spec: dict[str, Any]) -> dict[str, Any]:
     quiet_tensorflow()
     import keras
@@ -181,62 +231,31 @@ def child_image(spec: dict[str, Any]) -> dict[str, Any]:
     loss, metrics = tfxfer.loss_and_metrics("single_label", len(data.class_names))
     steps = len(data.train) // batch
     timing = timing_callback()
-    with tempfile.TemporaryDirectory(prefix="tfxfer-bench-") as tmp:
-        if spec["variant"] == "tfxfer":
-            train = tfxfer.image_train_data(data.train, image_size=cfg["image_size"],
-                                            batch_size=batch, seed=SEED, augmentation=None)
-            val = tfxfer.make_image_dataset(data.val, image_size=cfg["image_size"],
-                                            batch_size=batch)
-            stages = tfxfer.default_schedule(cfg["head_epochs"], cfg["finetune_epochs"],
-                                             head_learning_rate=cfg["head_lr"],
-                                             finetune_learning_rate=cfg["finetune_lr"])
-            before = peak_rss_mb()
-            started = time.perf_counter()
-            tfxfer.run_schedule(model, backbone.layer_groups, stages, train, val, loss=loss,
-                                metrics=metrics, run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
-                                callbacks=[timing], verbose=0)
-            total = time.perf_counter() - started
-            checkpoint_mb = _directory_mb(os.path.join(tmp, "run"))
-        else:
-            def decode(path, label):
-                image = tf.io.decode_image(tf.io.read_file(path), channels=3,
-                                           expand_animations=False)
-                image.set_shape([None, None, 3])
-                image = tf.image.resize(image, (cfg["image_size"],) * 2, antialias=True)
-                return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+    if spec["variant"] == "tfxfer":
+        train = tfxfer.image_train_data(data.train, image_size=cfg["image_size"],
+                                        batch_size=batch, seed=SEED, augmentation=None)
+        val = tfxfer.make_image_dataset(data.val, image_size=cfg["image_size"], batch_size=batch)
+        run = train_tfxfer(model, backbone, cfg, train, val, loss, metrics, timing)
+    else:
+        def decode(path, label):
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            image.set_shape([None, None, 3])
+            image = tf.image.resize(image, (cfg["image_size"],) * 2, antialias=True)
+            return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
 
-            def pipeline(files, training):
-                ds = tf.data.Dataset.from_tensor_slices((files.paths, files.labels))
-                ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
-                if training:
-                    ds = ds.shuffle(len(files), seed=SEED, reshuffle_each_iteration=True)
-                return ds.batch(batch, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+        def pipeline(files, training):
+            ds = tf.data.Dataset.from_tensor_slices((files.paths, files.labels))
+            ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
+            if training:
+                ds = ds.shuffle(len(files), seed=SEED, reshuffle_each_iteration=True)
+            return ds.batch(batch, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
 
-            train, val = pipeline(data.train, True), pipeline(data.val, False)
-            network = backbone.network
-            before = peak_rss_mb()
-            started = time.perf_counter()
-            network.trainable = False  # stage 1: head only
-            model.compile(optimizer=plain_optimizer(cfg["head_lr"], steps * cfg["head_epochs"]),
-                          loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
-            model.fit(train, validation_data=val, epochs=cfg["head_epochs"], callbacks=[timing],
-                      verbose=0)
-            network.trainable = True  # stage 2: everything but BatchNorm
-            for layer in network.layers:
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.trainable = False
-            model.compile(
-                optimizer=plain_optimizer(cfg["finetune_lr"], steps * cfg["finetune_epochs"]),
-                loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
-            total_epochs = cfg["head_epochs"] + cfg["finetune_epochs"]
-            model.fit(train, validation_data=val, initial_epoch=cfg["head_epochs"],
-                      epochs=total_epochs, callbacks=[timing], verbose=0)
-            total = time.perf_counter() - started
-            checkpoint_mb = 0.0
-    return {"stages": summarize(timing, steps * batch, ["head", "finetune"]), "total_s": total,
-            "peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": before,
-            "run_dir_mb": checkpoint_mb, "train_examples": steps * batch,
-            "params": model.count_params()}
+        # BatchNorm stays in inference mode when fine-tuning, as tfxfer's stages keep it.
+        batchnorm = [layer for layer in backbone.network.layers
+                     if isinstance(layer, keras.layers.BatchNormalization)]
+        run = train_plain(model, backbone.network, cfg, steps, pipeline(data.train, True),
+                          pipeline(data.val, False), loss, timing, batchnorm)
+    return _result(timing, model, steps * batch, run)
 
 
 def child_text(spec: dict[str, Any]) -> dict[str, Any]:
@@ -250,8 +269,7 @@ def child_text(spec: dict[str, Any]) -> dict[str, Any]:
 
     keras.utils.set_random_seed(SEED)
     cfg, batch = TEXT, TEXT["batch_size"]
-    paths = demo_text_paths()
-    data = load_text_file(str(paths["train"]), val_split=cfg["val_split"], seed=SEED)
+    data = load_text_file(str(demo_text_paths()["train"]), val_split=cfg["val_split"], seed=SEED)
     backbone = tfxfer.build_backbone("minilm-l6", sequence_length=cfg["sequence_length"])
     # As the recipe does: the checkpoint's own (mean) pooling; BERT's pooler is then unused,
     # so it stays frozen and out of the groups.
@@ -261,59 +279,27 @@ def child_text(spec: dict[str, Any]) -> dict[str, Any]:
     loss, metrics = tfxfer.loss_and_metrics("single_label", len(data.class_names))
     steps = len(data.train) // batch
     timing = timing_callback()
-    with tempfile.TemporaryDirectory(prefix="tfxfer-bench-") as tmp:
-        if spec["variant"] == "tfxfer":
-            train = text_train_data(data.train, backbone.preprocessor, batch_size=batch,
-                                    seed=SEED)
-            val = make_text_dataset(data.val.texts, data.val.labels, backbone.preprocessor,
-                                    batch_size=batch)
-            stages = tfxfer.default_schedule(cfg["head_epochs"], cfg["finetune_epochs"],
-                                             head_learning_rate=cfg["head_lr"],
-                                             finetune_learning_rate=cfg["finetune_lr"])
-            before = peak_rss_mb()
-            started = time.perf_counter()
-            tfxfer.run_schedule(model, backbone.layer_groups, stages, train, val, loss=loss,
-                                metrics=metrics, run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
-                                lora_targets=backbone.lora_targets, frozen_layers=pooler,
-                                callbacks=[timing], verbose=0)
-            total = time.perf_counter() - started
-            checkpoint_mb = _directory_mb(os.path.join(tmp, "run"))
-        else:
-            preprocessor = backbone.preprocessor
+    if spec["variant"] == "tfxfer":
+        train = text_train_data(data.train, backbone.preprocessor, batch_size=batch, seed=SEED)
+        val = make_text_dataset(data.val.texts, data.val.labels, backbone.preprocessor,
+                                batch_size=batch)
+        run = train_tfxfer(model, backbone, cfg, train, val, loss, metrics, timing,
+                           lora_targets=backbone.lora_targets, frozen_layers=pooler)
+    else:
+        preprocessor = backbone.preprocessor
 
-            def pipeline(examples, training):
-                ds = tf.data.Dataset.from_tensor_slices((examples.texts, examples.labels))
-                # Tokenize in chunks inside tf.data, once; cache the token ids.
-                ds = (ds.batch(256).map(lambda x, y: (preprocessor(x), y),
-                                        num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache())
-                if training:
-                    ds = ds.shuffle(len(examples), seed=SEED, reshuffle_each_iteration=True)
-                return ds.batch(batch, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
+        def pipeline(examples, training):
+            ds = tf.data.Dataset.from_tensor_slices((examples.texts, examples.labels))
+            # Tokenize in chunks inside tf.data, once; cache the token ids.
+            ds = (ds.batch(256).map(lambda x, y: (preprocessor(x), y),
+                                    num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache())
+            if training:
+                ds = ds.shuffle(len(examples), seed=SEED, reshuffle_each_iteration=True)
+            return ds.batch(batch, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
 
-            train, val = pipeline(data.train, True), pipeline(data.val, False)
-            network = backbone.network
-            before = peak_rss_mb()
-            started = time.perf_counter()
-            network.trainable = False  # stage 1: head only
-            model.compile(optimizer=plain_optimizer(cfg["head_lr"], steps * cfg["head_epochs"]),
-                          loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
-            model.fit(train, validation_data=val, epochs=cfg["head_epochs"], callbacks=[timing],
-                      verbose=0)
-            network.trainable = True  # stage 2: the whole backbone but the unused pooler
-            for layer in pooler:
-                layer.trainable = False
-            model.compile(
-                optimizer=plain_optimizer(cfg["finetune_lr"], steps * cfg["finetune_epochs"]),
-                loss=loss, metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
-            total_epochs = cfg["head_epochs"] + cfg["finetune_epochs"]
-            model.fit(train, validation_data=val, initial_epoch=cfg["head_epochs"],
-                      epochs=total_epochs, callbacks=[timing], verbose=0)
-            total = time.perf_counter() - started
-            checkpoint_mb = 0.0
-    return {"stages": summarize(timing, steps * batch, ["head", "finetune"]), "total_s": total,
-            "peak_rss_mb": peak_rss_mb(), "rss_before_training_mb": before,
-            "run_dir_mb": checkpoint_mb, "train_examples": steps * batch,
-            "params": model.count_params()}
+        run = train_plain(model, backbone.network, cfg, steps, pipeline(data.train, True),
+                          pipeline(data.val, False), loss, timing, pooler)
+    return _result(timing, model, steps * batch, run)
 
 
 def _directory_mb(path: str) -> float:
