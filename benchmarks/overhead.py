@@ -21,7 +21,7 @@ RSS is per variant; the pairs are repeated with alternating order.
 (ii) text: the pretrained MiniLM-L6 text model at sequence length 64, the demo data (360
     train, 40 val texts), batch 16, 2 + 2 epochs.
 
-Run from the repository root (about 7 minutes on 2 busy CPU cores):
+Run from the repository root (about 6 minutes on 2 busy CPU cores; resnet50 images ~4):
 
     .venv/bin/python benchmarks/overhead.py
     .venv/bin/python benchmarks/overhead.py --repeats 1 --only text

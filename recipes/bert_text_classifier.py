@@ -25,6 +25,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import keras
+
 import tfxfer
 from tfxfer.data.text import (
     TextData,
@@ -137,6 +139,8 @@ def main(config: Config) -> dict:
     """Trains and evaluates; returns the run's paths, models, history and metrics."""
     config.validate()
     tfxfer.RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
+    # Head initialisation and dropout follow config.seed, so a run can be repeated exactly.
+    keras.utils.set_random_seed(config.seed)
     if not config.pretrained:
         print("[tfxfer] --no-pretrained: the backbone is randomly initialised.")
     run = tfxfer.Session(config.strategy, config.mixed_precision, config.batch_size,

@@ -22,6 +22,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import keras
+
 import tfxfer
 from tfxfer.data.images import Augmentation, ImageData, load_image_folder, make_image_dataset
 
@@ -89,6 +91,8 @@ def main(config: Config) -> dict:
     """Trains and evaluates; returns the run's paths, model, history and metrics."""
     config.validate()
     tfxfer.RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
+    # Head initialisation and dropout follow config.seed, so a run can be repeated exactly.
+    keras.utils.set_random_seed(config.seed)
     if config.weights is None or str(config.weights).lower() == "none":
         print("[tfxfer] weights=None: the backbone is randomly initialised, not pretrained.")
     run = tfxfer.Session(config.strategy, config.mixed_precision, config.batch_size,

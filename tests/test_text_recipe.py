@@ -313,3 +313,13 @@ def test_full_finetune_after_a_lora_stage_trains_the_backbone_again(bert_dir):
                 and not p.endswith("key/bias")}
     assert expected <= moved, sorted(expected - moved)
     assert {p for p in after if "lora_kernel" in p} <= moved
+
+
+def test_a_run_repeats_exactly_with_the_same_seed(bert_dir, text_files, tmp_path):
+    def losses(name, seed):
+        config = Config.smoke(text_files[0], str(tmp_path / name), bert_dir)
+        config.seed, config.finetune_epochs = seed, 0
+        return [row["loss"] for row in main(config)["history"]]
+
+    assert losses("first", 3) == losses("second", 3)
+    assert losses("third", 3) != losses("fourth", 4)
