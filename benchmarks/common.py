@@ -8,6 +8,7 @@ line; the parent collects those and writes the tables.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -173,3 +174,18 @@ def fmt_spread(values: list[float], digits: int = 1, suffix: str = "") -> str:
     if len(values) == 1:
         return f"{mid:.{digits}f}{suffix}"
     return f"{mid:.{digits}f}{suffix} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def add_common_arguments(parser) -> None:
+    """The flags every benchmark script takes: README writing, raw output, child mode."""
+    parser.add_argument("--no-readme", action="store_true", help="print only; leave README.md")
+    parser.add_argument("--save-json", help="also write the raw measurements to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def dispatch(args, child, parent) -> int:
+    """Runs one measurement (in a child process) or the whole comparison (the parent)."""
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    return parent(args)

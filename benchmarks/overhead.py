@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    add_common_arguments,
+    dispatch,
     emit_result,
     facts_markdown,
     fmt_spread,
@@ -436,14 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["image", "text"])
     parser.add_argument("--image-backbone", default="mobilenetv3small",
                         help="a tfxfer image backbone name; resnet50 shows heavier checkpoints")
-    parser.add_argument("--no-readme", action="store_true", help="print only; leave README.md")
-    parser.add_argument("--save-json", help="also write the raw measurements to this file")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
-        return 0
-    return parent(args)
+    add_common_arguments(parser)
+    return dispatch(parser.parse_args(argv), child, parent)
 
 
 if __name__ == "__main__":
