@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.data.pipeline import TrainData, epoch_batches, stratified_split
+from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache, stratified_split
 from tfxfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,16 @@ def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
+def _decoded_examples(files: ImageFiles, image_size: int, cache: bool | str) -> tf.data.Dataset:
+    """Unbatched `(uint8 image, label)` pairs in file order, decoded once and cached."""
+    paths = tf.constant(files.paths, tf.string)
+    labels = tf.constant(np.asarray(files.labels, np.int32))
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+        lambda p, y: (decode_and_resize(p, image_size), y),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return maybe_cache(ds, cache)
+
+
 def make_image_dataset(
     files: ImageFiles,
     *,
@@ -226,13 +236,7 @@ def make_image_dataset(
 
     For training use `image_train_data`, whose shuffling can be replayed on resume.
     """
-    paths = tf.constant(files.paths, tf.string)
-    labels = tf.constant(np.asarray(files.labels, np.int32))
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    ds = ds.map(lambda p, y: (decode_and_resize(p, image_size), y),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if cache:
-        ds = ds.cache(cache if isinstance(cache, str) else "")
+    ds = _decoded_examples(files, image_size, cache)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -250,13 +254,7 @@ def image_train_data(
     Images are decoded and resized once and cached; every epoch reshuffles with a seed made
     from `seed` and the epoch number, then batches and (optionally) augments.
     """
-    paths = tf.constant(files.paths, tf.string)
-    labels = tf.constant(np.asarray(files.labels, np.int32))
-    examples = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
-        lambda p, y: (decode_and_resize(p, image_size), y),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if cache:
-        examples = examples.cache(cache if isinstance(cache, str) else "")
+    examples = _decoded_examples(files, image_size, cache)
     transform = None
     layers = augmentation.layers(seed) if augmentation is not None else []
     if layers:

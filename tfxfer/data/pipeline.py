@@ -101,3 +101,10 @@ def stratified_split(
         val_idx.extend(idx[:n_val].tolist())
         train_idx.extend(idx[n_val:].tolist())
     return sorted(train_idx), sorted(val_idx)
+
+
+def maybe_cache(ds: tf.data.Dataset, cache: bool | str) -> tf.data.Dataset:
+    """Caches in memory (`True`), in the file `cache` names (a str), or not at all (`False`)."""
+    if not cache:
+        return ds
+    return ds.cache(cache if isinstance(cache, str) else "")

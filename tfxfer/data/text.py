@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.data.pipeline import TrainData, epoch_batches, stratified_split
+from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache, stratified_split
 from tfxfer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -323,9 +323,7 @@ def _tokenized(
             # Unbatching hides the size; Keras warns "ran out of data" on datasets of unknown size.
             .apply(tf.data.experimental.assert_cardinality(len(texts)))
         )
-    if cache:
-        ds = ds.cache(cache if isinstance(cache, str) else "")
-    return ds
+    return maybe_cache(ds, cache)
 
 
 def _decode_utf8(path: Path) -> str:
