@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -16,7 +15,7 @@ if REPO_ROOT not in sys.path:  # `import tfxfer` / `import recipes` without an i
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
-import tfxfer  # noqa: E402
+from tfxfer.data.synthetic import write_shapes_dataset  # noqa: E402
 
 UNREACHABLE_PROXY = "http://127.0.0.1:9"  # the discard port: connections fail at once
 
@@ -42,7 +41,7 @@ def offline(monkeypatch):
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> str:
     """A tiny three-class image folder (6 PNGs of 40 px per class)."""
-    return tfxfer.write_shapes_dataset(str(tmp_path_factory.mktemp("shapes") / "data"),
+    return write_shapes_dataset(str(tmp_path_factory.mktemp("shapes") / "data"),
                                        per_class=6, image_size=40, seed=0)
 
 
@@ -56,6 +55,7 @@ def image_recipe_run(shapes_dir, tmp_path_factory) -> dict:
 
     keras.utils.set_random_seed(0)
     output_dir = str(tmp_path_factory.mktemp("recipe") / "run")
-    config = dataclasses.replace(recipe.Config.smoke(shapes_dir, output_dir), export=True)
+    config = recipe.Config.smoke(data_dir=shapes_dir, test_dir=shapes_dir,
+                                 output_dir=output_dir, export=True)
     result = recipe.main(config)
     return {**result, "config": config}

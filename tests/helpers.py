@@ -16,7 +16,7 @@ import tensorflow as tf
 import tfxfer
 from tfxfer.backbones import Backbone, split_into_groups
 from tfxfer.backbones.vision import ImagePreprocessing
-from tfxfer.data.pipeline import TrainData
+from tfxfer.data.pipeline import TrainData, epoch_batches
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GROUPS = ("low", "mid", "top")
@@ -111,7 +111,7 @@ def tiny_arrays(n: int = 24, num_classes: int = 3, image_size: int = TINY_IMAGE_
 def tiny_train_data(images: np.ndarray, labels: np.ndarray, batch_size: int = 8,
                     seed: int = 0) -> TrainData:
     examples = tf.data.Dataset.from_tensor_slices((images, labels))
-    return tfxfer.epoch_batches(examples, num_examples=len(images), batch_size=batch_size,
+    return epoch_batches(examples, num_examples=len(images), batch_size=batch_size,
                                 seed=seed)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -12,6 +11,7 @@ from helpers import write_image
 from recipes import resnet50_image_classifier as recipe
 from tfxfer import cli
 from tfxfer.errors import DataError
+from tfxfer.recipe import command_line, field_comments
 
 
 def _json_lines(text):
@@ -64,37 +64,72 @@ def test_predict_with_a_missing_model_exits_2(tmp_path, capsys):
 
 
 def test_recipe_flags_come_from_its_config():
-    config = recipe.parse_args([
+    config = recipe.Config.from_flags([
         "--data-dir", "photos", "--image-size", "48", "--no-augment", "--hidden-units", "64,32",
         "--weights", "none", "--finetune-learning-rate", "3e-5", "--unfreeze", "2",
+        "--test-dir", "photos_test", "--layerwise-lr-decay", "0.7",
     ])
     assert isinstance(config, recipe.Config)
     assert (config.data_dir, config.image_size, config.augment) == ("photos", 48, False)
-    assert config.hidden_units == [64, 32] and config.weights == "none"
+    # "none" is None for a field that may be None: here, random initialisation.
+    assert config.hidden_units == [64, 32] and config.weights is None
     assert config.finetune_learning_rate == 3e-5 and config.unfreeze == "2"
-    defaults = recipe.parse_args([])
+    assert (config.test_dir, config.layerwise_lr_decay) == ("photos_test", 0.7)
+    defaults = recipe.Config.from_flags([])
     assert defaults == recipe.Config()
     with pytest.raises(SystemExit):
-        recipe.parse_args(["--image-size", "big"])
+        recipe.Config.from_flags(["--image-size", "big"])
+    with pytest.raises(SystemExit):
+        recipe.Config.from_flags(["--hidden-units", "64,wide"])
 
 
-def test_run_recipe_turns_tfxfer_errors_into_exit_2(capsys):
-    def main(config):
-        raise DataError(f"Data directory not found: {config!r}.")
+def test_help_shows_each_fields_comment_with_the_recipes_own_options_first(capsys):
+    with pytest.raises(SystemExit):
+        recipe.Config.from_flags(["--help"], recipe.__doc__)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "one subfolder per class; None draws the demo shapes (default: None)" in text
+    assert "per replica; the global batch is this times the replicas (default: 32)" in text
+    assert "python -m recipes.resnet50_image_classifier --data-dir photos/" in text
+    assert text.index("--data-dir") < text.index("--batch-size")  # recipe options first
+    # A redeclared field keeps the base class's comment, with the recipe's default.
+    from recipes.bert_text_classifier import Config as TextConfig
 
-    assert cli.run_recipe(main, lambda: "photos/") == 2
+    with pytest.raises(SystemExit):
+        TextConfig.from_flags(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "per replica; the global batch is this times the replicas (default: 16)" in text
+
+
+def test_field_comments_read_the_class_bodies():
+    comments = field_comments(recipe.Config)
+    assert comments["augment"] == "flips, small rotations, zoom, contrast (training only)"
+    assert comments["seed"].startswith("seeds the split")
+    assert "text_column" not in comments
+
+
+def test_error_boundary_turns_tfxfer_errors_into_exit_2(capsys):
+    def fail():
+        raise DataError("Data directory not found: 'photos/'.")
+
+    assert cli.error_boundary(fail) == 2
     captured = capsys.readouterr()
     assert captured.err == "tfxfer: error: Data directory not found: 'photos/'.\n"
-    assert cli.run_recipe(lambda config: None, lambda: "ok") == 0
+    assert cli.error_boundary(lambda: None) == 0
 
-    def buggy(config):
+    def buggy():
         raise KeyError("a bug in tfxfer keeps its traceback")
 
     with pytest.raises(KeyError):
-        cli.run_recipe(buggy, lambda: None)
+        cli.error_boundary(buggy)
 
 
-def test_cli_config_on_a_plain_parser():
-    config = cli.cli_config(argparse.ArgumentParser(), recipe.Config,
-                            ["--val-split", "0.5", "--overwrite", "--seed", "3"])
-    assert (config.val_split, config.overwrite, config.seed) == (0.5, True, 3)
+def test_command_line_runs_main_with_the_parsed_config(capsys):
+    seen = []
+    assert command_line(seen.append, recipe.Config, argv=["--seed", "3", "--overwrite"]) == 0
+    assert (seen[0].seed, seen[0].overwrite) == (3, True)
+
+    def main(config):
+        raise DataError(f"Data directory not found: {config.data_dir!r}.")
+
+    assert command_line(main, recipe.Config, argv=["--data-dir", "photos/"]) == 2
+    assert capsys.readouterr().err == "tfxfer: error: Data directory not found: 'photos/'.\n"

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfxfer import distribute
+from tfxfer import distribute, keras_compat
 from tfxfer.errors import TfxferError
 
 TWO_WORKERS = mh.tf_config([12345, 12346], 0)
@@ -181,6 +181,25 @@ def test_cluster_from_tf_config() -> None:
         {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}})}
     )
     assert info is not None and info.is_chief and info.worker_index == 0
+    # No "chief" job: worker 0 is the chief. An evaluator is not a training task.
+    cluster = {"worker": ["h:1", "h:2"], "evaluator": ["h:3"]}
+    for task_type, index, worker_index, is_chief in [
+        ("worker", 0, 0, True), ("worker", 1, 1, False), ("evaluator", 0, -1, False)
+    ]:
+        task = {"type": task_type, "index": index}
+        info = distribute.cluster_from_tf_config(
+            {"TF_CONFIG": json.dumps({"cluster": cluster, "task": task})}
+        )
+        assert info is not None and info.worker_count == 2
+        assert (info.worker_index, info.is_chief) == (worker_index, is_chief), task
+
+
+def test_is_chief_on_one_host() -> None:
+    # Multi-worker chiefs are checked in `test_multi_worker_trains_two_stages_like_one_process`.
+    assert distribute.is_chief(None)
+    assert distribute.is_chief(tf.distribute.get_strategy())
+    for name in ("cpu", "mirrored"):
+        assert distribute.is_chief(distribute.get_strategy(name))
 
 
 # === Mixed precision ===
@@ -207,9 +226,6 @@ def test_apply_mixed_precision_sets_and_restores_the_global_policy() -> None:
     finally:
         distribute.apply_mixed_precision(previous)
     assert keras.config.dtype_policy().name == before
-    with distribute.mixed_precision_scope("mixed_float16"):
-        assert keras.config.dtype_policy().name == "mixed_float16"
-    assert keras.config.dtype_policy().name == before
 
 
 def _tiny_model() -> keras.Model:
@@ -219,32 +235,36 @@ def _tiny_model() -> keras.Model:
 
 
 def test_keras_scales_the_loss_under_mixed_float16_at_every_compile() -> None:
-    """What `apply_mixed_precision` promises about loss scaling, checked on keras itself."""
-    with distribute.mixed_precision_scope("mixed_float16"):
-        model = _tiny_model()
-        for stage in range(2):  # A schedule recompiles once per stage.
-            model.layers[0].trainable = stage == 1
-            model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
-            assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-            x = np.ones((8, 3), "float32")
-            model.fit(x, np.ones((8, 1), "float32"), epochs=1, verbose=0)
-            assert model.layers[0].compute_dtype == "float16"
-            assert model.layers[0].kernel.dtype == "float32"
-        wrapped = model.optimizer
-        model.compile(optimizer=wrapped, loss="mse")
-        assert model.optimizer is wrapped  # Not wrapped twice.
-    with distribute.mixed_precision_scope("mixed_bfloat16"):
-        model = _tiny_model()
-        model.compile(optimizer="sgd", loss="mse")
-        assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    # The policy counts when the model is built, not when it is compiled.
+    """What `apply_mixed_precision` promises about loss scaling, checked on keras itself.
+
+    The autouse `_restore_dtype_policy` fixture puts the global policy back afterwards.
+    """
+    distribute.apply_mixed_precision("mixed_float16")
     model = _tiny_model()
-    with distribute.mixed_precision_scope("mixed_float16"):
-        model.compile(optimizer="sgd", loss="mse")
-        assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    for stage in range(2):  # A schedule recompiles once per stage.
+        model.layers[0].trainable = stage == 1
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        x = np.ones((8, 3), "float32")
+        model.fit(x, np.ones((8, 1), "float32"), epochs=1, verbose=0)
+        assert model.layers[0].compute_dtype == "float16"
+        assert model.layers[0].kernel.dtype == "float32"
+    wrapped = model.optimizer
+    model.compile(optimizer=wrapped, loss="mse")
+    assert model.optimizer is wrapped  # Not wrapped twice.
+    distribute.apply_mixed_precision("mixed_bfloat16")
+    model = _tiny_model()
+    model.compile(optimizer="sgd", loss="mse")
+    assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    # The policy counts when the model is built, not when it is compiled.
+    distribute.apply_mixed_precision("float32")
+    model = _tiny_model()
+    distribute.apply_mixed_precision("mixed_float16")
+    model.compile(optimizer="sgd", loss="mse")
+    assert not isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
-# === Batch size and learning rate ===
+# === Batch size ===
 
 
 def test_batch_sizes_on_one_replica() -> None:
@@ -256,13 +276,45 @@ def test_batch_sizes_on_one_replica() -> None:
             distribute.global_batch_size(bad, strategy)  # type: ignore[arg-type]
 
 
-def test_scaled_learning_rate() -> None:
-    assert distribute.scaled_learning_rate(0.1, 512, 256) == pytest.approx(0.2)
-    assert distribute.scaled_learning_rate(1e-3, 32, 32) == pytest.approx(1e-3)
-    with pytest.raises(TfxferError, match="base_lr"):
-        distribute.scaled_learning_rate(0, 32, 32)
-    with pytest.raises(TfxferError, match="reference_batch_size"):
-        distribute.scaled_learning_rate(0.1, 32, 0)
+# === Distribution ===
+
+
+def test_distribution_on_cpu_applies_the_policy_and_leaves_keras_unpatched() -> None:
+    was_patched = keras_compat.is_patched()
+    keras_compat.unpatch_keras_for_multi_worker()  # Whatever an earlier test left.
+    try:
+        distribution = distribute.Distribution(
+            "cpu", "mixed_bfloat16", per_replica_batch_size=8, scale_learning_rate=True
+        )
+        # The patch is for MultiWorkerMirroredStrategy only; one host runs stock Keras.
+        assert not keras_compat.is_patched()
+    finally:
+        if was_patched:
+            keras_compat.patch_keras_for_multi_worker()
+    assert isinstance(distribution.strategy, tf.distribute.OneDeviceStrategy)
+    # Set for the layers built next; the autouse `_restore_dtype_policy` fixture resets it.
+    assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    assert distribution.is_chief
+    assert distribution.describe() == {
+        "distribution": {
+            "strategy": "OneDeviceStrategy", "num_replicas": 1, "device_types": ["CPU"],
+            "worker_index": 0, "worker_count": 1, "is_chief": True,
+            "mixed_precision": "mixed_bfloat16", "per_replica_batch_size": 8,
+            "global_batch_size": 8, "learning_rate_scale": 1.0,
+        }
+    }
+    with distribution.scope():
+        layer = keras.layers.Dense(2)
+        layer.build((None, 3))
+    assert layer.compute_dtype == "bfloat16" and "CPU" in layer.kernel.value.device
+
+
+def test_distribution_checks_its_arguments_before_building_a_strategy() -> None:
+    assert distribute.Distribution("cpu").policy == "float32"  # "auto" on a CPU.
+    with pytest.raises(TfxferError, match="Received: per_replica_batch_size=0"):
+        distribute.Distribution("multi_worker", per_replica_batch_size=0)  # No TF_CONFIG here.
+    with pytest.raises(TfxferError, match="Received: mixed_precision='float16'"):
+        distribute.Distribution("cpu", "float16")
 
 
 # === Real multi-replica strategies, in child processes ===

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import subprocess
@@ -41,18 +40,21 @@ def test_run_directory_holds_everything(image_recipe_run):
         config = json.load(handle)
     assert config["backbone"] == "resnet50" and config["image_size"] == 32
     assert config["data"]["classes"] == ["circle", "square", "triangle"]
-    assert config["data"]["train_images"] + config["data"]["val_images"] == 18
+    assert config["data"]["train_examples"] + config["data"]["val_examples"] == 18
+    assert config["data"]["test_examples"] == 18  # --test-dir: the shapes folder again
+    assert config["backbone_info"]["groups"] == ["stem", "conv2", "conv3", "conv4", "conv5"]
 
     with open(os.path.join(run_dir, "class_names.json"), encoding="utf-8") as handle:
         assert json.load(handle) == ["circle", "square", "triangle"]
 
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as handle:
         metrics = json.load(handle)
-    assert set(metrics) == {"val"}
+    assert set(metrics) == {"val", "test"}
+    assert metrics["test"]["num_examples"] == 18
     val = metrics["val"]
     assert {"accuracy", "loss", "macro_f1", "per_class", "num_examples"} <= set(val)
     assert 0.0 <= val["accuracy"] <= 1.0 and 0.0 <= val["macro_f1"] <= 1.0
-    assert val["num_examples"] == config["data"]["val_images"]
+    assert val["num_examples"] == config["data"]["val_examples"]
     assert val == image_recipe_run["metrics"]["val"]
 
     with open(os.path.join(run_dir, "history.csv"), newline="", encoding="utf-8") as handle:
@@ -100,7 +102,7 @@ def test_resnet50_batchnorm_statistics_never_moved(image_recipe_run):
 
 def test_best_checkpoint_loads_into_the_recipe_model(image_recipe_run, tmp_path):
     config = image_recipe_run["config"]
-    _, model = recipe.build_model(config, 3)
+    _, model = recipe.build_model(config, recipe.build_data(config))
     model.load_weights(os.path.join(image_recipe_run["run_dir"], "checkpoints",
                                     "best.weights.h5"))
     assert model.predict(_raw_images(n=1), verbose=0).shape == (1, 3)
@@ -110,7 +112,7 @@ def test_best_checkpoint_loads_into_the_recipe_model(image_recipe_run, tmp_path)
 
 
 def _smoke(data_dir, output_dir, **changes):
-    return dataclasses.replace(recipe.Config.smoke(data_dir, output_dir), **changes)
+    return recipe.Config.smoke(data_dir=data_dir, output_dir=output_dir, **changes)
 
 
 def test_missing_data_dir(tmp_path):

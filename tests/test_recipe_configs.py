@@ -10,6 +10,7 @@ import pytest
 
 import recipes
 from tfxfer.errors import TfxferError
+from tfxfer.recipe import RecipeConfig
 
 RECIPES = sorted(m.name for m in pkgutil.iter_modules(recipes.__path__))
 
@@ -23,10 +24,13 @@ def test_recipe_shape_and_shipped_configs_validate(name):
     module = importlib.import_module(f"recipes.{name}")
     assert module.__doc__ and "python -m recipes." + name in module.__doc__
     assert dataclasses.is_dataclass(module.Config)
-    assert callable(module.main) and callable(module.parse_args)
+    assert issubclass(module.Config, RecipeConfig)
+    assert callable(module.main)
+    assert callable(module.build_data) and callable(module.build_model)
     module.Config().validate()
+    module.Config.smoke().validate()
     # Flags round-trip: parsing no flags gives the defaults.
-    assert module.parse_args([]) == module.Config()
+    assert module.Config.from_flags([]) == module.Config()
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -37,6 +41,9 @@ def test_recipe_shape_and_shipped_configs_validate(name):
     ("mixed_precision", "fp8", "mixed_precision='fp8'"),
     ("unfreeze", "most", "unfreeze='most'"),
     ("val_split", 1.5, "val_split=1.5"),
+    ("seed", -1, "seed=-1"),
+    ("output_dir", "", "output_dir=''"),
+    ("hidden_units", [64, 0], r"hidden_units=\[64, 0\]"),
 ])
 def test_bad_config_values_are_named(name, field, value, message):
     module = importlib.import_module(f"recipes.{name}")
@@ -57,9 +64,9 @@ def test_several_problems_are_reported_together(name):
 
 
 def test_flags_parse_into_typed_fields():
-    from recipes.bert_text_classifier import parse_args
+    from recipes.bert_text_classifier import Config
 
-    config = parse_args(["--batch-size", "4", "--hidden-units", "64,32", "--no-pretrained",
+    config = Config.from_flags(["--batch-size", "4", "--hidden-units", "64,32", "--no-pretrained",
                          "--layerwise-lr-decay", "0.8", "--lora-rank", "4"])
     assert config.batch_size == 4 and config.hidden_units == [64, 32]
     assert config.pretrained is False and config.layerwise_lr_decay == 0.8 and config.lora_rank == 4

@@ -187,10 +187,9 @@ def test_dropout_masks_replay_after_resume(tmp_path):
         images, labels = tiny_arrays(n=20)
         stages = [tfxfer.Stage("head", 2, learning_rate=1e-2),
                   tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3)]
-        loss, metrics = tfxfer.loss_and_metrics("single_label", 3)
-        tfxfer.run_schedule(model, backbone.layer_groups, stages,
-                            tiny_train_data(images, labels, batch_size=6), None, loss=loss,
-                            metrics=metrics, run_dir=RunDir(str(path), resume=resume),
+        tfxfer.run_schedule(model, backbone, stages,
+                            tiny_train_data(images, labels, batch_size=6), None,
+                            run_dir=RunDir(str(path), resume=resume),
                             config={}, callbacks=callbacks, verbose=0)
         return model
 

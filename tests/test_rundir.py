@@ -172,10 +172,9 @@ def _two_stage_run(run_dir: RunDir, config=None, callbacks=None, seed=0):
         tfxfer.Stage("head", 2, learning_rate=1e-2),
         tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3, layerwise_lr_decay=0.5),
     ]
-    loss, metrics = tfxfer.loss_and_metrics("single_label", 3)
     result = tfxfer.run_schedule(
-        model, backbone.layer_groups, stages, tiny_train_data(images, labels, batch_size=6),
-        tiny_val_data(images[:8], labels[:8]), loss=loss, metrics=metrics, run_dir=run_dir,
+        model, backbone, stages, tiny_train_data(images, labels, batch_size=6),
+        tiny_val_data(images[:8], labels[:8]), run_dir=run_dir,
         config=RESUME_CONFIG if config is None else config, callbacks=callbacks, verbose=0,
     )
     return model, result
@@ -244,3 +243,50 @@ def test_resume_without_a_checkpoint(tmp_path):
     with pytest.raises(RunDirError, match="no complete checkpoint"):
         _resumed_run(path, RESUME_CONFIG)
 
+
+
+def _renamed_tiny_model(prefix: str, seed: int = 0):
+    """The tiny model's architecture (same shapes, same order) with other layer names."""
+    import keras
+
+    from tfxfer.backbones import Backbone, split_into_groups
+    from tfxfer.backbones.vision import ImagePreprocessing
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((16, 16, 3))
+    x = inputs
+    for group, width in zip(("low", "mid", "top"), (4, 6, 8), strict=True):
+        x = keras.layers.Conv2D(width, 3, padding="same", name=f"{prefix}{group}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"{prefix}{group}_bn")(x)
+        x = keras.layers.ReLU(name=f"{prefix}{group}_relu")(x)
+    network = keras.Model(inputs, x, name=f"{prefix}network")
+    backbone = Backbone(
+        name=prefix, network=network,
+        preprocessor=ImagePreprocessing(16, "tf", name="image_preprocessing"),
+        output_kind="spatial", input_kind="image",
+        layer_groups=split_into_groups(network.layers,
+                                       [(g, f"{prefix}{g}_") for g in ("low", "mid", "top")]))
+    return backbone, tfxfer.build_model(backbone, 3, head=tfxfer.HeadConfig(dropout=0.0))
+
+
+def test_a_checkpoint_of_another_model_with_the_same_shapes_is_refused_by_path(tmp_path):
+    images, labels = tiny_arrays(n=12)
+    stages = [tfxfer.Stage("head", 1), tfxfer.Stage("finetune", 2, train="all")]
+    path = str(tmp_path / "run")
+
+    backbone, model = _renamed_tiny_model("first_")
+    with pytest.raises(KeyboardInterrupt):
+        tfxfer.run_schedule(model, backbone, stages, tiny_train_data(images, labels), None,
+                            run_dir=RunDir(path), callbacks=[InterruptAfterEpoch(2)], verbose=0)
+    other, other_model = _renamed_tiny_model("second_")
+    # Same number of variables, same shapes, same order: only the paths tell them apart.
+    assert [v.shape for v in other_model.variables] == [v.shape for v in model.variables]
+    with pytest.raises(RunDirError, match=r"made from another model.*'first_low_conv/kernel' "
+                                          r"saved, 'second_low_conv/kernel' now"):
+        tfxfer.run_schedule(other_model, other, stages, tiny_train_data(images, labels), None,
+                            run_dir=RunDir(path, resume=True), verbose=0)
+    # The same architecture under the same names resumes.
+    again, again_model = _renamed_tiny_model("first_", seed=3)
+    result = tfxfer.run_schedule(again_model, again, stages, tiny_train_data(images, labels),
+                                 None, run_dir=RunDir(path, resume=True), verbose=0)
+    assert result.resumed_from_epoch == 2 and len(result.history) == 3

@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 from helpers import (
     TINY_GROUPS,
+    TINY_IMAGE_SIZE,
     WeightSnapshots,
     backbone_layers,
     layer_weights,
     tiny_arrays,
+    tiny_backbone,
     tiny_model,
     tiny_train_data,
     tiny_val_data,
 )
 
 import tfxfer
+from tfxfer.backbones.base import LayerGroups
 from tfxfer.errors import TfxferError
 from tfxfer.schedule import (
     LayerwiseAdamW,
@@ -60,7 +63,7 @@ def test_stage_trainable_groups(train, expected):
     [
         (4, r"train=4 top groups, but the backbone has 3 groups"),
         (-1, r"train=-1"),
-        (["top", "conv9"], r"Unknown layer groups \['conv9'\].*\['low', 'mid', 'top'\]"),
+        (["top", "conv9"], r"Unknown layer group 'conv9'.*\['low', 'mid', 'top'\]"),
         ("everything", r"Expected `train` to be 'head', 'all', an int or a list.*'everything'"),
         (True, r"Received: train=True"),
     ],
@@ -81,7 +84,7 @@ def test_stage_trainable_groups_errors(train, match):
         ({"layerwise_lr_decay": 1.5}, r"layerwise_lr_decay must be in \(0, 1\]"),
         ({"layerwise_lr_decay": 0.5, "optimizer": "sgd"}, "needs optimizer 'adamw' or 'adam'"),
         ({"lora_rank": 0}, "lora_rank must be >= 1"),
-        ({"train": ["conv9"]}, "Unknown layer groups"),
+        ({"train": ["conv9"]}, "Unknown layer group"),
     ],
 )
 def test_stage_validate_errors(kwargs, match):
@@ -134,7 +137,7 @@ def _trainable_names(model):
 
 def test_apply_stage_sets_trainable_and_keeps_batchnorm_frozen():
     backbone, model = tiny_model()
-    groups = backbone.layer_groups
+    groups = LayerGroups.of(backbone)
     bn = keras.layers.BatchNormalization
 
     assert apply_stage(model, groups, Stage("head", 1)) == []
@@ -185,8 +188,10 @@ def test_make_optimizer_follows_the_stage():
     schedule = optimizer._learning_rate
     assert (schedule.peak, schedule.total_steps, schedule.warmup_steps) == (0.02, 10, 5)
     assert type(make_optimizer(Stage("s", 1, optimizer="adam"), 3)) is keras.optimizers.Adam
-    assert type(make_optimizer(Stage("s", 1), 3)) is keras.optimizers.AdamW
+    assert type(make_optimizer(Stage("s", 1), 3)) is LayerwiseAdamW
     assert type(make_optimizer(Stage("s", 1), 3, {"top_conv/kernel": 0.5})) is LayerwiseAdamW
+    # Fixed names: a numbered one ("adam_w_3") would change the optimizer variables' paths.
+    assert make_optimizer(Stage("s", 1), 3).name == make_optimizer(Stage("t", 1), 3).name
 
 
 def _one_layerwise_step(decay: float):
@@ -194,8 +199,9 @@ def _one_layerwise_step(decay: float):
     backbone, model = tiny_model()
     stage = Stage("all", 1, train="all", learning_rate=1e-2, warmup_fraction=0.0,
                   weight_decay=0.0, layerwise_lr_decay=decay)
-    trainable = apply_stage(model, backbone.layer_groups, stage)
-    multipliers = layerwise_multipliers(backbone.layer_groups, trainable, decay)
+    groups = LayerGroups.of(backbone)
+    trainable = apply_stage(model, groups, stage)
+    multipliers = layerwise_multipliers(groups, trainable, decay)
     model.compile(make_optimizer(stage, 1, multipliers), "sparse_categorical_crossentropy")
     images, labels = tiny_arrays(n=8)
     before = layer_weights(model.layers)
@@ -219,11 +225,12 @@ def test_layerwise_adamw_moves_lower_groups_less():
 
 def test_layerwise_multipliers():
     backbone, _ = tiny_model()
-    multipliers = layerwise_multipliers(backbone.layer_groups, ["mid", "top"], 0.5)
+    groups = LayerGroups.of(backbone)
+    multipliers = layerwise_multipliers(groups, ["mid", "top"], 0.5)
     assert multipliers["top_conv/kernel"] == 1.0 and multipliers["mid_conv/kernel"] == 0.5
     assert "low_conv/kernel" not in multipliers
-    assert layerwise_multipliers(backbone.layer_groups, GROUPS, None) == {}
-    assert layerwise_multipliers(backbone.layer_groups, GROUPS, 1.0) == {}
+    assert layerwise_multipliers(groups, GROUPS, None) == {}
+    assert layerwise_multipliers(groups, GROUPS, 1.0) == {}
 
 
 def test_layerwise_optimizer_survives_keras_save_and_load(tmp_path):
@@ -260,11 +267,11 @@ def staged_run(tmp_path_factory):
     ]
     snapshots = WeightSnapshots()
     run_dir = tfxfer.RunDir(str(tmp_path_factory.mktemp("staged") / "run"))
-    loss, metrics = tfxfer.loss_and_metrics("single_label", 3)
+    # No loss or metrics: the softmax head says which (sparse cross-entropy, accuracy).
     result = tfxfer.run_schedule(
-        model, backbone.layer_groups, stages, tiny_train_data(images, labels),
-        tiny_val_data(images[:9], labels[:9]), loss=loss, metrics=metrics, run_dir=run_dir,
-        callbacks=[snapshots], verbose=0,
+        model, backbone, stages, tiny_train_data(images, labels),
+        tiny_val_data(images[:9], labels[:9]), run_dir=run_dir, callbacks=[snapshots],
+        verbose=0,
     )
     return {"backbone": backbone, "model": model, "result": result, "run_dir": run_dir,
             "stages": dict(zip([s.name for s in stages], snapshots.stages, strict=True))}
@@ -340,3 +347,111 @@ def test_best_checkpoint_holds_the_best_epoch(staged_run):
     probabilities = np.array(fresh(images[:9], training=False))
     loss = -np.mean(np.log(probabilities[np.arange(9), labels[:9]]))
     assert loss == pytest.approx(result.best["value"], rel=1e-4)
+
+
+# === Weight decay ===
+
+
+def test_weight_decay_skips_biases_and_norms_and_follows_the_layerwise_rate():
+    """With zero gradients Adam's update is zero, so what moves a weight is the decay alone."""
+    backbone, model = tiny_model()
+    groups = LayerGroups.of(backbone)
+    stage = Stage("all", 1, train="all", learning_rate=0.1, warmup_fraction=0.0,
+                  weight_decay=0.5, layerwise_lr_decay=0.5)
+    trainable = apply_stage(model, groups, stage)
+    optimizer = make_optimizer(stage, 1, layerwise_multipliers(groups, trainable, 0.5))
+    variables = model.trainable_variables
+    optimizer.build(variables)
+    before = {v.path: np.array(v.numpy()) for v in variables}
+    lr = float(optimizer.learning_rate)
+    optimizer.apply([keras.ops.zeros_like(v) for v in variables], variables)
+    after = {v.path: np.array(v.numpy()) for v in variables}
+
+    def shrink(path):
+        return 1.0 - float(np.mean(after[path] / before[path]))
+
+    # Kernels decay by lr * weight_decay * their group's multiplier: 1, 0.5, 0.25 from the top.
+    assert shrink("predictions/kernel") == pytest.approx(lr * 0.5, rel=1e-4)
+    assert shrink("top_conv/kernel") == pytest.approx(lr * 0.5, rel=1e-4)
+    assert shrink("mid_conv/kernel") == pytest.approx(lr * 0.5 * 0.5, rel=1e-4)
+    assert shrink("low_conv/kernel") == pytest.approx(lr * 0.5 * 0.25, rel=1e-4)
+    # Biases and normalisation weights (one dimension) never decay.
+    one_dimensional = [p for p, value in before.items() if value.ndim < 2]
+    assert "predictions/bias" in one_dimensional and "top_conv/bias" in one_dimensional
+    for path in one_dimensional:
+        np.testing.assert_array_equal(after[path], before[path])
+
+
+# === Groups over several backbones ===
+
+
+def _two_backbone_model():
+    """Two tiny backbones side by side under one head: the shape of a fusion model."""
+    first, second = tiny_backbone(seed=0), tiny_backbone(seed=1)
+    second.network.name = "tiny_network_b"
+    second.namespace = "other"
+    first.namespace = "tiny"
+    inputs = keras.Input((TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3))
+    pooled = [keras.layers.GlobalAveragePooling2D()(b.network(inputs)) for b in (first, second)]
+    outputs = keras.layers.Dense(3, activation="softmax", name="predictions")(
+        keras.layers.Concatenate()(pooled))
+    return first, second, keras.Model(inputs, outputs)
+
+
+def test_groups_of_several_backbones_are_namespaced():
+    first, second, model = _two_backbone_model()
+    groups = LayerGroups.of([first, second])
+    assert groups.names == ["tiny/low", "tiny/mid", "tiny/top",
+                            "other/low", "other/mid", "other/top"]
+    # An int is the top k groups of every backbone; names may be full or unambiguous.
+    assert Stage("s", 1, train=1).trainable_groups(groups) == ["tiny/top", "other/top"]
+    assert Stage("s", 1, train=["other/mid"]).trainable_groups(groups) == ["other/mid"]
+    with pytest.raises(TfxferError, match=r"'top' is ambiguous.*'tiny/top', 'other/top'"):
+        Stage("s", 1, train=["top"]).trainable_groups(groups)
+    # Layer-wise rates count depth within each backbone.
+    assert groups.depth_from_top(groups.names) == {
+        "tiny/top": 0, "tiny/mid": 1, "tiny/low": 2, "other/top": 0, "other/mid": 1,
+        "other/low": 2}
+
+    trainable = apply_stage(model, groups, Stage("s", 1, train=["other/top", "tiny/mid"]))
+    assert trainable == ["tiny/mid", "other/top"]
+    paths = _trainable_names(model)
+    assert "predictions/kernel" in paths
+    assert [p for p in paths if p.endswith("conv/kernel")] == ["mid_conv/kernel", "top_conv/kernel"]
+    assert second.network.get_layer("top_conv").trainable
+    assert not first.network.get_layer("top_conv").trainable
+    with pytest.raises(TfxferError, match="distinct namespaces"):
+        second.namespace = "tiny"
+        LayerGroups.of([first, second])
+
+
+def test_one_backbone_answers_to_its_namespaced_names():
+    backbone, _ = tiny_model()
+    groups = LayerGroups.of(backbone)
+    assert groups.names == GROUPS
+    assert Stage("s", 1, train=["tiny/top"]).trainable_groups(groups) == ["top"]
+
+
+# === The best epoch ===
+
+
+def test_best_follows_the_declared_mode(tmp_path):
+    from tfxfer.train import resolve_monitor_mode
+
+    assert resolve_monitor_mode("val_loss") == "min"
+    assert resolve_monitor_mode("val_accuracy") == "max"
+    assert resolve_monitor_mode("val_misclassification_rate", "min") == "min"
+    # No guessing from a substring: this name holds "accuracy" but is to be minimised.
+    with pytest.raises(TfxferError, match="monitor_mode='min' or 'max'"):
+        resolve_monitor_mode("val_inaccuracy")
+
+    backbone, model = tiny_model()
+    images, labels = tiny_arrays(n=24)
+    result = tfxfer.run_schedule(
+        model, backbone, [Stage("head", 3, learning_rate=1e-2)], tiny_train_data(images, labels),
+        tiny_val_data(images[:9], labels[:9]), monitor="val_loss", monitor_mode="max",
+        run_dir=tfxfer.RunDir(str(tmp_path / "run")), verbose=0)
+    losses = [row["val_loss"] for row in result.history]
+    assert losses[-1] < losses[0]  # it learned, so "max" must pick another epoch than "min"
+    assert result.best["mode"] == "max"
+    assert result.best["epoch"] == int(np.argmax(losses)) + 1

@@ -382,7 +382,12 @@ def test_minilm_loads_from_the_package_with_its_digest_checked(minilm):
         384,
         30522,
     )
-    assert minilm.group_names == ["embeddings", *[f"layer_{i}" for i in range(6)], "pooler"]
+    layers = ["embeddings", *[f"layer_{i}" for i in range(6)]]
+    assert list(minilm.layer_groups) == [*layers, "pooler"]
+    # MiniLM was trained with mean pooling, which never reads the pooler: the backbone keeps
+    # it out of what a schedule trains and freezes it for every stage.
+    assert minilm.default_pooling == "mean" and minilm.group_names == layers
+    assert minilm.unused_layers() == minilm.layer_groups["pooler"]
 
 
 def test_minilm_embeddings_put_paraphrases_closer_than_unrelated_sentences(minilm):

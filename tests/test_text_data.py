@@ -6,6 +6,7 @@ twenty-word vocabulary, so nothing is downloaded and the suite stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,15 +18,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfxfer.data.datasets import make_datasets
+from tfxfer.data.examples import Examples, with_validation_split
 from tfxfer.data.text import (
-    TextExamples,
-    load_text_file,
-    load_text_folder,
+    load_texts,
     make_text_dataset,
-    split_stratified,
+    read_text_file,
+    read_text_folder,
     text_train_data,
 )
-from tfxfer.errors import DataError
+from tfxfer.errors import DataError, TfxferError
 
 VOCAB = [
     "[PAD]",
@@ -65,10 +67,11 @@ def test_csv_with_class_names_keeps_quoted_commas_and_newlines(tmp_path):
         'id,text,label\n1,"great, fun film",pos\n2,"awful\nplot",neg\n3,loved it,pos\n',
     )
 
-    data = load_text_file(path, val_split=0)
+    data = load_texts(path, val_split=0)
 
     assert data.class_names == ["neg", "pos"]
-    assert data.train.texts == ["great, fun film", "awful\nplot", "loved it"]
+    assert data.train.inputs == ["great, fun film", "awful\nplot", "loved it"]
+    assert data.kind == data.train.kind == "text" and data.train.source == path
     assert data.train.labels.tolist() == [1, 0, 1] and data.train.labels.dtype == np.int32
     assert data.counts == {"train": {"neg": 1, "pos": 2}}
     assert data.val is None and data.test is None and not data.multi_label
@@ -76,12 +79,12 @@ def test_csv_with_class_names_keeps_quoted_commas_and_newlines(tmp_path):
 
 def test_integer_labels_keep_their_values_as_class_ids(tmp_path):
     path = write(tmp_path / "train.csv", "text,label\na,2\nb,0\nc, 1\nd,02\n")
-    data = load_text_file(path, val_split=0)
+    data = load_texts(path, val_split=0)
     assert data.class_names == ["0", "1", "2"]
     assert data.train.labels.tolist() == [2, 0, 1, 2]
 
     path = write(tmp_path / "sparse.csv", "text,label\na,10\nb,2\n")
-    assert load_text_file(path, val_split=0).class_names == ["2", "10"]
+    assert load_texts(path, val_split=0).class_names == ["2", "10"]
 
 
 def test_jsonl_and_tsv_and_custom_columns(tmp_path):
@@ -93,19 +96,19 @@ def test_jsonl_and_tsv_and_custom_columns(tmp_path):
             {"review": "fun", "stars": "1"},
         ],
     )
-    data = load_text_file(jsonl, text_column="review", label_column="stars", val_split=0)
+    data = load_texts(jsonl, text_column="review", label_column="stars", val_split=0)
     assert data.class_names == ["0", "1"] and data.train.labels.tolist() == [1, 0, 1]
 
     tsv = write(tmp_path / "train.tsv", "text\tlabel\ngood, really\tpos\nbad\tneg\n")
-    data = load_text_file(tsv, val_split=0)
-    assert data.train.texts == ["good, really", "bad"] and data.class_names == ["neg", "pos"]
+    data = load_texts(tsv, val_split=0)
+    assert data.train.inputs == ["good, really", "bad"] and data.class_names == ["neg", "pos"]
 
 
 def test_multi_label_rows_become_multi_hot(tmp_path):
     csv_path = write(
         tmp_path / "train.csv", "text,label\na,sports|news\nb,news\nc,\nd, tech | news \n"
     )
-    data = load_text_file(csv_path, multi_label=True, val_split=0)
+    data = load_texts(csv_path, multi_label=True, val_split=0)
     assert data.class_names == ["news", "sports", "tech"] and data.multi_label
     np.testing.assert_array_equal(data.train.labels, [[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 0, 1]])
     assert data.train.labels.dtype == np.float32
@@ -115,22 +118,23 @@ def test_multi_label_rows_become_multi_hot(tmp_path):
         tmp_path / "train.jsonl", [{"text": "a", "label": ["x", "y"]}, {"text": "b", "label": []}]
     )
     np.testing.assert_array_equal(
-        load_text_file(jsonl, multi_label=True, val_split=0).train.labels, [[1, 1], [0, 0]]
+        load_texts(jsonl, multi_label=True, val_split=0).train.labels, [[1, 1], [0, 0]]
     )
 
 
 def test_empty_texts_are_skipped_and_counted(tmp_path, caplog):
     path = write(tmp_path / "train.csv", "text,label\ngood,pos\n,neg\n   ,pos\nbad,neg\n")
     with caplog.at_level(logging.WARNING, logger="tfxfer.data.text"):
-        data = load_text_file(path, val_split=0)
-    assert data.train.texts == ["good", "bad"]
-    assert data.train.skipped_empty == 2 and data.summary()["skipped_empty"] == 2
+        data = load_texts(path, val_split=0)
+    assert data.train.inputs == ["good", "bad"]
+    assert data.train.skipped == [f"{path} line 3", f"{path} line 4"]
+    assert data.summary()["skipped"] == 2
     assert "Skipped 2 example(s)" in caplog.text and "train.csv" in caplog.text
 
 
 def test_byte_order_mark_is_accepted(tmp_path):
     path = write(tmp_path / "train.csv", b"\xef\xbb\xbftext,label\nok,a\nfine,b\n")
-    assert load_text_file(path, val_split=0).train.texts == ["ok", "fine"]
+    assert load_texts(path, val_split=0).train.inputs == ["ok", "fine"]
 
 
 def test_val_and_test_files_use_the_training_class_names(tmp_path):
@@ -138,7 +142,7 @@ def test_val_and_test_files_use_the_training_class_names(tmp_path):
     val = write(tmp_path / "val.csv", "text,label\nd,emu\ne,cat\n")
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "f", "label": "dog"}])
 
-    data = load_text_file(train, val_path=val, test_path=test)
+    data = load_texts(train, val=val, test=test)
 
     assert len(data.train) == 3  # a val file replaces the split
     assert data.val.labels.tolist() == [2, 0] and data.test.labels.tolist() == [1]
@@ -153,37 +157,37 @@ def test_label_unseen_in_training_is_named(tmp_path):
     train = write(tmp_path / "train.csv", "text,label\na,cat\nb,dog\n")
     val = write(tmp_path / "val.csv", "text,label\nc,cat\nd,yak\n")
     with pytest.raises(DataError, match=r"\['yak'\]") as error:
-        load_text_file(train, val_path=val)
+        load_texts(train, val=val)
     assert "val.csv" in str(error.value) and "['cat', 'dog']" in str(error.value)
 
 
 def test_non_utf8_bytes_name_the_file_offset_and_line(tmp_path):
     path = write(tmp_path / "latin1.csv", b"text,label\nok,a\ncaf\xe9 au lait,b\n")
     with pytest.raises(DataError, match=r"byte 19 \(line 3\) is 0xe9") as error:
-        load_text_file(path)
+        load_texts(path)
     assert "latin1.csv" in str(error.value)
 
 
 def test_missing_columns_name_the_columns_found(tmp_path):
     path = write(tmp_path / "train.csv", "review,sentiment\ngood,pos\n")
     with pytest.raises(DataError, match=r"no column 'text'.*\['review', 'sentiment'\]"):
-        load_text_file(path)
+        load_texts(path)
     with pytest.raises(DataError, match=r"no column 'label'.*\['review', 'sentiment'\]"):
-        load_text_file(path, text_column="review")
+        load_texts(path, text_column="review")
     jsonl = write_jsonl(
         tmp_path / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "tag": "y"}]
     )
     with pytest.raises(DataError, match=r"line 2 has no key 'label'.*\['tag', 'text'\]"):
-        load_text_file(jsonl)
+        load_texts(jsonl)
 
 
 def test_missing_label_names_the_line(tmp_path):
     path = write(tmp_path / "train.csv", "text,label\na,x\nb,\nc,y\n")
     with pytest.raises(DataError, match=r"train.csv line 3 has an empty label"):
-        load_text_file(path)
+        load_texts(path)
     short_row = write(tmp_path / "short.csv", "text,label\na,x\nb\n")
     with pytest.raises(DataError, match="line 3"):
-        load_text_file(short_row)
+        load_texts(short_row)
 
 
 @pytest.mark.parametrize(
@@ -198,23 +202,49 @@ def test_missing_label_names_the_line(tmp_path):
 def test_bad_jsonl_lines_are_named(tmp_path, line, message):
     path = write(tmp_path / "train.jsonl", '{"text": "a", "label": "x"}\n' + line + "\n")
     with pytest.raises(DataError, match=message):
-        load_text_file(path)
+        load_texts(path)
 
 
 def test_bad_paths_and_suffixes_are_refused(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_text_file(str(tmp_path / "missing.csv"))
+        load_texts(str(tmp_path / "missing.csv"))
     with pytest.raises(DataError, match=r"\.jsonl"):
-        load_text_file(write(tmp_path / "train.xlsx", "x"))
+        load_texts(write(tmp_path / "train.xlsx", "x"))
     with pytest.raises(DataError, match="no examples"):
-        load_text_file(write(tmp_path / "blank.csv", "text,label\n ,a\n"))
+        load_texts(write(tmp_path / "blank.csv", "text,label\n ,a\n"))
     with pytest.raises(DataError, match="no column"):
-        load_text_file(write(tmp_path / "empty.csv", ""))
+        load_texts(write(tmp_path / "empty.csv", ""))
 
 
 def test_a_single_class_is_refused(tmp_path):
     with pytest.raises(DataError, match="only one class"):
-        load_text_file(write(tmp_path / "train.csv", "text,label\na,x\nb,x\n"))
+        load_texts(write(tmp_path / "train.csv", "text,label\na,x\nb,x\n"))
+
+
+def test_empty_label_separator_is_refused_in_multi_label_mode(tmp_path):
+    path = write(tmp_path / "train.csv", "text,label\na,x|y\nb,y\n")
+    with pytest.raises(DataError, match=r"`label_separator`.*non-empty.*label_separator=''"):
+        load_texts(path, multi_label=True, label_separator="")
+    with pytest.raises(DataError, match="label_separator"):
+        read_text_file(path, multi_label=True, label_separator="")
+    # Single-label rows never split, so the separator does not matter there.
+    assert load_texts(path, label_separator="", val_split=0).class_names == ["x|y", "y"]
+
+
+def test_missing_val_or_test_paths_are_named(tmp_path):
+    train = write(tmp_path / "train.csv", "text,label\na,x\nb,y\n")
+    with pytest.raises(DataError, match=r"nope.csv' does not exist.*CSV, TSV or JSONL"):
+        load_texts(train, test=str(tmp_path / "nope.csv"))
+    with pytest.raises(DataError, match=r"val_dir' does not exist"):
+        load_texts(train, val=str(tmp_path / "val_dir"))
+
+
+def test_read_text_file_with_the_training_class_names(tmp_path):
+    path = write(tmp_path / "test.csv", "text,label\na,dog\nb,dog\n")
+    examples = read_text_file(path, ["cat", "dog"])
+    assert examples.labels.tolist() == [1, 1] and examples.counts() == {"cat": 0, "dog": 2}
+    with pytest.raises(DataError, match="only one class"):
+        read_text_file(path)  # a training file needs two classes
 
 
 # === Class folders ===
@@ -229,34 +259,71 @@ def test_folder_classes_are_sorted_subfolders_of_txt_files(tmp_path, caplog):
     write(tmp_path / "test/neg/9.txt", "awful")
 
     with caplog.at_level(logging.WARNING, logger="tfxfer.data.text"):
-        data = load_text_folder(
-            str(tmp_path / "train"), test_directory=str(tmp_path / "test"), val_split=0
-        )
+        data = load_texts(str(tmp_path / "train"), test=str(tmp_path / "test"), val_split=0)
 
     assert data.class_names == ["neg", "pos"]
-    assert data.train.texts == ["boring", "loved it", "great\nfilm"]
+    assert data.train.inputs == ["boring", "loved it", "great\nfilm"]
     assert data.train.labels.tolist() == [0, 1, 1]
-    assert data.train.skipped_empty == 1 and "Skipped 1" in caplog.text
+    assert data.train.skipped == [str(tmp_path / "train/neg/2.txt")] and "Skipped 1" in caplog.text
+    assert data.train.ignored == 1 and data.summary()["ignored"] == 1
     assert data.test.labels.tolist() == [0]
 
 
 def test_folder_refusals(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_text_folder(str(tmp_path / "nope"))
+        load_texts(str(tmp_path / "nope"))
     write(tmp_path / "flat/a.txt", "x")
     with pytest.raises(DataError, match="no class subfolders"):
-        load_text_folder(str(tmp_path / "flat"))
+        load_texts(str(tmp_path / "flat"))
     write(tmp_path / "train/pos/1.txt", "good")
     (tmp_path / "train/neg").mkdir()
     with pytest.raises(DataError, match=r"\['neg'\].*no .txt"):
-        load_text_folder(str(tmp_path / "train"))
+        load_texts(str(tmp_path / "train"))
     write(tmp_path / "train/neg/1.txt", b"caf\xe9")
     with pytest.raises(DataError, match=r"1.txt is not UTF-8: byte 3"):
-        load_text_folder(str(tmp_path / "train"))
+        load_texts(str(tmp_path / "train"))
     write(tmp_path / "train/neg/1.txt", "bad")
     write(tmp_path / "val/meh/1.txt", "so so")
     with pytest.raises(DataError, match=r"\['meh'\]"):
-        load_text_folder(str(tmp_path / "train"), val_directory=str(tmp_path / "val"))
+        load_texts(str(tmp_path / "train"), val=str(tmp_path / "val"))
+    with pytest.raises(DataError, match="does not exist or is not a directory"):
+        read_text_folder(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="class folder.*multi-label data need a CSV"):
+        load_texts(str(tmp_path / "train"), multi_label=True)
+
+
+def test_files_and_folders_mix_and_load_notes_survive_the_split(tmp_path, caplog):
+    for i in range(4):
+        write(tmp_path / f"train/pos/{i}.txt", f"good {i}")
+        write(tmp_path / f"train/neg/{i}.txt", f"bad {i}")
+    write(tmp_path / "train/neg/empty.txt", "\n")
+    write(tmp_path / "train/neg/README.md", "ignored")
+    test = write_jsonl(
+        tmp_path / "test.jsonl", [{"text": "fine", "label": "pos"}, {"text": "", "label": "neg"}]
+    )
+
+    data = load_texts(str(tmp_path / "train"), test=test, val_split=0.5, seed=0)
+
+    assert (len(data.train), len(data.val), len(data.test)) == (4, 4, 1)
+    assert data.test.labels.tolist() == [1] and data.test.skipped == [f"{test} line 2"]
+    assert len(data.train.skipped) == 1 and data.train.ignored == 1
+    assert data.val.skipped == [] and data.val.ignored == 0
+    summary = data.summary()
+    assert summary["skipped"] == 2 and summary["ignored"] == 1
+    assert (summary["train_examples"], summary["val_examples"], summary["test_examples"]) == (
+        4, 4, 1)
+    assert summary["kind"] == "text" and summary["classes"] == ["neg", "pos"]
+    json.dumps(summary)
+
+
+def test_splits_must_share_the_training_class_names_and_kind():
+    train = examples([0, 1, 0, 1], class_names=["a", "b"])
+    other = examples([0, 1], class_names=["a", "c"])
+    with pytest.raises(DataError, match=r"test examples to use the training class.*\['a', 'b'\]"):
+        with_validation_split(train, None, other, val_split=0, seed=0)
+    images = Examples(["x.png", "y.png"], [0, 1], ["a", "b"], "image")
+    with pytest.raises(DataError, match="val examples of the training kind"):
+        with_validation_split(train, images, None, val_split=0, seed=0)
 
 
 # === Stratified split ===
@@ -267,7 +334,13 @@ def examples(labels, multi_label=False, class_names=None):
     names = class_names or [
         str(i) for i in range(labels.shape[1] if multi_label else labels.max() + 1)
     ]
-    return TextExamples([f"text {i}" for i in range(len(labels))], labels, names, multi_label)
+    texts = [f"text {i}" for i in range(len(labels))]
+    return Examples(texts, labels, names, "text", multi_label)
+
+
+def split_stratified(data, fraction, *, seed=0):
+    split = with_validation_split(data, None, None, val_split=fraction, seed=seed)
+    return split.train, split.val
 
 
 def test_split_is_stratified_seeded_and_keeps_file_order():
@@ -277,11 +350,11 @@ def test_split_is_stratified_seeded_and_keeps_file_order():
 
     assert val.counts() == {"0": 10, "1": 6, "2": 1, "3": 0}
     assert train.counts() == {"0": 40, "1": 24, "2": 1, "3": 1}
-    assert sorted(train.texts + val.texts, key=lambda t: int(t.split()[1])) == data.texts
-    assert train.texts == sorted(train.texts, key=lambda t: int(t.split()[1]))
+    assert sorted(train.inputs + val.inputs, key=lambda t: int(t.split()[1])) == data.inputs
+    assert train.inputs == sorted(train.inputs, key=lambda t: int(t.split()[1]))
     again_train, again_val = split_stratified(data, 0.2, seed=7)
-    assert again_val.texts == val.texts
-    assert split_stratified(data, 0.2, seed=8)[1].texts != val.texts
+    assert again_val.inputs == val.inputs
+    assert split_stratified(data, 0.2, seed=8)[1].inputs != val.inputs
 
 
 def test_multi_label_split_keeps_rare_labels_on_both_sides():
@@ -291,20 +364,29 @@ def test_multi_label_split_keeps_rare_labels_on_both_sides():
     assert len(train) + len(val) == len(rows)
 
 
-@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5])
+@pytest.mark.parametrize("fraction", [1, -0.1, 1.5, True])
 def test_split_fraction_outside_zero_one_is_refused(fraction):
     with pytest.raises(DataError, match="fraction"):
         split_stratified(examples([0, 1, 0, 1]), fraction)
 
 
-def test_load_text_file_splits_the_training_file(tmp_path):
+def test_no_split_when_the_fraction_is_zero_or_a_val_set_is_given():
+    data = examples([0, 1] * 5)
+    train, val = split_stratified(data, 0)
+    assert train is data and val is None
+    val = examples([1, 0])
+    split = with_validation_split(data, val, None, val_split=0.5, seed=0)
+    assert split.train is data and split.val is val
+
+
+def test_load_texts_splits_the_training_file(tmp_path):
     rows = "".join(f"text {i},{'pos' if i % 3 else 'neg'}\n" for i in range(30))
-    data = load_text_file(
+    data = load_texts(
         write(tmp_path / "train.csv", "text,label\n" + rows), val_split=0.2, seed=1
     )
     assert (len(data.train), len(data.val)) == (24, 6)
     assert data.counts["val"] == {"neg": 2, "pos": 4}
-    assert not set(data.train.texts) & set(data.val.texts)
+    assert not set(data.train.inputs) & set(data.val.inputs)
 
 
 # === Pipelines ===
@@ -378,3 +460,63 @@ def test_text_train_data_replays_any_epoch(preprocessor):
     np.testing.assert_array_equal(resumed, epoch_1)
     x, _ = next(iter(train.build(0)))
     assert x["token_ids"].shape == (6, 8)
+
+
+# === make_datasets ===
+
+
+@pytest.fixture(scope="module")
+def bert_backbone(tmp_path_factory):
+    from bert_helpers import write_hf_checkpoint
+
+    from tfxfer.backbones import build_backbone
+
+    path = tmp_path_factory.mktemp("bert") / "hf_bert"
+    write_hf_checkpoint(path)
+    return build_backbone(str(path), sequence_length=8)
+
+
+@pytest.fixture
+def review_data(tmp_path):
+    rows = "".join(f"the film was {'great' if i % 2 else 'awful'},{i % 2}\n" for i in range(12))
+    train = write(tmp_path / "train.csv", "text,label\n" + rows)
+    test = write(tmp_path / "test.csv", "text,label\ngood plot,1\nbad acting,0\nfun,1\n")
+    return load_texts(train, test=test, val_split=0.25, seed=0)
+
+
+def test_make_datasets_for_text_tokenizes_with_the_backbone(bert_backbone, review_data):
+    train, val, test = make_datasets(review_data, bert_backbone, batch_size=4, seed=2)
+
+    assert (len(review_data.train), len(review_data.val)) == (8, 4)
+    assert train.steps_per_epoch == 2
+    x, y = next(iter(train.build(0)))
+    assert x["token_ids"].shape == (4, 8) and y.dtype == tf.int32
+    (val_x, val_y), = list(val)
+    expected = bert_backbone.preprocessor(tf.constant(review_data.val.inputs))
+    np.testing.assert_array_equal(val_x["token_ids"], expected["token_ids"])
+    assert val_y.numpy().tolist() == review_data.val.labels.tolist()
+    assert [y.numpy().tolist() for _, y in test] == [[1, 0, 1]]
+    resumed = [y.numpy().tolist() for _, y in train.build(1).take(2)]
+    from_start = [y.numpy().tolist() for _, y in train.build(0).take(4)]
+    assert resumed == from_start[2:]
+
+
+def test_make_datasets_keeps_raw_strings_without_a_preprocessor(bert_backbone, review_data):
+    hub_like = dataclasses.replace(bert_backbone, preprocessor=None)
+    datasets = make_datasets(review_data, hub_like, batch_size=3, cache=False)
+    x, _ = next(iter(datasets.test))
+    assert x.numpy().tolist() == [b"good plot", b"bad acting", b"fun"]
+    assert datasets.train.build(0).element_spec[0].dtype == tf.string
+
+
+def test_make_datasets_refuses_text_for_an_image_backbone_and_text_augmentation(
+    bert_backbone, review_data
+):
+    from helpers import tiny_backbone
+
+    from tfxfer.data.images import Augmentation
+
+    with pytest.raises(TfxferError, match="data are text but the backbone 'tiny' takes images"):
+        make_datasets(review_data, tiny_backbone(), batch_size=4)
+    with pytest.raises(TfxferError, match="Augmentation applies to images only"):
+        make_datasets(review_data, bert_backbone, batch_size=4, augmentation=Augmentation())

@@ -21,8 +21,12 @@ from hub_helpers import SentenceEncoder
 
 import tfxfer
 from recipes.bert_text_classifier import Config, main
-from tfxfer.data.text import make_text_dataset, text_train_data
-from tfxfer.errors import DataError, TfxferError
+from tfxfer.backbones.base import LayerGroups
+from tfxfer.data.examples import Examples, LabelledData
+from tfxfer.data.pipeline import TrainData
+from tfxfer.data.text import make_text_dataset
+from tfxfer.errors import DataError, RunDirError, TfxferError
+from tfxfer.schedule import apply_stage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +65,7 @@ def text_files(tmp_path_factory):
 def finished_run(bert_dir, text_files, tmp_path_factory):
     train, test = text_files
     output = tmp_path_factory.mktemp("runs") / "run"
-    config = Config.smoke(train, str(output), bert_dir)
+    config = Config.smoke(train=train, output_dir=str(output), backbone=bert_dir)
     config.test, config.export = test, True
     return main(config)
 
@@ -79,7 +83,9 @@ def test_run_directory_holds_every_artifact(finished_run):
     assert metrics["test"]["num_examples"] == 4
     assert json.loads((run / "class_names.json").read_text()) == ["neg", "pos"]
     config = json.loads((run / "config.json").read_text())
-    assert config["data"]["train_texts"] + config["data"]["val_texts"] == 40
+    assert config["data"]["train_examples"] + config["data"]["val_examples"] == 40
+    assert config["backbone_info"]["pooling"] == "cls"
+    assert "pooler" in config["backbone_info"]["groups"]
     assert config["distribution"]["global_batch_size"] == 8
 
 
@@ -110,16 +116,19 @@ def test_metrics_json_matches_the_reloaded_model_on_the_test_file(finished_run, 
     assert accuracy == pytest.approx(finished_run["metrics"]["test"]["accuracy"])
 
 
-def _tiny_text_setup(bert_dir, stages, sequence_length=16):
+def _tiny_text_setup(bert_dir, sequence_length=16):
     backbone = tfxfer.build_backbone(bert_dir, sequence_length=sequence_length)
     model = tfxfer.build_model(backbone, 2, head=tfxfer.HeadConfig(pooling="mean", dropout=0.0))
     texts = POSITIVE + NEGATIVE
     labels = np.array([1] * len(POSITIVE) + [0] * len(NEGATIVE), np.int32)
-    examples = tfxfer.data.text.TextExamples(texts, labels, ["neg", "pos"])
-    train = text_train_data(examples, backbone.preprocessor, batch_size=10)
-    loss, metrics = tfxfer.loss_and_metrics("single_label", 2)
-    unused = backbone.layer_groups.pop("pooler")  # mean pooling never reads the pooler
-    return backbone, model, train, loss, metrics, unused
+    data = LabelledData(Examples(texts, labels, ["neg", "pos"], "text"), None, None,
+                        ["neg", "pos"], "text")
+    train = tfxfer.make_datasets(data, backbone, batch_size=10).train
+    # Mean pooling never reads the pooler: the backbone itself keeps it out of the schedule.
+    assert backbone.head_pooling == "mean" and "pooler" not in backbone.group_names
+    unused = backbone.unused_layers()
+    assert unused == backbone.layer_groups["pooler"]
+    return backbone, model, train, unused
 
 
 def _values(layers):
@@ -128,14 +137,12 @@ def _values(layers):
 
 def test_lora_stage_trains_only_adapters_and_head(bert_dir):
     stages = [tfxfer.Stage("lora", 1, train="all", learning_rate=1e-2, lora_rank=2)]
-    backbone, model, train, loss, metrics, unused = _tiny_text_setup(bert_dir, stages)
+    backbone, model, train, unused = _tiny_text_setup(bert_dir)
     backbone_layers = [layer for group in backbone.layer_groups.values() for layer in group]
     head = model.get_layer("predictions")
     before, head_before = _values(backbone_layers), head.kernel.numpy().copy()
 
-    tfxfer.run_schedule(model, backbone.layer_groups, stages, train, None, loss=loss,
-                        metrics=metrics, lora_targets=backbone.lora_targets,
-                        frozen_layers=unused, verbose=0)
+    tfxfer.run_schedule(model, backbone, stages, train, None, verbose=0)
 
     after = _values(backbone_layers)
     adapters = [p for p in after if p.rsplit("/", 1)[-1].startswith("lora_kernel")]
@@ -157,7 +164,7 @@ def test_lora_needs_a_backbone_with_adapter_targets():
     model = tfxfer.build_model(backbone, 2)
     stage = tfxfer.Stage("lora", 1, train="all", lora_rank=2)
     with pytest.raises(TfxferError, match="LoRA"):
-        tfxfer.apply_stage(model, backbone.layer_groups, stage, backbone.lora_targets)
+        apply_stage(model, LayerGroups.of(backbone), stage)
 
 
 def test_layerwise_lr_decay_moves_lower_bert_layers_less(bert_dir):
@@ -165,14 +172,13 @@ def test_layerwise_lr_decay_moves_lower_bert_layers_less(bert_dir):
     stages = [tfxfer.Stage("finetune", 1, train="all", learning_rate=1e-3, optimizer="adamw",
                            weight_decay=0.0, warmup_fraction=0.0, decay="constant",
                            layerwise_lr_decay=decay)]
-    backbone, model, train, loss, metrics, unused = _tiny_text_setup(bert_dir, stages)
-    groups = backbone.layer_groups
+    backbone, model, train, unused = _tiny_text_setup(bert_dir)
+    groups = backbone.trainable_groups()
     before = {name: _values(layers) for name, layers in groups.items()}
     # One step: Adam's first update is lr * sign(gradient) per weight, so a moved weight moves
     # by its group's learning rate.
-    one_step = tfxfer.TrainData(train.build, 1)
-    tfxfer.run_schedule(model, groups, stages, one_step, None, loss=loss, metrics=metrics,
-                        frozen_layers=unused, verbose=0)
+    one_step = TrainData(train.build, 1)
+    tfxfer.run_schedule(model, backbone, stages, one_step, None, verbose=0)
 
     def typical_change(name):
         # Median over the weights that moved (an embedding row moves only if its token occurs).
@@ -189,7 +195,7 @@ def test_layerwise_lr_decay_moves_lower_bert_layers_less(bert_dir):
 def test_multi_label_rows_train_sigmoid_outputs(bert_dir, tmp_path):
     rows = [(t, "pos|fun") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
     train = write_csv(tmp_path / "multi.csv", rows * 2)
-    config = Config.smoke(train, str(tmp_path / "run"), bert_dir)
+    config = Config.smoke(train=train, output_dir=str(tmp_path / "run"), backbone=bert_dir)
     config.multi_label, config.finetune_epochs = True, 0
     result = main(config)
     assert result["class_names"] == ["fun", "neg", "pos"]
@@ -205,7 +211,7 @@ def test_multi_label_rows_train_sigmoid_outputs(bert_dir, tmp_path):
 def test_label_only_in_test_file_is_named(bert_dir, text_files, tmp_path):
     train, _ = text_files
     test = write_csv(tmp_path / "test.csv", [("great movie", "pos"), ("meh", "neutral")])
-    config = Config.smoke(train, str(tmp_path / "run"), bert_dir)
+    config = Config.smoke(train=train, output_dir=str(tmp_path / "run"), backbone=bert_dir)
     config.test = test
     with pytest.raises(DataError, match="neutral"):
         main(config)
@@ -215,13 +221,13 @@ def test_label_only_in_test_file_is_named(bert_dir, text_files, tmp_path):
 def test_missing_label_column_names_the_columns_found(bert_dir, tmp_path):
     train = write_csv(tmp_path / "train.csv", [(t, "pos") for t in POSITIVE],
                       header=("review", "stars"))
-    config = Config.smoke(train, str(tmp_path / "run"), bert_dir)
+    config = Config.smoke(train=train, output_dir=str(tmp_path / "run"), backbone=bert_dir)
     with pytest.raises(DataError, match="review"):
         main(config)
 
 
 def test_sequence_length_above_the_model_maximum(bert_dir, text_files, tmp_path):
-    config = Config.smoke(text_files[0], str(tmp_path / "run"), bert_dir)
+    config = Config.smoke(train=text_files[0], output_dir=str(tmp_path / "run"), backbone=bert_dir)
     config.sequence_length = 4096
     with pytest.raises(TfxferError, match="4096"):
         main(config)
@@ -230,8 +236,8 @@ def test_sequence_length_above_the_model_maximum(bert_dir, text_files, tmp_path)
 def test_existing_run_is_not_overwritten(finished_run, bert_dir, text_files):
     run = Path(finished_run["run_dir"])
     before = (run / "metrics.json").read_bytes()
-    with pytest.raises(tfxfer.RunDirError, match="--overwrite"):
-        main(Config.smoke(text_files[0], str(run), bert_dir))
+    with pytest.raises(RunDirError, match="--overwrite"):
+        main(Config.smoke(train=text_files[0], output_dir=str(run), backbone=bert_dir))
     assert (run / "metrics.json").read_bytes() == before
 
 
@@ -257,7 +263,7 @@ def test_make_text_dataset_batches_token_dicts(bert_dir):
 def test_recipe_trains_on_a_tf_hub_text_model(text_files, tmp_path):
     hub_dir = str(tmp_path / "encoder")
     tf.saved_model.save(SentenceEncoder(), hub_dir)
-    config = Config.smoke(text_files[0], str(tmp_path / "run"), f"hub:{hub_dir}")
+    config = Config.smoke(train=text_files[0], output_dir=str(tmp_path / "run"), backbone=f"hub:{hub_dir}")
     config.export = True
     result = main(config)
     assert result["backbone"].output_kind == "vector"
@@ -292,15 +298,11 @@ def test_cli_evaluate_refuses_labels_the_model_never_saw(finished_run, tmp_path,
 def test_full_finetune_after_a_lora_stage_trains_the_backbone_again(bert_dir):
     stages = [tfxfer.Stage("lora", 1, train="all", learning_rate=1e-2, lora_rank=2),
               tfxfer.Stage("finetune", 1, train="all", learning_rate=1e-3)]
-    backbone, model, train, loss, metrics, unused = _tiny_text_setup(bert_dir, stages)
+    backbone, model, train, unused = _tiny_text_setup(bert_dir)
     layer = backbone.layer_groups["layer_0"][0]
-    tfxfer.run_schedule(model, backbone.layer_groups, stages[:1], train, None, loss=loss,
-                        metrics=metrics, lora_targets=backbone.lora_targets,
-                        frozen_layers=unused, verbose=0)
+    tfxfer.run_schedule(model, backbone, stages[:1], train, None, verbose=0)
     after_lora = {v.path: v.numpy().copy() for v in layer.weights}
-    tfxfer.run_schedule(model, backbone.layer_groups, stages[1:], train, None, loss=loss,
-                        metrics=metrics, lora_targets=backbone.lora_targets,
-                        frozen_layers=unused, verbose=0)
+    tfxfer.run_schedule(model, backbone, stages[1:], train, None, verbose=0)
     after = {v.path: v.numpy() for v in layer.weights}
     moved = {p for p in after if not np.allclose(after_lora[p], after[p])}
     # Every weight the LoRA stage froze trains again; the adapted query/value projections
@@ -317,7 +319,7 @@ def test_full_finetune_after_a_lora_stage_trains_the_backbone_again(bert_dir):
 
 def test_a_run_repeats_exactly_with_the_same_seed(bert_dir, text_files, tmp_path):
     def losses(name, seed):
-        config = Config.smoke(text_files[0], str(tmp_path / name), bert_dir)
+        config = Config.smoke(train=text_files[0], output_dir=str(tmp_path / name), backbone=bert_dir)
         config.seed, config.finetune_epochs = seed, 0
         return [row["loss"] for row in main(config)["history"]]
 

@@ -1,8 +1,21 @@
 """tfxfer: transfer learning on Keras 3 with TensorFlow.
 
 A pretrained backbone, a pooling + dense head, a staged freeze-then-finetune schedule, and
-`tf.distribute` underneath. The recipes in `recipes/` show the whole path; this module is
-the API they are built from.
+`tf.distribute` underneath. The common case is one recipe call; the parts below are what the
+recipes are built from, the same for images and text:
+
+```python
+import tfxfer
+
+data = tfxfer.load_texts("reviews.csv", test="reviews_test.csv")   # or tfxfer.load_images(dir)
+backbone = tfxfer.build_backbone("minilm-l6", sequence_length=64)
+model = tfxfer.build_model(backbone, len(data.class_names))
+train, val, test = tfxfer.make_datasets(data, backbone, batch_size=16)
+tfxfer.run_schedule(model, backbone, tfxfer.default_schedule(), train, val)
+```
+
+Plumbing (strategies, pipelines' building blocks, the recipe skeleton, reports) lives in the
+submodules: `tfxfer.distribute`, `tfxfer.data`, `tfxfer.recipe`, `tfxfer.report`, ...
 """
 
 import os
@@ -11,65 +24,36 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from tfxfer.backbones import Backbone, build_backbone, known_backbones  # noqa: E402
-from tfxfer.cli import cli_config, run_recipe  # noqa: E402
-from tfxfer.data.images import (  # noqa: E402
-    Augmentation,
-    image_train_data,
-    load_image_folder,
-    make_image_dataset,
-)
-from tfxfer.data.pipeline import TrainData, epoch_batches  # noqa: E402
-from tfxfer.data.synthetic import write_shapes_dataset  # noqa: E402
-from tfxfer.errors import DataError, RunDirError, TfxferError, WeightsError  # noqa: E402
-from tfxfer.export import export_saved_model, load_model, save_model  # noqa: E402
+from tfxfer.data.datasets import make_datasets  # noqa: E402
+from tfxfer.data.examples import LabelledData  # noqa: E402
+from tfxfer.data.images import load_images  # noqa: E402
+from tfxfer.data.text import load_texts  # noqa: E402
+from tfxfer.errors import TfxferError  # noqa: E402
+from tfxfer.export import export_saved_model, load_model  # noqa: E402
 from tfxfer.heads import HeadConfig  # noqa: E402
-from tfxfer.model import build_model, loss_and_metrics  # noqa: E402
-from tfxfer.run import Session, finish_run, open_run, validate_config  # noqa: E402
+from tfxfer.model import build_model  # noqa: E402
 from tfxfer.rundir import RunDir  # noqa: E402
-from tfxfer.schedule import (  # noqa: E402
-    Stage,
-    apply_stage,
-    default_schedule,
-    gradual_unfreezing,
-    validate_schedule,
-)
-from tfxfer.train import TrainResult, run_schedule  # noqa: E402
+from tfxfer.schedule import Stage, default_schedule, gradual_unfreezing  # noqa: E402
+from tfxfer.train import run_schedule  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Augmentation",
     "Backbone",
-    "DataError",
     "HeadConfig",
+    "LabelledData",
     "RunDir",
-    "RunDirError",
-    "Session",
     "Stage",
     "TfxferError",
-    "TrainData",
-    "TrainResult",
-    "WeightsError",
-    "apply_stage",
     "build_backbone",
     "build_model",
-    "cli_config",
     "default_schedule",
-    "epoch_batches",
     "export_saved_model",
-    "finish_run",
     "gradual_unfreezing",
-    "image_train_data",
     "known_backbones",
-    "load_image_folder",
+    "load_images",
     "load_model",
-    "loss_and_metrics",
-    "make_image_dataset",
-    "open_run",
-    "run_recipe",
+    "load_texts",
+    "make_datasets",
     "run_schedule",
-    "save_model",
-    "validate_config",
-    "validate_schedule",
-    "write_shapes_dataset",
 ]

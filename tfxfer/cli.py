@@ -1,60 +1,28 @@
-"""Command-line plumbing: flags from a recipe's `Config` dataclass, clean errors, `tfxfer`.
+"""The `tfxfer` command (backbones, predict, evaluate, export) and the one error boundary.
 
-A recipe's flags are its `Config` fields (`image_size` becomes `--image-size`), so the two
-never drift apart. `run_recipe` runs a recipe's `main` and turns a `TfxferError` into its
-message and exit status 2: a user with a wrong path reads one sentence, not a traceback.
+`error_boundary` turns a `TfxferError` into its message and exit status 2, for this command
+and for every recipe run from the command line (`tfxfer.recipe.command_line`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
 import sys
-import typing
 from collections.abc import Callable
 from typing import Any
 
 from tfxfer.errors import TfxferError
 
 
-def _parse_list_of_ints(text: str) -> list[int]:
-    return [int(part) for part in text.replace(",", " ").split()] if text.strip() else []
+def error_boundary(action: Callable[[], Any]) -> int:
+    """Runs `action`: exit status 0, or 2 with the message alone for a `TfxferError`.
 
-
-def cli_config(parser: argparse.ArgumentParser, config_cls: type, argv: list[str] | None = None):
-    """Adds one flag per field of `config_cls` to `parser`, parses `argv`, returns a config."""
-    hints = typing.get_type_hints(config_cls)
-    defaults = config_cls()
-    for field in dataclasses.fields(config_cls):
-        flag = "--" + field.name.replace("_", "-")
-        hint = hints[field.name]
-        default = getattr(defaults, field.name)
-        kind = typing.get_args(hint) or (hint,)
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif typing.get_origin(hint) is list:
-            parser.add_argument(flag, type=_parse_list_of_ints, default=default,
-                                help=f"comma-separated integers (default: {default})")
-        elif int in kind and hint is not bool:
-            parser.add_argument(flag, type=int, default=default, help=f"(default: {default})")
-        elif float in kind:
-            parser.add_argument(flag, type=float, default=default, help=f"(default: {default})")
-        else:
-            parser.add_argument(flag, type=str, default=default, help=f"(default: {default})")
-    args = parser.parse_args(argv)
-    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
-
-
-def run_recipe(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> int:
-    """Runs a recipe from the command line: exit 0 on success, 2 with a message on bad input."""
-    # tfxfer's own INFO lines (skipped files, resume points); other libraries' only from WARNING.
-    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
-    logging.getLogger("tfxfer").setLevel(logging.INFO)
-    config = parse_args()
+    A user with a wrong path reads one sentence, not a traceback. Any other exception is a
+    bug in tfxfer and keeps its traceback.
+    """
     try:
-        main(config)
+        action()
     except TfxferError as error:
         print(f"tfxfer: error: {error}", file=sys.stderr)
         return 2
@@ -113,23 +81,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.images_dir:
         from tfxfer.data.images import make_image_dataset, scan_image_folder
 
-        files = scan_image_folder(args.images_dir, class_names)
+        examples = scan_image_folder(args.images_dir, class_names)
         size = model.get_layer("image_preprocessing").image_size
         labels, probabilities = report.collect(
-            model, make_image_dataset(files, image_size=size, batch_size=args.batch_size))
+            model, make_image_dataset(examples, image_size=size, batch_size=args.batch_size))
     elif args.text_file:
-        from tfxfer.data.text import load_text_file
+        from tfxfer.data.text import read_text_file
         from tfxfer.errors import DataError
 
-        data = load_text_file(args.text_file, text_column=args.text_column,
-                              label_column=args.label_column, val_split=0)
-        unknown = sorted(set(data.class_names) - set(class_names))
+        examples = read_text_file(args.text_file, text_column=args.text_column,
+                                  label_column=args.label_column)
+        unknown = sorted(set(examples.class_names) - set(class_names))
         if unknown:
             raise DataError(f"Labels {unknown} in {args.text_file!r} are not among the model's "
                             f"classes {class_names}.")
-        index = [class_names.index(name) for name in data.class_names]
-        labels = np.asarray(index)[data.train.labels]
-        probabilities = np.asarray(model.predict(list(data.train.texts),
+        index = [class_names.index(name) for name in examples.class_names]
+        labels = np.asarray(index)[examples.labels]
+        probabilities = np.asarray(model.predict(list(examples.inputs),
                                                  batch_size=args.batch_size, verbose=0))
     else:
         raise TfxferError("Pass --images-dir DIR or --text-file FILE to evaluate on.")
@@ -176,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--output", required=True, help="directory for the SavedModel")
     export.set_defaults(run=_cmd_export)
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except TfxferError as error:
-        print(f"tfxfer: error: {error}", file=sys.stderr)
-        return 2
+    return error_boundary(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ A config names its hardware with one word ("auto", "cpu", "mirrored", "multi_wor
 and says in plain words what is wrong when the environment does not match the request (no
 TPU, no or a broken `TF_CONFIG`, a batch that does not split evenly), so that a user learns it
 before a model is built rather than from a TensorFlow traceback ten minutes later.
+`Distribution` does all of it for one run in one call.
 
 Create the strategy first thing in a process: `MultiWorkerMirroredStrategy` configures
 collective ops, which TensorFlow only allows before it has run any op.
@@ -17,12 +18,13 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+from tfxfer import keras_compat
 from tfxfer.errors import TfxferError
 
 STRATEGY_NAMES = ("auto", "cpu", "one_device", "mirrored", "multi_worker", "tpu")
@@ -125,15 +127,29 @@ def cluster_from_tf_config(environ: Mapping[str, str] | None = None) -> ClusterI
             f"TF_CONFIG task index {task_index} is out of range: job {task_type!r} lists "
             f"{num_tasks} address(es), so the index must be in 0..{num_tasks - 1}."
         )
+    worker_index, is_chief = _place_in_cluster(cluster, task_type, task_index)
+    return ClusterInfo(_worker_count(cluster), task_type, task_index, worker_index, is_chief)
+
+
+def _worker_count(cluster: Mapping[str, list[str]]) -> int:
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def _place_in_cluster(
+    cluster: Mapping[str, list[str]], task_type: str, task_index: int
+) -> tuple[int, bool]:
+    """Returns a task's (worker_index, is_chief): the one rule for who writes the run's files.
+
+    The "chief" task is the chief; a cluster without one makes worker 0 the chief. Training
+    tasks are ranked chief first, then the workers; any other task (an "evaluator" side-car)
+    is not a training replica and gets index -1.
+    """
     chiefs = len(cluster.get("chief", []))
-    worker_count = chiefs + len(cluster.get("worker", []))
     if task_type == "chief":
-        worker_index, is_chief = task_index, True
-    elif task_type == "worker":
-        worker_index, is_chief = chiefs + task_index, chiefs == 0 and task_index == 0
-    else:  # e.g. an "evaluator" side-car: not a training replica.
-        worker_index, is_chief = -1, False
-    return ClusterInfo(worker_count, task_type, task_index, worker_index, is_chief)
+        return task_index, True
+    if task_type == "worker":
+        return chiefs + task_index, chiefs == 0 and task_index == 0
+    return -1, False
 
 
 # === Strategy ===
@@ -341,6 +357,49 @@ def _strategy_name(strategy: tf.distribute.Strategy) -> str:
     return type(strategy).__name__
 
 
+def _multi_worker_task(
+    strategy: tf.distribute.Strategy | None,
+) -> tuple[dict[str, list[str]], str, int]:
+    """Returns (cluster, task type, task index) under a multi-worker strategy, else ({}, "", 0).
+
+    A MultiWorkerMirroredStrategy made without `TF_CONFIG` trains one local worker and has
+    an empty cluster: it counts as single-host.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return {}, "", 0
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster or resolver.task_type is None:
+        return {}, "", 0
+    return cluster, resolver.task_type, int(resolver.task_id or 0)
+
+
+def is_chief(strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether this process writes the run's files (run directory, checkpoints, exports).
+
+    Every worker of a multi-worker run trains the same model; if each wrote it, they would
+    race on one shared directory. Exactly one does: the "chief" task, or worker 0 when the
+    cluster has no chief (the rule `cluster_from_tf_config` applies to `TF_CONFIG`). A
+    single-host strategy (one device, mirrored GPUs, a TPU) has one process, which writes.
+
+    Args:
+        strategy: tf.distribute.Strategy or None. The run's strategy; `None` means no
+            strategy (one process).
+
+    Returns:
+        True when this process should write the run's files.
+
+    Example:
+
+    >>> is_chief(get_strategy("cpu"))
+    True
+    """
+    cluster, task_type, task_index = _multi_worker_task(strategy)
+    if not cluster:
+        return True
+    return _place_in_cluster(cluster, task_type, task_index)[1]
+
+
 def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:
     """Summarises a strategy as plain JSON-able values for a run's `config.json`.
 
@@ -359,16 +418,11 @@ def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:
     >>> describe(get_strategy("cpu"))["num_replicas"]
     1
     """
-    worker_index, worker_count, is_chief = 0, 1, True
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        resolver = strategy.cluster_resolver
-        cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
-        if cluster:
-            chiefs = len(cluster.get("chief", []))
-            worker_count = chiefs + len(cluster.get("worker", []))
-            task_type, task_id = resolver.task_type, resolver.task_id or 0
-            worker_index = task_id if task_type == "chief" else chiefs + task_id
-            is_chief = task_type == "chief" or (chiefs == 0 and task_id == 0)
+    worker_index, worker_count = 0, 1
+    cluster, task_type, task_index = _multi_worker_task(strategy)
+    if cluster:
+        worker_count = _worker_count(cluster)
+        worker_index, _ = _place_in_cluster(cluster, task_type, task_index)
     elif _is_tpu_strategy(strategy):
         worker_count = int(getattr(strategy.extended, "num_hosts", 1))
     return {
@@ -377,7 +431,7 @@ def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:
         "device_types": sorted(_device_types(strategy)),
         "worker_index": worker_index,
         "worker_count": worker_count,
-        "is_chief": is_chief,
+        "is_chief": is_chief(strategy),
     }
 
 
@@ -459,29 +513,7 @@ def apply_mixed_precision(policy: str) -> str:
     return previous
 
 
-@contextlib.contextmanager
-def mixed_precision_scope(policy: str) -> Iterator[str]:
-    """Applies a dtype policy for the duration of a `with` block, then restores the old one.
-
-    Keras's policy is process-global; a scope keeps one run (or one test) from leaking its
-    policy into the next.
-
-    Args:
-        policy: str. As for `apply_mixed_precision`.
-
-    Example:
-
-    >>> with mixed_precision_scope("mixed_bfloat16"):
-    ...     pass
-    """
-    previous = apply_mixed_precision(policy)
-    try:
-        yield policy
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-# === Batch size and learning rate ===
+# === Batch size ===
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -541,29 +573,85 @@ def split_global_batch(global_batch_size: int, strategy: tf.distribute.Strategy)
     return global_batch_size // replicas
 
 
-def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch_size: int) -> float:
-    """Scales a learning rate linearly with the batch size (Goyal et al., 2017).
+# === One run's distribution ===
 
-    A learning rate tuned for one batch size is too small for a batch k times larger,
-    because each step averages k times more examples; multiplying it by k keeps the
-    per-example update the same. It is optional: with warmup it holds well for SGD up to a
-    few thousand examples per batch, less so for Adam.
+
+class Distribution:
+    """One run's compute: its strategy, precision policy, batch sizes and chief, in one call.
+
+    Every recipe needs the same facts in the same order: the strategy first (before any
+    TensorFlow op), the dtype policy before any layer is built, then the global batch for the
+    input pipeline and who writes the run's files. Building them together keeps that order
+    right and gives `config.json` one record of what the run used.
+
+    Under `MultiWorkerMirroredStrategy` it also applies the Keras multi-worker patch
+    (`keras_compat.patch_keras_for_multi_worker`), which Keras 3 needs there (keras#20585);
+    every other strategy runs stock Keras.
 
     Args:
-        base_lr: float. The learning rate tuned at `reference_batch_size`.
-        global_batch_size: int. The batch size the run uses over all replicas.
-        reference_batch_size: int. The batch size `base_lr` was tuned for.
+        strategy: str. A name from `STRATEGY_NAMES`, built by `get_strategy`. Defaults to
+            `"auto"`.
+        mixed_precision: str. "auto", "float32", "mixed_float16" or "mixed_bfloat16"; "auto"
+            picks by the strategy's devices (`mixed_precision_policy`). It becomes Keras's
+            global dtype policy. Defaults to `"auto"`.
+        per_replica_batch_size: int. Examples each replica sees per step, as configs give it.
+            Defaults to `32`.
+        scale_learning_rate: bool. Multiply learning rates by global batch / per-replica
+            batch, i.e. the number of replicas (the linear scaling rule of Goyal et al.,
+            2017). Defaults to `False`.
 
-    Returns:
-        `base_lr * global_batch_size / reference_batch_size`.
+    Attributes:
+        strategy: tf.distribute.Strategy. Build the model inside `scope()`.
+        policy: str. The dtype policy applied.
+        per_replica_batch_size: int. As given.
+        global_batch_size: int. What the input pipeline batches by.
+        lr_scale: float. What to multiply each stage's learning rate by (1.0 unless
+            `scale_learning_rate`).
+        is_chief: bool. Whether this process writes the run's files (see `is_chief`).
+
+    Raises:
+        TfxferError: an unknown strategy or precision name, a strategy this machine cannot
+            provide, or a batch size that is not a positive integer.
 
     Example:
 
-    >>> scaled_learning_rate(0.1, 512, 256)
-    0.2
+    >>> distribution = Distribution("cpu", "float32", per_replica_batch_size=16)
+    >>> distribution.global_batch_size
+    16
+    >>> with distribution.scope():
+    ...     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     """
-    if isinstance(base_lr, bool) or not isinstance(base_lr, int | float) or base_lr <= 0:
-        raise TfxferError(f"Expected `base_lr` to be a positive number. Received: base_lr={base_lr!r}")
-    _check_positive_int("global_batch_size", global_batch_size)
-    _check_positive_int("reference_batch_size", reference_batch_size)
-    return float(base_lr) * global_batch_size / reference_batch_size
+
+    def __init__(self, strategy: str = "auto", mixed_precision: str = "auto",
+                 per_replica_batch_size: int = 32, scale_learning_rate: bool = False):
+        # Checked before the strategy exists: building one can take a while (a TPU) and
+        # fixes the process's collective setup (multi-worker).
+        self.per_replica_batch_size = _check_positive_int(
+            "per_replica_batch_size", per_replica_batch_size
+        )
+        self.strategy = get_strategy(strategy)
+        if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            keras_compat.patch_keras_for_multi_worker()
+        self.policy = mixed_precision_policy(mixed_precision, self.strategy)
+        apply_mixed_precision(self.policy)
+        self.global_batch_size = global_batch_size(self.per_replica_batch_size, self.strategy)
+        self.lr_scale = (
+            self.global_batch_size / self.per_replica_batch_size if scale_learning_rate else 1.0
+        )
+        self.is_chief = is_chief(self.strategy)
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """The strategy's scope: build and compile the model inside it."""
+        return self.strategy.scope()
+
+    def describe(self) -> dict[str, Any]:
+        """`describe(strategy)` plus precision and batch sizes, as `config.json` records them."""
+        return {
+            "distribution": {
+                **describe(self.strategy),
+                "mixed_precision": self.policy,
+                "per_replica_batch_size": self.per_replica_batch_size,
+                "global_batch_size": self.global_batch_size,
+                "learning_rate_scale": self.lr_scale,
+            }
+        }

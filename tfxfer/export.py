@@ -34,7 +34,7 @@ def save_model(model: keras.Model, path: str) -> str:
 
 
 def _without_compile_config(config: dict) -> dict:
-    # The wrapped classifier was compiled for training; a reloaded TextClassifier is for
+    # The wrapped classifier was compiled for training; a reloaded RawTextModel is for
     # inference, and recompiling it from the stored config would only warn about optimizer
     # state that does not fit.
     config = dict(config)
@@ -42,7 +42,7 @@ def _without_compile_config(config: dict) -> dict:
     return config
 
 
-def _export_text(model: TextClassifier, directory: str) -> None:
+def _export_text(model: RawTextModel, directory: str) -> None:
     # Serving takes a batch of strings. Loading this SavedModel elsewhere needs
     # `import tensorflow_text` first: the BERT tokenizer's ops live there.
     archive = keras.export.ExportArchive()
@@ -58,8 +58,8 @@ def _export_text(model: TextClassifier, directory: str) -> None:
 
 
 def _ensure_built(model: keras.Model) -> None:
-    # A TextClassifier (and, after loading, its preprocessor) is built by a first call.
-    if isinstance(model, TextClassifier) and not (model.built and model.preprocessor.built):
+    # A RawTextModel (and, after loading, its preprocessor) is built by a first call.
+    if isinstance(model, RawTextModel) and not (model.built and model.preprocessor.built):
         model(tf.constant(["tfxfer"]))
 
 
@@ -86,14 +86,14 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
 
     For image models the endpoint takes a uint8 batch `(batch, height, width, 3)` of any
     height and width; resizing and the backbone's preprocessing happen inside. For a
-    `TextClassifier` it takes a batch of strings; the tokenizer is inside.
+    `RawTextModel` it takes a batch of strings; the tokenizer is inside.
     """
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, ".tmp-" + os.path.basename(os.path.abspath(directory)))
     shutil.rmtree(tmp, ignore_errors=True)
     _ensure_built(model)
-    if isinstance(model, TextClassifier):
+    if isinstance(model, RawTextModel):
         _export_text(model, tmp)
     else:
         model.export(tmp, format="tf_saved_model", verbose=False)
@@ -103,8 +103,20 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     return directory
 
 
+def serving_model(model: keras.Model, backbone) -> keras.Model:
+    """What to save and serve: `model` itself, or for text the model behind its tokenizer.
+
+    Args:
+        model: keras.Model. As trained (a text model takes token dicts).
+        backbone: Backbone. What the model was built from.
+    """
+    if backbone.input_kind == "text" and backbone.preprocessor is not None:
+        return RawTextModel(backbone.preprocessor, model, name="tfxfer_text_classifier")
+    return model
+
+
 @keras.saving.register_keras_serializable(package="tfxfer")
-class TextClassifier(keras.Model):
+class RawTextModel(keras.Model):
     """A trained text model together with its tokenizer, so it takes raw strings.
 
     Training feeds token dicts tokenized inside `tf.data` (fast); this wrapper puts the same
@@ -117,7 +129,7 @@ class TextClassifier(keras.Model):
 
     Example:
 
-    >>> serving = TextClassifier(backbone.preprocessor, model)
+    >>> serving = RawTextModel(backbone.preprocessor, model)  # or serving_model(model, backbone)
     >>> serving.predict(["the match went to extra time"])
     """
 
@@ -157,3 +169,8 @@ class TextClassifier(keras.Model):
         config["preprocessor"] = keras.layers.deserialize(config["preprocessor"])
         config["classifier"] = keras.layers.deserialize(config["classifier"])
         return cls(**config)
+
+
+# Runs saved before the rename (as `TextClassifier`, which read like keras-hub's own task
+# class) still load.
+keras.saving.get_custom_objects()["tfxfer>TextClassifier"] = RawTextModel

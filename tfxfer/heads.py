@@ -13,6 +13,7 @@ from typing import Literal
 import keras
 from keras import ops
 
+from tfxfer.backbones.base import DEFAULT_POOLING
 from tfxfer.errors import TfxferError
 
 Task = Literal["single_label", "multi_label", "regression"]
@@ -29,8 +30,8 @@ class HeadConfig:
     Args:
         pooling: str. For spatial maps: "avg", "max" or "avg+max" (both, concatenated).
             For token sequences: "cls" (the backbone's pooled [CLS] output), "mean" or "max"
-            (over non-padding tokens). Defaults to `None`, which picks "avg" for spatial maps
-            and "cls" for sequences.
+            (over non-padding tokens). Defaults to `None`: the backbone's `default_pooling`
+            (what its checkpoint was trained with), else "avg" for maps and "cls" for sequences.
         hidden_units: list[int]. Widths of dense hidden layers between pooling and output.
             Defaults to `[]` (a linear probe on the pooled features).
         dropout: float. Dropout rate before each dense layer. Defaults to `0.2`.
@@ -60,7 +61,8 @@ class HeadConfig:
     def resolved_pooling(self, output_kind: str) -> str | None:
         if self.pooling is not None or output_kind == "vector":
             return self.pooling
-        return "avg" if output_kind == "spatial" else "cls"
+        # `tfxfer.build_model` passes the backbone's own default; bare features get this one.
+        return DEFAULT_POOLING[output_kind]
 
 
 @keras.saving.register_keras_serializable(package="tfxfer")

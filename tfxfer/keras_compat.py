@@ -123,7 +123,8 @@ def patch_keras_for_multi_worker(*, only: tuple[str, ...] | None = None, force: 
     (keras#20585); this patches the two functions that fail, as described in this module's
     docstring. It is idempotent and cheap: call it once at start-up in every worker, before
     the first `fit` / `evaluate` / `predict` (step functions traced earlier keep the old
-    reduction). It changes nothing for single-host strategies.
+    reduction). It changes nothing for single-host strategies. `tfxfer.distribute.Distribution`
+    calls it when, and only when, its strategy is a `MultiWorkerMirroredStrategy`.
 
     Args:
         only: tuple of str. Names from `PATCHES` to apply; tests use it to show each one is

@@ -3,16 +3,22 @@
 For images the model takes raw uint8 images of any size: resizing and the backbone's pixel
 convention are its first layer. For text the model takes the tokenized dict the backbone's
 preprocessor produces, because tokenizing inside `tf.data` is much faster than inside the
-training step; `tfxfer.export` wraps it with the preprocessor so that what a user saves and
-serves takes raw strings.
+training step; `tfxfer.export.serving_model` wraps it with the preprocessor so that what a
+user saves and serves takes raw strings.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 
 from tfxfer.backbones.base import Backbone
-from tfxfer.heads import HeadConfig, Task, build_head
+from tfxfer.errors import TfxferError
+from tfxfer.heads import TASKS, HeadConfig, Task, build_head
+
+# The output layer's activation says the task (`build_head` names that layer "predictions").
+_TASK_BY_ACTIVATION = {"softmax": "single_label", "sigmoid": "multi_label", "linear": "regression"}
 
 
 def build_model(
@@ -25,8 +31,12 @@ def build_model(
 ) -> keras.Model:
     """The trainable model: (preprocessing for images) -> backbone -> head.
 
+    The head's pooling defaults to the backbone's (`Backbone.default_pooling`), and the
+    pooling used is recorded on the backbone (`head_pooling`), so a schedule knows which of
+    its groups the head reads.
+
     Args:
-        backbone: Backbone. From `tfxfer.backbones.build_backbone`.
+        backbone: Backbone. From `tfxfer.build_backbone`.
         num_outputs: int. Number of classes, or of regression targets.
         task: str. "single_label", "multi_label" or "regression". Defaults to "single_label".
         head: HeadConfig or None. Defaults to `HeadConfig()`.
@@ -35,8 +45,17 @@ def build_model(
     Returns:
         A functional `keras.Model`. Build it inside a `tf.distribute` strategy's scope to
         place its variables on every replica.
+
+    Example:
+
+    ```python
+    backbone = tfxfer.build_backbone("resnet50", weights="imagenet", image_size=224)
+    model = tfxfer.build_model(backbone, num_outputs=5)
+    ```
     """
     head = head or HeadConfig()
+    if head.pooling is None and backbone.output_kind != "vector":
+        head = dataclasses.replace(head, pooling=backbone.default_pooling)
     if backbone.input_kind == "image":
         inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
         features = backbone.network(backbone.preprocessor(inputs))
@@ -52,7 +71,23 @@ def build_model(
                                  name="text")
         features = backbone.network(inputs)
     outputs = build_head(features, backbone.output_kind, head, num_outputs, task)
+    backbone.head_pooling = head.resolved_pooling(backbone.output_kind)
     return keras.Model(inputs, outputs, name=name)
+
+
+def task_of(model: keras.Model) -> Task:
+    """The task of a model made by `build_model`, read from its output layer's activation."""
+    try:
+        activation = model.get_layer("predictions").activation.__name__
+    except ValueError:
+        activation = None
+    if activation not in _TASK_BY_ACTIVATION:
+        raise TfxferError(
+            f"Cannot tell the task of model {model.name!r}: it has no 'predictions' layer with a "
+            f"softmax, sigmoid or linear activation (as `tfxfer.build_model` makes). Pass "
+            f"`loss=` and `metrics=`, or a task from {TASKS}."
+        )
+    return _TASK_BY_ACTIVATION[activation]
 
 
 def loss_and_metrics(task: Task, num_outputs: int, label_smoothing: float = 0.0):

@@ -11,12 +11,14 @@ directories.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 from keras import ops
 
+from tfxfer.backbones.base import LayerGroups
 from tfxfer.errors import TfxferError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -31,11 +33,14 @@ class Stage:
         name: str. Shown in logs and recorded in the history (e.g. "head", "finetune").
         epochs: int. Epochs this stage trains.
         train: str, int or list[str]. What trains besides the head: "head" (the backbone is
-            frozen), "all" (every backbone group), an int k (the top k layer groups), or a
-            list of group names. Defaults to `"head"`.
+            frozen), "all" (every backbone group), an int k (the top k layer groups of each
+            backbone), or a list of group names ("conv5", or "resnet50/conv5" in a model
+            over several backbones). Defaults to `"head"`.
         learning_rate: float. Peak learning rate. Defaults to `1e-3`.
         optimizer: str. "adamw", "adam" or "sgd" (with momentum 0.9). Defaults to `"adamw"`.
-        weight_decay: float. Decoupled weight decay for "adamw". Defaults to `1e-4`.
+        weight_decay: float. Decoupled weight decay for "adamw", at each variable's own
+            (layer-wise) rate; biases and normalisation weights are never decayed. Defaults
+            to `1e-4`.
         warmup_fraction: float. Fraction of the stage's steps over which the learning rate
             rises linearly from zero to its peak. Defaults to `0.1`.
         decay: str. "cosine" (to `min_lr_ratio` of the peak at the stage's end) or
@@ -65,7 +70,7 @@ class Stage:
     lora_rank: int | None = None
     train_batchnorm: bool = False
 
-    def validate(self, group_names: list[str] | None = None) -> None:
+    def validate(self, groups: LayerGroups | Sequence[str] | None = None) -> None:
         problems = []
         if int(self.epochs) < 0:
             problems.append(f"epochs must be >= 0, got {self.epochs}")
@@ -86,41 +91,41 @@ class Stage:
                 problems.append("layerwise_lr_decay needs optimizer 'adamw' or 'adam'")
         if self.lora_rank is not None and int(self.lora_rank) < 1:
             problems.append(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if group_names is not None:
+        if groups is not None:
             try:
-                self.trainable_groups(group_names)
+                self.trainable_groups(groups)
             except TfxferError as error:
                 problems.append(str(error))
         if problems:
             raise TfxferError(f"Invalid stage {self.name!r}: " + "; ".join(problems) + ".")
 
-    def trainable_groups(self, group_names: list[str]) -> list[str]:
+    def trainable_groups(self, groups: LayerGroups | Sequence[str]) -> list[str]:
         """The backbone groups this stage trains, in model order."""
+        groups = _as_layer_groups(groups)
         if self.train == "head":
             return []
         if self.train == "all":
-            return list(group_names)
+            return groups.names
         if isinstance(self.train, int) and not isinstance(self.train, bool):
-            if not 0 <= self.train <= len(group_names):
-                raise TfxferError(
-                    f"train={self.train} top groups, but the backbone has {len(group_names)} "
-                    f"groups: {group_names}"
-                )
-            return list(group_names[len(group_names) - self.train :])
+            return groups.top(self.train)
         if isinstance(self.train, (list, tuple)):
-            unknown = [g for g in self.train if g not in group_names]
-            if unknown:
-                raise TfxferError(
-                    f"Unknown layer groups {unknown}. This backbone's groups are {group_names}"
-                )
-            return [g for g in group_names if g in self.train]
+            problems, chosen = [], set()
+            for name in self.train:
+                try:
+                    chosen.add(groups.resolve(name))
+                except TfxferError as error:
+                    problems.append(str(error))
+            if problems:
+                raise TfxferError("; ".join(problems))
+            return [name for name in groups.names if name in chosen]
         raise TfxferError(
             f"Expected `train` to be 'head', 'all', an int or a list of group names. "
             f"Received: train={self.train!r}"
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def _as_layer_groups(groups: LayerGroups | Sequence[str]) -> LayerGroups:
+    return groups if isinstance(groups, LayerGroups) else LayerGroups.from_names(list(groups))
 
 
 def default_schedule(
@@ -192,23 +197,18 @@ def gradual_unfreezing(
     return stages
 
 
-def validate_schedule(stages: list[Stage], group_names: list[str]) -> None:
+def validate_schedule(stages: list[Stage], groups: LayerGroups | Sequence[str]) -> None:
+    """Checks every stage against the model's groups; raises `TfxferError` naming the problem."""
     if not stages:
         raise TfxferError("The schedule has no stages.")
     names = [stage.name for stage in stages]
     if len(set(names)) != len(names):
         raise TfxferError(f"Stage names must be unique (they key the history). Received: {names}")
     for stage in stages:
-        stage.validate(group_names)
+        stage.validate(groups)
 
 
-def apply_stage(
-    model: keras.Model,
-    layer_groups: dict[str, list],
-    stage: Stage,
-    lora_targets: list | None = None,
-    frozen_layers: list | None = None,
-) -> list[str]:
+def apply_stage(model: keras.Model, groups: LayerGroups, stage: Stage) -> list[str]:
     """Sets which layers train in this stage; returns the trainable backbone groups.
 
     Every layer of the model outside the backbone groups is the head, and always trains.
@@ -217,19 +217,24 @@ def apply_stage(
     caller must recompile afterwards: a compiled train step captured the old trainable set.
 
     With `stage.lora_rank`, the stage's groups stay frozen except for low-rank adapters added
-    to their `lora_targets` layers: only the adapters and the head train.
+    to their `groups.lora_targets` layers: only the adapters and the head train.
 
-    `frozen_layers` never train: backbone layers the head does not use (BERT's pooler under
+    `groups.frozen` never train: backbone layers the head does not read (BERT's pooler under
     mean pooling), which would otherwise get no gradient.
+
+    Args:
+        model: keras.Model. The model the groups' layers belong to.
+        groups: LayerGroups. From `LayerGroups.of(backbone_or_backbones)`.
+        stage: Stage. What to train.
     """
-    trainable = stage.trainable_groups(list(layer_groups))
+    trainable = stage.trainable_groups(groups)
     # Undo any earlier stage, then freeze what this stage freezes. A LoRA stage froze single
     # variables, which a layer's `trainable` does not reach: give those back first.
     for variable in getattr(model, "_tfxfer_lora_frozen", []):
         variable.trainable = True
     model._tfxfer_lora_frozen = []
     model.trainable = True
-    for group_name, layers in layer_groups.items():
+    for group_name, layers in groups.groups.items():
         for layer in layers:
             layer.trainable = group_name in trainable and not stage.lora_rank
             if (
@@ -238,40 +243,40 @@ def apply_stage(
                 and isinstance(layer, keras.layers.BatchNormalization)
             ):
                 layer.trainable = False
-    for layer in frozen_layers or []:
+    for layer in groups.frozen:
         layer.trainable = False
     if stage.lora_rank:
-        model._tfxfer_lora_frozen = _enable_lora(
-            layer_groups, trainable, lora_targets or [], int(stage.lora_rank), stage.name)
+        model._tfxfer_lora_frozen = _enable_lora(groups, trainable, int(stage.lora_rank),
+                                                 stage.name)
     return trainable
 
 
-def _enable_lora(layer_groups, trainable, lora_targets, rank, stage_name) -> list:
+def _enable_lora(groups: LayerGroups, trainable: list[str], rank: int, stage_name: str) -> list:
     """Adds adapters to the stage's targets; returns the variables it froze one by one."""
     in_stage = {
         id(sublayer)
         for group in trainable
-        for layer in layer_groups[group]
+        for layer in groups.groups[group]
         for sublayer in layer._flatten_layers(include_self=True, recursive=True)
     }
-    targets = [layer for layer in lora_targets if id(layer) in in_stage]
+    targets = [layer for layer in groups.lora_targets if id(layer) in in_stage]
     if not targets:
         raise TfxferError(
             f"Stage {stage_name!r} asks for LoRA, but no layer of its groups {trainable} can take "
             "adapters (this backbone supports LoRA on: "
-            f"{sorted({layer.name for layer in lora_targets}) or 'nothing'})."
+            f"{sorted({layer.name for layer in groups.lora_targets}) or 'nothing'})."
         )
     # A frozen parent hides its children's weights from `trainable_weights`, so the stage's
     # group layers are made trainable and every weight in them except the adapters frozen.
     for group in trainable:
-        for layer in layer_groups[group]:
+        for layer in groups.groups[group]:
             layer.trainable = True
     for layer in targets:
         if not getattr(layer, "lora_enabled", False):
             layer.enable_lora(rank)
     frozen = []
     for group in trainable:
-        for layer in layer_groups[group]:
+        for layer in groups.groups[group]:
             for variable in layer.trainable_weights:
                 if not variable.path.rsplit("/", 1)[-1].startswith("lora_kernel"):
                     variable.trainable = False
@@ -280,14 +285,15 @@ def _enable_lora(layer_groups, trainable, lora_targets, rank, stage_name) -> lis
 
 
 def layerwise_multipliers(
-    layer_groups: dict[str, list], trainable: list[str], decay: float | None
+    groups: LayerGroups, trainable: list[str], decay: float | None
 ) -> dict[str, float]:
-    """Learning-rate multiplier per variable path: 1 for the top trainable group, `decay`**d below."""
+    """Learning-rate multiplier per variable path: 1 for each backbone's top trainable group,
+    `decay`**d for the group d below it. The head is not in any group and keeps 1."""
     if decay is None or decay == 1.0:
         return {}
     multipliers = {}
-    for depth, group_name in enumerate(reversed(trainable)):
-        for layer in layer_groups[group_name]:
+    for group_name, depth in groups.depth_from_top(trainable).items():
+        for layer in groups.groups[group_name]:
             for variable in layer.trainable_weights:
                 multipliers[variable.path] = float(decay**depth)
     return multipliers
@@ -334,12 +340,18 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 @keras.saving.register_keras_serializable(package="tfxfer")
 class LayerwiseAdamW(keras.optimizers.AdamW):
-    """AdamW whose learning rate is scaled per variable (discriminative learning rates).
+    """AdamW with a learning rate per variable (discriminative learning rates) and weight
+    decay only where it belongs.
 
     Keras 3 optimizers take one learning rate for every variable, and scaling gradients does
     not help with Adam (its update is invariant to gradient scale). So the scaling is applied
     where the rate is used, in `update_step`, which every backend path (including
-    `tf.distribute`'s per-replica update) calls once per variable.
+    `tf.distribute`'s per-replica update) calls once per variable. Decoupled weight decay
+    happens there too, at the variable's own rate: Keras' AdamW decays every variable at the
+    unscaled rate, which would pull a slowly-trained lower layer towards zero as hard as the
+    head. Variables with fewer than two dimensions (biases, LayerNorm and BatchNorm scales
+    and offsets) are never decayed: shrinking them towards zero only distorts what the layer
+    normalises, as BERT's and most fine-tuning recipes agree.
 
     Args:
         lr_multipliers: dict[str, float]. Variable path to multiplier; absent paths get 1.
@@ -359,10 +371,21 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
             if v.path in self.lr_multipliers
         }
 
+    def _use_weight_decay(self, variable) -> bool:
+        return len(variable.shape) >= 2 and super()._use_weight_decay(variable)
+
+    def _apply_weight_decay(self, variables):
+        # Decay is applied per variable in `update_step`, at that variable's rate.
+        return
+
     def update_step(self, gradient, variable, learning_rate):
         multiplier = self._multiplier_by_key.get(self._var_key(variable), 1.0)
         if multiplier != 1.0:
             learning_rate = learning_rate * multiplier
+        if self.weight_decay and self._use_weight_decay(variable):
+            rate = ops.cast(learning_rate, variable.dtype) * ops.cast(self.weight_decay,
+                                                                      variable.dtype)
+            variable.assign(variable - variable * rate)
         return super().update_step(gradient, variable, learning_rate)
 
     def get_config(self):
@@ -371,18 +394,20 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
 
 def make_optimizer(stage: Stage, steps_per_epoch: int, multipliers: dict[str, float] | None = None,
                    lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
-    """The optimizer for a stage, with its warmup + decay schedule over the stage's steps."""
+    """The optimizer for a stage, with its warmup + decay schedule over the stage's steps.
+
+    Optimizers get fixed names: Keras would otherwise number them per process ("adam_w_3"),
+    and that number ends up in the optimizer variables' paths a resume checkpoint compares.
+    """
     total = max(int(stage.epochs) * int(steps_per_epoch), 1)
     schedule = WarmupCosine(
         stage.learning_rate * lr_scale, total, int(total * stage.warmup_fraction),
         stage.min_lr_ratio, stage.decay,
     )
     if stage.optimizer == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9)
+        return keras.optimizers.SGD(schedule, momentum=0.9, name="sgd")
+    if stage.optimizer == "adam" and not multipliers:
+        return keras.optimizers.Adam(schedule, name="adam")
     weight_decay = stage.weight_decay if stage.optimizer == "adamw" else 0.0
-    if multipliers:
-        return LayerwiseAdamW(lr_multipliers=multipliers, learning_rate=schedule,
-                              weight_decay=weight_decay)
-    if stage.optimizer == "adam":
-        return keras.optimizers.Adam(schedule)
-    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+    return LayerwiseAdamW(lr_multipliers=multipliers, learning_rate=schedule,
+                          weight_decay=weight_decay, name="adamw")

@@ -27,8 +27,11 @@ import numpy as np
 import tensorflow as tf
 from keras.src.saving import saving_lib
 
+from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.data.pipeline import TrainData
-from tfxfer.errors import RunDirError
+from tfxfer.distribute import is_chief
+from tfxfer.errors import RunDirError, TfxferError
+from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.rundir import RunDir, atomic_write_json, atomic_write_text
 from tfxfer.schedule import (
     Stage,
@@ -44,6 +47,30 @@ log = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 1
 # Config keys that may differ between a run and its resumption.
 RESUME_IGNORED_KEYS = ("resume", "overwrite", "output_dir", "verbose")
+# Whether a larger value of a metric is better, for `monitor_mode="auto"`; "val_" is ignored.
+MONITOR_MODES = {"loss": "min", "mae": "min", "mse": "min", "accuracy": "max", "auc": "max",
+                 "f1": "max", "macro_f1": "max", "precision": "max", "recall": "max"}
+
+
+def resolve_monitor_mode(monitor: str, mode: str = "auto") -> str:
+    """"min" or "max" for `monitor`: the declared mode, or the known direction of its metric.
+
+    The metric's name must be known exactly; a guess from a substring would call
+    "val_misclassification_rate" something to maximise.
+    """
+    if mode in ("min", "max"):
+        return mode
+    if mode != "auto":
+        raise TfxferError(
+            f"Expected `monitor_mode` to be one of ('auto', 'min', 'max'). Received: {mode!r}"
+        )
+    metric = monitor[4:] if monitor.startswith("val_") else monitor
+    if metric not in MONITOR_MODES:
+        raise TfxferError(
+            f"Cannot tell whether a larger {monitor!r} is better. Pass monitor_mode='min' or "
+            f"'max' (known metrics: {sorted(MONITOR_MODES)})."
+        )
+    return MONITOR_MODES[metric]
 
 
 @dataclass
@@ -54,17 +81,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     resumed_from_epoch: int = 0
     best: dict[str, Any] = field(default_factory=dict)
-
-
-def _is_chief(strategy: tf.distribute.Strategy | None) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(resolver, "cluster_spec", None):
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    if task_type in (None, "chief"):
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "worker" and task_id == 0 and not has_chief
 
 
 class Checkpointer:
@@ -141,20 +157,33 @@ def _save_arrays(path: str, variables: list) -> None:
 
 
 def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) -> None:
+    """Assigns saved arrays to `variables`, matched by variable path, never by position alone.
+
+    Two models can have the same number of variables of the same shapes in the same order
+    (a ResNet50 and a ResNet50V2 head on one class count, say); restoring one's checkpoint
+    into the other would succeed silently and train nonsense.
+    """
+    current = [v.path for v in variables]
+    if list(saved_paths) != current:
+        missing = [p for p in saved_paths if p not in set(current)]
+        extra = [p for p in current if p not in set(saved_paths)]
+        first = next((f"{a!r} saved, {b!r} now" for a, b in zip(saved_paths, current, strict=False)
+                      if a != b), "the same paths in another order")
+        raise RunDirError(
+            f"The checkpoint in {os.path.dirname(path)!r} was made from another {what}: it holds "
+            f"{len(saved_paths)} variables, this {what} has {len(current)} "
+            f"(first difference: {first}; only in the checkpoint: {missing[:3]}; only here: "
+            f"{extra[:3]}). Resume with the config and backbone the run started with."
+        )
     with np.load(path) as arrays:
         values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-    current = [v.path for v in variables]
-    shapes_match = len(values) == len(variables) and all(
-        tuple(v.shape) == value.shape for v, value in zip(variables, values, strict=True))
-    if not shapes_match:
-        differing = next(
-            ((a, b) for a, b in zip([*saved_paths, None], [*current, None], strict=False) if a != b),
-            "same names, other shapes",
-        )
+    shapes = [(p, tuple(v.shape), value.shape) for p, v, value in
+              zip(current, variables, values, strict=False) if tuple(v.shape) != value.shape]
+    if len(values) != len(variables) or shapes:
         raise RunDirError(
-            f"The checkpoint in {os.path.dirname(path)!r} does not fit this {what}: it holds "
-            f"{len(values)} variables, the {what} has {len(variables)} (first differing: "
-            f"{differing}). Resume with the config the run started with."
+            f"The checkpoint in {os.path.dirname(path)!r} does not fit this {what}: "
+            f"{len(values)} arrays for {len(variables)} variables; shapes that differ "
+            f"(path, now, saved): {shapes[:3]}. Resume with the config the run started with."
         )
     for variable, value in zip(variables, values, strict=True):
         variable.assign(value)
@@ -190,7 +219,7 @@ class _EpochEnd(keras.callbacks.Callback):
         value = logs.get(t.monitor)
         if value is not None and (t.best.get("value") is None or t._better(value, t.best["value"])):
             t.best = {"value": value, "epoch": epoch + 1, "stage": self.stage.name,
-                      "monitor": t.monitor}
+                      "monitor": t.monitor, "mode": t.mode}
             t.save_best(self.model)
         t.checkpointer.save(self.model, {
             "stage_index": self.stage_index, "stage": self.stage.name,
@@ -201,9 +230,11 @@ class _EpochEnd(keras.callbacks.Callback):
 
 
 class _Trainer:
-    def __init__(self, run_dir: RunDir | None, monitor: str, config: dict[str, Any], chief: bool):
+    def __init__(self, run_dir: RunDir | None, monitor: str, mode: str, config: dict[str, Any],
+                 chief: bool):
         self.run_dir = run_dir
         self.monitor = monitor
+        self.mode = mode
         self.config = config
         self.chief = chief
         self.history: list[dict[str, Any]] = []
@@ -212,8 +243,7 @@ class _Trainer:
         self.checkpointer = Checkpointer(directory, write=chief) if directory else _NoCheckpoints()
 
     def _better(self, value: float, best: float) -> bool:
-        maximize = any(k in self.monitor for k in ("accuracy", "auc", "f1"))
-        return value > best if maximize else value < best
+        return value > best if self.mode == "max" else value < best
 
     def save_best(self, model: keras.Model) -> None:
         if not (self.run_dir and self.chief):
@@ -248,19 +278,18 @@ class _NoCheckpoints:
 
 def run_schedule(
     model: keras.Model,
-    layer_groups: dict[str, list],
+    backbones: Backbone | list[Backbone] | LayerGroups,
     stages: list[Stage],
     train_data: TrainData,
-    val_data: tf.data.Dataset | None,
+    val_data: tf.data.Dataset | None = None,
     *,
-    loss: Any,
+    loss: Any = None,
     metrics: list | None = None,
     run_dir: RunDir | None = None,
     strategy: tf.distribute.Strategy | None = None,
-    lora_targets: list | None = None,
-    frozen_layers: list | None = None,
     lr_scale: float = 1.0,
     monitor: str | None = None,
+    monitor_mode: str = "auto",
     config: dict[str, Any] | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
@@ -268,32 +297,50 @@ def run_schedule(
     """Trains `model` through `stages`, resuming from `run_dir` when it was opened to resume.
 
     Args:
-        model: keras.Model. Built in `strategy`'s scope.
-        layer_groups: dict. The backbone's ordered layer groups.
+        model: keras.Model. From `tfxfer.build_model`, built in `strategy`'s scope.
+        backbones: Backbone, list of Backbones, or LayerGroups. What the model was built
+            from: the backbone says which of its groups the head reads, which layers never
+            train and where LoRA adapters go; several backbones' groups are namespaced.
         stages: list[Stage]. The schedule.
-        train_data: TrainData. From `epoch_batches`.
+        train_data: TrainData. From `tfxfer.make_datasets` (or `epoch_batches`).
         val_data: tf.data.Dataset or None. Batched validation data.
-        loss: a Keras loss. metrics: Keras metrics (a fresh copy is compiled per stage).
+        loss: a Keras loss, or None for the one that fits the model's head (softmax: sparse
+            categorical cross-entropy; sigmoid: binary; linear: mean squared error).
+        metrics: Keras metrics, or None for the head's defaults (a fresh copy is compiled
+            per stage either way).
         run_dir: RunDir or None. Where checkpoints and history go; None keeps nothing.
         strategy: tf.distribute.Strategy or None. Compiles inside its scope.
-        lora_targets: list or None. Layers that stages with `lora_rank` adapt.
-        frozen_layers: list or None. Layers that never train (unused by the head).
         lr_scale: float. Multiplies every stage's learning rate (linear scaling with the
             global batch). Defaults to `1.0`.
         monitor: str or None. Metric that picks the best checkpoint. Defaults to "val_loss"
             with validation data, else "loss".
+        monitor_mode: str. "min", "max", or "auto" (known metrics only: losses and errors are
+            minimised; accuracy, AUC, F1, precision, recall maximised). Defaults to "auto".
         config: dict or None. The resolved config; a resumed run must match it.
         callbacks: extra Keras callbacks for every stage.
         verbose: passed to `fit`.
 
     Returns:
         TrainResult with the trained model and the history of every stage.
+
+    Example:
+
+    ```python
+    result = tfxfer.run_schedule(model, backbone, tfxfer.default_schedule(), data.train,
+                                 data.val)
+    ```
     """
-    validate_schedule(stages, list(layer_groups))
+    groups = LayerGroups.of(backbones)
+    validate_schedule(stages, groups)
+    if loss is None:
+        task = task_of(model)
+        loss, default_metrics = loss_and_metrics(task, int(model.outputs[0].shape[-1]))
+        metrics = default_metrics if metrics is None else metrics
     strategy = strategy or tf.distribute.get_strategy()
     monitor = monitor or ("val_loss" if val_data is not None else "loss")
+    mode = resolve_monitor_mode(monitor, monitor_mode)
     config = json.loads(json.dumps(config or {}, default=str))
-    trainer = _Trainer(run_dir, monitor, config, _is_chief(strategy))
+    trainer = _Trainer(run_dir, monitor, mode, config, is_chief(strategy))
 
     state = trainer.checkpointer.latest() if run_dir is not None and run_dir.resumed else None
     if run_dir is not None and run_dir.resumed and state is None:
@@ -323,12 +370,12 @@ def run_schedule(
     for stage_index, stage in enumerate(stages):
         stage_end = stage_start + int(stage.epochs)
         with strategy.scope():
-            trainable = apply_stage(model, layer_groups, stage, lora_targets, frozen_layers)
+            trainable = apply_stage(model, groups, stage)
         if stage.epochs == 0 or stage_end <= done_epochs:
             stage_start = stage_end  # finished before the interruption
             continue
         with strategy.scope():
-            multipliers = layerwise_multipliers(layer_groups, trainable, stage.layerwise_lr_decay)
+            multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
             optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
             stage_metrics = [m if isinstance(m, str) else type(m).from_config(m.get_config())
                              for m in (metrics or [])]

@@ -3,18 +3,31 @@
 A backbone is not a class hierarchy. Each family (vision, text, hub) has a builder function
 that returns this one dataclass, and a plain dict row says which builder and which settings a
 name stands for. What differs between families is data: the preprocessing layer, the kind of
-output, and the ordered layer groups a schedule unfreezes.
+output, the pooling a head should default to, and the ordered layer groups a schedule
+unfreezes.
+
+The backbone, not its caller, decides what a head can train: `head_pooling` (recorded by
+`tfxfer.build_model`) says how the head reads the features, and a group that pooling never
+reads (BERT's pooler under mean pooling) gets no gradient, so it is frozen for every stage
+and left out of the schedule's groups. `LayerGroups` then joins the groups of one or several
+backbones under namespaced names (`"resnet50/conv5"`, `"bert/layer_5"`) for one schedule.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import keras
 
+from tfxfer.errors import TfxferError
+
 OutputKind = Literal["spatial", "sequence", "vector"]
 InputKind = Literal["image", "text"]
+
+# The pooling a head uses when neither the backbone's family nor the user says otherwise.
+DEFAULT_POOLING = {"spatial": "avg", "sequence": "cls", "vector": None}
 
 
 @dataclass
@@ -40,6 +53,16 @@ class Backbone:
             backbone does not support LoRA.
         info: dict. Facts worth recording in a run's config (weights source, image size,
             sequence length, digest of the weights file).
+        namespace: str. Short name that prefixes this backbone's group names when a model
+            has several backbones ("resnet50" gives "resnet50/conv5"). Defaults to `name`.
+        default_pooling: str or None. The pooling a head uses unless told otherwise: what the
+            checkpoint was trained with where that is known (MiniLM: "mean"), else "avg" for
+            spatial maps, "cls" for sequences and None for vectors.
+        pooling_groups: dict[str, tuple[str, ...]]. Groups that only some poolings read,
+            with those poolings (BERT: `{"pooler": ("cls",)}`). Under any other pooling the
+            group gets no gradient, so it never trains and no schedule counts it.
+        head_pooling: str or None. The pooling of the head on this backbone; set by
+            `tfxfer.build_model`. Defaults to `default_pooling` until then.
     """
 
     name: str
@@ -50,10 +73,141 @@ class Backbone:
     layer_groups: dict[str, list[keras.layers.Layer]]
     lora_targets: list[keras.layers.Layer] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    namespace: str = ""
+    default_pooling: str | None = None
+    pooling_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    head_pooling: str | None = None
+
+    def __post_init__(self) -> None:
+        self.namespace = self.namespace or self.name
+        if self.default_pooling is None:
+            self.default_pooling = DEFAULT_POOLING[self.output_kind]
+        if self.head_pooling is None:
+            self.head_pooling = self.default_pooling
 
     @property
     def group_names(self) -> list[str]:
-        return list(self.layer_groups)
+        """The groups a schedule can train (those the head reads), input side first."""
+        return list(self.trainable_groups())
+
+    def trainable_groups(self) -> dict[str, list[keras.layers.Layer]]:
+        """The groups a schedule can train under this backbone's `head_pooling`, in order."""
+        return {name: layers for name, layers in self.layer_groups.items()
+                if self._read_by_head(name)}
+
+    def unused_layers(self) -> list[keras.layers.Layer]:
+        """Layers the head never reads (so never get a gradient): frozen in every stage."""
+        return [layer for name, layers in self.layer_groups.items()
+                if not self._read_by_head(name) for layer in layers]
+
+    def _read_by_head(self, group: str) -> bool:
+        poolings = self.pooling_groups.get(group)
+        return poolings is None or self.head_pooling in poolings
+
+
+@dataclass
+class LayerGroups:
+    """The layer groups of one or several backbones, as one schedule addresses them.
+
+    With one backbone the names are its own ("conv5"); "resnet50/conv5" is accepted too.
+    With several, every name is namespaced ("resnet50/conv5", "bert/layer_5"), and a bare
+    name that only one backbone has still resolves. An integer k in a stage means the top k
+    groups *of each backbone*, so `train=2` unfreezes the top of every branch of a fusion.
+
+    Args:
+        groups: dict[str, list[keras.layers.Layer]]. Ordered, input side first within each
+            backbone.
+        namespaces: dict[str, list[str]]. Namespace to its group names, in order.
+        frozen: list[keras.layers.Layer]. Layers that never train (unread by the head).
+        lora_targets: list[keras.layers.Layer]. Layers that LoRA stages adapt.
+    """
+
+    groups: dict[str, list[keras.layers.Layer]]
+    namespaces: dict[str, list[str]] = field(default_factory=dict)
+    frozen: list[keras.layers.Layer] = field(default_factory=list)
+    lora_targets: list[keras.layers.Layer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.namespaces:
+            self.namespaces = {"": list(self.groups)}
+
+    @classmethod
+    def of(cls, backbones: Backbone | Sequence[Backbone] | LayerGroups) -> LayerGroups:
+        """The groups of `backbones` (a Backbone, a list of them, or a LayerGroups)."""
+        if isinstance(backbones, LayerGroups):
+            return backbones
+        if isinstance(backbones, Backbone):
+            backbones = [backbones]
+        if (not isinstance(backbones, Sequence) or not backbones
+                or not all(isinstance(b, Backbone) for b in backbones)):
+            raise TfxferError(
+                "Expected a Backbone or a non-empty list of Backbones (the ones the model was "
+                f"built from). Received: {type(backbones).__name__}"
+            )
+        spaces = [b.namespace for b in backbones]
+        if len(set(spaces)) != len(spaces):
+            raise TfxferError(
+                f"Backbones of one model need distinct namespaces to address their layer "
+                f"groups. Received: {spaces}; set `backbone.namespace` on the duplicates."
+            )
+        several = len(backbones) > 1
+        groups, namespaces, frozen, lora = {}, {}, [], []
+        for backbone in backbones:
+            names = []
+            for name, layers in backbone.trainable_groups().items():
+                key = f"{backbone.namespace}/{name}" if several else name
+                groups[key] = layers
+                names.append(key)
+            namespaces[backbone.namespace] = names
+            frozen += backbone.unused_layers()
+            lora += backbone.lora_targets
+        return cls(groups, namespaces, frozen, lora)
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> LayerGroups:
+        """Group names without layers: enough to validate a schedule."""
+        return cls({name: [] for name in names})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.groups)
+
+    def resolve(self, name: str) -> str:
+        """The group key `name` stands for; raises `TfxferError` if none or several."""
+        if name in self.groups:
+            return name
+        if "/" in name and len(self.namespaces) == 1:
+            space, _, group = name.partition("/")
+            if space in self.namespaces and group in self.groups:
+                return group
+        matches = [key for key in self.groups if key.rpartition("/")[2] == name]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise TfxferError(
+                f"Layer group {name!r} is ambiguous: the model has {matches}. Name one of them."
+            )
+        raise TfxferError(f"Unknown layer group {name!r}. This model's groups are {self.names}")
+
+    def top(self, k: int) -> list[str]:
+        """The top `k` groups of each backbone, in model order."""
+        largest = max(len(names) for names in self.namespaces.values())
+        if not 0 <= k <= largest:
+            raise TfxferError(
+                f"train={k} top groups, but the backbone has {largest} groups: {self.names}"
+            )
+        chosen = {name for names in self.namespaces.values() for name in names[len(names) - k:]
+                  if k}
+        return [name for name in self.groups if name in chosen]
+
+    def depth_from_top(self, trainable: list[str]) -> dict[str, int]:
+        """For layer-wise learning rates: 0 for each backbone's top trainable group, 1 below..."""
+        depths = {}
+        for names in self.namespaces.values():
+            in_stage = [name for name in names if name in trainable]
+            for depth, name in enumerate(reversed(in_stage)):
+                depths[name] = depth
+        return depths
 
 
 def split_into_groups(

@@ -457,6 +457,7 @@ def build_hub_backbone(
         input_kind=input_kind,
         layer_groups={"hub": [hub_layer]},
         info=info,
+        namespace="hub",
     )
 
 

@@ -185,6 +185,10 @@ def build_bert_backbone(
         layer_groups=bert_layer_groups(bert),
         lora_targets=bert_lora_targets(bert),
         info=info,
+        namespace=source if source in TEXT_BACKBONES else "bert",
+        default_pooling=info["pooling"],
+        # Only CLS pooling reads BERT's pooler; under mean or max pooling it gets no gradient.
+        pooling_groups={"pooler": ("cls",)},
     )
 
 

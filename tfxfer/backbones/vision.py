@@ -229,4 +229,5 @@ def build_vision_backbone(
         layer_groups=split_into_groups(network.layers, row["groups"]),
         info={"backbone": key, "weights": weights if resolved != "imagenet" else "imagenet",
               "image_size": size, "preprocessing": row["preprocessing"]},
+        namespace=key,
     )

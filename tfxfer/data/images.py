@@ -1,59 +1,34 @@
 """Image folders in, raw `tf.data` pipelines of uint8 images out.
 
+Loading returns the shared `tfxfer.data.examples` model: `Examples` of kind "image" whose
+inputs are file paths, and `LabelledData` for the train / val / test splits.
+
 The layout is the common one: one subfolder per class, its images inside. Loading scans and
 checks the files once, up front, so a corrupt file is reported before training starts rather
 than crashing it an hour in. Corrupt or undecodable files with an image extension are
 **skipped with a counted warning** (one bad photo in ten thousand should not stop a run);
 files with other extensions are ignored and counted. A class left with no image is an error.
+Images are decoded only when a pipeline is built (`make_image_dataset`, `image_train_data`),
+and then once: the decoded, resized images are cached and only shuffled per epoch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache, stratified_split
-from tfxfer.errors import DataError
+from tfxfer.data.examples import Examples, LabelledData, with_validation_split
+from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache
+from tfxfer.errors import DataError, TfxferError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-
-
-@dataclass
-class ImageFiles:
-    """Image paths and integer labels, plus what loading had to skip."""
-
-    paths: list[str]
-    labels: list[int]
-    class_names: list[str]
-    skipped_corrupt: list[str] = field(default_factory=list)
-    ignored_other: int = 0
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-@dataclass
-class ImageData:
-    """A training split and a validation split of an image folder, with class names."""
-
-    train: ImageFiles
-    val: ImageFiles | None
-    class_names: list[str]
-
-    def summary(self) -> dict:
-        return {
-            "classes": self.class_names,
-            "train_images": len(self.train),
-            "val_images": len(self.val) if self.val else 0,
-            "skipped_corrupt": len(self.train.skipped_corrupt)
-            + (len(self.val.skipped_corrupt) if self.val else 0),
-        }
 
 
 def _decodes(path: str) -> bool:
@@ -66,20 +41,20 @@ def _decodes(path: str) -> bool:
 
 def scan_image_folder(
     directory: str, class_names: list[str] | None = None, *, verify: bool = True
-) -> ImageFiles:
-    """Lists the images of a one-subfolder-per-class directory.
+) -> Examples:
+    """Lists the images of a one-subfolder-per-class directory as `Examples` of kind "image".
 
     Args:
         directory: str. The folder whose subfolders are the classes.
-        class_names: list[str] or None. When given (for a validation folder), the subfolders
-            must be among these names and labels follow this order. Defaults to the sorted
-            subfolder names.
+        class_names: list[str] or None. When given (for a validation or test folder), the
+            subfolders must be among these names and labels follow this order. Defaults to the
+            sorted subfolder names.
         verify: bool. Decode every image once with the decoder training uses, and skip the
             ones that fail (with a counted warning). Defaults to `True`.
 
     Raises:
         DataError: the folder is missing or has no class subfolders, a class folder has no
-            images, fewer than two classes, or unknown classes in a validation folder.
+            images, fewer than two classes, or unknown classes in a validation or test folder.
     """
     if not os.path.isdir(directory):
         raise DataError(
@@ -87,7 +62,9 @@ def scan_image_folder(
             "class, e.g. photos/cat/*.jpg and photos/dog/*.jpg."
         )
     found = sorted(
-        entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith(".")
+        entry.name
+        for entry in os.scandir(directory)
+        if entry.is_dir() and not entry.name.startswith(".")
     )
     if not found:
         raise DataError(
@@ -108,72 +85,81 @@ def scan_image_folder(
                 f"Folder {directory!r} has classes that the training data does not: {unknown}. "
                 f"Training classes: {class_names}."
             )
-    files = ImageFiles([], [], list(class_names))
+    paths: list[str] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    ignored = 0
     for label, name in enumerate(class_names):
         class_dir = os.path.join(directory, name)
         if not os.path.isdir(class_dir):
-            continue  # a validation folder may lack a class
+            continue  # a validation or test folder may lack a class
         count = 0
         for root, _, filenames in sorted(os.walk(class_dir)):
             for filename in sorted(filenames):
                 path = os.path.join(root, filename)
                 if not filename.lower().endswith(IMAGE_EXTENSIONS):
-                    files.ignored_other += 1
+                    ignored += 1
                     continue
                 if verify and not _decodes(path):
-                    files.skipped_corrupt.append(path)
+                    skipped.append(path)
                     continue
-                files.paths.append(path)
-                files.labels.append(label)
+                paths.append(path)
+                labels.append(label)
                 count += 1
         if count == 0:
             raise DataError(
                 f"Class folder {class_dir!r} has no readable images (looked for "
                 f"{', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder."
             )
-    if files.skipped_corrupt:
+    if skipped:
         log.warning(
             "Skipped %d corrupt or unreadable image file(s) in %s, e.g. %s",
-            len(files.skipped_corrupt), directory, files.skipped_corrupt[:3],
+            len(skipped), directory, skipped[:3],
         )
-    if files.ignored_other:
-        log.info("Ignored %d non-image file(s) in %s", files.ignored_other, directory)
-    return files
+    if ignored:
+        log.info("Ignored %d non-image file(s) in %s", ignored, directory)
+    return Examples(paths, np.asarray(labels, np.int32), list(class_names), "image",
+                    source=directory, skipped=skipped, ignored=ignored)
 
 
-def load_image_folder(
+def load_images(
     directory: str,
     *,
     val_directory: str | None = None,
+    test_directory: str | None = None,
     val_split: float = 0.2,
     seed: int = 0,
     verify: bool = True,
-) -> ImageData:
-    """Loads an image folder, with a separate validation folder or a seeded stratified split.
+) -> LabelledData:
+    """Loads an image folder, with separate validation / test folders or a stratified split.
 
     Args:
-        directory: str. One subfolder per class.
-        val_directory: str or None. A validation folder with the same class subfolders.
-        val_split: float. Fraction held out for validation when there is no `val_directory`;
-            0 disables validation. Defaults to `0.2`.
+        directory: str. The training folder, one subfolder per class.
+        val_directory: str or None. A validation folder whose subfolders are training classes.
+            Replaces `val_split`. Defaults to `None`.
+        test_directory: str or None. A test folder, read like `val_directory`. Defaults to
+            `None`.
+        val_split: float. Fraction held out for validation (stratified, seeded) when there is
+            no `val_directory`; 0 disables validation. Defaults to `0.2`.
         seed: int. Seed of the split. Defaults to `0`.
         verify: bool. Decode-check every image up front. Defaults to `True`.
+
+    Returns:
+        `LabelledData` of kind "image"; class names are the sorted subfolders of `directory`.
+
+    Example:
+
+    ```python
+    data = load_images("photos/train", test_directory="photos/test", val_split=0.2)
+    data.class_names  # ['cat', 'dog']
+    ```
     """
     train = scan_image_folder(directory, verify=verify)
-    if val_directory:
-        val = scan_image_folder(val_directory, train.class_names, verify=verify)
-        return ImageData(train, val, train.class_names)
-    if not val_split:
-        return ImageData(train, None, train.class_names)
-    train_idx, val_idx = stratified_split(train.labels, val_split, seed)
-
-    def subset(indices: list[int]) -> ImageFiles:
-        return ImageFiles([train.paths[i] for i in indices], [train.labels[i] for i in indices],
-                          train.class_names)
-
-    train_part, val_part = subset(train_idx), subset(val_idx)
-    train_part.skipped_corrupt, train_part.ignored_other = train.skipped_corrupt, train.ignored_other
-    return ImageData(train_part, val_part if val_idx else None, train.class_names)
+    val, test = (
+        scan_image_folder(folder, train.class_names, verify=verify) if folder else None
+        for folder in (val_directory, test_directory)
+    )
+    return with_validation_split(train, val, test, val_split=val_split, seed=seed)
 
 
 @dataclass
@@ -207,43 +193,87 @@ class Augmentation:
         return layers
 
 
-def decode_and_resize(path: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Reads one file into a `(size, size, 3)` uint8 image, whatever its format and size."""
+ImageSize = int | Sequence[int]
+
+
+def image_height_width(image_size: ImageSize) -> tuple[int, int]:
+    """`(height, width)` from an int (a square) or a `[height, width]` pair."""
+    if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+        height = width = int(image_size)
+    elif (
+        isinstance(image_size, Sequence)
+        and len(image_size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)
+    ):
+        height, width = (int(v) for v in image_size)
+    else:
+        raise TfxferError(
+            "Expected `image_size` to be an int or a [height, width] pair of ints. "
+            f"Received: image_size={image_size!r}"
+        )
+    if height < 1 or width < 1:
+        raise TfxferError(f"Expected a positive image size. Received: image_size={image_size!r}")
+    return height, width
+
+
+def decode_and_resize(path: tf.Tensor, image_size: ImageSize) -> tf.Tensor:
+    """Reads one file into a `(height, width, 3)` uint8 image, whatever its format and size.
+
+    `image_size` is an int (a square, as keras.applications backbones record it) or a
+    `[height, width]` pair (as TF-Hub image backbones record it).
+    """
+    height, width = image_height_width(image_size)
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    image = tf.image.resize(image, (image_size, image_size), antialias=True)
+    image = tf.image.resize(image, (height, width), antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def _decoded_examples(files: ImageFiles, image_size: int, cache: bool | str) -> tf.data.Dataset:
+def _decoded_examples(
+    examples: Examples, image_size: ImageSize, cache: bool | str
+) -> tf.data.Dataset:
     """Unbatched `(uint8 image, label)` pairs in file order, decoded once and cached."""
-    paths = tf.constant(files.paths, tf.string)
-    labels = tf.constant(np.asarray(files.labels, np.int32))
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+    if examples.kind != "image":
+        raise TfxferError(
+            f"Expected image examples. Received: {examples.kind} examples from "
+            f"{examples.source!r}; use `tfxfer.data.text` for texts."
+        )
+    if len(examples) == 0:
+        raise DataError("There are no images to make a dataset from.")
+    image_height_width(image_size)  # a bad size fails here, not inside `tf.data`
+    paths = tf.constant(examples.inputs, tf.string)
+    ds = tf.data.Dataset.from_tensor_slices((paths, examples.labels)).map(
         lambda p, y: (decode_and_resize(p, image_size), y),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return maybe_cache(ds, cache)
 
 
 def make_image_dataset(
-    files: ImageFiles,
+    examples: Examples,
     *,
-    image_size: int,
+    image_size: ImageSize,
     batch_size: int,
     cache: bool | str = True,
 ) -> tf.data.Dataset:
     """A batched, cached, prefetched evaluation dataset of `(uint8 images, labels)` in file order.
 
     For training use `image_train_data`, whose shuffling can be replayed on resume.
+
+    Args:
+        examples: Examples. Image examples (`scan_image_folder`, `load_images`).
+        image_size: int or [height, width]. The size images are resized to.
+        batch_size: int. The global batch size.
+        cache: bool or str. Cache decoded images in memory (`True`), in this file path, or
+            not at all (`False`). Defaults to `True`.
     """
-    ds = _decoded_examples(files, image_size, cache)
+    ds = _decoded_examples(examples, image_size, cache)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def image_train_data(
-    files: ImageFiles,
+    examples: Examples,
     *,
-    image_size: int,
+    image_size: ImageSize,
     batch_size: int,
     seed: int = 0,
     augmentation: Augmentation | None = None,
@@ -253,8 +283,18 @@ def image_train_data(
 
     Images are decoded and resized once and cached; every epoch reshuffles with a seed made
     from `seed` and the epoch number, then batches and (optionally) augments.
+
+    Args:
+        examples: Examples. Image examples (`scan_image_folder`, `load_images`).
+        image_size: int or [height, width]. The size images are resized to.
+        batch_size: int. The global batch size.
+        seed: int. Seed of the per-epoch shuffle and of the augmentation. Defaults to `0`.
+        augmentation: Augmentation or None. Random changes applied to training batches.
+            Defaults to `None`.
+        cache: bool or str. Cache decoded images in memory (`True`), in this file path, or
+            not at all (`False`). Defaults to `True`.
     """
-    examples = _decoded_examples(files, image_size, cache)
+    decoded = _decoded_examples(examples, image_size, cache)
     transform = None
     layers = augmentation.layers(seed) if augmentation is not None else []
     if layers:
@@ -263,5 +303,5 @@ def image_train_data(
             for layer in layers:
                 x = layer(x, training=True)
             return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8), y
-    return epoch_batches(examples, num_examples=len(files), batch_size=batch_size, seed=seed,
+    return epoch_batches(decoded, num_examples=len(examples), batch_size=batch_size, seed=seed,
                          transform=transform)

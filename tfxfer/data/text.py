@@ -1,7 +1,8 @@
 """Labelled text from CSV, TSV, JSONL files or class folders, and its `tf.data` pipelines.
 
-Loading is kept apart from tokenizing: the loaders return Python lists of raw strings and
-label arrays (`TextExamples`), checked row by row so that a bad file fails here with its name
+Loading is kept apart from tokenizing: the loaders return the shared `tfxfer.data.examples`
+model (`Examples` of kind "text" whose inputs are the raw strings, `LabelledData` for the
+train / val / test splits), checked row by row so that a bad file fails here with its name
 and line, not later inside `tf.data`. The pipelines then tokenize once with the backbone's
 preprocessor inside `tf.data`, cache the token ids, and only shuffle and batch per epoch.
 
@@ -10,7 +11,8 @@ value, so labels 0..k-1 keep their meaning as class ids. Validation and test fil
 with the training set's class names, and a label the training set never saw is an error:
 the model would have no output for it.
 
-Empty or whitespace-only texts are skipped, counted, and reported with `logging.warning`:
+Empty or whitespace-only texts are skipped, listed in `Examples.skipped` (file and line), and
+reported with `logging.warning`:
 spreadsheets exported to CSV often carry a few blank rows, and failing a whole run for them
 helps nobody. Everything else that is wrong (a missing column, a missing label, bytes that
 are not UTF-8, a line that is not JSON) raises `DataError` naming the file and line.
@@ -22,17 +24,18 @@ import csv
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache, stratified_split
-from tfxfer.errors import DataError
+from tfxfer.data.examples import Examples, LabelledData, with_validation_split
+from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache
+from tfxfer.errors import DataError, TfxferError
 
 log = logging.getLogger(__name__)
 
@@ -42,215 +45,130 @@ _INTEGER = re.compile(r"^[+-]?\d+$")
 _TOKENIZE_CHUNK = 256
 
 
-@dataclass
-class TextExamples:
-    """Raw texts and their labels from one file or folder, plus what loading skipped.
+def load_texts(
+    source: str,
+    *,
+    val: str | None = None,
+    test: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    multi_label: bool = False,
+    label_separator: str = "|",
+    val_split: float = 0.2,
+    seed: int = 0,
+) -> LabelledData:
+    """Loads labelled text from a file or a class folder, with optional validation and test data.
+
+    Each of `source`, `val` and `test` is a CSV, TSV or JSONL file (`read_text_file`) or a
+    folder with one subfolder of UTF-8 `.txt` files per class (`read_text_folder`), whichever
+    it is on disk. Class names come from `source`; `val` and `test` are read with them.
 
     Args:
-        texts: list[str]. The texts, in file order.
-        labels: np.ndarray. `(n,)` int32 class ids, or `(n, num_classes)` float32 multi-hot
-            rows when `multi_label`.
-        class_names: list[str]. Names of the class ids (the training set's).
-        multi_label: bool. Whether a text can have several labels.
-        source: str. The file or folder the examples came from.
-        skipped_empty: int. Rows skipped because their text was empty or only whitespace.
+        source: str. The training file or folder.
+        val: str or None. Validation file or folder. Replaces `val_split`. Defaults to `None`.
+        test: str or None. Test file or folder. Defaults to `None`.
+        text_column: str. Column (JSON key) of a file holding the text. Defaults to `"text"`.
+        label_column: str. Column (JSON key) of a file holding the label: a class name or an
+            integer; for multi-label, names joined by `label_separator` (or a JSON list).
+            Defaults to `"label"`.
+        multi_label: bool. Each text has zero or more labels; labels become multi-hot rows.
+            Files only: a class folder gives each text one class. Defaults to `False`.
+        label_separator: str. Separates the labels of one multi-label row. Defaults to `"|"`.
+        val_split: float. Fraction of the training data held out for validation (stratified,
+            seeded) when there is no `val`; 0 disables it. Defaults to `0.2`.
+        seed: int. Seed of the validation split. Defaults to `0`.
+
+    Returns:
+        `LabelledData` of kind "text" whose inputs are the raw texts.
+
+    Raises:
+        DataError: a path does not exist, a file or folder cannot be read (the message names
+            the file and line), labels are bad, or `label_separator` is empty in multi-label
+            mode.
+
+    Example:
+
+    ```python
+    data = load_texts("reviews.csv", label_column="sentiment", test="test.csv")
+    data.class_names  # ['negative', 'positive']
+    ```
     """
+    _check_separator(multi_label, label_separator)
 
-    texts: list[str]
-    labels: np.ndarray
-    class_names: list[str]
-    multi_label: bool = False
-    source: str = ""
-    skipped_empty: int = 0
+    def read(path: str, class_names: list[str] | None) -> Examples:
+        if not os.path.exists(path):
+            raise DataError(
+                f"{str(path)!r} does not exist. Expected a CSV, TSV or JSONL file, or a folder "
+                "with one subfolder of .txt files per class."
+            )
+        if not os.path.isdir(path):
+            return read_text_file(
+                path,
+                class_names,
+                text_column=text_column,
+                label_column=label_column,
+                multi_label=multi_label,
+                label_separator=label_separator,
+            )
+        if multi_label:
+            raise DataError(
+                f"{str(path)!r} is a class folder, which gives each text one class; "
+                "multi-label data need a CSV, TSV or JSONL file with a label column."
+            )
+        return read_text_folder(path, class_names)
 
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def counts(self) -> dict[str, int]:
-        """Examples per class (positives per class when multi-label)."""
-        if self.multi_label:
-            totals = self.labels.sum(axis=0) if len(self) else np.zeros(len(self.class_names))
-        else:
-            totals = np.bincount(self.labels, minlength=len(self.class_names))
-        return {name: int(total) for name, total in zip(self.class_names, totals, strict=True)}
-
-    def subset(self, indices: Sequence[int]) -> TextExamples:
-        """The examples at `indices`, in that order."""
-        index = np.asarray(indices, dtype=np.int64)
-        return TextExamples(
-            [self.texts[i] for i in index],
-            self.labels[index],
-            self.class_names,
-            self.multi_label,
-            self.source,
-        )
-
-    def as_dataset(self) -> tf.data.Dataset:
-        """An unbatched `tf.data.Dataset` of `(string, label)` pairs, in file order."""
-        return tf.data.Dataset.from_tensor_slices((tf.constant(self.texts, tf.string), self.labels))
+    train = read(source, None)
+    val_examples = read(val, train.class_names) if val else None
+    test_examples = read(test, train.class_names) if test else None
+    return with_validation_split(train, val_examples, test_examples, val_split=val_split, seed=seed)
 
 
-@dataclass
-class TextData:
-    """The training, validation and test splits of a text dataset, with their class names.
-
-    A recipe tokenizes them with the backbone's preprocessor, e.g.
-    `make_text_dataset(data.val.texts, data.val.labels, backbone.preprocessor, batch_size=32)`.
-    """
-
-    train: TextExamples
-    val: TextExamples | None
-    test: TextExamples | None
-    class_names: list[str]
-    multi_label: bool
-
-    @property
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Examples per class of each split that exists."""
-        splits = {"train": self.train, "val": self.val, "test": self.test}
-        return {name: split.counts() for name, split in splits.items() if split is not None}
-
-    def summary(self) -> dict[str, Any]:
-        """Facts worth recording in a run's config."""
-        return {
-            "classes": self.class_names,
-            "multi_label": self.multi_label,
-            **{
-                f"{name}_texts": len(split)
-                for name, split in (("train", self.train), ("val", self.val), ("test", self.test))
-                if split is not None
-            },
-            "skipped_empty": sum(
-                split.skipped_empty
-                for split in (self.train, self.val, self.test)
-                if split is not None
-            ),
-        }
-
-
-def load_text_file(
+def read_text_file(
     path: str,
+    class_names: list[str] | None = None,
     *,
     text_column: str = "text",
     label_column: str = "label",
     multi_label: bool = False,
     label_separator: str = "|",
-    val_path: str | None = None,
-    test_path: str | None = None,
-    val_split: float = 0.2,
-    seed: int = 0,
-) -> TextData:
-    """Loads labelled text from a CSV, TSV or JSONL file, with optional validation and test files.
+) -> Examples:
+    """Reads labelled text from one CSV, TSV or JSONL file as `Examples` of kind "text".
 
     The format follows the suffix: `.csv` (comma), `.tsv` (tab), `.jsonl` / `.ndjson` (one
     JSON object per line). Files are UTF-8 (a byte-order mark is allowed). Rows whose text is
     empty or whitespace are skipped and counted; see the module docstring for why.
 
     Args:
-        path: str. The training file.
+        path: str. The file.
+        class_names: list[str] or None. The training class names, for a validation or test
+            file; a label outside them is an error. Defaults to the file's own labels, sorted.
         text_column: str. Column (JSON key) holding the text. Defaults to `"text"`.
-        label_column: str. Column (JSON key) holding the label: a class name or an integer;
-            for multi-label, names joined by `label_separator` (or a JSON list). Defaults to
-            `"label"`.
-        multi_label: bool. Each text has zero or more labels; labels become multi-hot rows.
-            Defaults to `False`.
+        label_column: str. Column (JSON key) holding the label. Defaults to `"label"`.
+        multi_label: bool. Labels become multi-hot rows. Defaults to `False`.
         label_separator: str. Separates the labels of one multi-label row. Defaults to `"|"`.
-        val_path: str or None. A validation file in the same format, read with the training
-            class names. Replaces `val_split`. Defaults to `None`.
-        test_path: str or None. A test file, read like `val_path`. Defaults to `None`.
-        val_split: float. Fraction of the training file held out for validation (stratified,
-            seeded) when there is no `val_path`; 0 disables it. Defaults to `0.2`.
-        seed: int. Seed of the validation split. Defaults to `0`.
-
-    Example:
-
-    ```python
-    data = load_text_file("reviews.csv", label_column="sentiment", test_path="test.csv")
-    data.class_names  # ['negative', 'positive']
-    ```
     """
-
-    def read(file: str) -> list[tuple[int, str | None, Any]]:
-        return _read_table(Path(file), text_column, label_column)
-
-    train = _to_examples(read(path), path, None, multi_label, label_separator)
-    val = (
-        _to_examples(read(val_path), val_path, train.class_names, multi_label, label_separator)
-        if val_path
-        else None
-    )
-    test = (
-        _to_examples(read(test_path), test_path, train.class_names, multi_label, label_separator)
-        if test_path
-        else None
-    )
-    return _with_split(train, val, test, val_split, seed)
+    _check_separator(multi_label, label_separator)
+    rows = _read_table(Path(path), text_column, label_column)
+    return _to_examples(rows, str(path), class_names, multi_label, label_separator)
 
 
-def load_text_folder(
-    directory: str,
-    *,
-    val_directory: str | None = None,
-    test_directory: str | None = None,
-    val_split: float = 0.2,
-    seed: int = 0,
-) -> TextData:
-    """Loads a folder with one subfolder per class holding UTF-8 `.txt` files, one text each.
+def read_text_folder(directory: str, class_names: list[str] | None = None) -> Examples:
+    """Reads a folder with one subfolder per class of UTF-8 `.txt` files, one text each.
 
-    Class names are the sorted subfolder names of `directory`. Files other than `.txt` are
-    ignored; empty or whitespace-only files are skipped and counted.
+    Class names are the sorted subfolder names (integers by value). Files other than `.txt`
+    are ignored and counted in `ignored`; empty or whitespace-only files are skipped and
+    listed in `skipped`.
 
     Args:
-        directory: str. The training folder.
-        val_directory: str or None. A validation folder whose subfolders are training classes.
-            Replaces `val_split`. Defaults to `None`.
-        test_directory: str or None. A test folder, read like `val_directory`. Defaults to `None`.
-        val_split: float. Stratified, seeded validation fraction when there is no
-            `val_directory`; 0 disables it. Defaults to `0.2`.
-        seed: int. Seed of the validation split. Defaults to `0`.
+        directory: str. The folder.
+        class_names: list[str] or None. The training class names, for a validation or test
+            folder: subfolders must be among them, and may be missing or empty. Defaults to
+            the subfolder names, each of which must then hold `.txt` files.
     """
-    train_rows = _read_folder(Path(directory), must_fill_every_class=True)
-    train = _to_examples(train_rows, directory, None, False, "|")
-    val = (
-        _to_examples(
-            _read_folder(Path(val_directory)), val_directory, train.class_names, False, "|"
-        )
-        if val_directory
-        else None
-    )
-    test = (
-        _to_examples(
-            _read_folder(Path(test_directory)), test_directory, train.class_names, False, "|"
-        )
-        if test_directory
-        else None
-    )
-    return _with_split(train, val, test, val_split, seed)
-
-
-def split_stratified(
-    examples: TextExamples, fraction: float, *, seed: int = 0
-) -> tuple[TextExamples, TextExamples]:
-    """Splits examples into a training and a validation part that keep each class's share.
-
-    Every class keeps at least one example on the training side; a class with two or more
-    examples gets at least one on the validation side. Multi-label rows are grouped by their
-    rarest label (rows without labels form their own group), which keeps rare labels in both
-    parts. Both parts keep file order, and the same seed gives the same split.
-
-    Args:
-        examples: TextExamples. What to split.
-        fraction: float. Share for validation, in (0, 1).
-        seed: int. Seed of the shuffle inside each class. Defaults to `0`.
-    """
-    if examples.multi_label:
-        frequency = examples.labels.sum(axis=0)
-        rarity = np.where(examples.labels > 0, frequency[None, :], np.inf)
-        strata = np.where(examples.labels.any(axis=1), rarity.argmin(axis=1), -1)
-    else:
-        strata = np.asarray(examples.labels)
-    train_idx, val_idx = stratified_split(strata, fraction, seed)
-    return examples.subset(train_idx), examples.subset(val_idx)
+    rows, ignored = _read_folder(Path(directory), must_fill_every_class=class_names is None)
+    examples = _to_examples(rows, str(directory), class_names, False, "|")
+    examples.ignored = ignored
+    return examples
 
 
 def make_text_dataset(
@@ -287,7 +205,7 @@ def make_text_dataset(
 
 
 def text_train_data(
-    examples: TextExamples,
+    examples: Examples,
     preprocessor: Any,
     *,
     batch_size: int,
@@ -298,8 +216,22 @@ def text_train_data(
 
     Tokenizes once and caches like `make_text_dataset`; each epoch reshuffles with a seed made
     from `seed` and the epoch number (`tfxfer.data.pipeline.epoch_batches`).
+
+    Args:
+        examples: Examples. Text examples (`load_texts`, `read_text_file`).
+        preprocessor: keras layer or None. The backbone's preprocessor (`backbone.preprocessor`);
+            `None` keeps raw strings.
+        batch_size: int. The global batch size.
+        seed: int. Seed of the per-epoch shuffle. Defaults to `0`.
+        cache: bool or str. Cache token ids in memory (`True`), in this file path, or not at
+            all (`False`). Defaults to `True`.
     """
-    tokenized = _tokenized(examples.texts, examples.labels, preprocessor, cache)
+    if examples.kind != "text":
+        raise TfxferError(
+            f"Expected text examples. Received: {examples.kind} examples from "
+            f"{examples.source!r}; use `tfxfer.data.images` for images."
+        )
+    tokenized = _tokenized(examples.inputs, examples.labels, preprocessor, cache)
     return epoch_batches(tokenized, num_examples=len(examples), batch_size=batch_size, seed=seed)
 
 
@@ -392,7 +324,8 @@ def _read_jsonl(
         missing = [c for c in (text_column, label_column) if c not in record]
         if missing:
             raise DataError(
-                f"{path} line {line_number} has no key {missing[0]!r}. Keys found: {sorted(record)}. "
+                f"{path} line {line_number} has no key {missing[0]!r}. "
+                f"Keys found: {sorted(record)}. "
                 "Pass `text_column=` / `label_column=` to name the right ones."
             )
         if record[text_column] is not None and not isinstance(record[text_column], str):
@@ -406,8 +339,8 @@ def _read_jsonl(
 
 def _read_folder(
     directory: Path, *, must_fill_every_class: bool = False
-) -> list[tuple[str, str, str]]:
-    """Rows of `(file, text, class name)` from a one-subfolder-per-class folder."""
+) -> tuple[list[tuple[str, str, str]], int]:
+    """Rows of `(file, text, class name)` from a class folder, and the count of non-.txt files."""
     if not directory.is_dir():
         raise DataError(f"Text folder {str(directory)!r} does not exist or is not a directory.")
     class_dirs = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -427,10 +360,18 @@ def _read_folder(
         raise DataError(f"Class folder(s) {empty_classes} in {directory} hold no .txt files.")
     if ignored:
         log.info("Ignored %d file(s) that are not .txt in %s", ignored, directory)
-    return rows
+    return rows, ignored
 
 
 # === Labels ===
+
+
+def _check_separator(multi_label: bool, separator: str) -> None:
+    if multi_label and (not isinstance(separator, str) or not separator):
+        raise DataError(
+            "Expected `label_separator` to be a non-empty string in multi-label mode, e.g. "
+            f"'|' for labels like 'news|sports'. Received: label_separator={separator!r}"
+        )
 
 
 def _label_names(raw: Any, multi_label: bool, separator: str, where: str) -> tuple[str, ...]:
@@ -467,22 +408,27 @@ def _to_examples(
     class_names: list[str] | None,
     multi_label: bool,
     separator: str,
-) -> TextExamples:
+) -> Examples:
     """Checks rows, skips empty texts and encodes labels (with `class_names` if given)."""
-    texts, names_per_row, skipped = [], [], 0
+    texts: list[str] = []
+    names_per_row: list[tuple[str, ...]] = []
+    skipped: list[str] = []
     for where, text, raw_label in rows:
-        if text is None or not text.strip():
-            skipped += 1
-            continue
         place = f"{source} line {where}" if isinstance(where, int) else str(where)
+        if text is None or not text.strip():
+            skipped.append(place)
+            continue
         texts.append(text)
         names_per_row.append(_label_names(raw_label, multi_label, separator, place))
     if skipped:
         log.warning(
-            "Skipped %d example(s) with empty or whitespace-only text in %s", skipped, source
+            "Skipped %d example(s) with empty or whitespace-only text in %s, e.g. %s",
+            len(skipped), source, skipped[:3],
         )
     if not texts:
-        raise DataError(f"{source} has no examples with text ({skipped} empty row(s) skipped).")
+        raise DataError(
+            f"{source} has no examples with text ({len(skipped)} empty row(s) skipped)."
+        )
     if class_names is None:
         class_names = _sorted_class_names({n for names in names_per_row for n in names})
         if not multi_label and len(class_names) < 2:
@@ -502,7 +448,9 @@ def _to_examples(
             labels[row, [index[n] for n in names]] = 1.0
     else:
         labels = np.asarray([index[names[0]] for names in names_per_row], np.int32)
-    return TextExamples(texts, labels, list(class_names), multi_label, source, skipped)
+    return Examples(
+        texts, labels, list(class_names), "text", multi_label, source, skipped=skipped
+    )
 
 
 def _sorted_class_names(names: set[str]) -> list[str]:
@@ -510,18 +458,3 @@ def _sorted_class_names(names: set[str]) -> list[str]:
     if names and all(_INTEGER.match(n) for n in names):
         return sorted(names, key=int)
     return sorted(names)
-
-
-def _with_split(
-    train: TextExamples,
-    val: TextExamples | None,
-    test: TextExamples | None,
-    val_split: float,
-    seed: int,
-) -> TextData:
-    if val is None and val_split:
-        skipped = train.skipped_empty
-        train, val = split_stratified(train, val_split, seed=seed)
-        train.skipped_empty = skipped
-        val = val if len(val) else None
-    return TextData(train, val, test, train.class_names, train.multi_label)

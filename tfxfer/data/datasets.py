@@ -1,0 +1,163 @@
+"""From `LabelledData` and a backbone to the `tf.data` pipelines that training reads.
+
+A recipe should not have to know whether its data need decoding or tokenizing: the data say
+what they are (`LabelledData.kind`) and the backbone says what it takes (`input_kind`, its
+image size, its text preprocessor). `make_datasets` reads both and builds the three pipelines
+with the image or text functions, which stay usable on their own. Checking here that the two
+kinds agree turns a confusing shape error deep inside the first training step into one
+sentence before anything is decoded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import tensorflow as tf
+
+from tfxfer.data.examples import Examples, LabelledData
+from tfxfer.data.images import (
+    Augmentation,
+    ImageSize,
+    image_train_data,
+    make_image_dataset,
+)
+from tfxfer.data.pipeline import TrainData
+from tfxfer.data.text import make_text_dataset, text_train_data
+from tfxfer.errors import TfxferError
+
+if TYPE_CHECKING:
+    from tfxfer.backbones.base import Backbone
+
+_KIND_PLURAL = {"image": "images", "text": "text"}
+
+
+class Datasets(NamedTuple):
+    """The pipelines of one dataset: replayable training batches, then val and test batches.
+
+    Args:
+        train: TrainData. Shuffled training batches that can start at any epoch (for resume).
+        val: tf.data.Dataset or None. Validation batches in file order.
+        test: tf.data.Dataset or None. Test batches in file order.
+    """
+
+    train: TrainData
+    val: tf.data.Dataset | None
+    test: tf.data.Dataset | None
+
+
+def make_datasets(
+    data: LabelledData,
+    backbone: Backbone,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    augmentation: Augmentation | None = None,
+    cache: bool | str = True,
+) -> Datasets:
+    """Builds the training, validation and test pipelines the backbone's model reads.
+
+    Images are decoded once and resized to the backbone's input size (they stay uint8; the
+    backbone's preprocessor inside the model does the rest). Texts are tokenized once with
+    `backbone.preprocessor`, or kept as raw strings when it is `None` (TF-Hub text
+    backbones take strings). Either way the result is cached, and training batches reshuffle
+    per epoch with a seed made from `seed` and the epoch number.
+
+    Args:
+        data: LabelledData. What `load_images` or `load_texts` returned.
+        backbone: Backbone. The backbone the model is built on.
+        batch_size: int. The global batch size.
+        seed: int. Seed of the per-epoch shuffle and of the augmentation. Defaults to `0`.
+        augmentation: Augmentation or None. Random changes to training images; images only.
+            Defaults to `None`.
+        cache: bool or str. Cache decoded images or token ids in memory (`True`), not at all
+            (`False`), or in files: a str is a path prefix, and each split caches to
+            `<cache>.train`, `<cache>.val`, `<cache>.test`. Defaults to `True`.
+
+    Returns:
+        `Datasets(train, val, test)`; `val` and `test` are None where `data` has no such split.
+
+    Raises:
+        TfxferError: the data and the backbone are of different kinds, an augmentation is
+            given for text, or the backbone's image size is unknown.
+
+    Example:
+
+    ```python
+    data = load_images("photos", val_split=0.2)
+    backbone = build_backbone("resnet50")
+    train, val, test = make_datasets(data, backbone, batch_size=32, augmentation=Augmentation())
+    ```
+    """
+    if data.kind != backbone.input_kind:
+        data_kind = _KIND_PLURAL.get(data.kind, data.kind)
+        backbone_kind = _KIND_PLURAL.get(backbone.input_kind, backbone.input_kind)
+        raise TfxferError(
+            f"The data are {data_kind} but the backbone {backbone.name!r} takes {backbone_kind}. "
+            f"Pick a backbone for {data_kind}, or load {backbone_kind} for this one."
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise TfxferError(
+            f"Expected `batch_size` to be a positive int. Received: batch_size={batch_size!r}"
+        )
+
+    def split_cache(split: str) -> bool | str:
+        return f"{cache}.{split}" if isinstance(cache, str) else cache
+
+    if data.kind == "image":
+        image_size = backbone_image_size(backbone)
+        train = image_train_data(
+            data.train,
+            image_size=image_size,
+            batch_size=batch_size,
+            seed=seed,
+            augmentation=augmentation,
+            cache=split_cache("train"),
+        )
+
+        def evaluation(split: Examples, name: str) -> tf.data.Dataset:
+            return make_image_dataset(
+                split, image_size=image_size, batch_size=batch_size, cache=split_cache(name)
+            )
+
+    else:
+        if augmentation is not None:
+            raise TfxferError(
+                "Augmentation applies to images only, and the data are text. Received: "
+                f"augmentation={augmentation!r}; pass `augmentation=None`."
+            )
+        preprocessor: Any = backbone.preprocessor  # None keeps raw strings (TF-Hub text)
+        train = text_train_data(
+            data.train, preprocessor, batch_size=batch_size, seed=seed, cache=split_cache("train")
+        )
+
+        def evaluation(split: Examples, name: str) -> tf.data.Dataset:
+            return make_text_dataset(
+                split.inputs, split.labels, preprocessor, batch_size=batch_size,
+                cache=split_cache(name),
+            )
+
+    val, test = (
+        evaluation(split, name) if split is not None else None
+        for split, name in ((data.val, "val"), (data.test, "test"))
+    )
+    return Datasets(train, val, test)
+
+
+def backbone_image_size(backbone: Backbone) -> ImageSize:
+    """The image size a backbone takes: an int or `[height, width]`.
+
+    Built backbones record it in `info["image_size"]` (an int for keras.applications, a
+    `[height, width]` list for TF-Hub); a backbone assembled by hand may not, and then its
+    network's fixed input height and width are used.
+    """
+    size = backbone.info.get("image_size")
+    if size is not None:
+        return size
+    shape = backbone.network.input_shape
+    if isinstance(shape, tuple) and len(shape) == 4 and shape[1] and shape[2]:
+        return [int(shape[1]), int(shape[2])]
+    raise TfxferError(
+        f"Cannot tell which image size the backbone {backbone.name!r} takes. Expected "
+        "`info['image_size']` (an int or [height, width]) or a network input of fixed height "
+        f"and width. Received: info keys {sorted(backbone.info)}, network input shape {shape}."
+    )

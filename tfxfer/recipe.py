@@ -1,0 +1,429 @@
+"""The recipe skeleton: the config fields every recipe shares, and the one way a recipe runs.
+
+A recipe is a story of three parts: its own config fields, how it loads its data, and how it
+builds its model. Everything else is the same for every recipe and lives here, in this order:
+check the config and the output directory (cheap, before minutes go into a backbone) -> seed
+-> distribution scope -> data -> model -> schedule -> run directory -> train -> evaluate ->
+save and export. A new recipe subclasses `RecipeConfig` and calls `run`:
+
+```python
+@dataclass
+class Config(RecipeConfig):
+    data_dir: str | None = None  # one subfolder per class
+
+def main(config: Config) -> dict:
+    return run(config, build_data, build_model)
+
+if __name__ == "__main__":
+    sys.exit(command_line(main, Config, __doc__))
+```
+
+Flags come from the fields (`image_size` becomes `--image-size`) and `--help` text from the
+comment after each field, so flags, defaults and help never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import logging
+import platform
+import textwrap
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import keras
+import tensorflow as tf
+
+from tfxfer import export, report
+from tfxfer.backbones.base import Backbone, LayerGroups
+from tfxfer.data.examples import LabelledData
+from tfxfer.errors import TfxferError
+from tfxfer.rundir import RunDir
+from tfxfer.schedule import Stage, default_schedule, validate_schedule
+from tfxfer.train import TrainResult, run_schedule
+
+log = logging.getLogger(__name__)
+
+# What every recipe's smoke config sets: tiny and fast, for tests.
+SMOKE_SETTINGS = {"batch_size": 8, "head_epochs": 1, "finetune_epochs": 1, "export": False,
+                  "verbose": 0}
+
+
+@dataclass
+class RecipeConfig:
+    """The fields every recipe shares; a recipe's `Config` subclasses it and adds its own.
+
+    A recipe may redeclare a field to change its default (the text recipe trains with a
+    smaller batch). `validate` names every bad value at once.
+    """
+
+    output_dir: str = "runs/tfxfer"  # where the run directory goes
+    backbone: str = "resnet50"  # a backbone name, preset or local directory (`tfxfer backbones`)
+    val_split: float = 0.2  # share of the training data held out for validation when no val set is given
+    batch_size: int = 32  # per replica; the global batch is this times the replicas
+    head_epochs: int = 3  # stage 1: the head only, backbone frozen
+    finetune_epochs: int = 3  # stage 2: fine-tune the backbone (0 skips it)
+    head_learning_rate: float = 1e-3  # peak learning rate of stage 1
+    finetune_learning_rate: float = 1e-4  # peak learning rate of stage 2
+    unfreeze: str = "all"  # stage 2 trains "all" backbone layer groups, or the top K ("2")
+    layerwise_lr_decay: float | None = None  # e.g. 0.8: each lower group learns 0.8x as fast
+    lora_rank: int | None = None  # stage 2 trains LoRA adapters of this rank instead of the backbone
+    pooling: str | None = None  # head pooling; default: the backbone's (avg for images, cls or mean for text)
+    hidden_units: list[int] = field(default_factory=list)  # widths of dense layers in the head, e.g. 256,128
+    dropout: float = 0.2  # dropout before each dense layer of the head
+    seed: int = 0  # seeds the split, the head's initialisation, dropout and shuffling
+    strategy: str = "auto"  # auto | cpu | one_device | mirrored | multi_worker | tpu
+    mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
+    scale_learning_rate: bool = False  # multiply learning rates by the number of replicas
+    export: bool = True  # also write a SavedModel that takes raw inputs
+    overwrite: bool = False  # replace the files an earlier run wrote in output_dir
+    resume: bool = False  # continue the run in output_dir from its last complete epoch
+    verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
+
+    # Recipe-specific fields of `smoke()`, on top of SMOKE_SETTINGS.
+    SMOKE: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def smoke(cls, **fields: Any) -> RecipeConfig:
+        """Tiny settings for tests: one epoch per stage, small batches, no export."""
+        return cls(**{**SMOKE_SETTINGS, **cls.SMOKE, **fields})
+
+    @classmethod
+    def from_flags(cls, argv: list[str] | None = None, description: str | None = None
+                   ) -> RecipeConfig:
+        """Parses command-line flags (one per field) into a config."""
+        return parse_flags(cls, argv, description)
+
+    def problems(self) -> list[str]:
+        """Every invalid value, as "name=value (expected ...)"; a recipe extends the list."""
+        from tfxfer.distribute import MIXED_PRECISION_POLICIES, STRATEGY_NAMES
+
+        found = []
+
+        def check(name: str, ok: Callable[[Any], bool], expected: str) -> None:
+            value = getattr(self, name, None)
+            if value is not None and not ok(value):
+                found.append(f"{name}={value!r} (expected {expected})")
+
+        for name in ("batch_size", "lora_rank"):
+            check(name, _positive_int, "a positive integer")
+        for name in ("head_epochs", "finetune_epochs", "seed"):
+            check(name, lambda v: _int(v) and v >= 0, "an integer >= 0")
+        for name in ("head_learning_rate", "finetune_learning_rate"):
+            check(name, lambda v: _number(v) and v > 0, "> 0")
+        check("val_split", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
+        check("dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
+        check("layerwise_lr_decay", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]")
+        check("unfreeze", lambda v: str(v) == "all" or str(v).isdigit(),
+              "'all' or a number of groups")
+        check("hidden_units", lambda v: all(_positive_int(u) for u in v),
+              "positive integers")
+        check("strategy", lambda v: v in STRATEGY_NAMES, f"one of {STRATEGY_NAMES}")
+        modes = ("auto", *MIXED_PRECISION_POLICIES)
+        check("mixed_precision", lambda v: v in modes, f"one of {modes}")
+        if self.head_epochs == 0 and self.finetune_epochs == 0:
+            found.append("head_epochs and finetune_epochs are both 0 (nothing would train)")
+        if self.overwrite and self.resume:
+            found.append("overwrite and resume are both set (pick one)")
+        if not str(self.output_dir).strip():
+            found.append("output_dir='' (expected a directory; an empty value would be the "
+                         "current directory)")
+        return found
+
+    def validate(self) -> RecipeConfig:
+        """Raises `TfxferError` naming every invalid field at once; returns the config."""
+        found = self.problems()
+        if found:
+            raise TfxferError(f"Invalid {type(self).__name__}: " + "; ".join(found) + ".")
+        return self
+
+    def schedule(self) -> list[Stage]:
+        """The two-stage schedule these fields describe."""
+        stages = default_schedule(
+            self.head_epochs, self.finetune_epochs,
+            head_learning_rate=self.head_learning_rate,
+            finetune_learning_rate=self.finetune_learning_rate,
+            unfreeze=int(self.unfreeze) if str(self.unfreeze).isdigit() else self.unfreeze,
+            layerwise_lr_decay=self.layerwise_lr_decay,
+        )
+        if self.lora_rank:
+            for stage in stages:
+                if stage.name == "finetune":
+                    # Adapters start from zero, so they need a higher rate than full weights.
+                    stage.lora_rank = self.lora_rank
+                    stage.learning_rate = self.head_learning_rate / 3
+        return stages
+
+    def augmentation(self):
+        """Training-time augmentation for `make_datasets`; None unless a recipe adds one."""
+        return None
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _int(value) and value > 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# === Running a recipe ===
+
+BuildData = Callable[[Any], LabelledData]
+BuildModel = Callable[[Any, LabelledData], tuple[Backbone | list[Backbone], keras.Model]]
+
+
+def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
+    """Runs a recipe: check, seed, distribute, load, build, train, evaluate, save, export.
+
+    Args:
+        config: RecipeConfig. The recipe's config; validated here.
+        build_data: callable. `build_data(config)` returns the `LabelledData`.
+        build_model: callable. `build_model(config, data)` returns `(backbone, model)` (or a
+            list of backbones for a model over several); it runs in the strategy's scope.
+
+    Returns:
+        A dict with "run_dir", "model" (as trained), "serving_model" (what was saved: it
+        takes raw inputs), "backbone", "history", "metrics" (per split), "class_names",
+        "data" and "result" (the `TrainResult`).
+    """
+    from tfxfer.data.datasets import make_datasets
+    from tfxfer.distribute import Distribution
+
+    config.validate()
+    # A forgotten --overwrite is reported before minutes go into loading a backbone.
+    RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
+    # Head initialisation, dropout and shuffles follow config.seed: a run repeats exactly.
+    keras.utils.set_random_seed(config.seed)
+    distribution = Distribution(config.strategy, config.mixed_precision, config.batch_size,
+                                config.scale_learning_rate)
+    data = build_data(config)
+    print(f"[tfxfer] data: {data.summary()}", flush=True)
+    with distribution.scope():
+        backbone, model = build_model(config, data)
+    if str(backbone_info(backbone).get("weights")) in ("None", "none", "random"):
+        print("[tfxfer] the backbone is randomly initialised, not pretrained.", flush=True)
+    stages = config.schedule()
+    validate_schedule(stages, LayerGroups.of(backbone))
+    # Only now, with every setting checked, is the run directory written: a typo in a flag
+    # must not leave a half-started run that the next attempt refuses to overwrite.
+    run_dir = open_run(config.output_dir, dataclasses.asdict(config), overwrite=config.overwrite,
+                       resume=config.resume, write=distribution.is_chief,
+                       extra={"data": data.summary(), "backbone_info": backbone_info(backbone),
+                              **distribution.describe()})
+    datasets = make_datasets(data, backbone, batch_size=distribution.global_batch_size,
+                             seed=config.seed, augmentation=config.augmentation())
+    result = run_schedule(
+        model, backbone, stages, datasets.train, datasets.val, run_dir=run_dir,
+        strategy=distribution.strategy, lr_scale=distribution.lr_scale, verbose=config.verbose,
+        # Resuming on another number of replicas would change every batch.
+        config={**dataclasses.asdict(config),
+                "global_batch_size": distribution.global_batch_size},
+    )
+    serving = export.serving_model(model, backbone)
+    metrics = finish_run(run_dir, model, result, data.class_names,
+                         {"val": datasets.val, "test": datasets.test},
+                         multi_label=data.multi_label, serving_model=serving,
+                         export_saved_model=config.export, write=distribution.is_chief)
+    return {"run_dir": run_dir.path, "model": model, "serving_model": serving,
+            "backbone": backbone, "history": result.history, "metrics": metrics,
+            "class_names": data.class_names, "data": data, "result": result}
+
+
+def backbone_info(backbone: Backbone | list[Backbone]) -> dict[str, Any]:
+    """The facts a run records about its backbone(s)."""
+    if isinstance(backbone, Backbone):
+        return {**backbone.info, "name": backbone.name, "pooling": backbone.head_pooling,
+                "groups": backbone.group_names}
+    return {"backbones": [backbone_info(b) for b in backbone]}
+
+
+def open_run(output_dir: str, config: dict[str, Any], *, overwrite: bool, resume: bool,
+             extra: dict[str, Any] | None = None, write: bool = True) -> RunDir:
+    """Opens the run directory and writes `config.json` (the resolved config plus facts)."""
+    run_dir = RunDir(output_dir, overwrite=overwrite, resume=resume, write=write)
+    if write and not run_dir.resumed:
+        run_dir.write_json("config.json", {
+            **config, **(extra or {}),
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                         "python": platform.python_version()},
+        })
+    return run_dir
+
+
+def finish_run(
+    run_dir: RunDir,
+    model: keras.Model,
+    result: TrainResult,
+    class_names: list[str],
+    eval_sets: dict[str, tf.data.Dataset | None],
+    *,
+    multi_label: bool = False,
+    serving_model: keras.Model | None = None,
+    export_saved_model: bool = True,
+    write: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluates every split, then saves the model, the export, the class names and the plots.
+
+    Args:
+        run_dir: RunDir. Where everything goes.
+        model: keras.Model. The trained model (as trained: it may take tokenized input).
+        result: TrainResult. From `run_schedule`.
+        class_names: list[str]. Output order.
+        eval_sets: dict. Split name to batched `(x, y)` dataset or None, e.g.
+            {"val": ..., "test": ...}.
+        multi_label: bool. Threshold outputs instead of argmax.
+        serving_model: keras.Model or None. What to save and export if it differs from
+            `model` (a text model wrapped with its tokenizer). Defaults to `model`.
+        export_saved_model: bool. Write `export/`. Defaults to `True`.
+        write: bool. False on non-chief workers of a multi-worker run: evaluate, write nothing.
+
+    Returns:
+        The metrics per split, as written to `metrics.json`.
+    """
+    metrics = {}
+    for split, dataset in eval_sets.items():
+        if dataset is None:
+            continue
+        labels, probabilities = report.collect(model, dataset)
+        metrics[split] = report.classification_metrics(labels, probabilities, class_names,
+                                                       multi_label)
+        print("[tfxfer] " + report.summary_line(split, metrics[split]), flush=True)
+    if not write:
+        return metrics
+    run_dir.write_json("metrics.json", metrics)
+    run_dir.write_json("class_names.json", class_names)
+    if result.best:
+        run_dir.write_json("best.json", result.best)
+    to_save = serving_model or model
+    export.save_model(to_save, run_dir.file("model.keras"))
+    if export_saved_model:
+        export.export_saved_model(to_save, run_dir.file("export"))
+    if result.history:
+        report.plot_history(result.history, run_dir.file("curves.png"))
+    print(f"[tfxfer] run saved to {run_dir.path}/", flush=True)
+    return metrics
+
+
+# === Command line ===
+
+
+def command_line(main: Callable[[Any], Any], config_cls: type[RecipeConfig],
+                 description: str | None = None, argv: list[str] | None = None) -> int:
+    """Runs a recipe from the command line: exit 0 on success, 2 with one line on bad input."""
+    from tfxfer.cli import error_boundary
+
+    # tfxfer's own INFO lines (skipped files, resume points); other libraries' from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
+    logging.getLogger("tfxfer").setLevel(logging.INFO)
+    config = config_cls.from_flags(argv, description)
+    return error_boundary(lambda: main(config))
+
+
+def parse_flags(config_cls: type, argv: list[str] | None = None,
+                description: str | None = None, prog: str | None = None) -> Any:
+    """One flag per field of the dataclass `config_cls`, with the field's comment as help.
+
+    A recipe's own fields come first in `--help`, the shared ones after them.
+    """
+    summary, _, details = (description or config_cls.__doc__ or "").strip().partition("\n")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=summary, epilog=textwrap.dedent(details).strip() or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    defaults = config_cls()
+    comments = field_comments(config_cls)
+    shared = {f.name for f in dataclasses.fields(RecipeConfig)}
+    own = parser.add_argument_group("recipe options")
+    common = parser.add_argument_group("training and run options (every recipe)")
+    fields = dataclasses.fields(config_cls)
+    for item in sorted(fields, key=lambda f: f.name in shared):
+        group = common if item.name in shared else own
+        flag = "--" + item.name.replace("_", "-")
+        hint, default = hints[item.name], getattr(defaults, item.name)
+        kinds = typing.get_args(hint) or (hint,)
+        help_text = f"{comments.get(item.name, '')} (default: {default})".strip()
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=comments.get(item.name))
+        elif typing.get_origin(hint) is list:
+            group.add_argument(flag, type=_list_of_ints, default=default, metavar="N,N",
+                               help=help_text)
+        elif int in kinds:
+            group.add_argument(flag, type=_optional(int, hint), default=default, help=help_text)
+        elif float in kinds:
+            group.add_argument(flag, type=_optional(float, hint), default=default,
+                               help=help_text)
+        else:
+            group.add_argument(flag, type=_optional(str, hint), default=default, help=help_text)
+    args = parser.parse_args(argv)
+    return config_cls(**{f.name: getattr(args, f.name) for f in fields})
+
+
+def _list_of_ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+
+
+def _optional(kind: type, hint: Any) -> Callable[[str], Any]:
+    """A flag parser for `kind`; for an optional field, "none" (any case) gives None."""
+    optional = type(None) in typing.get_args(hint)
+
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def field_comments(config_cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in the class bodies of `config_cls` and its bases.
+
+    A subclass's comment wins over its base's. Without source (a frozen app), no help.
+    """
+    comments: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        source = textwrap.dedent("".join(lines))
+        body = ast.parse(source).body[0]
+        source_lines = source.splitlines()
+        for node in getattr(body, "body", []):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                line = source_lines[node.end_lineno - 1]
+                comment = _trailing_comment(line)
+                if comment:
+                    comments[node.target.id] = comment
+    return comments
+
+
+def _trailing_comment(line: str) -> str:
+    import io
+    import tokenize
+
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return ""
+    return next((t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT), "")
