@@ -167,8 +167,7 @@ def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     return {"data_dir": spec["data_dir"]}
 
 
-def train_tfxfer(model, backbone, cfg, train, val, loss, metrics, timing,
-                 **run_schedule_kwargs) -> dict[str, float]:
+def train_tfxfer(model, backbone, cfg, train, val, timing) -> dict[str, float]:
     """Both stages through `tfxfer.run_schedule`, with a run directory (checkpoints on)."""
     import tfxfer
 
@@ -178,9 +177,9 @@ def train_tfxfer(model, backbone, cfg, train, val, loss, metrics, timing,
     with tempfile.TemporaryDirectory(prefix="tfxfer-bench-") as tmp:
         before = peak_rss_mb()
         started = time.perf_counter()
-        tfxfer.run_schedule(model, backbone.layer_groups, stages, train, val, loss=loss,
-                            metrics=metrics, run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
-                            callbacks=[timing], verbose=0, **run_schedule_kwargs)
+        tfxfer.run_schedule(model, backbone, stages, train, val,
+                            run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
+                            callbacks=[timing], verbose=0)
         total = time.perf_counter() - started
         run_dir_mb = _directory_mb(os.path.join(tmp, "run"))
     return {"total_s": total, "rss_before_training_mb": before, "run_dir_mb": run_dir_mb}
@@ -226,18 +225,16 @@ def child_image(spec: dict[str, Any]) -> dict[str, Any]:
 
     keras.utils.set_random_seed(SEED)
     cfg, batch = IMAGE, IMAGE["batch_size"]
-    data = tfxfer.load_image_folder(spec["data_dir"], val_split=cfg["val_split"], seed=SEED)
+    data = tfxfer.load_images(spec["data_dir"], val_split=cfg["val_split"], seed=SEED)
     backbone = tfxfer.build_backbone(spec["backbone"], weights=None, image_size=cfg["image_size"])
     model = tfxfer.build_model(backbone, len(data.class_names),
                                head=tfxfer.HeadConfig(pooling="avg", dropout=0.2))
-    loss, metrics = tfxfer.loss_and_metrics("single_label", len(data.class_names))
+    loss = "sparse_categorical_crossentropy"
     steps = len(data.train) // batch
     timing = timing_callback()
     if spec["variant"] == "tfxfer":
-        train = tfxfer.image_train_data(data.train, image_size=cfg["image_size"],
-                                        batch_size=batch, seed=SEED, augmentation=None)
-        val = tfxfer.make_image_dataset(data.val, image_size=cfg["image_size"], batch_size=batch)
-        run = train_tfxfer(model, backbone, cfg, train, val, loss, metrics, timing)
+        train, val, _ = tfxfer.make_datasets(data, backbone, batch_size=batch, seed=SEED)
+        run = train_tfxfer(model, backbone, cfg, train, val, timing)
     else:
         def decode(path, label):
             image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
@@ -246,7 +243,7 @@ def child_image(spec: dict[str, Any]) -> dict[str, Any]:
             return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
 
         def pipeline(files, training):
-            ds = tf.data.Dataset.from_tensor_slices((files.paths, files.labels))
+            ds = tf.data.Dataset.from_tensor_slices((files.inputs, files.labels))
             ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).cache()
             if training:
                 ds = ds.shuffle(len(files), seed=SEED, reshuffle_each_iteration=True)
@@ -266,32 +263,29 @@ def child_text(spec: dict[str, Any]) -> dict[str, Any]:
     import tensorflow as tf
 
     import tfxfer
-    from tfxfer.data.text import load_text_file, make_text_dataset, text_train_data
     from tfxfer.demo_data import demo_text_paths
 
     keras.utils.set_random_seed(SEED)
     cfg, batch = TEXT, TEXT["batch_size"]
-    data = load_text_file(str(demo_text_paths()["train"]), val_split=cfg["val_split"], seed=SEED)
+    data = tfxfer.load_texts(str(demo_text_paths()["train"]), val_split=cfg["val_split"],
+                             seed=SEED)
     backbone = tfxfer.build_backbone("minilm-l6", sequence_length=cfg["sequence_length"])
     # As the recipe does: the checkpoint's own (mean) pooling; BERT's pooler is then unused,
-    # so it stays frozen and out of the groups.
+    # so the backbone keeps it frozen and out of the groups.
     model = tfxfer.build_model(backbone, len(data.class_names),
-                               head=tfxfer.HeadConfig(pooling="mean", dropout=0.1))
-    pooler = backbone.layer_groups.pop("pooler", [])
-    loss, metrics = tfxfer.loss_and_metrics("single_label", len(data.class_names))
+                               head=tfxfer.HeadConfig(dropout=0.1))
+    pooler = backbone.unused_layers()
+    loss = "sparse_categorical_crossentropy"
     steps = len(data.train) // batch
     timing = timing_callback()
     if spec["variant"] == "tfxfer":
-        train = text_train_data(data.train, backbone.preprocessor, batch_size=batch, seed=SEED)
-        val = make_text_dataset(data.val.texts, data.val.labels, backbone.preprocessor,
-                                batch_size=batch)
-        run = train_tfxfer(model, backbone, cfg, train, val, loss, metrics, timing,
-                           lora_targets=backbone.lora_targets, frozen_layers=pooler)
+        train, val, _ = tfxfer.make_datasets(data, backbone, batch_size=batch, seed=SEED)
+        run = train_tfxfer(model, backbone, cfg, train, val, timing)
     else:
         preprocessor = backbone.preprocessor
 
         def pipeline(examples, training):
-            ds = tf.data.Dataset.from_tensor_slices((examples.texts, examples.labels))
+            ds = tf.data.Dataset.from_tensor_slices((examples.inputs, examples.labels))
             # Tokenize in chunks inside tf.data, once; cache the token ids.
             ds = (ds.batch(256).map(lambda x, y: (preprocessor(x), y),
                                     num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache())

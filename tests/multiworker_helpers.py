@@ -319,7 +319,6 @@ def _two_stage(argv: Sequence[str]) -> None:
     import keras
 
     from tfxfer import distribute, keras_compat
-    from tfxfer.errors import TfxferError
 
     strategy = distribute.get_strategy(args.strategy)
     if args.patch != "none":
@@ -387,10 +386,6 @@ def _two_stage(argv: Sequence[str]) -> None:
 
     evaluation = model.evaluate(train, verbose=0, return_dict=True)
     batch: dict[str, Any] = {"global_of_8": distribute.global_batch_size(8, strategy)}
-    try:
-        batch["split_15"] = distribute.split_global_batch(15, strategy)
-    except TfxferError as e:
-        batch["split_15_error"] = str(e)
     out["predict"] = [model.predict(inputs_only, verbose=0)]
 
     arrays = {f"{key}_{i}": np.asarray(v) for key, values in out.items() for i, v in enumerate(values)}

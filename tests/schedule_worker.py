@@ -3,7 +3,7 @@
 Resuming after a kill can only be tested with a process that really dies: a `SIGKILL`
 leaves no chance to flush, close or clean up, which an exception raised inside `fit` does.
 This program trains a tiny dense model through the same path a recipe takes
-(`tfxfer.Session`, `open_run`, `run_schedule`, `finish_run`), in one process or as one
+(`Distribution`, `open_run`, `run_schedule`, `finish_run`), in one process or as one
 worker of a `MultiWorkerMirroredStrategy` cluster (launch it with `multiworker_helpers`):
 
     python tests/schedule_worker.py --run-dir RUN --out OUT [--strategy cpu] [--resume]
@@ -174,9 +174,11 @@ def main(args: argparse.Namespace) -> None:
     audit_run_dir(args.run_dir, audit)
 
     import tfxfer
+    from tfxfer.distribute import Distribution
+    from tfxfer.recipe import finish_run, open_run
 
     # First thing: MultiWorkerMirroredStrategy must exist before TensorFlow runs an op.
-    session = tfxfer.Session(args.strategy, "float32", args.per_replica_batch)
+    session = Distribution(args.strategy, "float32", args.per_replica_batch)
     distribution = session.describe()["distribution"]
     worker_index = max(int(distribution["worker_index"]), 0)
     print(f"[worker] {json.dumps(distribution)}", flush=True)
@@ -185,6 +187,7 @@ def main(args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     from tfxfer.backbones import split_into_groups
+    from tfxfer.data.pipeline import epoch_batches
     from tfxfer.heads import build_head
 
     install_save_blocks(args)
@@ -217,7 +220,7 @@ def main(args: argparse.Namespace) -> None:
     config = {key: value for key, value in vars(args).items()
               if key not in ("run_dir", "out", "init_seed") and not key.startswith("block")}
     config["output_dir"] = args.run_dir
-    run_dir = tfxfer.open_run(args.run_dir, config, overwrite=args.overwrite,
+    run_dir = open_run(args.run_dir, config, overwrite=args.overwrite,
                               resume=args.resume, extra=session.describe(),
                               write=session.is_chief)
 
@@ -226,7 +229,7 @@ def main(args: argparse.Namespace) -> None:
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     x_train, y_train = example_data(96, seed=0)
     x_val, y_val = example_data(32, seed=1)
-    train = tfxfer.epoch_batches(tf.data.Dataset.from_tensor_slices((x_train, y_train)),
+    train = epoch_batches(tf.data.Dataset.from_tensor_slices((x_train, y_train)),
                                  num_examples=len(x_train),
                                  batch_size=session.global_batch_size, seed=args.seed)
     val = (tf.data.Dataset.from_tensor_slices((x_val, y_val))
@@ -249,13 +252,11 @@ def main(args: argparse.Namespace) -> None:
         epoch, batch = (int(part) for part in args.block_at.split(":"))
         callbacks.append(BlockAt(epoch, batch))
 
-    loss, metrics = tfxfer.loss_and_metrics("single_label", NUM_CLASSES)
     result = tfxfer.run_schedule(
-        model, backbone.layer_groups, stages, train, val, loss=loss, metrics=metrics,
-        run_dir=run_dir, strategy=session.strategy, config=config, callbacks=callbacks,
+        model, backbone, stages, train, val, run_dir=run_dir, strategy=session.strategy, config=config, callbacks=callbacks,
         verbose=0,
     )
-    scores = tfxfer.finish_run(run_dir, model, result, CLASS_NAMES, {"val": val},
+    scores = finish_run(run_dir, model, result, CLASS_NAMES, {"val": val},
                                export_saved_model=False, write=session.is_chief)
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """A real two-stage tfxfer schedule on two workers (MultiWorkerMirroredStrategy on 127.0.0.1).
 
-Each worker is a process of its own running `schedule_worker.py` through `tfxfer.Session`,
+Each worker is a process of its own running `schedule_worker.py` through `Distribution`,
 `open_run`, `run_schedule` and `finish_run`, as a recipe would. The tests check that two
 workers with a global batch of 16 (8 each) end with the weights, history and evaluation of
 one process with a batch of 16; that only the chief writes the run directory; and that a

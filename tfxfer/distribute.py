@@ -544,35 +544,6 @@ def global_batch_size(per_replica_batch_size: int, strategy: tf.distribute.Strat
     return per_replica_batch_size * int(strategy.num_replicas_in_sync)
 
 
-def split_global_batch(global_batch_size: int, strategy: tf.distribute.Strategy) -> int:
-    """Checks that a global batch splits evenly over the replicas and returns each share.
-
-    An uneven split makes replicas see different batch sizes and silently changes the
-    gradient's weighting (and breaks TPUs, which need static shapes), so it is refused.
-
-    Args:
-        global_batch_size: int. Examples per step over all replicas.
-        strategy: tf.distribute.Strategy. The run's strategy.
-
-    Returns:
-        The per-replica batch size.
-
-    Raises:
-        TfxferError: the global batch is not a positive multiple of the replica count.
-    """
-    _check_positive_int("global_batch_size", global_batch_size)
-    replicas = int(strategy.num_replicas_in_sync)
-    if global_batch_size % replicas:
-        lower = (global_batch_size // replicas) * replicas
-        options = ", ".join(str(b) for b in (lower, lower + replicas) if b > 0)
-        raise TfxferError(
-            f"Expected the global batch size to be divisible by the number of replicas "
-            f"({replicas}). Received: global_batch_size={global_batch_size}. Use a multiple "
-            f"of {replicas} (e.g. {options}), or set the batch size per replica."
-        )
-    return global_batch_size // replicas
-
-
 # === One run's distribution ===
 
 

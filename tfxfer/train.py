@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -156,6 +157,12 @@ def _save_arrays(path: str, variables: list) -> None:
                                           allow_pickle=False)
 
 
+def _unnumbered(path: str) -> str:
+    # Keras numbers auto-named objects per process ("seed_generator_3", "dense_7"), so the
+    # same model built after others differs only in those numbers; they are not compared.
+    return "/".join(re.sub(r"_\d+$", "", part) for part in path.split("/"))
+
+
 def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) -> None:
     """Assigns saved arrays to `variables`, matched by variable path, never by position alone.
 
@@ -164,7 +171,7 @@ def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) 
     into the other would succeed silently and train nonsense.
     """
     current = [v.path for v in variables]
-    if list(saved_paths) != current:
+    if [_unnumbered(p) for p in saved_paths] != [_unnumbered(p) for p in current]:
         missing = [p for p in saved_paths if p not in set(current)]
         extra = [p for p in current if p not in set(saved_paths)]
         first = next((f"{a!r} saved, {b!r} now" for a, b in zip(saved_paths, current, strict=False)
