@@ -47,21 +47,28 @@ def run_child(script: str, spec: dict[str, Any], label: str) -> dict[str, Any]:
     started = time.perf_counter()
     print(f"  -> {label} ...", flush=True)
     with tempfile.TemporaryFile(mode="w+") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env=child_environment(), cwd=str(REPO))
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=child_environment(),
+            cwd=str(REPO),
+        )
         result = None
         for line in process.stdout:
             line = line.rstrip("\n")
             if line.startswith(RESULT_PREFIX):
-                result = json.loads(line[len(RESULT_PREFIX):])
+                result = json.loads(line[len(RESULT_PREFIX) :])
             elif line.strip() and not _NOISE.match(line):
                 print(f"     {line}", flush=True)
         code = process.wait()
         if code != 0 or result is None:
             stderr.seek(0)
             tail = [x for x in stderr.read().splitlines() if not _NOISE.match(x)][-25:]
-            raise RuntimeError(f"{label} failed (exit code {code}). Last lines of its stderr:\n"
-                               + "\n".join(tail))
+            raise RuntimeError(
+                f"{label} failed (exit code {code}). Last lines of its stderr:\n" + "\n".join(tail)
+            )
     print(f"     done in {time.perf_counter() - started:.0f} s (process wall time)", flush=True)
     return result
 
@@ -94,8 +101,9 @@ def _version(package: str) -> str:
 def _git(*args: str) -> str:
     """Read-only git queries (commit, dirty files) for the record; empty if git is missing."""
     try:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.rstrip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.rstrip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -104,14 +112,18 @@ def machine_facts() -> dict[str, Any]:
     cpu = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle
-                        if line.startswith("model name")), "")
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
+                "",
+            )
     except OSError:
         pass
     dirty = [line[3:] for line in _git("status", "--porcelain").splitlines() if line[3:]]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "nproc": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "cpu": cpu or platform.processor(),
         "gpu": "an NVIDIA GPU" if os.path.exists("/proc/driver/nvidia/version") else "no GPU",
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -128,17 +140,19 @@ def machine_facts() -> dict[str, Any]:
 
 def facts_markdown(facts: dict[str, Any], wall_seconds: float) -> str:
     dirty = facts["uncommitted_files"]
-    return "\n".join([
-        f"- date: {facts['date']}; whole script: {wall_seconds / 60:.1f} min",
-        f"- machine: {facts['nproc']} CPU cores ({facts['cpu']}), {facts['gpu']}; load average "
-        f"at start {', '.join(map(str, facts['load_average_at_start']))} (above the core "
-        "count means other processes were competing for the cores)",
-        f"- versions: Python {facts['python']}, TensorFlow {facts['tensorflow']}, Keras "
-        f"{facts['keras']}, keras-hub {facts['keras_hub']}",
-        f"- tfxfer: commit {facts['tfxfer_commit'] or '?'}"
-        + (f" plus uncommitted changes in {', '.join(dirty)}" if dirty else " (clean tree)"),
-        f"- command (from `{facts['cwd']}`): `{facts['command']}`",
-    ])
+    return "\n".join(
+        [
+            f"- date: {facts['date']}; whole script: {wall_seconds / 60:.1f} min",
+            f"- machine: {facts['nproc']} CPU cores ({facts['cpu']}), {facts['gpu']}; load average "
+            f"at start {', '.join(map(str, facts['load_average_at_start']))} (above the core "
+            "count means other processes were competing for the cores)",
+            f"- versions: Python {facts['python']}, TensorFlow {facts['tensorflow']}, Keras "
+            f"{facts['keras']}, keras-hub {facts['keras_hub']}",
+            f"- tfxfer: commit {facts['tfxfer_commit'] or '?'}"
+            + (f" plus uncommitted changes in {', '.join(dirty)}" if dirty else " (clean tree)"),
+            f"- command (from `{facts['cwd']}`): `{facts['command']}`",
+        ]
+    )
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -148,7 +162,7 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def replace_section(name: str, body: str, path: Path = README) -> None:
-    """Puts `body` between `<!-- BEGIN name -->` and `<!-- END name -->`, replacing what was there."""
+    """Puts `body` between `<!-- BEGIN name -->` and `<!-- END name -->`, replacing the old."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     block = f"{begin}\n{body.strip()}\n{end}"

@@ -59,10 +59,25 @@ SECTION = "overhead"
 SEED = 0
 # Sizes: big enough that a steady-state epoch takes seconds (so per-epoch costs show), small
 # enough that the 12 processes of a default run finish in minutes on 2 shared cores.
-IMAGE = {"per_class": 160, "image_size": 64, "batch_size": 16, "head_epochs": 3,
-         "finetune_epochs": 3, "head_lr": 1e-3, "finetune_lr": 1e-4, "val_split": 0.2}
-TEXT = {"sequence_length": 64, "batch_size": 16, "head_epochs": 2, "finetune_epochs": 2,
-        "head_lr": 3e-3, "finetune_lr": 5e-5, "val_split": 0.1}
+IMAGE = {
+    "per_class": 160,
+    "image_size": 64,
+    "batch_size": 16,
+    "head_epochs": 3,
+    "finetune_epochs": 3,
+    "head_lr": 1e-3,
+    "finetune_lr": 1e-4,
+    "val_split": 0.2,
+}
+TEXT = {
+    "sequence_length": 64,
+    "batch_size": 16,
+    "head_epochs": 2,
+    "finetune_epochs": 2,
+    "head_lr": 3e-3,
+    "finetune_lr": 5e-5,
+    "val_split": 0.1,
+}
 
 
 # === Children ===
@@ -83,14 +98,21 @@ def timing_callback():
             self.stages: list[dict[str, Any]] = []
 
         def on_train_begin(self, logs=None):
-            self.stages.append({"begin": time.perf_counter(), "epochs": [],
-                                "trainable_weights": len(self.model.trainable_weights),
-                                "trainable_params": int(sum(
-                                    int(_size(w.shape)) for w in self.model.trainable_weights))})
+            self.stages.append(
+                {
+                    "begin": time.perf_counter(),
+                    "epochs": [],
+                    "trainable_weights": len(self.model.trainable_weights),
+                    "trainable_params": int(
+                        sum(int(_size(w.shape)) for w in self.model.trainable_weights)
+                    ),
+                }
+            )
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.stages[-1]["epochs"].append({"begin": time.perf_counter(),
-                                              "cpu_begin": time.process_time()})
+            self.stages[-1]["epochs"].append(
+                {"begin": time.perf_counter(), "cpu_begin": time.process_time()}
+            )
 
         def on_test_begin(self, logs=None):
             if self.stages and self.stages[-1]["epochs"]:
@@ -132,18 +154,23 @@ def summarize(timing, examples_per_epoch: int, names: list[str]) -> list[dict[st
         # CPU seconds of this process (all threads): less sensitive than wall time to other
         # jobs on a shared machine, though not to contention for caches and memory bandwidth.
         steady_cpu = statistics.median(e["cpu_end"] - e["cpu_begin"] for e in steady)
-        out.append({
-            "stage": name, "fit_s": stage["end"] - stage["begin"], "first_epoch_s": durations[0],
-            "steady_epoch_s": steady_epoch, "steady_train_s": statistics.median(train_part),
-            "steady_val_s": statistics.median(val_part),
-            "steady_epoch_end_s": statistics.median(end_part),
-            "steady_epoch_cpu_s": steady_cpu,
-            "examples_per_s": examples_per_epoch / steady_epoch,
-            "train_examples_per_s": examples_per_epoch / statistics.median(train_part),
-            "trainable_weights": stage["trainable_weights"],
-            "trainable_params": stage["trainable_params"],
-            "final_val_accuracy": epochs[-1].get("val_accuracy"),
-        })
+        out.append(
+            {
+                "stage": name,
+                "fit_s": stage["end"] - stage["begin"],
+                "first_epoch_s": durations[0],
+                "steady_epoch_s": steady_epoch,
+                "steady_train_s": statistics.median(train_part),
+                "steady_val_s": statistics.median(val_part),
+                "steady_epoch_end_s": statistics.median(end_part),
+                "steady_epoch_cpu_s": steady_cpu,
+                "examples_per_s": examples_per_epoch / steady_epoch,
+                "train_examples_per_s": examples_per_epoch / statistics.median(train_part),
+                "trainable_weights": stage["trainable_weights"],
+                "trainable_params": stage["trainable_params"],
+                "final_val_accuracy": epochs[-1].get("val_accuracy"),
+            }
+        )
     return out
 
 
@@ -153,8 +180,8 @@ def plain_optimizer(learning_rate: float, steps: int):
 
     warmup = int(steps * 0.1)
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(steps - warmup, 1), warmup_target=learning_rate,
-        warmup_steps=warmup)
+        0.0, decay_steps=max(steps - warmup, 1), warmup_target=learning_rate, warmup_steps=warmup
+    )
     return keras.optimizers.AdamW(schedule, weight_decay=1e-4)
 
 
@@ -162,8 +189,9 @@ def child_prepare(spec: dict[str, Any]) -> dict[str, Any]:
     quiet_tensorflow()
     from tfxfer.data.synthetic import write_shapes_dataset
 
-    write_shapes_dataset(spec["data_dir"], per_class=IMAGE["per_class"],
-                         image_size=IMAGE["image_size"], seed=SEED)
+    write_shapes_dataset(
+        spec["data_dir"], per_class=IMAGE["per_class"], image_size=IMAGE["image_size"], seed=SEED
+    )
     return {"data_dir": spec["data_dir"]}
 
 
@@ -171,49 +199,75 @@ def train_tfxfer(model, backbone, cfg, train, val, timing) -> dict[str, float]:
     """Both stages through `tfxfer.run_schedule`, with a run directory (checkpoints on)."""
     import tfxfer
 
-    stages = tfxfer.default_schedule(cfg["head_epochs"], cfg["finetune_epochs"],
-                                     head_learning_rate=cfg["head_lr"],
-                                     finetune_learning_rate=cfg["finetune_lr"])
+    stages = tfxfer.default_schedule(
+        cfg["head_epochs"],
+        cfg["finetune_epochs"],
+        head_learning_rate=cfg["head_lr"],
+        finetune_learning_rate=cfg["finetune_lr"],
+    )
     with tempfile.TemporaryDirectory(prefix="tfxfer-bench-") as tmp:
         before = peak_rss_mb()
         started = time.perf_counter()
-        tfxfer.run_schedule(model, backbone, stages, train, val,
-                            run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
-                            callbacks=[timing], verbose=0)
+        tfxfer.run_schedule(
+            model,
+            backbone,
+            stages,
+            train,
+            val,
+            run_dir=tfxfer.RunDir(os.path.join(tmp, "run")),
+            callbacks=[timing],
+            verbose=0,
+        )
         total = time.perf_counter() - started
         run_dir_mb = _directory_mb(os.path.join(tmp, "run"))
     return {"total_s": total, "rss_before_training_mb": before, "run_dir_mb": run_dir_mb}
 
 
-def train_plain(model, network, cfg, steps, train, val, loss, timing,
-                frozen_in_finetune) -> dict[str, float]:
+def train_plain(
+    model, network, cfg, steps, train, val, loss, timing, frozen_in_finetune
+) -> dict[str, float]:
     """Both stages by hand: set `trainable`, compile, `fit`; no callbacks but the timer."""
     import keras
 
     def compile_stage(learning_rate, epochs):
-        model.compile(optimizer=plain_optimizer(learning_rate, steps * epochs), loss=loss,
-                      metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")])
+        model.compile(
+            optimizer=plain_optimizer(learning_rate, steps * epochs),
+            loss=loss,
+            metrics=[keras.metrics.SparseCategoricalAccuracy("accuracy")],
+        )
 
     before = peak_rss_mb()
     started = time.perf_counter()
     network.trainable = False  # stage 1: head only
     compile_stage(cfg["head_lr"], cfg["head_epochs"])
-    model.fit(train, validation_data=val, epochs=cfg["head_epochs"], callbacks=[timing],
-              verbose=0)
+    model.fit(train, validation_data=val, epochs=cfg["head_epochs"], callbacks=[timing], verbose=0)
     network.trainable = True  # stage 2: the backbone too, but what must stay frozen
     for layer in frozen_in_finetune:
         layer.trainable = False
     compile_stage(cfg["finetune_lr"], cfg["finetune_epochs"])
-    model.fit(train, validation_data=val, initial_epoch=cfg["head_epochs"],
-              epochs=cfg["head_epochs"] + cfg["finetune_epochs"], callbacks=[timing], verbose=0)
-    return {"total_s": time.perf_counter() - started, "rss_before_training_mb": before,
-            "run_dir_mb": 0.0}
+    model.fit(
+        train,
+        validation_data=val,
+        initial_epoch=cfg["head_epochs"],
+        epochs=cfg["head_epochs"] + cfg["finetune_epochs"],
+        callbacks=[timing],
+        verbose=0,
+    )
+    return {
+        "total_s": time.perf_counter() - started,
+        "rss_before_training_mb": before,
+        "run_dir_mb": 0.0,
+    }
 
 
 def _result(timing, model, examples_per_epoch: int, run: dict[str, float]) -> dict[str, Any]:
-    return {"stages": summarize(timing, examples_per_epoch, ["head", "finetune"]), **run,
-            "peak_rss_mb": peak_rss_mb(), "train_examples": examples_per_epoch,
-            "params": model.count_params()}
+    return {
+        "stages": summarize(timing, examples_per_epoch, ["head", "finetune"]),
+        **run,
+        "peak_rss_mb": peak_rss_mb(),
+        "train_examples": examples_per_epoch,
+        "params": model.count_params(),
+    }
 
 
 def child_image(spec: dict[str, Any]) -> dict[str, Any]:
@@ -227,8 +281,9 @@ def child_image(spec: dict[str, Any]) -> dict[str, Any]:
     cfg, batch = IMAGE, IMAGE["batch_size"]
     data = tfxfer.load_images(spec["data_dir"], val_split=cfg["val_split"], seed=SEED)
     backbone = tfxfer.build_backbone(spec["backbone"], weights=None, image_size=cfg["image_size"])
-    model = tfxfer.build_model(backbone, len(data.class_names),
-                               head=tfxfer.HeadConfig(pooling="avg", dropout=0.2))
+    model = tfxfer.build_model(
+        backbone, len(data.class_names), head=tfxfer.HeadConfig(pooling="avg", dropout=0.2)
+    )
     loss = "sparse_categorical_crossentropy"
     steps = len(data.train) // batch
     timing = timing_callback()
@@ -236,6 +291,7 @@ def child_image(spec: dict[str, Any]) -> dict[str, Any]:
         train, val, _ = tfxfer.make_datasets(data, backbone, batch_size=batch, seed=SEED)
         run = train_tfxfer(model, backbone, cfg, train, val, timing)
     else:
+
         def decode(path, label):
             image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
             image.set_shape([None, None, 3])
@@ -250,10 +306,22 @@ def child_image(spec: dict[str, Any]) -> dict[str, Any]:
             return ds.batch(batch, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
 
         # BatchNorm stays in inference mode when fine-tuning, as tfxfer's stages keep it.
-        batchnorm = [layer for layer in backbone.network.layers
-                     if isinstance(layer, keras.layers.BatchNormalization)]
-        run = train_plain(model, backbone.network, cfg, steps, pipeline(data.train, True),
-                          pipeline(data.val, False), loss, timing, batchnorm)
+        batchnorm = [
+            layer
+            for layer in backbone.network.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        run = train_plain(
+            model,
+            backbone.network,
+            cfg,
+            steps,
+            pipeline(data.train, True),
+            pipeline(data.val, False),
+            loss,
+            timing,
+            batchnorm,
+        )
     return _result(timing, model, steps * batch, run)
 
 
@@ -267,13 +335,11 @@ def child_text(spec: dict[str, Any]) -> dict[str, Any]:
 
     keras.utils.set_random_seed(SEED)
     cfg, batch = TEXT, TEXT["batch_size"]
-    data = tfxfer.load_texts(str(demo_text_paths()["train"]), val_split=cfg["val_split"],
-                             seed=SEED)
+    data = tfxfer.load_texts(str(demo_text_paths()["train"]), val_split=cfg["val_split"], seed=SEED)
     backbone = tfxfer.build_backbone("minilm-l6", sequence_length=cfg["sequence_length"])
     # As the recipe does: the checkpoint's own (mean) pooling; BERT's pooler is then unused,
     # so the backbone keeps it frozen and out of the groups.
-    model = tfxfer.build_model(backbone, len(data.class_names),
-                               head=tfxfer.HeadConfig(dropout=0.1))
+    model = tfxfer.build_model(backbone, len(data.class_names), head=tfxfer.HeadConfig(dropout=0.1))
     pooler = backbone.unused_layers()
     loss = "sparse_categorical_crossentropy"
     steps = len(data.train) // batch
@@ -287,14 +353,27 @@ def child_text(spec: dict[str, Any]) -> dict[str, Any]:
         def pipeline(examples, training):
             ds = tf.data.Dataset.from_tensor_slices((examples.inputs, examples.labels))
             # Tokenize in chunks inside tf.data, once; cache the token ids.
-            ds = (ds.batch(256).map(lambda x, y: (preprocessor(x), y),
-                                    num_parallel_calls=tf.data.AUTOTUNE).unbatch().cache())
+            ds = (
+                ds.batch(256)
+                .map(lambda x, y: (preprocessor(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+                .unbatch()
+                .cache()
+            )
             if training:
                 ds = ds.shuffle(len(examples), seed=SEED, reshuffle_each_iteration=True)
             return ds.batch(batch, drop_remainder=training).prefetch(tf.data.AUTOTUNE)
 
-        run = train_plain(model, backbone.network, cfg, steps, pipeline(data.train, True),
-                          pipeline(data.val, False), loss, timing, pooler)
+        run = train_plain(
+            model,
+            backbone.network,
+            cfg,
+            steps,
+            pipeline(data.train, True),
+            pipeline(data.val, False),
+            loss,
+            timing,
+            pooler,
+        )
     return _result(timing, model, steps * batch, run)
 
 
@@ -312,10 +391,13 @@ def child(spec: dict[str, Any]) -> None:
         return
     result = child_image(spec) if kind == "image" else child_text(spec)
     for stage in result["stages"]:
-        print(f"[{kind}/{spec['variant']}] {stage['stage']}: {stage['examples_per_s']:.1f} "
-              f"examples/s steady (epoch {stage['steady_epoch_s']:.2f} s = train "
-              f"{stage['steady_train_s']:.2f} + val {stage['steady_val_s']:.2f} + epoch end "
-              f"{stage['steady_epoch_end_s']:.2f}), stage {stage['fit_s']:.1f} s", flush=True)
+        print(
+            f"[{kind}/{spec['variant']}] {stage['stage']}: {stage['examples_per_s']:.1f} "
+            f"examples/s steady (epoch {stage['steady_epoch_s']:.2f} s = train "
+            f"{stage['steady_train_s']:.2f} + val {stage['steady_val_s']:.2f} + epoch end "
+            f"{stage['steady_epoch_end_s']:.2f}), stage {stage['fit_s']:.1f} s",
+            flush=True,
+        )
     emit_result(result)
 
 
@@ -333,73 +415,124 @@ def modality_table(results: dict[str, list[dict[str, Any]]]) -> str:
     for stage in ("head", "finetune"):
         for variant, runs in (("tfxfer", tf_runs), ("plain Keras", plain_runs)):
             weights = _stage_values(runs, stage, "trainable_weights")
-            rows.append([
-                stage, variant,
-                fmt_spread(_stage_values(runs, stage, "examples_per_s"), 1),
-                fmt_spread(_stage_values(runs, stage, "train_examples_per_s"), 1),
-                fmt_spread(_stage_values(runs, stage, "steady_epoch_s"), 2, " s"),
-                fmt_spread(_stage_values(runs, stage, "steady_epoch_end_s"), 2, " s"),
-                fmt_spread(_stage_values(runs, stage, "steady_epoch_cpu_s"), 2, " s"),
-                fmt_spread(_stage_values(runs, stage, "first_epoch_s"), 1, " s"),
-                fmt_spread(_stage_values(runs, stage, "fit_s"), 1, " s"),
-                f"{weights[0]} ({_stage_values(runs, stage, 'trainable_params')[0]:,})",
-            ])
+            rows.append(
+                [
+                    stage,
+                    variant,
+                    fmt_spread(_stage_values(runs, stage, "examples_per_s"), 1),
+                    fmt_spread(_stage_values(runs, stage, "train_examples_per_s"), 1),
+                    fmt_spread(_stage_values(runs, stage, "steady_epoch_s"), 2, " s"),
+                    fmt_spread(_stage_values(runs, stage, "steady_epoch_end_s"), 2, " s"),
+                    fmt_spread(_stage_values(runs, stage, "steady_epoch_cpu_s"), 2, " s"),
+                    fmt_spread(_stage_values(runs, stage, "first_epoch_s"), 1, " s"),
+                    fmt_spread(_stage_values(runs, stage, "fit_s"), 1, " s"),
+                    f"{weights[0]} ({_stage_values(runs, stage, 'trainable_params')[0]:,})",
+                ]
+            )
     table = markdown_table(
-        ["stage", "variant", "examples/s (steady epoch)", "examples/s (train part only)",
-         "steady epoch", "of which epoch-end work", "CPU time per steady epoch",
-         "first epoch (traces)", "stage wall time",
-         "trainable tensors (params)"], rows)
+        [
+            "stage",
+            "variant",
+            "examples/s (steady epoch)",
+            "examples/s (train part only)",
+            "steady epoch",
+            "of which epoch-end work",
+            "CPU time per steady epoch",
+            "first epoch (traces)",
+            "stage wall time",
+            "trainable tensors (params)",
+        ],
+        rows,
+    )
 
     ratio_rows = []
     for stage in ("head", "finetune"):
         for key, label, better in (
-                ("examples_per_s", "examples/s, steady epoch", "> 1"),
-                ("train_examples_per_s", "examples/s, train part only", "> 1"),
-                ("steady_epoch_cpu_s", "CPU time per steady epoch", "< 1"),
-                ("fit_s", "stage wall time (incl. tracing)", "< 1")):
-            ratios = [t / p for t, p in zip(_stage_values(tf_runs, stage, key),
-                                            _stage_values(plain_runs, stage, key), strict=True)]
+            ("examples_per_s", "examples/s, steady epoch", "> 1"),
+            ("train_examples_per_s", "examples/s, train part only", "> 1"),
+            ("steady_epoch_cpu_s", "CPU time per steady epoch", "< 1"),
+            ("fit_s", "stage wall time (incl. tracing)", "< 1"),
+        ):
+            ratios = [
+                t / p
+                for t, p in zip(
+                    _stage_values(tf_runs, stage, key),
+                    _stage_values(plain_runs, stage, key),
+                    strict=True,
+                )
+            ]
             ratio_rows.append([stage, label, fmt_spread(ratios, 2), better])
     totals = [t["total_s"] / p["total_s"] for t, p in zip(tf_runs, plain_runs, strict=True)]
     ratio_rows.append(["both", "total training wall time", fmt_spread(totals, 2), "< 1"])
     rss = [t["peak_rss_mb"] / p["peak_rss_mb"] for t, p in zip(tf_runs, plain_runs, strict=True)]
     ratio_rows.append(["both", "peak RSS", fmt_spread(rss, 2), "< 1"])
-    ratios = markdown_table(["stage", "measure", "tfxfer / plain (median, range over repeats)",
-                             "tfxfer better when"], ratio_rows)
+    ratios = markdown_table(
+        ["stage", "measure", "tfxfer / plain (median, range over repeats)", "tfxfer better when"],
+        ratio_rows,
+    )
 
     memory = markdown_table(
-        ["variant", "peak RSS", "peak RSS before training", "training adds",
-         "total training wall time", "run dir written"],
-        [[variant, fmt_spread([r["peak_rss_mb"] for r in runs], 0, " MiB"),
-          fmt_spread([r["rss_before_training_mb"] for r in runs], 0, " MiB"),
-          fmt_spread([r["peak_rss_mb"] - r["rss_before_training_mb"] for r in runs], 0, " MiB"),
-          fmt_spread([r["total_s"] for r in runs], 1, " s"),
-          fmt_spread([r["run_dir_mb"] for r in runs], 0, " MiB")]
-         for variant, runs in (("tfxfer", tf_runs), ("plain Keras", plain_runs))])
+        [
+            "variant",
+            "peak RSS",
+            "peak RSS before training",
+            "training adds",
+            "total training wall time",
+            "run dir written",
+        ],
+        [
+            [
+                variant,
+                fmt_spread([r["peak_rss_mb"] for r in runs], 0, " MiB"),
+                fmt_spread([r["rss_before_training_mb"] for r in runs], 0, " MiB"),
+                fmt_spread(
+                    [r["peak_rss_mb"] - r["rss_before_training_mb"] for r in runs], 0, " MiB"
+                ),
+                fmt_spread([r["total_s"] for r in runs], 1, " s"),
+                fmt_spread([r["run_dir_mb"] for r in runs], 0, " MiB"),
+            ]
+            for variant, runs in (("tfxfer", tf_runs), ("plain Keras", plain_runs))
+        ],
+    )
     return "\n\n".join([table, ratios, memory])
 
 
 def parent(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     facts = machine_facts()
-    print(f"[overhead] {facts['nproc']} cores, TF {facts['tensorflow']}, Keras {facts['keras']}; "
-          f"{args.repeats} repeats of {args.only or 'image and text'}", flush=True)
+    print(
+        f"[overhead] {facts['nproc']} cores, TF {facts['tensorflow']}, Keras {facts['keras']}; "
+        f"{args.repeats} repeats of {args.only or 'image and text'}",
+        flush=True,
+    )
     modalities = [args.only] if args.only else ["image", "text"]
     results: dict[str, dict[str, list]] = {m: {"tfxfer": [], "plain": []} for m in modalities}
     with tempfile.TemporaryDirectory(prefix="tfxfer-bench-shapes-") as tmp:
         data_dir = os.path.join(tmp, "shapes")
         if "image" in modalities:
-            run_child(SCRIPT, {"kind": "prepare", "data_dir": data_dir},
-                      f"drawing {3 * IMAGE['per_class']} shape images")
+            run_child(
+                SCRIPT,
+                {"kind": "prepare", "data_dir": data_dir},
+                f"drawing {3 * IMAGE['per_class']} shape images",
+            )
         for repeat in range(args.repeats):
             # Alternate the order, so neither variant always runs first on a warming machine.
             order = ["tfxfer", "plain"] if repeat % 2 == 0 else ["plain", "tfxfer"]
             for modality in modalities:
                 for variant in order:
-                    spec = {"kind": modality, "variant": variant, "data_dir": data_dir,
-                            "backbone": args.image_backbone}
-                    results[modality][variant].append(run_child(
-                        SCRIPT, spec, f"repeat {repeat + 1}/{args.repeats}: {modality}, {variant}"))
+                    spec = {
+                        "kind": modality,
+                        "variant": variant,
+                        "data_dir": data_dir,
+                        "backbone": args.image_backbone,
+                    }
+                    results[modality][variant].append(
+                        run_child(
+                            SCRIPT,
+                            spec,
+                            f"repeat {repeat + 1}/{args.repeats}: {modality}, {variant}",
+                        )
+                    )
 
     sections = []
     if "image" in results:
@@ -407,22 +540,30 @@ def parent(args: argparse.Namespace) -> int:
             f"### (i) image: {args.image_backbone} at {IMAGE['image_size']} px, random weights, "
             f"{results['image']['tfxfer'][0]['train_examples']} train images per epoch, batch "
             f"{IMAGE['batch_size']}, {IMAGE['head_epochs']} head + {IMAGE['finetune_epochs']} "
-            f"finetune epochs\n\n" + modality_table(results["image"]))
+            f"finetune epochs\n\n" + modality_table(results["image"])
+        )
     if "text" in results:
         sections.append(
             f"### (ii) text: MiniLM-L6 (pretrained), sequence length {TEXT['sequence_length']}, "
             f"{results['text']['tfxfer'][0]['train_examples']} train texts per epoch, batch "
             f"{TEXT['batch_size']}, {TEXT['head_epochs']} head + {TEXT['finetune_epochs']} "
-            f"finetune epochs\n\n" + modality_table(results["text"]))
+            f"finetune epochs\n\n" + modality_table(results["text"])
+        )
     wall = time.perf_counter() - started
-    body = (facts_markdown(facts, wall) + f"\n- {args.repeats} repeats, order alternating; "
-            "cells are median (min-max) over repeats\n\n" + "\n\n".join(sections))
+    body = (
+        facts_markdown(facts, wall) + f"\n- {args.repeats} repeats, order alternating; "
+        "cells are median (min-max) over repeats\n\n" + "\n\n".join(sections)
+    )
     print("\n" + body + "\n", flush=True)
     if args.save_json:
         Path(args.save_json).write_text(json.dumps(results, indent=1), encoding="utf-8")
     if not args.no_readme:
-        replace_section(SECTION if args.only is None and args.image_backbone == "mobilenetv3small"
-                        else f"{SECTION}_{args.only or 'all'}_{args.image_backbone}", body)
+        replace_section(
+            SECTION
+            if args.only is None and args.image_backbone == "mobilenetv3small"
+            else f"{SECTION}_{args.only or 'all'}_{args.image_backbone}",
+            body,
+        )
     return 0
 
 
@@ -430,8 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["image", "text"])
-    parser.add_argument("--image-backbone", default="mobilenetv3small",
-                        help="a tfxfer image backbone name; resnet50 shows heavier checkpoints")
+    parser.add_argument(
+        "--image-backbone",
+        default="mobilenetv3small",
+        help="a tfxfer image backbone name; resnet50 shows heavier checkpoints",
+    )
     add_common_arguments(parser)
     return dispatch(parser.parse_args(argv), child, parent)
 

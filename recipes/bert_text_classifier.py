@@ -54,8 +54,11 @@ class Config(RecipeConfig):
 
     def problems(self) -> list[str]:
         found = super().problems()
-        if isinstance(self.sequence_length, bool) or not isinstance(self.sequence_length, int) \
-                or self.sequence_length <= 0:
+        if (
+            isinstance(self.sequence_length, bool)
+            or not isinstance(self.sequence_length, int)
+            or self.sequence_length <= 0
+        ):
             found.append(f"sequence_length={self.sequence_length!r} (expected a positive integer)")
         if self.multi_label and not self.label_separator:
             found.append("label_separator='' (expected a separator such as '|' for multi-label)")
@@ -68,10 +71,17 @@ def build_data(config: Config) -> tfxfer.LabelledData:
         paths = demo_text_paths()
         print(f"[tfxfer] no --train: using the demo dataset ({paths['train']})")
         train, test = str(paths["train"]), test or str(paths["test"])
-    return tfxfer.load_texts(train, val=config.val, test=test, text_column=config.text_column,
-                             label_column=config.label_column, multi_label=config.multi_label,
-                             label_separator=config.label_separator, val_split=config.val_split,
-                             seed=config.seed)
+    return tfxfer.load_texts(
+        train,
+        val=config.val,
+        test=test,
+        text_column=config.text_column,
+        label_column=config.label_column,
+        multi_label=config.multi_label,
+        label_separator=config.label_separator,
+        val_split=config.val_split,
+        seed=config.seed,
+    )
 
 
 def build_model(config: Config, data: tfxfer.LabelledData):
@@ -79,10 +89,12 @@ def build_model(config: Config, data: tfxfer.LabelledData):
         # A TF-Hub text model takes raw strings and tokenizes inside itself.
         backbone = tfxfer.build_backbone(config.backbone, input_kind="text")
     else:
-        backbone = tfxfer.build_backbone(config.backbone, sequence_length=config.sequence_length,
-                                         weights=config.pretrained)
-    head = tfxfer.HeadConfig(pooling=config.pooling, hidden_units=list(config.hidden_units),
-                             dropout=config.dropout)
+        backbone = tfxfer.build_backbone(
+            config.backbone, sequence_length=config.sequence_length, weights=config.pretrained
+        )
+    head = tfxfer.HeadConfig(
+        pooling=config.pooling, hidden_units=list(config.hidden_units), dropout=config.dropout
+    )
     task = "multi_label" if data.multi_label else "single_label"
     return backbone, tfxfer.build_model(backbone, len(data.class_names), task=task, head=head)
 

@@ -46,8 +46,11 @@ class Config(RecipeConfig):
 
     def problems(self) -> list[str]:
         found = super().problems()
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) \
-                or self.image_size <= 0:
+        if (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, int)
+            or self.image_size <= 0
+        ):
             found.append(f"image_size={self.image_size!r} (expected a positive integer)")
         return found
 
@@ -62,16 +65,22 @@ def build_data(config: Config) -> tfxfer.LabelledData:
         if not os.path.isdir(data_dir):
             print(f"[tfxfer] no --data-dir: drawing the demo shapes dataset into {data_dir}")
             write_shapes_dataset(data_dir, per_class=60, image_size=64, seed=config.seed)
-    return tfxfer.load_images(data_dir, val_directory=config.val_dir,
-                              test_directory=config.test_dir, val_split=config.val_split,
-                              seed=config.seed)
+    return tfxfer.load_images(
+        data_dir,
+        val_directory=config.val_dir,
+        test_directory=config.test_dir,
+        val_split=config.val_split,
+        seed=config.seed,
+    )
 
 
 def build_model(config: Config, data: tfxfer.LabelledData):
-    backbone = tfxfer.build_backbone(config.backbone, weights=config.weights,
-                                     image_size=config.image_size)
-    head = tfxfer.HeadConfig(pooling=config.pooling, hidden_units=list(config.hidden_units),
-                             dropout=config.dropout)
+    backbone = tfxfer.build_backbone(
+        config.backbone, weights=config.weights, image_size=config.image_size
+    )
+    head = tfxfer.HeadConfig(
+        pooling=config.pooling, hidden_units=list(config.hidden_units), dropout=config.dropout
+    )
     return backbone, tfxfer.build_model(backbone, len(data.class_names), head=head)
 
 

@@ -31,8 +31,14 @@ def _restore_dtype_policy():
 @pytest.fixture
 def offline(monkeypatch):
     """Makes every HTTP(S) request in this process fail fast, as on a machine with no network."""
-    for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy",
-                 "ALL_PROXY"):
+    for name in (
+        "https_proxy",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "HTTP_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
         monkeypatch.setenv(name, UNREACHABLE_PROXY)
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
@@ -41,8 +47,9 @@ def offline(monkeypatch):
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> str:
     """A tiny three-class image folder (6 PNGs of 40 px per class)."""
-    return write_shapes_dataset(str(tmp_path_factory.mktemp("shapes") / "data"),
-                                       per_class=6, image_size=40, seed=0)
+    return write_shapes_dataset(
+        str(tmp_path_factory.mktemp("shapes") / "data"), per_class=6, image_size=40, seed=0
+    )
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +62,8 @@ def image_recipe_run(shapes_dir, tmp_path_factory) -> dict:
 
     keras.utils.set_random_seed(0)
     output_dir = str(tmp_path_factory.mktemp("recipe") / "run")
-    config = recipe.Config.smoke(data_dir=shapes_dir, test_dir=shapes_dir,
-                                 output_dir=output_dir, export=True)
+    config = recipe.Config.smoke(
+        data_dir=shapes_dir, test_dir=shapes_dir, output_dir=output_dir, export=True
+    )
     result = recipe.main(config)
     return {**result, "config": config}

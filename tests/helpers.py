@@ -61,8 +61,12 @@ def layer_weights(layers) -> dict[str, np.ndarray]:
 
 def backbone_layers(backbone: Backbone, kind: type | None = None, groups=None) -> list:
     names = groups or backbone.group_names
-    return [layer for g in names for layer in backbone.layer_groups[g]
-            if kind is None or isinstance(layer, kind)]
+    return [
+        layer
+        for g in names
+        for layer in backbone.layer_groups[g]
+        if kind is None or isinstance(layer, kind)
+    ]
 
 
 class WeightSnapshots(keras.callbacks.Callback):
@@ -98,8 +102,9 @@ class InterruptAfterEpoch(keras.callbacks.Callback):
 # === Tiny data ===
 
 
-def tiny_arrays(n: int = 24, num_classes: int = 3, image_size: int = TINY_IMAGE_SIZE,
-                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def tiny_arrays(
+    n: int = 24, num_classes: int = 3, image_size: int = TINY_IMAGE_SIZE, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images whose class is which colour channel is bright: learnable in a few steps."""
     rng = np.random.default_rng(seed)
     labels = (np.arange(n) % num_classes).astype(np.int32)
@@ -108,11 +113,11 @@ def tiny_arrays(n: int = 24, num_classes: int = 3, image_size: int = TINY_IMAGE_
     return images.astype(np.uint8), labels
 
 
-def tiny_train_data(images: np.ndarray, labels: np.ndarray, batch_size: int = 8,
-                    seed: int = 0) -> TrainData:
+def tiny_train_data(
+    images: np.ndarray, labels: np.ndarray, batch_size: int = 8, seed: int = 0
+) -> TrainData:
     examples = tf.data.Dataset.from_tensor_slices((images, labels))
-    return epoch_batches(examples, num_examples=len(images), batch_size=batch_size,
-                                seed=seed)
+    return epoch_batches(examples, num_examples=len(images), batch_size=batch_size, seed=seed)
 
 
 def tiny_val_data(images: np.ndarray, labels: np.ndarray, batch_size: int = 8) -> tf.data.Dataset:
@@ -133,14 +138,23 @@ def write_image(path: str, height: int = 24, width: int = 24, seed: int = 0) -> 
     return path
 
 
-def write_image_folder(root: str, classes: dict[str, int] | None = None, ext: str = "png",
-                       size: int = 24, seed: int = 0) -> str:
+def write_image_folder(
+    root: str,
+    classes: dict[str, int] | None = None,
+    ext: str = "png",
+    size: int = 24,
+    seed: int = 0,
+) -> str:
     """Writes `root/<class>/<i>.<ext>` with `classes[class]` random images per class."""
     classes = {"cat": 4, "dog": 4} if classes is None else classes
     for c, (name, count) in enumerate(sorted(classes.items())):
         for i in range(count):
-            write_image(os.path.join(root, name, f"{i:03d}.{ext}"), size, size,
-                        seed=seed * 1000 + c * 100 + i)
+            write_image(
+                os.path.join(root, name, f"{i:03d}.{ext}"),
+                size,
+                size,
+                seed=seed * 1000 + c * 100 + i,
+            )
     return root
 
 

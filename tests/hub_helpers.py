@@ -12,7 +12,9 @@ class ImageFeatures(tf.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.kernel = tf.Variable(tf.random.stateless_normal([3, 3, 3, 4], [1, 2]), name="conv/kernel")
+        self.kernel = tf.Variable(
+            tf.random.stateless_normal([3, 3, 3, 4], [1, 2]), name="conv/kernel"
+        )
         self.dense = tf.Variable(tf.random.stateless_normal([4, 6], [3, 4]), name="dense/kernel")
 
     @tf.function(input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32)])

@@ -93,9 +93,7 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a child process: this one's, minus `TF_CONFIG`, plus the repo on
     `PYTHONPATH`, the TensorFlow backend, quiet TensorFlow logs and unbuffered output."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["KERAS_BACKEND"] = "tensorflow"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONUNBUFFERED"] = "1"
@@ -150,8 +148,13 @@ def run_processes(
             with open(log, "wb") as out:
                 processes.append(
                     subprocess.Popen(
-                        list(command), env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL, cwd=REPO_ROOT, start_new_session=True,
+                        list(command),
+                        env=dict(env),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        cwd=REPO_ROOT,
+                        start_new_session=True,
                     )
                 )
         deadline = time.monotonic() + timeout
@@ -241,10 +244,17 @@ def run_workers(
             [sys.executable, str(script), *args, *(worker_args(i) if worker_args else ())]
             for i in range(num_workers)
         ]
-        envs = [child_env({**(env or {}), "TF_CONFIG": tf_config(ports, i)}) for i in range(num_workers)]
+        envs = [
+            child_env({**(env or {}), "TF_CONFIG": tf_config(ports, i)}) for i in range(num_workers)
+        ]
         results = run_processes(
-            commands, envs, log_dir=log_dir / f"attempt{attempt}", timeout=timeout,
-            kill_when=kill_when, kill=kill, grace=grace,
+            commands,
+            envs,
+            log_dir=log_dir / f"attempt{attempt}",
+            timeout=timeout,
+            kill_when=kill_when,
+            kill=kill,
+            grace=grace,
         )
         port_race = any(m in r.output for r in results for m in _PORT_RACE_MESSAGES)
         if not port_race:
@@ -337,7 +347,9 @@ def _two_stage(argv: Sequence[str]) -> None:
         .batch(args.global_batch, drop_remainder=True)
         .with_options(options)
     )
-    inputs_only = tf.data.Dataset.from_tensor_slices(x).batch(args.global_batch).with_options(options)
+    inputs_only = (
+        tf.data.Dataset.from_tensor_slices(x).batch(args.global_batch).with_options(options)
+    )
 
     with strategy.scope():
         model = keras.Sequential(
@@ -378,8 +390,12 @@ def _two_stage(argv: Sequence[str]) -> None:
                 metrics=["accuracy"],
             )
         history = model.fit(
-            train, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
-            validation_data=train if stage == 2 else None, callbacks=[EpochMarker(stage)],
+            train,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            verbose=0,
+            validation_data=train if stage == 2 else None,
+            callbacks=[EpochMarker(stage)],
         )
         histories[stage] = history.history
         out[f"stage{stage}"] = model.get_weights()
@@ -388,7 +404,9 @@ def _two_stage(argv: Sequence[str]) -> None:
     batch: dict[str, Any] = {"global_of_8": distribute.global_batch_size(8, strategy)}
     out["predict"] = [model.predict(inputs_only, verbose=0)]
 
-    arrays = {f"{key}_{i}": np.asarray(v) for key, values in out.items() for i, v in enumerate(values)}
+    arrays = {
+        f"{key}_{i}": np.asarray(v) for key, values in out.items() for i, v in enumerate(values)
+    }
     name = f"worker{info['worker_index']}"
     np.savez(args.out / f"{name}.npz", **arrays)
     summary = {"describe": info, "histories": histories, "evaluate": evaluation, "batch": batch}

@@ -67,8 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--finetune-learning-rate", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0, help="data shuffle seed (in the config)")
-    parser.add_argument("--init-seed", type=int, default=0,
-                        help="model initialisation seed; a resumed run may pass another one")
+    parser.add_argument(
+        "--init-seed",
+        type=int,
+        default=0,
+        help="model initialisation seed; a resumed run may pass another one",
+    )
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--block-at", default=None, help="E:B, see the module docstring")
@@ -199,7 +203,10 @@ def main(args: argparse.Namespace) -> None:
             x = keras.layers.Dense(width, activation="tanh", name=f"{group}_dense")(x)
         network = keras.Model(inputs, x, name="tiny_dense_network")
         backbone = tfxfer.Backbone(
-            name="tiny_dense", network=network, preprocessor=None, output_kind="vector",
+            name="tiny_dense",
+            network=network,
+            preprocessor=None,
+            output_kind="vector",
             input_kind="image",  # not used: the model below is built here, not by build_model
             layer_groups=split_into_groups(network.layers, [(g, f"{g}_") for g in GROUPS]),
         )
@@ -214,26 +221,45 @@ def main(args: argparse.Namespace) -> None:
     stages = [
         tfxfer.Stage("head", args.head_epochs, train="head", learning_rate=args.learning_rate),
         # Layer-wise rates need LayerwiseAdamW: its moments and step must survive a resume.
-        tfxfer.Stage("finetune", args.finetune_epochs, train="all",
-                     learning_rate=args.finetune_learning_rate, layerwise_lr_decay=0.5),
+        tfxfer.Stage(
+            "finetune",
+            args.finetune_epochs,
+            train="all",
+            learning_rate=args.finetune_learning_rate,
+            layerwise_lr_decay=0.5,
+        ),
     ]
-    config = {key: value for key, value in vars(args).items()
-              if key not in ("run_dir", "out", "init_seed") and not key.startswith("block")}
+    config = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("run_dir", "out", "init_seed") and not key.startswith("block")
+    }
     config["output_dir"] = args.run_dir
-    run_dir = open_run(args.run_dir, config, overwrite=args.overwrite,
-                              resume=args.resume, extra=session.describe(),
-                              write=session.is_chief)
+    run_dir = open_run(
+        args.run_dir,
+        config,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        extra=session.describe(),
+        write=session.is_chief,
+    )
 
     # Each worker keeps its share of every global batch (the pipeline shards by DATA).
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     x_train, y_train = example_data(96, seed=0)
     x_val, y_val = example_data(32, seed=1)
-    train = epoch_batches(tf.data.Dataset.from_tensor_slices((x_train, y_train)),
-                                 num_examples=len(x_train),
-                                 batch_size=session.global_batch_size, seed=args.seed)
-    val = (tf.data.Dataset.from_tensor_slices((x_val, y_val))
-           .batch(session.global_batch_size).with_options(options))
+    train = epoch_batches(
+        tf.data.Dataset.from_tensor_slices((x_train, y_train)),
+        num_examples=len(x_train),
+        batch_size=session.global_batch_size,
+        seed=args.seed,
+    )
+    val = (
+        tf.data.Dataset.from_tensor_slices((x_val, y_val))
+        .batch(session.global_batch_size)
+        .with_options(options)
+    )
 
     class BlockAt(keras.callbacks.Callback):
         def __init__(self, epoch: int, batch: int):
@@ -253,17 +279,37 @@ def main(args: argparse.Namespace) -> None:
         callbacks.append(BlockAt(epoch, batch))
 
     result = tfxfer.run_schedule(
-        model, backbone, stages, train, val, run_dir=run_dir, strategy=session.strategy, config=config, callbacks=callbacks,
+        model,
+        backbone,
+        stages,
+        train,
+        val,
+        run_dir=run_dir,
+        strategy=session.strategy,
+        config=config,
+        callbacks=callbacks,
         verbose=0,
     )
-    scores = finish_run(run_dir, model, result, CLASS_NAMES, {"val": val},
-                               export_saved_model=False, write=session.is_chief)
+    scores = finish_run(
+        run_dir,
+        model,
+        result,
+        CLASS_NAMES,
+        {"val": val},
+        export_saved_model=False,
+        write=session.is_chief,
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"worker{worker_index}"
     np.savez(args.out / f"{name}.npz", *model.get_weights())
-    summary = {"distribution": distribution, "resumed_from_epoch": result.resumed_from_epoch,
-               "history": result.history, "metrics": scores, "audit": audit}
+    summary = {
+        "distribution": distribution,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "history": result.history,
+        "metrics": scores,
+        "audit": audit,
+    }
     (args.out / f"{name}.json").write_text(json.dumps(summary, default=float))
     print("[worker] TFXFER_DONE", flush=True)
 

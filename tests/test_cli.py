@@ -30,11 +30,21 @@ def test_predict_on_a_saved_run(image_recipe_run, tmp_path, capsys):
     import tensorflow as tf
 
     run_dir = image_recipe_run["run_dir"]
-    paths = [write_image(str(tmp_path / "a.png"), 40, 52, seed=1),
-             write_image(str(tmp_path / "b.jpg"), 33, 33, seed=2)]
-    status = cli.main(["predict", "--model", os.path.join(run_dir, "model.keras"),
-                       "--class-names", os.path.join(run_dir, "class_names.json"),
-                       "--images", *paths])
+    paths = [
+        write_image(str(tmp_path / "a.png"), 40, 52, seed=1),
+        write_image(str(tmp_path / "b.jpg"), 33, 33, seed=2),
+    ]
+    status = cli.main(
+        [
+            "predict",
+            "--model",
+            os.path.join(run_dir, "model.keras"),
+            "--class-names",
+            os.path.join(run_dir, "class_names.json"),
+            "--images",
+            *paths,
+        ]
+    )
     assert status == 0
     predictions = _json_lines(capsys.readouterr().out)
     assert [p["input"] for p in predictions] == paths
@@ -64,11 +74,27 @@ def test_predict_with_a_missing_model_exits_2(tmp_path, capsys):
 
 
 def test_recipe_flags_come_from_its_config():
-    config = recipe.Config.from_flags([
-        "--data-dir", "photos", "--image-size", "48", "--no-augment", "--hidden-units", "64,32",
-        "--weights", "none", "--finetune-learning-rate", "3e-5", "--unfreeze", "2",
-        "--test-dir", "photos_test", "--layerwise-lr-decay", "0.7",
-    ])
+    config = recipe.Config.from_flags(
+        [
+            "--data-dir",
+            "photos",
+            "--image-size",
+            "48",
+            "--no-augment",
+            "--hidden-units",
+            "64,32",
+            "--weights",
+            "none",
+            "--finetune-learning-rate",
+            "3e-5",
+            "--unfreeze",
+            "2",
+            "--test-dir",
+            "photos_test",
+            "--layerwise-lr-decay",
+            "0.7",
+        ]
+    )
     assert isinstance(config, recipe.Config)
     assert (config.data_dir, config.image_size, config.augment) == ("photos", 48, False)
     # "none" is None for a field that may be None: here, random initialisation.

@@ -49,8 +49,12 @@ def test_auto_without_accelerators_is_the_default_strategy() -> None:
     strategy = distribute.get_strategy("auto", tpu_resolver_factory=_no_tpu)
     assert strategy is tf.distribute.get_strategy()
     assert distribute.describe(strategy) == {
-        "strategy": "DefaultStrategy", "num_replicas": 1, "device_types": ["CPU"],
-        "worker_index": 0, "worker_count": 1, "is_chief": True,
+        "strategy": "DefaultStrategy",
+        "num_replicas": 1,
+        "device_types": ["CPU"],
+        "worker_index": 0,
+        "worker_count": 1,
+        "is_chief": True,
     }
 
 
@@ -92,7 +96,10 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 def test_tpu_is_detected_through_the_resolver() -> None:
     for name in ("auto", "tpu"):
-        assert distribute.resolve_strategy_name(name, tpu_resolver_factory=_local_tpu_resolver) == "tpu"
+        assert (
+            distribute.resolve_strategy_name(name, tpu_resolver_factory=_local_tpu_resolver)
+            == "tpu"
+        )
     # It resolves, so "auto" commits to it and says why it cannot use it, instead of
     # silently training on the CPU of a TPU runtime.
     with pytest.raises(TfxferError, match="TPU cluster resolved .* could not be initialised"):
@@ -146,22 +153,36 @@ def test_multi_worker_created_too_late_says_when_to_create_it(tmp_path: Path) ->
         ("{not json", "not valid JSON"),
         ("[1, 2]", "JSON object"),
         ('{"task": {"type": "worker", "index": 0}}', "no 'cluster'"),
-        ('{"cluster": {"worker": "127.0.0.1:1"}, "task": {"type": "worker", "index": 0}}',
-         "must list 'host:port'"),
+        (
+            '{"cluster": {"worker": "127.0.0.1:1"}, "task": {"type": "worker", "index": 0}}',
+            "must list 'host:port'",
+        ),
         ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}}', "no 'task'"),
         ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker"}}', "no 'task'"),
-        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "chief", "index": 0}}',
-         "task type 'chief' is not a job"),
-        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": "0"}}',
-         "must be an integer"),
-        ('{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
-         '"task": {"type": "worker", "index": 2}}',
-         r"index 2 is out of range: job 'worker' lists 2 address\(es\), so the index must be in 0..1"),
-        ('{"cluster": {"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"]}, '
-         '"task": {"type": "worker", "index": 0}}', "parameter-server"),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "chief", "index": 0}}',
+            "task type 'chief' is not a job",
+        ),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": "0"}}',
+            "must be an integer",
+        ),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
+            '"task": {"type": "worker", "index": 2}}',
+            r"index 2 is out of range: job 'worker' lists 2 address\(es\), "
+            r"so the index must be in 0..1",
+        ),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"]}, '
+            '"task": {"type": "worker", "index": 0}}',
+            "parameter-server",
+        ),
     ],
 )
-def test_malformed_tf_config(monkeypatch: pytest.MonkeyPatch, tf_config: str, expected: str) -> None:
+def test_malformed_tf_config(
+    monkeypatch: pytest.MonkeyPatch, tf_config: str, expected: str
+) -> None:
     monkeypatch.setenv("TF_CONFIG", tf_config)
     for name in ("multi_worker", "auto"):  # "auto" does not ignore a broken TF_CONFIG.
         with pytest.raises(TfxferError, match=expected):
@@ -184,7 +205,9 @@ def test_cluster_from_tf_config() -> None:
     # No "chief" job: worker 0 is the chief. An evaluator is not a training task.
     cluster = {"worker": ["h:1", "h:2"], "evaluator": ["h:3"]}
     for task_type, index, worker_index, is_chief in [
-        ("worker", 0, 0, True), ("worker", 1, 1, False), ("evaluator", 0, -1, False)
+        ("worker", 0, 0, True),
+        ("worker", 1, 1, False),
+        ("evaluator", 0, -1, False),
     ]:
         task = {"type": task_type, "index": index}
         info = distribute.cluster_from_tf_config(
@@ -296,10 +319,16 @@ def test_distribution_on_cpu_applies_the_policy_and_leaves_keras_unpatched() -> 
     assert distribution.is_chief
     assert distribution.describe() == {
         "distribution": {
-            "strategy": "OneDeviceStrategy", "num_replicas": 1, "device_types": ["CPU"],
-            "worker_index": 0, "worker_count": 1, "is_chief": True,
-            "mixed_precision": "mixed_bfloat16", "per_replica_batch_size": 8,
-            "global_batch_size": 8, "learning_rate_scale": 1.0,
+            "strategy": "OneDeviceStrategy",
+            "num_replicas": 1,
+            "device_types": ["CPU"],
+            "worker_index": 0,
+            "worker_count": 1,
+            "is_chief": True,
+            "mixed_precision": "mixed_bfloat16",
+            "per_replica_batch_size": 8,
+            "global_batch_size": 8,
+            "learning_rate_scale": 1.0,
         }
     }
     with distribution.scope():
@@ -345,8 +374,9 @@ def _assert_two_stages(weights: dict[str, np.ndarray]) -> None:
 
 def _assert_same_run(out: Path, worker: int, reference: tuple[dict[str, np.ndarray], dict]) -> None:
     """Same weights after each stage, predictions, per-epoch metrics and evaluation."""
-    weights, summary = mh.load_npz(out / f"worker{worker}.npz"), json.loads(
-        (out / f"worker{worker}.json").read_text()
+    weights, summary = (
+        mh.load_npz(out / f"worker{worker}.npz"),
+        json.loads((out / f"worker{worker}.json").read_text()),
     )
     reference_weights, reference_summary = reference
     assert sorted(weights) == sorted(reference_weights)
@@ -389,8 +419,12 @@ def test_multi_worker_trains_two_stages_like_one_process(
     for i, weights in enumerate(workers):
         summary = json.loads((tmp_path / f"worker{i}.json").read_text())
         assert summary["describe"] == {
-            "strategy": "MultiWorkerMirroredStrategy", "num_replicas": 2,
-            "device_types": ["CPU"], "worker_index": i, "worker_count": 2, "is_chief": i == 0,
+            "strategy": "MultiWorkerMirroredStrategy",
+            "num_replicas": 2,
+            "device_types": ["CPU"],
+            "worker_index": i,
+            "worker_count": 2,
+            "is_chief": i == 0,
         }
         assert summary["batch"]["global_of_8"] == 16
         _assert_two_stages(weights)
@@ -419,8 +453,12 @@ def test_run_workers_kills_one_worker_when_a_condition_holds(tmp_path: Path) -> 
     script = tmp_path / "waiter.py"
     script.write_text(_WAITER)
     results = mh.run_workers(
-        script, [str(tmp_path), "finish"], log_dir=tmp_path / "logs", timeout=60,
-        kill_when=lambda outputs: (tmp_path / "ready1").exists(), kill=[1],
+        script,
+        [str(tmp_path), "finish"],
+        log_dir=tmp_path / "logs",
+        timeout=60,
+        kill_when=lambda outputs: (tmp_path / "ready1").exists(),
+        kill=[1],
     )
     assert [r.returncode for r in results] == [0, -9]
     assert [r.killed_by for r in results] == [None, "condition"]

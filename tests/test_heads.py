@@ -38,8 +38,10 @@ def test_default_pooling_per_output_kind():
 
 
 def _sequence_and_mask():
-    sequence = np.array([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]],
-                         [[-5.0, -6.0], [-50.0, 50.0], [-50.0, 50.0]]], dtype="float32")
+    sequence = np.array(
+        [[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]], [[-5.0, -6.0], [-50.0, 50.0], [-50.0, 50.0]]],
+        dtype="float32",
+    )
     # The padding positions hold the largest values: a pooling that looks at them is wrong.
     mask = np.array([[True, True, False], [True, False, False]])
     return sequence, mask
@@ -55,8 +57,10 @@ def test_masked_mean_and_max_ignore_padding():
 
 def test_masked_pooling_through_pool_features():
     sequence, mask = _sequence_and_mask()
-    inputs = {"sequence_output": keras.Input((3, 2), name="sequence_output"),
-              "padding_mask": keras.Input((3,), dtype="bool", name="padding_mask")}
+    inputs = {
+        "sequence_output": keras.Input((3, 2), name="sequence_output"),
+        "padding_mask": keras.Input((3,), dtype="bool", name="padding_mask"),
+    }
     model = keras.Model(inputs, pool_features(inputs, "sequence", "mean"))
     pooled = np.array(model({"sequence_output": sequence, "padding_mask": mask}))
     np.testing.assert_allclose(pooled, [[2.0, 1.0], [-5.0, -6.0]])
@@ -65,16 +69,20 @@ def test_masked_pooling_through_pool_features():
 def test_cls_pooling_uses_pooled_output_when_present():
     sequence, mask = _sequence_and_mask()
     pooled_output = np.array([[7.0, 8.0], [9.0, 10.0]], dtype="float32")
-    with_pooled = {"sequence_output": keras.Input((3, 2), name="sequence_output"),
-                   "padding_mask": keras.Input((3,), dtype="bool", name="padding_mask"),
-                   "pooled_output": keras.Input((2,), name="pooled_output")}
+    with_pooled = {
+        "sequence_output": keras.Input((3, 2), name="sequence_output"),
+        "padding_mask": keras.Input((3,), dtype="bool", name="padding_mask"),
+        "pooled_output": keras.Input((2,), name="pooled_output"),
+    }
     model = keras.Model(with_pooled, pool_features(with_pooled, "sequence", "cls"))
     out = model({"sequence_output": sequence, "padding_mask": mask, "pooled_output": pooled_output})
     np.testing.assert_allclose(np.array(out), pooled_output)
 
     # Without a pooled output, "cls" is the first token's vector.
-    without = {"sequence_output": keras.Input((3, 2), name="sequence_output"),
-               "padding_mask": keras.Input((3,), dtype="bool", name="padding_mask")}
+    without = {
+        "sequence_output": keras.Input((3, 2), name="sequence_output"),
+        "padding_mask": keras.Input((3,), dtype="bool", name="padding_mask"),
+    }
     model = keras.Model(without, pool_features(without, "sequence", "cls"))
     out = model({"sequence_output": sequence, "padding_mask": mask})
     np.testing.assert_allclose(np.array(out), sequence[:, 0, :])
@@ -89,10 +97,14 @@ def test_output_is_float32_under_mixed_float16(output_kind):
         assert features.dtype == "float16"
         head = HeadConfig(pooling="avg+max", hidden_units=[6])
     else:
-        inputs = {"tokens": keras.Input((5, 3), name="tokens"),
-                  "padding_mask": keras.Input((5,), dtype="bool", name="padding_mask")}
-        features = {"sequence_output": keras.layers.Dense(8)(inputs["tokens"]),
-                    "padding_mask": inputs["padding_mask"]}
+        inputs = {
+            "tokens": keras.Input((5, 3), name="tokens"),
+            "padding_mask": keras.Input((5,), dtype="bool", name="padding_mask"),
+        }
+        features = {
+            "sequence_output": keras.layers.Dense(8)(inputs["tokens"]),
+            "padding_mask": inputs["padding_mask"],
+        }
         head = HeadConfig(pooling="max", hidden_units=[6])
     model = keras.Model(inputs, build_head(features, output_kind, head, 3, "single_label"))
     assert model.output.dtype == "float32"
@@ -101,8 +113,9 @@ def test_output_is_float32_under_mixed_float16(output_kind):
 
 def _head_model(task, num_outputs=3):
     features = keras.Input((6,))
-    model = keras.Model(features, build_head(features, "vector", HeadConfig(dropout=0.0),
-                                             num_outputs, task))
+    model = keras.Model(
+        features, build_head(features, "vector", HeadConfig(dropout=0.0), num_outputs, task)
+    )
     x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32") * 5
     return model, np.array(model(x))
 
@@ -139,8 +152,11 @@ def test_hidden_layers_and_dropout_are_built():
 @pytest.mark.parametrize(
     ("output_kind", "config", "match"),
     [
-        ("spatial", HeadConfig(pooling="mean"),
-         r"Expected `pooling` to be one of \('avg', 'max', 'avg\+max'\).*pooling='mean'"),
+        (
+            "spatial",
+            HeadConfig(pooling="mean"),
+            r"Expected `pooling` to be one of \('avg', 'max', 'avg\+max'\).*pooling='mean'",
+        ),
         ("spatial", HeadConfig(pooling="cls"), "pooling='cls'"),
         ("sequence", HeadConfig(pooling="avg"), r"one of \('cls', 'mean', 'max'\)"),
         ("vector", HeadConfig(pooling="avg"), "pooling='avg'"),

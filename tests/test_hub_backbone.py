@@ -44,8 +44,7 @@ NUM_CLASSES = 3
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("hub_models")
-    paths = {name: str(root / name) for name in
-             ("image", "map", "text", "training", "signature")}
+    paths = {name: str(root / name) for name in ("image", "map", "text", "training", "signature")}
     tf.saved_model.save(ImageFeatures(), paths["image"])
     tf.saved_model.save(ImageMap(), paths["map"])
     tf.saved_model.save(SentenceEncoder(), paths["text"])
@@ -220,7 +219,9 @@ def test_signature_model_with_output_key(saved_models):
     with pytest.raises(TfxferError, match=r"\['doubled', 'pooled'\]"):
         build_hub_backbone(saved_models["signature"], signature="default")
     pooled = build_hub_backbone(saved_models["signature"], signature="default", output_key="pooled")
-    doubled = build_hub_backbone(saved_models["signature"], signature="default", output_key="doubled")
+    doubled = build_hub_backbone(
+        saved_models["signature"], signature="default", output_key="doubled"
+    )
     assert pooled.info["signature"] == "default"
     images = np.random.default_rng(1).random((2, 8, 8, 3), dtype=np.float32)
     np.testing.assert_allclose(
@@ -334,7 +335,9 @@ def test_offline_handle_fails_fast_with_advice(tmp_path, monkeypatch):
     timeout_before = socket.getdefaulttimeout()
     start = time.monotonic()
     with pytest.raises(WeightsError, match="offline.*saved_model.pb"):
-        build_hub_backbone("https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5")
+        build_hub_backbone(
+            "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
+        )
     assert time.monotonic() - start < 5.0
     assert timeouts_seen == [NETWORK_TIMEOUT_SECONDS]  # one try, with a short socket timeout
     assert socket.getdefaulttimeout() == timeout_before

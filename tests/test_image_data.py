@@ -161,7 +161,10 @@ def test_test_folder_is_read_with_the_training_classes_and_split_still_happens(t
     assert data.counts["test"] == {"cat": 0, "dog": 2}
     summary = data.summary()
     assert (summary["train_examples"], summary["val_examples"], summary["test_examples"]) == (
-        6, 2, 2)
+        6,
+        2,
+        2,
+    )
     assert summary["kind"] == "image" and summary["classes"] == ["cat", "dog"]
 
     bad_test = write_image_folder(str(tmp_path / "bad_test"), {"cat": 1, "cow": 1})
@@ -205,8 +208,15 @@ def test_examples_check_their_kind_and_length_and_subsets_drop_load_notes():
         Examples(["a.png"], [0], ["a", "b"], "video")
     with pytest.raises(DataError, match="2 inputs but 1 labels from photos"):
         Examples(["a.png", "b.png"], [0], ["a", "b"], "image", source="photos")
-    examples = Examples(["a.png", "b.png", "c.png"], [0, 1, 1], ["a", "b"], "image",
-                        source="photos", skipped=["bad.png"], ignored=2)
+    examples = Examples(
+        ["a.png", "b.png", "c.png"],
+        [0, 1, 1],
+        ["a", "b"],
+        "image",
+        source="photos",
+        skipped=["bad.png"],
+        ignored=2,
+    )
     assert examples.labels.dtype == np.int32 and examples.counts() == {"a": 1, "b": 2}
     part = examples.subset([2, 0])
     assert part.inputs == ["c.png", "a.png"] and part.labels.tolist() == [1, 0]
@@ -223,8 +233,9 @@ def test_make_datasets_for_images_resizes_to_the_backbone_and_batches_every_spli
     data = load_images(root, test_directory=test_root, val_split=0.25, seed=0)
     backbone = tiny_backbone()  # records no info["image_size"]: its input shape (16, 16) says it
 
-    train, val, test = make_datasets(data, backbone, batch_size=3, seed=1,
-                                     augmentation=Augmentation(), cache=str(tmp_path / "c"))
+    train, val, test = make_datasets(
+        data, backbone, batch_size=3, seed=1, augmentation=Augmentation(), cache=str(tmp_path / "c")
+    )
 
     assert (len(data.train), len(data.val)) == (8, 4)
     assert isinstance(train, TrainData) and train.steps_per_epoch == 2
@@ -245,7 +256,11 @@ def test_make_datasets_for_images_resizes_to_the_backbone_and_batches_every_spli
     assert next(iter(datasets.train.build(0)))[0].shape == (4, 12, 18, 3)
     with_int = dataclasses.replace(backbone, info={"image_size": 10})
     assert next(iter(make_datasets(no_val, with_int, batch_size=4).train.build(0)))[0].shape == (
-        4, 10, 10, 3)
+        4,
+        10,
+        10,
+        3,
+    )
 
 
 def test_make_datasets_refuses_images_for_a_text_backbone(image_files):
@@ -259,8 +274,9 @@ def test_make_datasets_refuses_images_for_a_text_backbone(image_files):
 
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
-    root = write_image_folder(str(tmp_path_factory.mktemp("pipeline") / "data"),
-                              {"a": 5, "b": 5, "c": 5}, size=20)
+    root = write_image_folder(
+        str(tmp_path_factory.mktemp("pipeline") / "data"), {"a": 5, "b": 5, "c": 5}, size=20
+    )
     return scan_image_folder(root)
 
 
@@ -273,7 +289,7 @@ def test_train_data_starting_at_epoch_k_replays_epoch_k(image_files):
     steps = data.steps_per_epoch
     assert steps == 3  # 15 images in full batches of 4
     from_start = _batches(data.build(0), 3 * steps)
-    epochs = [from_start[k * steps:(k + 1) * steps] for k in range(3)]
+    epochs = [from_start[k * steps : (k + 1) * steps] for k in range(3)]
     for k in (1, 2):
         resumed = _batches(data.build(k), steps)
         for (x, y), (want_x, want_y) in zip(resumed, epochs[k], strict=True):
@@ -299,11 +315,15 @@ def test_train_order_does_not_depend_on_the_global_seed(image_files):
 
 def test_augmentation_changes_training_images_only(image_files):
     plain = image_train_data(image_files, image_size=16, batch_size=15, seed=0)
-    augmented = image_train_data(image_files, image_size=16, batch_size=15, seed=0,
-                                 augmentation=Augmentation(flip=True, rotation=0.1, zoom=0.2,
-                                                           contrast=0.2))
-    (x_plain, y_plain), = _batches(plain.build(0), 1)
-    (x_aug, y_aug), = _batches(augmented.build(0), 1)
+    augmented = image_train_data(
+        image_files,
+        image_size=16,
+        batch_size=15,
+        seed=0,
+        augmentation=Augmentation(flip=True, rotation=0.1, zoom=0.2, contrast=0.2),
+    )
+    ((x_plain, y_plain),) = _batches(plain.build(0), 1)
+    ((x_aug, y_aug),) = _batches(augmented.build(0), 1)
     np.testing.assert_array_equal(y_plain, y_aug)  # same order, same labels
     assert x_aug.dtype == np.uint8 and x_aug.shape == x_plain.shape
     assert not np.array_equal(x_aug, x_plain)

@@ -31,9 +31,16 @@ def _raw_images(height=45, width=37, n=4, seed=0):
 
 def test_run_directory_holds_everything(image_recipe_run):
     run_dir = image_recipe_run["run_dir"]
-    for name in ("config.json", "history.csv", "metrics.json", "class_names.json",
-                 "model.keras", "checkpoints/best.weights.h5", "checkpoints/latest.json",
-                 "export/saved_model.pb"):
+    for name in (
+        "config.json",
+        "history.csv",
+        "metrics.json",
+        "class_names.json",
+        "model.keras",
+        "checkpoints/best.weights.h5",
+        "checkpoints/latest.json",
+        "export/saved_model.pb",
+    ):
         assert os.path.exists(os.path.join(run_dir, name)), name
 
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
@@ -75,16 +82,21 @@ def test_saved_model_reloads_and_predicts_identically_on_raw_images(image_recipe
     np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-6)
     # Another size again, through a plain call: any size goes in.
     other = _raw_images(64, 50, n=2, seed=1)
-    np.testing.assert_allclose(np.asarray(loaded(other, training=False)),
-                               np.asarray(model(other, training=False)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(loaded(other, training=False)),
+        np.asarray(model(other, training=False)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_export_serves_raw_uint8_images(image_recipe_run):
     exported = tf.saved_model.load(os.path.join(image_recipe_run["run_dir"], "export"))
     images = _raw_images(50, 41)
     served = np.asarray(exported.serve(tf.constant(images)))
-    np.testing.assert_allclose(served, image_recipe_run["model"].predict(images, verbose=0),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        served, image_recipe_run["model"].predict(images, verbose=0), rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_allclose(served.sum(-1), 1.0, rtol=1e-5)
 
 
@@ -92,8 +104,12 @@ def test_resnet50_batchnorm_statistics_never_moved(image_recipe_run):
     # Random weights start every moving mean at 0 and variance at 1; both stages keep
     # BatchNorm frozen, so after training they must still be exactly that.
     backbone = image_recipe_run["backbone"]
-    batchnorms = [layer for group in backbone.layer_groups.values() for layer in group
-                  if isinstance(layer, keras.layers.BatchNormalization)]
+    batchnorms = [
+        layer
+        for group in backbone.layer_groups.values()
+        for layer in group
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     assert len(batchnorms) == 53
     for layer in batchnorms:
         np.testing.assert_array_equal(np.asarray(layer.moving_mean), 0.0)
@@ -103,8 +119,7 @@ def test_resnet50_batchnorm_statistics_never_moved(image_recipe_run):
 def test_best_checkpoint_loads_into_the_recipe_model(image_recipe_run, tmp_path):
     config = image_recipe_run["config"]
     _, model = recipe.build_model(config, recipe.build_data(config))
-    model.load_weights(os.path.join(image_recipe_run["run_dir"], "checkpoints",
-                                    "best.weights.h5"))
+    model.load_weights(os.path.join(image_recipe_run["run_dir"], "checkpoints", "best.weights.h5"))
     assert model.predict(_raw_images(n=1), verbose=0).shape == (1, 3)
 
 
@@ -150,11 +165,11 @@ def test_output_dir_holding_a_run_is_left_unchanged(tmp_path, shapes_dir):
         ({"pooling": "mean"}, r"Expected `pooling` to be one of"),
         ({"unfreeze": "9"}, r"Invalid stage 'finetune'.*train=9 top groups"),
     ],
-    ids=["unknown_backbone", "image_too_small", "missing_weights", "bad_pooling",
-         "bad_unfreeze"],
+    ids=["unknown_backbone", "image_too_small", "missing_weights", "bad_pooling", "bad_unfreeze"],
 )
-def test_bad_settings_are_clear_errors_and_leave_no_run_behind(tmp_path, shapes_dir, changes,
-                                                               match):
+def test_bad_settings_are_clear_errors_and_leave_no_run_behind(
+    tmp_path, shapes_dir, changes, match
+):
     output = tmp_path / "run"
     with pytest.raises(TfxferError, match=match):
         recipe.main(_smoke(shapes_dir, str(output), **changes))
@@ -165,12 +180,29 @@ def test_bad_settings_are_clear_errors_and_leave_no_run_behind(tmp_path, shapes_
 
 def test_command_line_bad_input_exits_2_with_one_message(tmp_path):
     missing = str(tmp_path / "missing_photos")
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PYTHONPATH": REPO_ROOT}
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": REPO_ROOT,
+    }
     process = subprocess.run(
-        [sys.executable, "-m", "recipes.resnet50_image_classifier", "--data-dir", missing,
-         "--output-dir", str(tmp_path / "run"), "--weights", "none"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "recipes.resnet50_image_classifier",
+            "--data-dir",
+            missing,
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--weights",
+            "none",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert process.returncode == 2, process.stderr
     assert f"tfxfer: error: Data directory not found: {missing!r}" in process.stderr

@@ -49,7 +49,10 @@ def test_patch_is_idempotent_logged_and_undoable(
     patched_build = trainer.TensorFlowTrainer._maybe_symbolic_build
     assert keras_compat.patch_keras_for_multi_worker() == []  # Already applied.
     assert trainer.TensorFlowTrainer._maybe_symbolic_build is patched_build
-    assert sorted(keras_compat.unpatch_keras_for_multi_worker()) == ["metric_reduce", "symbolic_build"]
+    assert sorted(keras_compat.unpatch_keras_for_multi_worker()) == [
+        "metric_reduce",
+        "symbolic_build",
+    ]
     assert trainer.TensorFlowTrainer._maybe_symbolic_build is stock_build
     assert trainer.reduce_per_replica is stock_reduce
     assert not keras_compat.is_patched()
@@ -68,7 +71,10 @@ def test_patch_only_applies_to_tested_keras_versions(
             assert keras_compat.patch_keras_for_multi_worker() == []
         assert f"Keras {untested} is outside" in caplog.text
         assert not keras_compat.is_patched()
-    assert keras_compat.patch_keras_for_multi_worker(force=True) == ["symbolic_build", "metric_reduce"]
+    assert keras_compat.patch_keras_for_multi_worker(force=True) == [
+        "symbolic_build",
+        "metric_reduce",
+    ]
     with pytest.raises(ValueError, match="symbolic_build"):
         keras_compat.patch_keras_for_multi_worker(only=("nope",))
 
@@ -83,10 +89,15 @@ def test_patched_keras_still_trains_on_one_host(clean_patch_state: None) -> None
             keras_compat.patch_keras_for_multi_worker()
         strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
         with strategy.scope():
-            model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
+            model = keras.Sequential(
+                [keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")]
+            )
             model.set_weights([np.full((2, 1), 0.3, "float32"), np.zeros((1,), "float32")])
-            model.compile(optimizer=keras.optimizers.SGD(0.5), loss="binary_crossentropy",
-                          metrics=["accuracy"])
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.5),
+                loss="binary_crossentropy",
+                metrics=["accuracy"],
+            )
         history = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history
         results.append((history, model.evaluate(x, y, verbose=0), model.predict(x, verbose=0)))
     (h0, e0, p0), (h1, e1, p1) = results
@@ -110,8 +121,12 @@ SCALAR_AXIS_0 = "Invalid reduction dimension 0 for input with 0 dimensions"
 def _multi_worker_fit(tmp_path: Path, patch: str, known_errors: tuple[str, ...]) -> None:
     """Runs the two-stage program on 2 workers; raises `KnownKerasBug` on a known error."""
     results = mh.run_workers(
-        mh.THIS_FILE, ["two_stage", "--out", str(tmp_path), "--patch", patch],
-        num_workers=2, log_dir=tmp_path / "logs", timeout=120, grace=15,
+        mh.THIS_FILE,
+        ["two_stage", "--out", str(tmp_path), "--patch", patch],
+        num_workers=2,
+        log_dir=tmp_path / "logs",
+        timeout=120,
+        grace=15,
     )
     if all(r.ok for r in results):
         return  # Keras trained without (this part of) the patch: the xfail turns into XPASS.
@@ -131,7 +146,9 @@ def test_unpatched_multi_worker_fit_fails(tmp_path: Path) -> None:
 
 def _needs(missing: str, applied: str, known_error: str) -> object:
     return pytest.param(
-        applied, known_error, id=f"without_{missing}",
+        applied,
+        known_error,
+        id=f"without_{missing}",
         marks=pytest.mark.xfail(
             raises=KnownKerasBug, strict=True, reason=f"{UPSTREAM_FIXED} part {missing!r}"
         ),

@@ -25,10 +25,20 @@ STAGES = ["head", "head", "finetune", "finetune", "finetune"]
 MULTI_WORKER = ["--strategy", "multi_worker", "--per-replica-batch", "8"]
 
 
-def _run_workers(args: list[str], log_dir: Path, *, worker_args=None, kill_when=None,
-                 kill=None) -> list[mh.WorkerResult]:
-    return mh.run_workers(sw.THIS_FILE, args, num_workers=2, log_dir=log_dir, timeout=TIMEOUT,
-                          worker_args=worker_args, kill_when=kill_when, kill=kill, grace=GRACE)
+def _run_workers(
+    args: list[str], log_dir: Path, *, worker_args=None, kill_when=None, kill=None
+) -> list[mh.WorkerResult]:
+    return mh.run_workers(
+        sw.THIS_FILE,
+        args,
+        num_workers=2,
+        log_dir=log_dir,
+        timeout=TIMEOUT,
+        worker_args=worker_args,
+        kill_when=kill_when,
+        kill=kill,
+        grace=GRACE,
+    )
 
 
 def _audit_lines(result: mh.WorkerResult) -> list[str]:
@@ -66,10 +76,12 @@ def _assert_like_reference(out: Path, reference: dict) -> None:
 def reference(tmp_path_factory) -> dict:
     """One process, one replica, batch 16: what two workers with 8 each must reproduce."""
     root = tmp_path_factory.mktemp("reference")
-    command = sw.command(root / "run", root / "out", "--strategy", "cpu",
-                         "--per-replica-batch", "16")
-    result = mh.run_processes([command], [mh.child_env()], log_dir=root / "logs",
-                              timeout=TIMEOUT)[0]
+    command = sw.command(
+        root / "run", root / "out", "--strategy", "cpu", "--per-replica-batch", "16"
+    )
+    result = mh.run_processes([command], [mh.child_env()], log_dir=root / "logs", timeout=TIMEOUT)[
+        0
+    ]
     assert result.ok, mh.describe_results([result])
     weights, summary = sw.load_result(root / "out")
     assert summary["distribution"]["global_batch_size"] == 16
@@ -79,16 +91,25 @@ def reference(tmp_path_factory) -> dict:
 def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path, reference):
     # Each worker gets a directory of its own: the non-chief's must never come to exist.
     run_dirs = [tmp_path / "run", tmp_path / "run-of-worker1"]
-    results = _run_workers([*MULTI_WORKER, "--out", str(tmp_path / "out")], tmp_path / "logs",
-                           worker_args=lambda i: ["--run-dir", str(run_dirs[i])])
+    results = _run_workers(
+        [*MULTI_WORKER, "--out", str(tmp_path / "out")],
+        tmp_path / "logs",
+        worker_args=lambda i: ["--run-dir", str(run_dirs[i])],
+    )
     assert all(r.ok for r in results), mh.describe_results(results)
     _assert_like_reference(tmp_path / "out", reference)
 
     assert not run_dirs[1].exists()
     assert _audit_lines(results[1]) == []
     assert _audit_lines(results[0])  # the audit sees the chief's writes
-    for name in ("config.json", "history.csv", "metrics.json", "model.keras",
-                 "checkpoints/latest.json", "checkpoints/best.weights.h5"):
+    for name in (
+        "config.json",
+        "history.csv",
+        "metrics.json",
+        "model.keras",
+        "checkpoints/latest.json",
+        "checkpoints/best.weights.h5",
+    ):
         assert (run_dirs[0] / name).exists(), name
     config = json.loads((run_dirs[0] / "config.json").read_text())
     assert config["distribution"]["worker_count"] == 2
@@ -101,27 +122,30 @@ def test_a_killed_worker_takes_its_peer_down_and_both_resume(tmp_path, reference
     args = [*MULTI_WORKER, "--run-dir", str(run_dir)]
 
     def worker1_stopped_mid_finetune(outputs: list[str]) -> bool:
-        return ("[worker] BLOCKED" in outputs[1]
-                and sw.latest_checkpoint(run_dir) == "epoch-000003")
+        return "[worker] BLOCKED" in outputs[1] and sw.latest_checkpoint(run_dir) == "epoch-000003"
 
     # Worker 1 stops after batch 3 of epoch 4 and is killed there; the chief is then stuck in
     # the next step's all-reduce until it fails or the helpers kill it after GRACE seconds.
     killed = _run_workers(
-        [*args, "--out", str(tmp_path / "killed")], tmp_path / "logs1",
+        [*args, "--out", str(tmp_path / "killed")],
+        tmp_path / "logs1",
         worker_args=lambda i: ["--block-at", "4:3"] if i == 1 else [],
-        kill_when=worker1_stopped_mid_finetune, kill=[1],
+        kill_when=worker1_stopped_mid_finetune,
+        kill=[1],
     )
-    assert killed[1].killed_by == "condition" and killed[1].returncode == -9, (
-        mh.describe_results(killed))
-    assert not killed[0].ok and "TFXFER_DONE" not in killed[0].output, (
-        mh.describe_results(killed))
+    assert killed[1].killed_by == "condition" and killed[1].returncode == -9, mh.describe_results(
+        killed
+    )
+    assert not killed[0].ok and "TFXFER_DONE" not in killed[0].output, mh.describe_results(killed)
     assert killed[0].killed_by in (None, "peer_failed")  # failed by itself, or was killed
     assert sw.latest_checkpoint(run_dir) == "epoch-000003"
     assert not (run_dir / "metrics.json").exists()
 
     # Both restart; each reads the chief's checkpoint from the shared directory.
-    resumed = _run_workers([*args, "--out", str(tmp_path / "resumed"), "--resume",
-                            "--init-seed", "7"], tmp_path / "logs2")
+    resumed = _run_workers(
+        [*args, "--out", str(tmp_path / "resumed"), "--resume", "--init-seed", "7"],
+        tmp_path / "logs2",
+    )
     assert all(r.ok for r in resumed), mh.describe_results(resumed)
     for worker in (0, 1):
         assert sw.load_result(tmp_path / "resumed", worker)[1]["resumed_from_epoch"] == 3
@@ -139,16 +163,39 @@ def test_the_image_recipe_trains_and_evaluates_on_two_workers(tmp_path, shapes_d
     """The recipe end to end on two workers sharing one output directory: the chief writes the
     run, both evaluate the final model on the whole validation split and agree."""
     run_dir = tmp_path / "run"
-    args = ["--data-dir", shapes_dir, "--output-dir", str(run_dir), "--strategy", "multi_worker",
-            "--backbone", "mobilenetv3small", "--weights", "none", "--image-size", "32",
-            "--batch-size", "4", "--head-epochs", "1", "--finetune-epochs", "1",
-            "--no-augment", "--no-export", "--verbose", "0"]
+    args = [
+        "--data-dir",
+        shapes_dir,
+        "--output-dir",
+        str(run_dir),
+        "--strategy",
+        "multi_worker",
+        "--backbone",
+        "mobilenetv3small",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--head-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--no-augment",
+        "--no-export",
+        "--verbose",
+        "0",
+    ]
     recipe = mh.REPO_ROOT / "recipes" / "resnet50_image_classifier.py"
-    results = mh.run_workers(recipe, args, num_workers=2, log_dir=tmp_path / "logs",
-                             timeout=TIMEOUT, grace=GRACE)
+    results = mh.run_workers(
+        recipe, args, num_workers=2, log_dir=tmp_path / "logs", timeout=TIMEOUT, grace=GRACE
+    )
     assert all(r.ok for r in results), mh.describe_results(results)
-    val_lines = [[line for line in r.output.splitlines() if line.startswith("[tfxfer] val:")]
-                 for r in results]
+    val_lines = [
+        [line for line in r.output.splitlines() if line.startswith("[tfxfer] val:")]
+        for r in results
+    ]
     assert len(val_lines[0]) == 1 and val_lines[0] == val_lines[1]
     assert "run saved to" in results[0].output and "run saved to" not in results[1].output
     metrics = json.loads((run_dir / "metrics.json").read_text())["val"]

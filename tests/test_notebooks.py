@@ -11,7 +11,12 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 
 # Parameters each notebook runs with here: small enough for 2 CPU cores in a minute.
 TINY = {
-    "image_quickstart.ipynb": {"BACKBONE": "mobilenetv3small", "IMAGE_SIZE": 32, "HEAD_EPOCHS": 1, "FINETUNE_EPOCHS": 1},
+    "image_quickstart.ipynb": {
+        "BACKBONE": "mobilenetv3small",
+        "IMAGE_SIZE": 32,
+        "HEAD_EPOCHS": 1,
+        "FINETUNE_EPOCHS": 1,
+    },
     "text_quickstart.ipynb": {"HEAD_EPOCHS": 1, "FINETUNE_EPOCHS": 0, "MAX_TRAIN_EXAMPLES": 40},
 }
 
@@ -27,8 +32,12 @@ def _parameterize(notebook, overrides: dict, output_dir: str) -> None:
 def test_notebook_runs(name, tmp_path):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     _parameterize(notebook, TINY.get(name, {}), str(tmp_path / "run"))
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     client.execute()
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]

@@ -34,17 +34,20 @@ def test_recipe_shape_and_shipped_configs_validate(name):
 
 
 @pytest.mark.parametrize("name", RECIPES)
-@pytest.mark.parametrize("field,value,message", [
-    ("batch_size", 0, "batch_size=0"),
-    ("head_epochs", -1, "head_epochs=-1"),
-    ("strategy", "gpu_cluster", "strategy='gpu_cluster'"),
-    ("mixed_precision", "fp8", "mixed_precision='fp8'"),
-    ("unfreeze", "most", "unfreeze='most'"),
-    ("val_split", 1.5, "val_split=1.5"),
-    ("seed", -1, "seed=-1"),
-    ("output_dir", "", "output_dir=''"),
-    ("hidden_units", [64, 0], r"hidden_units=\[64, 0\]"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("batch_size", 0, "batch_size=0"),
+        ("head_epochs", -1, "head_epochs=-1"),
+        ("strategy", "gpu_cluster", "strategy='gpu_cluster'"),
+        ("mixed_precision", "fp8", "mixed_precision='fp8'"),
+        ("unfreeze", "most", "unfreeze='most'"),
+        ("val_split", 1.5, "val_split=1.5"),
+        ("seed", -1, "seed=-1"),
+        ("output_dir", "", "output_dir=''"),
+        ("hidden_units", [64, 0], r"hidden_units=\[64, 0\]"),
+    ],
+)
 def test_bad_config_values_are_named(name, field, value, message):
     module = importlib.import_module(f"recipes.{name}")
     config = dataclasses.replace(module.Config(), **{field: value})
@@ -55,8 +58,9 @@ def test_bad_config_values_are_named(name, field, value, message):
 @pytest.mark.parametrize("name", RECIPES)
 def test_several_problems_are_reported_together(name):
     module = importlib.import_module(f"recipes.{name}")
-    config = dataclasses.replace(module.Config(), batch_size=-2, dropout=1.0,
-                                 overwrite=True, resume=True)
+    config = dataclasses.replace(
+        module.Config(), batch_size=-2, dropout=1.0, overwrite=True, resume=True
+    )
     with pytest.raises(TfxferError) as error:
         config.validate()
     for part in ("batch_size=-2", "dropout=1.0", "overwrite and resume"):
@@ -66,7 +70,18 @@ def test_several_problems_are_reported_together(name):
 def test_flags_parse_into_typed_fields():
     from recipes.bert_text_classifier import Config
 
-    config = Config.from_flags(["--batch-size", "4", "--hidden-units", "64,32", "--no-pretrained",
-                         "--layerwise-lr-decay", "0.8", "--lora-rank", "4"])
+    config = Config.from_flags(
+        [
+            "--batch-size",
+            "4",
+            "--hidden-units",
+            "64,32",
+            "--no-pretrained",
+            "--layerwise-lr-decay",
+            "0.8",
+            "--lora-rank",
+            "4",
+        ]
+    )
     assert config.batch_size == 4 and config.hidden_units == [64, 32]
     assert config.pretrained is False and config.layerwise_lr_decay == 0.8 and config.lora_rank == 4

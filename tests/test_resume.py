@@ -40,14 +40,16 @@ STAGES = ["head", "head", "finetune", "finetune", "finetune"]
 
 
 def _run(command: list[str], log_dir: Path, *, kill_when=None) -> mh.WorkerResult:
-    return mh.run_processes([command], [mh.child_env()], log_dir=log_dir, timeout=TIMEOUT,
-                            kill_when=kill_when)[0]
+    return mh.run_processes(
+        [command], [mh.child_env()], log_dir=log_dir, timeout=TIMEOUT, kill_when=kill_when
+    )[0]
 
 
 def _blocked_at(run_dir: Path, checkpoint: str | None):
     """Kill condition: the child says it stopped, and `latest.json` is where it should be."""
-    return lambda outputs: ("[worker] BLOCKED" in outputs[0]
-                            and sw.latest_checkpoint(run_dir) == checkpoint)
+    return lambda outputs: (
+        "[worker] BLOCKED" in outputs[0] and sw.latest_checkpoint(run_dir) == checkpoint
+    )
 
 
 def _assert_history(history: list[dict], reference: list[dict]) -> None:
@@ -62,7 +64,9 @@ def _assert_history(history: list[dict], reference: list[dict]) -> None:
         assert sorted(row) == sorted(want)
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
             assert float(row[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), (
-                row["epoch"], key)
+                row["epoch"],
+                key,
+            )
 
 
 def _assert_same_weights(weights: list[np.ndarray], reference: list[np.ndarray]) -> None:
@@ -111,14 +115,19 @@ KILL_POINTS = {
 
 
 @pytest.mark.parametrize("kill_point", list(KILL_POINTS))
-def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, uninterrupted,
-                                                                   kill_point):
+def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(
+    tmp_path, uninterrupted, kill_point
+):
     block, checkpoint, rows = KILL_POINTS[kill_point]
     run_dir = tmp_path / "run"
-    killed = _run(sw.command(run_dir, tmp_path / "killed", *block), tmp_path / "logs1",
-                  kill_when=_blocked_at(run_dir, checkpoint))
-    assert killed.killed_by == "condition" and killed.returncode == -9, (
-        mh.describe_results([killed]))
+    killed = _run(
+        sw.command(run_dir, tmp_path / "killed", *block),
+        tmp_path / "logs1",
+        kill_when=_blocked_at(run_dir, checkpoint),
+    )
+    assert killed.killed_by == "condition" and killed.returncode == -9, mh.describe_results(
+        [killed]
+    )
     assert "TFXFER_DONE" not in killed.output
     assert sw.latest_checkpoint(run_dir) == checkpoint
     assert len(sw.read_history_csv(run_dir)) == rows
@@ -127,12 +136,17 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, unin
         # A complete-looking checkpoint that was never renamed into place must not win.
         leftover = run_dir / "checkpoints" / ".tmp-epoch-000004"
         assert sorted(p.name for p in leftover.iterdir()) == [
-            "model.npz", "optimizer.npz", "state.json"]
+            "model.npz",
+            "optimizer.npz",
+            "state.json",
+        ]
         assert json.loads((leftover / "state.json").read_text())["global_epoch"] == 4
 
     # A fresh process with a different initialisation: only the checkpoint can bring it back.
-    resumed = _run(sw.command(run_dir, tmp_path / "resumed", "--resume", "--init-seed", "7"),
-                   tmp_path / "logs2")
+    resumed = _run(
+        sw.command(run_dir, tmp_path / "resumed", "--resume", "--init-seed", "7"),
+        tmp_path / "logs2",
+    )
     assert resumed.ok, mh.describe_results([resumed])
     weights, summary = sw.load_result(tmp_path / "resumed")
     assert summary["resumed_from_epoch"] == int(checkpoint[-6:])
@@ -149,8 +163,11 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, unin
 
 def test_resume_before_the_first_checkpoint_is_refused_clearly(tmp_path):
     run_dir = tmp_path / "run"
-    killed = _run(sw.command(run_dir, tmp_path / "killed", "--block-at", "1:2"),
-                  tmp_path / "logs1", kill_when=_blocked_at(run_dir, None))
+    killed = _run(
+        sw.command(run_dir, tmp_path / "killed", "--block-at", "1:2"),
+        tmp_path / "logs1",
+        kill_when=_blocked_at(run_dir, None),
+    )
     assert killed.killed_by == "condition", mh.describe_results([killed])
     assert (run_dir / "config.json").exists()  # the run had started
     before = snapshot_files(run_dir)
@@ -158,7 +175,8 @@ def test_resume_before_the_first_checkpoint_is_refused_clearly(tmp_path):
     refused = _run(sw.command(run_dir, tmp_path / "resumed", "--resume"), tmp_path / "logs2")
     assert refused.returncode == 2, mh.describe_results([refused])
     assert f"tfxfer: error: Cannot resume '{run_dir}': it has no complete checkpoint yet" in (
-        refused.output)
+        refused.output
+    )
     assert "--overwrite" in refused.output and "Traceback" not in refused.output
     assert snapshot_files(run_dir) == before
 
@@ -167,11 +185,23 @@ def test_resume_with_a_different_config_names_the_keys_that_differ(tmp_path, uni
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted["run_dir"], run_dir)
     before = snapshot_files(run_dir)
-    refused = _run(sw.command(run_dir, tmp_path / "out", "--resume", "--learning-rate", "0.02",
-                              "--finetune-epochs", "4"), tmp_path / "logs")
+    refused = _run(
+        sw.command(
+            run_dir,
+            tmp_path / "out",
+            "--resume",
+            "--learning-rate",
+            "0.02",
+            "--finetune-epochs",
+            "4",
+        ),
+        tmp_path / "logs",
+    )
     assert refused.returncode == 2, mh.describe_results([refused])
-    assert "its checkpoint was made with a different config. Keys that differ: " \
-           "['finetune_epochs', 'learning_rate']" in refused.output
+    assert (
+        "its checkpoint was made with a different config. Keys that differ: "
+        "['finetune_epochs', 'learning_rate']" in refused.output
+    )
     assert "Traceback" not in refused.output
     assert snapshot_files(run_dir) == before
 
@@ -180,17 +210,27 @@ def test_dropout_masks_replay_after_resume(tmp_path):
     """Dropout draws from the model's seed-generator state, which is a model variable and so in
     every checkpoint: a resumed run draws the masks the uninterrupted one drew. (In process:
     this is about what a checkpoint holds, not about how the run died.)"""
+
     def run(path, seed, callbacks=None, resume=False):
         backbone = tiny_backbone(seed=seed)
         head = tfxfer.HeadConfig(hidden_units=[8], dropout=0.5)
         model = tfxfer.build_model(backbone, 3, head=head)
         images, labels = tiny_arrays(n=20)
-        stages = [tfxfer.Stage("head", 2, learning_rate=1e-2),
-                  tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3)]
-        tfxfer.run_schedule(model, backbone, stages,
-                            tiny_train_data(images, labels, batch_size=6), None,
-                            run_dir=RunDir(str(path), resume=resume),
-                            config={}, callbacks=callbacks, verbose=0)
+        stages = [
+            tfxfer.Stage("head", 2, learning_rate=1e-2),
+            tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3),
+        ]
+        tfxfer.run_schedule(
+            model,
+            backbone,
+            stages,
+            tiny_train_data(images, labels, batch_size=6),
+            None,
+            run_dir=RunDir(str(path), resume=resume),
+            config={},
+            callbacks=callbacks,
+            verbose=0,
+        )
         return model
 
     straight = run(tmp_path / "straight", seed=0)
@@ -208,8 +248,10 @@ def test_dropout_masks_replay_after_resume(tmp_path):
 def test_a_url_output_dir_is_refused_rather_than_written_locally(tmp_path, monkeypatch):
     # os.makedirs("gs://bucket/run") would make a local directory "gs:" and say nothing.
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RunDirError, match="Expected a local or mounted directory for the run. "
-                                          "Received: 'gs://bucket/run'"):
+    with pytest.raises(
+        RunDirError,
+        match="Expected a local or mounted directory for the run. Received: 'gs://bucket/run'",
+    ):
         RunDir("gs://bucket/run", resume=True)
     assert list(tmp_path.iterdir()) == []
 
@@ -220,19 +262,42 @@ def test_a_url_output_dir_is_refused_rather_than_written_locally(tmp_path, monke
 def test_the_image_recipe_resumes_from_the_command_line(tmp_path, shapes_dir):
     """`python -m recipes.resnet50_image_classifier ... --resume` after a SIGKILL mid-finetune."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "recipes.resnet50_image_classifier",
-               "--data-dir", shapes_dir, "--output-dir", str(run_dir),
-               "--backbone", "mobilenetv3small", "--weights", "none", "--image-size", "32",
-               "--batch-size", "4", "--head-epochs", "1", "--finetune-epochs", "4",
-               "--no-augment", "--no-export", "--strategy", "cpu", "--verbose", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "recipes.resnet50_image_classifier",
+        "--data-dir",
+        shapes_dir,
+        "--output-dir",
+        str(run_dir),
+        "--backbone",
+        "mobilenetv3small",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--head-epochs",
+        "1",
+        "--finetune-epochs",
+        "4",
+        "--no-augment",
+        "--no-export",
+        "--strategy",
+        "cpu",
+        "--verbose",
+        "2",
+    ]
 
     def mid_finetune(outputs):
         latest = sw.latest_checkpoint(run_dir)
         return latest is not None and latest >= "epoch-000002"
 
     killed = _run(command, tmp_path / "logs1", kill_when=mid_finetune)
-    assert killed.killed_by == "condition" and killed.returncode == -9, (
-        mh.describe_results([killed]))
+    assert killed.killed_by == "condition" and killed.returncode == -9, mh.describe_results(
+        [killed]
+    )
     done = int(sw.latest_checkpoint(run_dir)[-6:])
     assert 2 <= done < 5, "killed after the first fine-tuning epoch, before the end"
     assert not (run_dir / "metrics.json").exists()
@@ -244,7 +309,12 @@ def test_the_image_recipe_resumes_from_the_command_line(tmp_path, shapes_dir):
     assert "stage 1/2" not in resumed.output
     rows = sw.read_history_csv(run_dir)
     assert [(int(r["epoch"]), r["stage"]) for r in rows] == [
-        (1, "head"), (2, "finetune"), (3, "finetune"), (4, "finetune"), (5, "finetune")]
+        (1, "head"),
+        (2, "finetune"),
+        (3, "finetune"),
+        (4, "finetune"),
+        (5, "finetune"),
+    ]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val"]["num_examples"] == 3 and 0 <= metrics["val"]["accuracy"] <= 1
     assert (run_dir / "model.keras").exists()

@@ -43,8 +43,11 @@ def test_new_directory_is_created_with_checkpoints(tmp_path):
 
 def _earlier_run(path):
     os.makedirs(path)
-    for name, text in [("config.json", '{"seed": 1}'), ("history.csv", "epoch\n1\n"),
-                       ("notes.txt", "mine")]:
+    for name, text in [
+        ("config.json", '{"seed": 1}'),
+        ("history.csv", "epoch\n1\n"),
+        ("notes.txt", "mine"),
+    ]:
         with open(os.path.join(path, name), "w", encoding="utf-8") as handle:
             handle.write(text)
     return snapshot_files(path)
@@ -117,8 +120,14 @@ def test_atomic_write_replaces_the_file(tmp_path):
 
 
 def _state(epoch):
-    return {"stage_index": 0, "stage": "head", "global_epoch": epoch, "history": [],
-            "best": {}, "config": {}}
+    return {
+        "stage_index": 0,
+        "stage": "head",
+        "global_epoch": epoch,
+        "history": [],
+        "best": {},
+        "config": {},
+    }
 
 
 def test_checkpointer_points_only_at_complete_checkpoints(tmp_path, monkeypatch):
@@ -173,9 +182,15 @@ def _two_stage_run(run_dir: RunDir, config=None, callbacks=None, seed=0):
         tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3, layerwise_lr_decay=0.5),
     ]
     result = tfxfer.run_schedule(
-        model, backbone, stages, tiny_train_data(images, labels, batch_size=6),
-        tiny_val_data(images[:8], labels[:8]), run_dir=run_dir,
-        config=RESUME_CONFIG if config is None else config, callbacks=callbacks, verbose=0,
+        model,
+        backbone,
+        stages,
+        tiny_train_data(images, labels, batch_size=6),
+        tiny_val_data(images[:8], labels[:8]),
+        run_dir=run_dir,
+        config=RESUME_CONFIG if config is None else config,
+        callbacks=callbacks,
+        verbose=0,
     )
     return model, result
 
@@ -190,10 +205,12 @@ def uninterrupted(tmp_path_factory):
     return model.get_weights(), result.history
 
 
-@pytest.mark.parametrize("kill_after", [1, 2, 3], ids=["mid_head", "stage_boundary",
-                                                       "mid_finetune"])
-def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, uninterrupted,
-                                                                  kill_after):
+@pytest.mark.parametrize(
+    "kill_after", [1, 2, 3], ids=["mid_head", "stage_boundary", "mid_finetune"]
+)
+def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(
+    tmp_path, uninterrupted, kill_after
+):
     weights, history = uninterrupted
     path = str(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
@@ -202,8 +219,7 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, unin
         assert json.load(handle) == {"checkpoint": f"epoch-{kill_after:06d}"}
 
     # `output_dir` and `verbose` may differ on resume.
-    model, result = _resumed_run(path, {**RESUME_CONFIG, "output_dir": "elsewhere",
-                                        "verbose": 2})
+    model, result = _resumed_run(path, {**RESUME_CONFIG, "output_dir": "elsewhere", "verbose": 2})
     assert result.resumed_from_epoch == kill_after
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
     assert [row["stage"] for row in result.history] == ["head", "head", "finetune", "finetune"]
@@ -211,7 +227,6 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(tmp_path, unin
         assert row["loss"] == pytest.approx(want["loss"], rel=1e-4)
     for value, want in zip(model.get_weights(), weights, strict=True):
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5)
-
 
 
 def test_resume_of_a_finished_run_returns_its_final_weights(tmp_path, uninterrupted):
@@ -244,7 +259,6 @@ def test_resume_without_a_checkpoint(tmp_path):
         _resumed_run(path, RESUME_CONFIG)
 
 
-
 def _renamed_tiny_model(prefix: str, seed: int = 0):
     """The tiny model's architecture (same shapes, same order) with other layer names."""
     import keras
@@ -261,11 +275,15 @@ def _renamed_tiny_model(prefix: str, seed: int = 0):
         x = keras.layers.ReLU(name=f"{prefix}{group}_relu")(x)
     network = keras.Model(inputs, x, name=f"{prefix}network")
     backbone = Backbone(
-        name=prefix, network=network,
+        name=prefix,
+        network=network,
         preprocessor=ImagePreprocessing(16, "tf", name="image_preprocessing"),
-        output_kind="spatial", input_kind="image",
-        layer_groups=split_into_groups(network.layers,
-                                       [(g, f"{prefix}{g}_") for g in ("low", "mid", "top")]))
+        output_kind="spatial",
+        input_kind="image",
+        layer_groups=split_into_groups(
+            network.layers, [(g, f"{prefix}{g}_") for g in ("low", "mid", "top")]
+        ),
+    )
     return backbone, tfxfer.build_model(backbone, 3, head=tfxfer.HeadConfig(dropout=0.0))
 
 
@@ -276,17 +294,42 @@ def test_a_checkpoint_of_another_model_with_the_same_shapes_is_refused_by_path(t
 
     backbone, model = _renamed_tiny_model("first_")
     with pytest.raises(KeyboardInterrupt):
-        tfxfer.run_schedule(model, backbone, stages, tiny_train_data(images, labels), None,
-                            run_dir=RunDir(path), callbacks=[InterruptAfterEpoch(2)], verbose=0)
+        tfxfer.run_schedule(
+            model,
+            backbone,
+            stages,
+            tiny_train_data(images, labels),
+            None,
+            run_dir=RunDir(path),
+            callbacks=[InterruptAfterEpoch(2)],
+            verbose=0,
+        )
     other, other_model = _renamed_tiny_model("second_")
     # Same number of variables, same shapes, same order: only the paths tell them apart.
     assert [v.shape for v in other_model.variables] == [v.shape for v in model.variables]
-    with pytest.raises(RunDirError, match=r"made from another model.*'first_low_conv/kernel' "
-                                          r"saved, 'second_low_conv/kernel' now"):
-        tfxfer.run_schedule(other_model, other, stages, tiny_train_data(images, labels), None,
-                            run_dir=RunDir(path, resume=True), verbose=0)
+    with pytest.raises(
+        RunDirError,
+        match=r"made from another model.*'first_low_conv/kernel' "
+        r"saved, 'second_low_conv/kernel' now",
+    ):
+        tfxfer.run_schedule(
+            other_model,
+            other,
+            stages,
+            tiny_train_data(images, labels),
+            None,
+            run_dir=RunDir(path, resume=True),
+            verbose=0,
+        )
     # The same architecture under the same names resumes.
     again, again_model = _renamed_tiny_model("first_", seed=3)
-    result = tfxfer.run_schedule(again_model, again, stages, tiny_train_data(images, labels),
-                                 None, run_dir=RunDir(path, resume=True), verbose=0)
+    result = tfxfer.run_schedule(
+        again_model,
+        again,
+        stages,
+        tiny_train_data(images, labels),
+        None,
+        run_dir=RunDir(path, resume=True),
+        verbose=0,
+    )
     assert result.resumed_from_epoch == 2 and len(result.history) == 3

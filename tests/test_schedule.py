@@ -102,9 +102,14 @@ def test_validate_schedule():
 
 
 def test_default_schedule():
-    head, finetune = default_schedule(2, 3, head_learning_rate=1e-2,
-                                      finetune_learning_rate=1e-5, unfreeze=2,
-                                      layerwise_lr_decay=0.7)
+    head, finetune = default_schedule(
+        2,
+        3,
+        head_learning_rate=1e-2,
+        finetune_learning_rate=1e-5,
+        unfreeze=2,
+        layerwise_lr_decay=0.7,
+    )
     assert (head.name, head.epochs, head.train, head.learning_rate) == ("head", 2, "head", 1e-2)
     assert (finetune.name, finetune.epochs, finetune.learning_rate) == ("finetune", 3, 1e-5)
     assert finetune.trainable_groups(GROUPS) == ["mid", "top"]
@@ -119,7 +124,11 @@ def test_gradual_unfreezing_adds_one_group_per_stage_from_the_top():
     stages = gradual_unfreezing(GROUPS, head_epochs=2, epochs_per_group=1, learning_rate=1e-5)
     assert [s.name for s in stages] == ["head", "unfreeze_top", "unfreeze_mid", "unfreeze_low"]
     assert [s.trainable_groups(GROUPS) for s in stages] == [
-        [], ["top"], ["mid", "top"], ["low", "mid", "top"]]
+        [],
+        ["top"],
+        ["mid", "top"],
+        ["low", "mid", "top"],
+    ]
     assert [s.epochs for s in stages] == [2, 1, 1, 1]
     assert all(s.learning_rate == 1e-5 for s in stages[1:])
     assert len(gradual_unfreezing(GROUPS, groups=1)) == 2
@@ -149,8 +158,12 @@ def test_apply_stage_sets_trainable_and_keeps_batchnorm_frozen():
     assert model.get_layer("tiny_network").get_layer("top_conv").trainable
     assert all(not layer.trainable for layer in backbone_layers(backbone, groups=["low", "mid"]))
     assert all(not layer.trainable for layer in backbone_layers(backbone, bn))
-    assert _trainable_names(model) == ["predictions/bias", "predictions/kernel",
-                                       "top_conv/bias", "top_conv/kernel"]
+    assert _trainable_names(model) == [
+        "predictions/bias",
+        "predictions/kernel",
+        "top_conv/bias",
+        "top_conv/kernel",
+    ]
 
     apply_stage(model, groups, Stage("all_bn", 1, train="all", train_batchnorm=True))
     assert all(layer.trainable for layer in backbone_layers(backbone))
@@ -197,8 +210,15 @@ def test_make_optimizer_follows_the_stage():
 def _one_layerwise_step(decay: float):
     """One training step of every group with layer-wise decay; returns the weights before/after."""
     backbone, model = tiny_model()
-    stage = Stage("all", 1, train="all", learning_rate=1e-2, warmup_fraction=0.0,
-                  weight_decay=0.0, layerwise_lr_decay=decay)
+    stage = Stage(
+        "all",
+        1,
+        train="all",
+        learning_rate=1e-2,
+        warmup_fraction=0.0,
+        weight_decay=0.0,
+        layerwise_lr_decay=decay,
+    )
     groups = LayerGroups.of(backbone)
     trainable = apply_stage(model, groups, stage)
     multipliers = layerwise_multipliers(groups, trainable, decay)
@@ -214,8 +234,7 @@ def test_layerwise_adamw_moves_lower_groups_less():
     _, _, before, after, _ = _one_layerwise_step(decay)
     # Adam's first step moves each weight by about the learning rate, so the largest move in
     # a group is its learning rate: 1e-2 for the top group, times `decay` per group below.
-    step = {g: np.abs(after[f"{g}_conv/kernel"] - before[f"{g}_conv/kernel"]).max()
-            for g in GROUPS}
+    step = {g: np.abs(after[f"{g}_conv/kernel"] - before[f"{g}_conv/kernel"]).max() for g in GROUPS}
     head = np.abs(after["predictions/kernel"] - before["predictions/kernel"]).max()
     assert head == pytest.approx(1e-2, rel=0.05)
     assert step["top"] == pytest.approx(1e-2, rel=0.05)
@@ -262,25 +281,39 @@ def staged_run(tmp_path_factory):
         Stage("head", 2, learning_rate=1e-2, warmup_fraction=0.0),
         Stage("top", 1, train=1, learning_rate=1e-2, warmup_fraction=0.0),
         Stage("all", 1, train="all", learning_rate=1e-2, warmup_fraction=0.0),
-        Stage("all_bn", 1, train="all", learning_rate=1e-2, warmup_fraction=0.0,
-              train_batchnorm=True),
+        Stage(
+            "all_bn", 1, train="all", learning_rate=1e-2, warmup_fraction=0.0, train_batchnorm=True
+        ),
     ]
     snapshots = WeightSnapshots()
     run_dir = tfxfer.RunDir(str(tmp_path_factory.mktemp("staged") / "run"))
     # No loss or metrics: the softmax head says which (sparse cross-entropy, accuracy).
     result = tfxfer.run_schedule(
-        model, backbone, stages, tiny_train_data(images, labels),
-        tiny_val_data(images[:9], labels[:9]), run_dir=run_dir, callbacks=[snapshots],
+        model,
+        backbone,
+        stages,
+        tiny_train_data(images, labels),
+        tiny_val_data(images[:9], labels[:9]),
+        run_dir=run_dir,
+        callbacks=[snapshots],
         verbose=0,
     )
-    return {"backbone": backbone, "model": model, "result": result, "run_dir": run_dir,
-            "stages": dict(zip([s.name for s in stages], snapshots.stages, strict=True))}
+    return {
+        "backbone": backbone,
+        "model": model,
+        "result": result,
+        "run_dir": run_dir,
+        "stages": dict(zip([s.name for s in stages], snapshots.stages, strict=True)),
+    }
 
 
 def _changed(snapshot, suffix):
     """{path: changed?} for the weights whose path ends with `suffix`."""
-    return {path: not np.array_equal(value, snapshot["end"][path])
-            for path, value in snapshot["begin"].items() if path.endswith(suffix)}
+    return {
+        path: not np.array_equal(value, snapshot["end"][path])
+        for path, value in snapshot["begin"].items()
+        if path.endswith(suffix)
+    }
 
 
 def test_head_stage_trains_only_the_head(staged_run):
@@ -294,7 +327,10 @@ def test_head_stage_trains_only_the_head(staged_run):
 def test_partial_stage_trains_its_groups_with_batchnorm_frozen(staged_run):
     snapshot = staged_run["stages"]["top"]
     assert _changed(snapshot, "_conv/kernel") == {
-        "low_conv/kernel": False, "mid_conv/kernel": False, "top_conv/kernel": True}
+        "low_conv/kernel": False,
+        "mid_conv/kernel": False,
+        "top_conv/kernel": True,
+    }
     for suffix in ("bn/moving_mean", "bn/moving_variance", "bn/gamma", "bn/beta"):
         assert not any(_changed(snapshot, suffix).values()), suffix
 
@@ -319,8 +355,10 @@ def test_history_has_one_row_per_epoch_and_matches_history_csv(staged_run):
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     assert [row["stage"] for row in history] == ["head", "head", "top", "all", "all_bn"]
     assert [row["stage_epoch"] for row in history] == [1, 2, 1, 1, 1]
-    assert all({"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(row)
-               for row in history)
+    assert all(
+        {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"} <= set(row)
+        for row in history
+    )
 
     with open(staged_run["run_dir"].file("history.csv"), newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -356,8 +394,15 @@ def test_weight_decay_skips_biases_and_norms_and_follows_the_layerwise_rate():
     """With zero gradients Adam's update is zero, so what moves a weight is the decay alone."""
     backbone, model = tiny_model()
     groups = LayerGroups.of(backbone)
-    stage = Stage("all", 1, train="all", learning_rate=0.1, warmup_fraction=0.0,
-                  weight_decay=0.5, layerwise_lr_decay=0.5)
+    stage = Stage(
+        "all",
+        1,
+        train="all",
+        learning_rate=0.1,
+        warmup_fraction=0.0,
+        weight_decay=0.5,
+        layerwise_lr_decay=0.5,
+    )
     trainable = apply_stage(model, groups, stage)
     optimizer = make_optimizer(stage, 1, layerwise_multipliers(groups, trainable, 0.5))
     variables = model.trainable_variables
@@ -394,15 +439,22 @@ def _two_backbone_model():
     inputs = keras.Input((TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3))
     pooled = [keras.layers.GlobalAveragePooling2D()(b.network(inputs)) for b in (first, second)]
     outputs = keras.layers.Dense(3, activation="softmax", name="predictions")(
-        keras.layers.Concatenate()(pooled))
+        keras.layers.Concatenate()(pooled)
+    )
     return first, second, keras.Model(inputs, outputs)
 
 
 def test_groups_of_several_backbones_are_namespaced():
     first, second, model = _two_backbone_model()
     groups = LayerGroups.of([first, second])
-    assert groups.names == ["tiny/low", "tiny/mid", "tiny/top",
-                            "other/low", "other/mid", "other/top"]
+    assert groups.names == [
+        "tiny/low",
+        "tiny/mid",
+        "tiny/top",
+        "other/low",
+        "other/mid",
+        "other/top",
+    ]
     # An int is the top k groups of every backbone; names may be full or unambiguous.
     assert Stage("s", 1, train=1).trainable_groups(groups) == ["tiny/top", "other/top"]
     assert Stage("s", 1, train=["other/mid"]).trainable_groups(groups) == ["other/mid"]
@@ -410,8 +462,13 @@ def test_groups_of_several_backbones_are_namespaced():
         Stage("s", 1, train=["top"]).trainable_groups(groups)
     # Layer-wise rates count depth within each backbone.
     assert groups.depth_from_top(groups.names) == {
-        "tiny/top": 0, "tiny/mid": 1, "tiny/low": 2, "other/top": 0, "other/mid": 1,
-        "other/low": 2}
+        "tiny/top": 0,
+        "tiny/mid": 1,
+        "tiny/low": 2,
+        "other/top": 0,
+        "other/mid": 1,
+        "other/low": 2,
+    }
 
     trainable = apply_stage(model, groups, Stage("s", 1, train=["other/top", "tiny/mid"]))
     assert trainable == ["tiny/mid", "other/top"]
@@ -448,9 +505,16 @@ def test_best_follows_the_declared_mode(tmp_path):
     backbone, model = tiny_model()
     images, labels = tiny_arrays(n=24)
     result = tfxfer.run_schedule(
-        model, backbone, [Stage("head", 3, learning_rate=1e-2)], tiny_train_data(images, labels),
-        tiny_val_data(images[:9], labels[:9]), monitor="val_loss", monitor_mode="max",
-        run_dir=tfxfer.RunDir(str(tmp_path / "run")), verbose=0)
+        model,
+        backbone,
+        [Stage("head", 3, learning_rate=1e-2)],
+        tiny_train_data(images, labels),
+        tiny_val_data(images[:9], labels[:9]),
+        monitor="val_loss",
+        monitor_mode="max",
+        run_dir=tfxfer.RunDir(str(tmp_path / "run")),
+        verbose=0,
+    )
     losses = [row["val_loss"] for row in result.history]
     assert losses[-1] < losses[0]  # it learned, so "max" must pick another epoch than "min"
     assert result.best["mode"] == "max"

@@ -311,7 +311,10 @@ def test_files_and_folders_mix_and_load_notes_survive_the_split(tmp_path, caplog
     summary = data.summary()
     assert summary["skipped"] == 2 and summary["ignored"] == 1
     assert (summary["train_examples"], summary["val_examples"], summary["test_examples"]) == (
-        4, 4, 1)
+        4,
+        4,
+        1,
+    )
     assert summary["kind"] == "text" and summary["classes"] == ["neg", "pos"]
     json.dumps(summary)
 
@@ -381,9 +384,7 @@ def test_no_split_when_the_fraction_is_zero_or_a_val_set_is_given():
 
 def test_load_texts_splits_the_training_file(tmp_path):
     rows = "".join(f"text {i},{'pos' if i % 3 else 'neg'}\n" for i in range(30))
-    data = load_texts(
-        write(tmp_path / "train.csv", "text,label\n" + rows), val_split=0.2, seed=1
-    )
+    data = load_texts(write(tmp_path / "train.csv", "text,label\n" + rows), val_split=0.2, seed=1)
     assert (len(data.train), len(data.val)) == (24, 6)
     assert data.counts["val"] == {"neg": 2, "pos": 4}
     assert not set(data.train.inputs) & set(data.val.inputs)
@@ -491,7 +492,7 @@ def test_make_datasets_for_text_tokenizes_with_the_backbone(bert_backbone, revie
     assert train.steps_per_epoch == 2
     x, y = next(iter(train.build(0)))
     assert x["token_ids"].shape == (4, 8) and y.dtype == tf.int32
-    (val_x, val_y), = list(val)
+    ((val_x, val_y),) = list(val)
     expected = bert_backbone.preprocessor(tf.constant(review_data.val.inputs))
     np.testing.assert_array_equal(val_x["token_ids"], expected["token_ids"])
     assert val_y.numpy().tolist() == review_data.val.labels.tolist()

@@ -30,10 +30,30 @@ from tfxfer.schedule import apply_stage
 
 REPO = Path(__file__).resolve().parent.parent
 
-POSITIVE = ["i loved it", "great fun", "good film", "the acting was great", "loved the plot",
-            "a good movie", "it was fun", "great plot", "good acting", "i loved the film"]
-NEGATIVE = ["i hated it", "awful film", "bad movie", "the acting was awful", "boring plot",
-            "a bad film", "it was boring", "awful plot", "bad acting", "i hated the movie"]
+POSITIVE = [
+    "i loved it",
+    "great fun",
+    "good film",
+    "the acting was great",
+    "loved the plot",
+    "a good movie",
+    "it was fun",
+    "great plot",
+    "good acting",
+    "i loved the film",
+]
+NEGATIVE = [
+    "i hated it",
+    "awful film",
+    "bad movie",
+    "the acting was awful",
+    "boring plot",
+    "a bad film",
+    "it was boring",
+    "awful plot",
+    "bad acting",
+    "i hated the movie",
+]
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> str:
@@ -56,8 +76,15 @@ def text_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("texts")
     rows = [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
     train = write_csv(root / "train.csv", rows * 2)
-    test = write_csv(root / "test.csv", [("great movie", "pos"), ("awful acting", "neg"),
-                                         ("fun film", "pos"), ("boring film", "neg")])
+    test = write_csv(
+        root / "test.csv",
+        [
+            ("great movie", "pos"),
+            ("awful acting", "neg"),
+            ("fun film", "pos"),
+            ("boring film", "neg"),
+        ],
+    )
     return train, test
 
 
@@ -72,8 +99,16 @@ def finished_run(bert_dir, text_files, tmp_path_factory):
 
 def test_run_directory_holds_every_artifact(finished_run):
     run = Path(finished_run["run_dir"])
-    for name in ("config.json", "history.csv", "metrics.json", "class_names.json", "model.keras",
-                 "export/saved_model.pb", "checkpoints/best.weights.h5", "checkpoints/latest.json"):
+    for name in (
+        "config.json",
+        "history.csv",
+        "metrics.json",
+        "class_names.json",
+        "model.keras",
+        "export/saved_model.pb",
+        "checkpoints/best.weights.h5",
+        "checkpoints/latest.json",
+    ):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"val", "test"}
@@ -121,8 +156,9 @@ def _tiny_text_setup(bert_dir, sequence_length=16):
     model = tfxfer.build_model(backbone, 2, head=tfxfer.HeadConfig(pooling="mean", dropout=0.0))
     texts = POSITIVE + NEGATIVE
     labels = np.array([1] * len(POSITIVE) + [0] * len(NEGATIVE), np.int32)
-    data = LabelledData(Examples(texts, labels, ["neg", "pos"], "text"), None, None,
-                        ["neg", "pos"], "text")
+    data = LabelledData(
+        Examples(texts, labels, ["neg", "pos"], "text"), None, None, ["neg", "pos"], "text"
+    )
     train = tfxfer.make_datasets(data, backbone, batch_size=10).train
     # Mean pooling never reads the pooler: the backbone itself keeps it out of the schedule.
     assert backbone.head_pooling == "mean" and "pooler" not in backbone.group_names
@@ -169,9 +205,19 @@ def test_lora_needs_a_backbone_with_adapter_targets():
 
 def test_layerwise_lr_decay_moves_lower_bert_layers_less(bert_dir):
     decay = 0.5
-    stages = [tfxfer.Stage("finetune", 1, train="all", learning_rate=1e-3, optimizer="adamw",
-                           weight_decay=0.0, warmup_fraction=0.0, decay="constant",
-                           layerwise_lr_decay=decay)]
+    stages = [
+        tfxfer.Stage(
+            "finetune",
+            1,
+            train="all",
+            learning_rate=1e-3,
+            optimizer="adamw",
+            weight_decay=0.0,
+            warmup_fraction=0.0,
+            decay="constant",
+            layerwise_lr_decay=decay,
+        )
+    ]
     backbone, model, train, unused = _tiny_text_setup(bert_dir)
     groups = backbone.trainable_groups()
     before = {name: _values(layers) for name, layers in groups.items()}
@@ -219,8 +265,9 @@ def test_label_only_in_test_file_is_named(bert_dir, text_files, tmp_path):
 
 
 def test_missing_label_column_names_the_columns_found(bert_dir, tmp_path):
-    train = write_csv(tmp_path / "train.csv", [(t, "pos") for t in POSITIVE],
-                      header=("review", "stars"))
+    train = write_csv(
+        tmp_path / "train.csv", [(t, "pos") for t in POSITIVE], header=("review", "stars")
+    )
     config = Config.smoke(train=train, output_dir=str(tmp_path / "run"), backbone=bert_dir)
     with pytest.raises(DataError, match="review"):
         main(config)
@@ -243,9 +290,19 @@ def test_existing_run_is_not_overwritten(finished_run, bert_dir, text_files):
 
 def test_command_line_error_is_one_clear_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "recipes.bert_text_classifier", "--train",
-         str(tmp_path / "missing.csv"), "--output-dir", str(tmp_path / "run")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "recipes.bert_text_classifier",
+            "--train",
+            str(tmp_path / "missing.csv"),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "missing.csv" in result.stderr
@@ -263,14 +320,17 @@ def test_make_text_dataset_batches_token_dicts(bert_dir):
 def test_recipe_trains_on_a_tf_hub_text_model(text_files, tmp_path):
     hub_dir = str(tmp_path / "encoder")
     tf.saved_model.save(SentenceEncoder(), hub_dir)
-    config = Config.smoke(train=text_files[0], output_dir=str(tmp_path / "run"), backbone=f"hub:{hub_dir}")
+    config = Config.smoke(
+        train=text_files[0], output_dir=str(tmp_path / "run"), backbone=f"hub:{hub_dir}"
+    )
     config.export = True
     result = main(config)
     assert result["backbone"].output_kind == "vector"
     reloaded = tfxfer.load_model(str(tmp_path / "run" / "model.keras"), safe_mode=False)
     texts = tf.constant(["goal match", "oven recipe"])
-    np.testing.assert_allclose(reloaded.predict(texts, verbose=0),
-                               result["model"].predict(texts, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        reloaded.predict(texts, verbose=0), result["model"].predict(texts, verbose=0), atol=1e-6
+    )
 
 
 def test_cli_evaluate_and_export_a_finished_text_run(finished_run, text_files, tmp_path, capsys):
@@ -296,8 +356,10 @@ def test_cli_evaluate_refuses_labels_the_model_never_saw(finished_run, tmp_path,
 
 
 def test_full_finetune_after_a_lora_stage_trains_the_backbone_again(bert_dir):
-    stages = [tfxfer.Stage("lora", 1, train="all", learning_rate=1e-2, lora_rank=2),
-              tfxfer.Stage("finetune", 1, train="all", learning_rate=1e-3)]
+    stages = [
+        tfxfer.Stage("lora", 1, train="all", learning_rate=1e-2, lora_rank=2),
+        tfxfer.Stage("finetune", 1, train="all", learning_rate=1e-3),
+    ]
     backbone, model, train, unused = _tiny_text_setup(bert_dir)
     layer = backbone.layer_groups["layer_0"][0]
     tfxfer.run_schedule(model, backbone, stages[:1], train, None, verbose=0)
@@ -308,18 +370,24 @@ def test_full_finetune_after_a_lora_stage_trains_the_backbone_again(bert_dir):
     # Every weight the LoRA stage froze trains again; the adapted query/value projections
     # go on learning through their adapters (their base kernels stay merged-later constants).
     adapted = {p.rsplit("/", 1)[0] for p in after if "lora_kernel" in p}
-    expected = {p for p in after if p.endswith(("kernel", "gamma", "beta", "bias"))
-                and not (p.endswith("/kernel") and p.rsplit("/", 1)[0] in adapted)
-                # Attention's key bias adds the same score to every key: softmax ignores it,
-                # so its gradient is exactly zero.
-                and not p.endswith("key/bias")}
+    expected = {
+        p
+        for p in after
+        if p.endswith(("kernel", "gamma", "beta", "bias"))
+        and not (p.endswith("/kernel") and p.rsplit("/", 1)[0] in adapted)
+        # Attention's key bias adds the same score to every key: softmax ignores it,
+        # so its gradient is exactly zero.
+        and not p.endswith("key/bias")
+    }
     assert expected <= moved, sorted(expected - moved)
     assert {p for p in after if "lora_kernel" in p} <= moved
 
 
 def test_a_run_repeats_exactly_with_the_same_seed(bert_dir, text_files, tmp_path):
     def losses(name, seed):
-        config = Config.smoke(train=text_files[0], output_dir=str(tmp_path / name), backbone=bert_dir)
+        config = Config.smoke(
+            train=text_files[0], output_dir=str(tmp_path / name), backbone=bert_dir
+        )
         config.seed, config.finetune_epochs = seed, 0
         return [row["loss"] for row in main(config)["history"]]
 

@@ -22,8 +22,9 @@ def test_every_row_builds_at_32px_with_groups_covering_the_network(name):
     assert backbone.group_names == [group for group, _ in VISION_BACKBONES[name]["groups"]]
     assert all(backbone.layer_groups.values()), "every group has layers"
     # Groups are in model order and cover every non-input layer exactly once.
-    model_layers = [layer for layer in backbone.network.layers
-                    if not isinstance(layer, keras.layers.InputLayer)]
+    model_layers = [
+        layer for layer in backbone.network.layers if not isinstance(layer, keras.layers.InputLayer)
+    ]
     grouped = [layer for group in backbone.layer_groups.values() for layer in group]
     assert [id(layer) for layer in grouped] == [id(layer) for layer in model_layers]
     # Raw uint8 images of another size go through the preprocessor into a spatial map.
@@ -108,8 +109,9 @@ def test_matching_local_weights_file_loads_those_exact_weights(random_resnet50_w
 
 
 def test_weights_file_of_another_architecture(tmp_path):
-    other = keras.applications.MobileNetV3Small(include_top=False, weights=None,
-                                                input_shape=(32, 32, 3))
+    other = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    )
     path = str(tmp_path / "mobilenetv3small_notop.weights.h5")
     other.save_weights(path)
 
@@ -130,7 +132,8 @@ def test_weights_file_with_wrong_extension(tmp_path):
 
 def test_imagenet_weights_offline_says_how_to_pass_a_local_file(offline):
     cached = os.path.expanduser(
-        "~/.keras/models/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5")
+        "~/.keras/models/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    )
     if os.path.exists(cached):
         pytest.skip(f"{cached} is cached, so Keras would not try to download it")
     with pytest.raises(WeightsError) as info:

@@ -62,10 +62,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _read_class_names(args: argparse.Namespace) -> list[str]:
     import os
 
-    path = args.class_names or os.path.join(os.path.dirname(os.path.abspath(args.model)),
-                                            "class_names.json")
+    path = args.class_names or os.path.join(
+        os.path.dirname(os.path.abspath(args.model)), "class_names.json"
+    )
     if not os.path.exists(path):
-        raise TfxferError(f"Class names not found at {path!r}; pass --class-names run/class_names.json")
+        raise TfxferError(
+            f"Class names not found at {path!r}; pass --class-names run/class_names.json"
+        )
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -84,21 +87,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         examples = scan_image_folder(args.images_dir, class_names)
         size = model.get_layer("image_preprocessing").image_size
         labels, probabilities = report.collect(
-            model, make_image_dataset(examples, image_size=size, batch_size=args.batch_size))
+            model, make_image_dataset(examples, image_size=size, batch_size=args.batch_size)
+        )
     elif args.text_file:
         from tfxfer.data.text import read_text_file
         from tfxfer.errors import DataError
 
-        examples = read_text_file(args.text_file, text_column=args.text_column,
-                                  label_column=args.label_column)
+        examples = read_text_file(
+            args.text_file, text_column=args.text_column, label_column=args.label_column
+        )
         unknown = sorted(set(examples.class_names) - set(class_names))
         if unknown:
-            raise DataError(f"Labels {unknown} in {args.text_file!r} are not among the model's "
-                            f"classes {class_names}.")
+            raise DataError(
+                f"Labels {unknown} in {args.text_file!r} are not among the model's "
+                f"classes {class_names}."
+            )
         index = [class_names.index(name) for name in examples.class_names]
         labels = np.asarray(index)[examples.labels]
-        probabilities = np.asarray(model.predict(list(examples.inputs),
-                                                 batch_size=args.batch_size, verbose=0))
+        probabilities = np.asarray(
+            model.predict(list(examples.inputs), batch_size=args.batch_size, verbose=0)
+        )
     else:
         raise TfxferError("Pass --images-dir DIR or --text-file FILE to evaluate on.")
     metrics = report.classification_metrics(labels, probabilities, class_names)
@@ -123,14 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     """The `tfxfer` command."""
     parser = argparse.ArgumentParser(prog="tfxfer", description="Transfer learning on Keras 3.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("backbones", help="list the named backbones").set_defaults(run=_cmd_backbones)
+    commands.add_parser("backbones", help="list the named backbones").set_defaults(
+        run=_cmd_backbones
+    )
     predict = commands.add_parser("predict", help="predict with a saved model.keras")
     predict.add_argument("--model", required=True, help="path to a run's model.keras")
     predict.add_argument("--class-names", help="path to a run's class_names.json")
     predict.add_argument("--images", nargs="*", help="image files")
     predict.add_argument("--texts", nargs="*", help="texts")
     predict.set_defaults(run=_cmd_predict)
-    evaluate = commands.add_parser("evaluate", help="metrics of a saved model.keras on labelled data")
+    evaluate = commands.add_parser(
+        "evaluate", help="metrics of a saved model.keras on labelled data"
+    )
     evaluate.add_argument("--model", required=True, help="path to a run's model.keras")
     evaluate.add_argument("--class-names", help="defaults to class_names.json beside the model")
     evaluate.add_argument("--images-dir", help="a folder with one subfolder per class")

@@ -208,8 +208,8 @@ def _resolve(name: str, tpu_resolver_factory: TpuResolverFactory | None) -> tupl
         if cluster_from_tf_config() is None:
             raise TfxferError(
                 "strategy='multi_worker' needs TF_CONFIG, the JSON cluster description every "
-                "worker gets, e.g. TF_CONFIG='{\"cluster\": {\"worker\": [\"host1:2222\", "
-                "\"host2:2222\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}'. "
+                'worker gets, e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:2222", '
+                '"host2:2222"]}, "task": {"type": "worker", "index": 0}}\'. '
                 "It is not set in this process."
             )
         return "multi_worker", None
@@ -438,7 +438,9 @@ def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:
 # === Mixed precision ===
 
 
-def mixed_precision_policy(name: str = "auto", strategy: tf.distribute.Strategy | None = None) -> str:
+def mixed_precision_policy(
+    name: str = "auto", strategy: tf.distribute.Strategy | None = None
+) -> str:
     """Chooses the Keras dtype policy for the hardware a strategy trains on.
 
     Half precision roughly doubles throughput where the hardware has units for it (float16
@@ -593,8 +595,13 @@ class Distribution:
     ...     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     """
 
-    def __init__(self, strategy: str = "auto", mixed_precision: str = "auto",
-                 per_replica_batch_size: int = 32, scale_learning_rate: bool = False):
+    def __init__(
+        self,
+        strategy: str = "auto",
+        mixed_precision: str = "auto",
+        per_replica_batch_size: int = 32,
+        scale_learning_rate: bool = False,
+    ):
         # Checked before the strategy exists: building one can take a while (a TPU) and
         # fixes the process's collective setup (multi-worker).
         self.per_replica_batch_size = _check_positive_int(

@@ -52,8 +52,9 @@ def _export_text(model: RawTextModel, directory: str) -> None:
     def serve(texts):
         return model.classifier(model.preprocessor(texts), training=False)
 
-    archive.add_endpoint("serve", serve,
-                         input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    archive.add_endpoint(
+        "serve", serve, input_signature=[tf.TensorSpec([None], tf.string, name="text")]
+    )
     archive.write_out(directory, verbose=False)
 
 
@@ -152,7 +153,9 @@ class RawTextModel(keras.Model):
         # Python lists and numpy unicode arrays are what users pass; tf.data wants tf.string.
         if isinstance(x, str):
             x = [x]
-        if isinstance(x, (list, tuple)) or (hasattr(x, "dtype") and getattr(x.dtype, "kind", "") == "U"):
+        if isinstance(x, (list, tuple)) or (
+            hasattr(x, "dtype") and getattr(x.dtype, "kind", "") == "U"
+        ):
             x = tf.constant([str(t) for t in x], tf.string)
         return super().predict(x, *args, **kwargs)
 

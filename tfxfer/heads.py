@@ -109,8 +109,10 @@ def pool_features(features, output_kind: str, pooling: str | None):
         if pooling == "max":
             return keras.layers.GlobalMaxPooling2D(name="max_pool")(features)
         return keras.layers.Concatenate(name="avg_max_pool")(
-            [keras.layers.GlobalAveragePooling2D(name="avg_pool")(features),
-             keras.layers.GlobalMaxPooling2D(name="max_pool")(features)]
+            [
+                keras.layers.GlobalAveragePooling2D(name="avg_pool")(features),
+                keras.layers.GlobalMaxPooling2D(name="max_pool")(features),
+            ]
         )
     # A token sequence: a dict with sequence_output, padding_mask and maybe pooled_output.
     if pooling == "cls":
@@ -149,4 +151,6 @@ def build_head(features, output_kind: str, config: HeadConfig, num_outputs: int,
     if config.dropout:
         x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
     activation = {"single_label": "softmax", "multi_label": "sigmoid", "regression": None}[task]
-    return keras.layers.Dense(num_outputs, activation=activation, dtype="float32", name="predictions")(x)
+    return keras.layers.Dense(
+        num_outputs, activation=activation, dtype="float32", name="predictions"
+    )(x)

@@ -56,9 +56,10 @@ def _trainer_module() -> Any:
 def _in_multi_worker_mode(strategy: Any) -> bool:
     import tensorflow as tf
 
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
 
 
 def _patch_symbolic_build(trainer: Any) -> None:
@@ -116,7 +117,9 @@ PATCHES: dict[str, Callable[[Any], None]] = {
 }
 
 
-def patch_keras_for_multi_worker(*, only: tuple[str, ...] | None = None, force: bool = False) -> list[str]:
+def patch_keras_for_multi_worker(
+    *, only: tuple[str, ...] | None = None, force: bool = False
+) -> list[str]:
     """Makes `fit`, `evaluate` and `predict` work under MultiWorkerMirroredStrategy.
 
     Keras 3 on TensorFlow fails inside `fit` as soon as more than one worker trains
@@ -146,15 +149,19 @@ def patch_keras_for_multi_worker(*, only: tuple[str, ...] | None = None, force: 
     if unknown:
         raise ValueError(f"Expected patch names from {sorted(PATCHES)}. Received: {unknown}")
     if keras.backend.backend() != "tensorflow":
-        logger.info("keras_compat: backend is %r, not tensorflow; nothing to patch.",
-                    keras.backend.backend())
+        logger.info(
+            "keras_compat: backend is %r, not tensorflow; nothing to patch.",
+            keras.backend.backend(),
+        )
         return []
     version = Version(keras.__version__)
     if version not in PATCHED_KERAS_VERSIONS and not force:
         logger.warning(
             "keras_compat: Keras %s is outside %s, where the multi-worker patch for %s is "
             "tested; not patching. If multi-worker fit fails, check that issue.",
-            version, PATCHED_KERAS_VERSIONS, KERAS_ISSUE,
+            version,
+            PATCHED_KERAS_VERSIONS,
+            KERAS_ISSUE,
         )
         return []
     trainer = _trainer_module()
@@ -165,8 +172,12 @@ def patch_keras_for_multi_worker(*, only: tuple[str, ...] | None = None, force: 
         PATCHES[name](trainer)
         applied.append(name)
     if applied:
-        logger.info("keras_compat: patched Keras %s for multi-worker training (%s): %s",
-                    version, KERAS_ISSUE, ", ".join(applied))
+        logger.info(
+            "keras_compat: patched Keras %s for multi-worker training (%s): %s",
+            version,
+            KERAS_ISSUE,
+            ", ".join(applied),
+        )
     return applied
 
 

@@ -67,8 +67,9 @@ def build_model(
                 for key, tensor in network_inputs.items()
             }
         else:
-            inputs = keras.Input(shape=network_inputs.shape[1:], dtype=network_inputs.dtype,
-                                 name="text")
+            inputs = keras.Input(
+                shape=network_inputs.shape[1:], dtype=network_inputs.dtype, name="text"
+            )
         features = backbone.network(inputs)
     outputs = build_head(features, backbone.output_kind, head, num_outputs, task)
     backbone.head_pooling = head.resolved_pooling(backbone.output_kind)

@@ -50,8 +50,13 @@ from tfxfer.train import TrainResult, run_schedule
 log = logging.getLogger(__name__)
 
 # What every recipe's smoke config sets: tiny and fast, for tests.
-SMOKE_SETTINGS = {"batch_size": 8, "head_epochs": 1, "finetune_epochs": 1, "export": False,
-                  "verbose": 0}
+SMOKE_SETTINGS = {
+    "batch_size": 8,
+    "head_epochs": 1,
+    "finetune_epochs": 1,
+    "export": False,
+    "verbose": 0,
+}
 
 
 @dataclass
@@ -64,7 +69,9 @@ class RecipeConfig:
 
     output_dir: str = "runs/tfxfer"  # where the run directory goes
     backbone: str = "resnet50"  # a backbone name, preset or local directory (`tfxfer backbones`)
-    val_split: float = 0.2  # share of the training data held out for validation when no val set is given
+    val_split: float = (
+        0.2  # share of the training data held out for validation when no val set is given
+    )
     batch_size: int = 32  # per replica; the global batch is this times the replicas
     head_epochs: int = 3  # stage 1: the head only, backbone frozen
     finetune_epochs: int = 3  # stage 2: fine-tune the backbone (0 skips it)
@@ -72,9 +79,15 @@ class RecipeConfig:
     finetune_learning_rate: float = 1e-4  # peak learning rate of stage 2
     unfreeze: str = "all"  # stage 2 trains "all" backbone layer groups, or the top K ("2")
     layerwise_lr_decay: float | None = None  # e.g. 0.8: each lower group learns 0.8x as fast
-    lora_rank: int | None = None  # stage 2 trains LoRA adapters of this rank instead of the backbone
-    pooling: str | None = None  # head pooling; default: the backbone's (avg for images, cls or mean for text)
-    hidden_units: list[int] = field(default_factory=list)  # widths of dense layers in the head, e.g. 256,128
+    lora_rank: int | None = (
+        None  # stage 2 trains LoRA adapters of this rank instead of the backbone
+    )
+    pooling: str | None = (
+        None  # head pooling; default: the backbone's (avg for images, cls or mean for text)
+    )
+    hidden_units: list[int] = field(
+        default_factory=list
+    )  # widths of dense layers in the head, e.g. 256,128
     dropout: float = 0.2  # dropout before each dense layer of the head
     seed: int = 0  # seeds the split, the head's initialisation, dropout and shuffling
     strategy: str = "auto"  # auto | cpu | one_device | mirrored | multi_worker | tpu
@@ -94,8 +107,9 @@ class RecipeConfig:
         return cls(**{**SMOKE_SETTINGS, **cls.SMOKE, **fields})
 
     @classmethod
-    def from_flags(cls, argv: list[str] | None = None, description: str | None = None
-                   ) -> RecipeConfig:
+    def from_flags(
+        cls, argv: list[str] | None = None, description: str | None = None
+    ) -> RecipeConfig:
         """Parses command-line flags (one per field) into a config."""
         return parse_flags(cls, argv, description)
 
@@ -119,10 +133,10 @@ class RecipeConfig:
         check("val_split", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("layerwise_lr_decay", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]")
-        check("unfreeze", lambda v: str(v) == "all" or str(v).isdigit(),
-              "'all' or a number of groups")
-        check("hidden_units", lambda v: all(_positive_int(u) for u in v),
-              "positive integers")
+        check(
+            "unfreeze", lambda v: str(v) == "all" or str(v).isdigit(), "'all' or a number of groups"
+        )
+        check("hidden_units", lambda v: all(_positive_int(u) for u in v), "positive integers")
         check("strategy", lambda v: v in STRATEGY_NAMES, f"one of {STRATEGY_NAMES}")
         modes = ("auto", *MIXED_PRECISION_POLICIES)
         check("mixed_precision", lambda v: v in modes, f"one of {modes}")
@@ -131,8 +145,10 @@ class RecipeConfig:
         if self.overwrite and self.resume:
             found.append("overwrite and resume are both set (pick one)")
         if not str(self.output_dir).strip():
-            found.append("output_dir='' (expected a directory; an empty value would be the "
-                         "current directory)")
+            found.append(
+                "output_dir='' (expected a directory; an empty value would be the "
+                "current directory)"
+            )
         return found
 
     def validate(self) -> RecipeConfig:
@@ -145,7 +161,8 @@ class RecipeConfig:
     def schedule(self) -> list[Stage]:
         """The two-stage schedule these fields describe."""
         stages = default_schedule(
-            self.head_epochs, self.finetune_epochs,
+            self.head_epochs,
+            self.finetune_epochs,
             head_learning_rate=self.head_learning_rate,
             finetune_learning_rate=self.finetune_learning_rate,
             unfreeze=int(self.unfreeze) if str(self.unfreeze).isdigit() else self.unfreeze,
@@ -204,8 +221,9 @@ def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) ->
     RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
     # Head initialisation, dropout and shuffles follow config.seed: a run repeats exactly.
     keras.utils.set_random_seed(config.seed)
-    distribution = Distribution(config.strategy, config.mixed_precision, config.batch_size,
-                                config.scale_learning_rate)
+    distribution = Distribution(
+        config.strategy, config.mixed_precision, config.batch_size, config.scale_learning_rate
+    )
     data = build_data(config)
     print(f"[tfxfer] data: {data.summary()}", flush=True)
     with distribution.scope():
@@ -216,47 +234,99 @@ def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) ->
     validate_schedule(stages, LayerGroups.of(backbone))
     # Only now, with every setting checked, is the run directory written: a typo in a flag
     # must not leave a half-started run that the next attempt refuses to overwrite.
-    run_dir = open_run(config.output_dir, dataclasses.asdict(config), overwrite=config.overwrite,
-                       resume=config.resume, write=distribution.is_chief,
-                       extra={"data": data.summary(), "backbone_info": backbone_info(backbone),
-                              **distribution.describe()})
-    datasets = make_datasets(data, backbone, batch_size=distribution.global_batch_size,
-                             seed=config.seed, augmentation=config.augmentation())
+    run_dir = open_run(
+        config.output_dir,
+        dataclasses.asdict(config),
+        overwrite=config.overwrite,
+        resume=config.resume,
+        write=distribution.is_chief,
+        extra={
+            "data": data.summary(),
+            "backbone_info": backbone_info(backbone),
+            **distribution.describe(),
+        },
+    )
+    datasets = make_datasets(
+        data,
+        backbone,
+        batch_size=distribution.global_batch_size,
+        seed=config.seed,
+        augmentation=config.augmentation(),
+    )
     result = run_schedule(
-        model, backbone, stages, datasets.train, datasets.val, run_dir=run_dir,
-        strategy=distribution.strategy, lr_scale=distribution.lr_scale, verbose=config.verbose,
+        model,
+        backbone,
+        stages,
+        datasets.train,
+        datasets.val,
+        run_dir=run_dir,
+        strategy=distribution.strategy,
+        lr_scale=distribution.lr_scale,
+        verbose=config.verbose,
         # Resuming on another number of replicas would change every batch.
-        config={**dataclasses.asdict(config),
-                "global_batch_size": distribution.global_batch_size},
+        config={**dataclasses.asdict(config), "global_batch_size": distribution.global_batch_size},
     )
     serving = export.serving_model(model, backbone)
-    metrics = finish_run(run_dir, model, result, data.class_names,
-                         {"val": datasets.val, "test": datasets.test},
-                         multi_label=data.multi_label, serving_model=serving,
-                         export_saved_model=config.export, write=distribution.is_chief)
-    return {"run_dir": run_dir.path, "model": model, "serving_model": serving,
-            "backbone": backbone, "history": result.history, "metrics": metrics,
-            "class_names": data.class_names, "data": data, "result": result}
+    metrics = finish_run(
+        run_dir,
+        model,
+        result,
+        data.class_names,
+        {"val": datasets.val, "test": datasets.test},
+        multi_label=data.multi_label,
+        serving_model=serving,
+        export_saved_model=config.export,
+        write=distribution.is_chief,
+    )
+    return {
+        "run_dir": run_dir.path,
+        "model": model,
+        "serving_model": serving,
+        "backbone": backbone,
+        "history": result.history,
+        "metrics": metrics,
+        "class_names": data.class_names,
+        "data": data,
+        "result": result,
+    }
 
 
 def backbone_info(backbone: Backbone | list[Backbone]) -> dict[str, Any]:
     """The facts a run records about its backbone(s)."""
     if isinstance(backbone, Backbone):
-        return {**backbone.info, "name": backbone.name, "pooling": backbone.head_pooling,
-                "groups": backbone.group_names}
+        return {
+            **backbone.info,
+            "name": backbone.name,
+            "pooling": backbone.head_pooling,
+            "groups": backbone.group_names,
+        }
     return {"backbones": [backbone_info(b) for b in backbone]}
 
 
-def open_run(output_dir: str, config: dict[str, Any], *, overwrite: bool, resume: bool,
-             extra: dict[str, Any] | None = None, write: bool = True) -> RunDir:
+def open_run(
+    output_dir: str,
+    config: dict[str, Any],
+    *,
+    overwrite: bool,
+    resume: bool,
+    extra: dict[str, Any] | None = None,
+    write: bool = True,
+) -> RunDir:
     """Opens the run directory and writes `config.json` (the resolved config plus facts)."""
     run_dir = RunDir(output_dir, overwrite=overwrite, resume=resume, write=write)
     if write and not run_dir.resumed:
-        run_dir.write_json("config.json", {
-            **config, **(extra or {}),
-            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                         "python": platform.python_version()},
-        })
+        run_dir.write_json(
+            "config.json",
+            {
+                **config,
+                **(extra or {}),
+                "versions": {
+                    "tensorflow": tf.__version__,
+                    "keras": keras.__version__,
+                    "python": platform.python_version(),
+                },
+            },
+        )
     return run_dir
 
 
@@ -295,8 +365,9 @@ def finish_run(
         if dataset is None:
             continue
         labels, probabilities = report.collect(model, dataset)
-        metrics[split] = report.classification_metrics(labels, probabilities, class_names,
-                                                       multi_label)
+        metrics[split] = report.classification_metrics(
+            labels, probabilities, class_names, multi_label
+        )
         print("[tfxfer] " + report.summary_line(split, metrics[split]), flush=True)
     if not write:
         return metrics
@@ -317,8 +388,12 @@ def finish_run(
 # === Command line ===
 
 
-def command_line(main: Callable[[Any], Any], config_cls: type[RecipeConfig],
-                 description: str | None = None, argv: list[str] | None = None) -> int:
+def command_line(
+    main: Callable[[Any], Any],
+    config_cls: type[RecipeConfig],
+    description: str | None = None,
+    argv: list[str] | None = None,
+) -> int:
     """Runs a recipe from the command line: exit 0 on success, 2 with one line on bad input."""
     from tfxfer.cli import error_boundary
 
@@ -329,16 +404,23 @@ def command_line(main: Callable[[Any], Any], config_cls: type[RecipeConfig],
     return error_boundary(lambda: main(config))
 
 
-def parse_flags(config_cls: type, argv: list[str] | None = None,
-                description: str | None = None, prog: str | None = None) -> Any:
+def parse_flags(
+    config_cls: type,
+    argv: list[str] | None = None,
+    description: str | None = None,
+    prog: str | None = None,
+) -> Any:
     """One flag per field of the dataclass `config_cls`, with the field's comment as help.
 
     A recipe's own fields come first in `--help`, the shared ones after them.
     """
     summary, _, details = (description or config_cls.__doc__ or "").strip().partition("\n")
     parser = argparse.ArgumentParser(
-        prog=prog, description=summary, epilog=textwrap.dedent(details).strip() or None,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog=prog,
+        description=summary,
+        epilog=textwrap.dedent(details).strip() or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     hints = typing.get_type_hints(config_cls)
     defaults = config_cls()
     comments = field_comments(config_cls)
@@ -353,16 +435,20 @@ def parse_flags(config_cls: type, argv: list[str] | None = None,
         kinds = typing.get_args(hint) or (hint,)
         help_text = f"{comments.get(item.name, '')} (default: {default})".strip()
         if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                               help=comments.get(item.name))
+            group.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=comments.get(item.name),
+            )
         elif typing.get_origin(hint) is list:
-            group.add_argument(flag, type=_list_of_ints, default=default, metavar="N,N",
-                               help=help_text)
+            group.add_argument(
+                flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text
+            )
         elif int in kinds:
             group.add_argument(flag, type=_optional(int, hint), default=default, help=help_text)
         elif float in kinds:
-            group.add_argument(flag, type=_optional(float, hint), default=default,
-                               help=help_text)
+            group.add_argument(flag, type=_optional(float, hint), default=default, help=help_text)
         else:
             group.add_argument(flag, type=_optional(str, hint), default=default, help=help_text)
     args = parser.parse_args(argv)
@@ -373,8 +459,9 @@ def _list_of_ints(text: str) -> list[int]:
     try:
         return [int(part) for part in text.replace(",", " ").split()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _optional(kind: type, hint: Any) -> Callable[[str], Any]:

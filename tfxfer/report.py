@@ -51,7 +51,9 @@ def classification_metrics(
             labels = labels.argmax(-1)
         labels = labels.astype(int)
         predicted_ids = probabilities.argmax(-1)
-        loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], eps, 1))))
+        loss = float(
+            -np.mean(np.log(np.clip(probabilities[np.arange(len(labels)), labels], eps, 1)))
+        )
         accuracy = float(np.mean(predicted_ids == labels))
         confusion = np.zeros((n_classes, n_classes), dtype=int)
         np.add.at(confusion, (labels, predicted_ids), 1)
@@ -68,8 +70,12 @@ def classification_metrics(
         "macro_f1": float(np.mean(f1)),
         "num_examples": int(len(labels)),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                   "f1": float(f1[i]), "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(class_names)
         },
     }
@@ -79,8 +85,10 @@ def classification_metrics(
 
 
 def summary_line(split: str, metrics: dict[str, Any]) -> str:
-    return (f"{split}: accuracy={metrics['accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f} "
-            f"loss={metrics['loss']:.4f} (n={metrics['num_examples']})")
+    return (
+        f"{split}: accuracy={metrics['accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f} "
+        f"loss={metrics['loss']:.4f} (n={metrics['num_examples']})"
+    )
 
 
 def plot_history(history: list[dict[str, Any]], path: str) -> str | None:

@@ -66,8 +66,9 @@ class RunDir:
             file, or both flags were given.
     """
 
-    def __init__(self, path: str, *, overwrite: bool = False, resume: bool = False,
-                 write: bool = True):
+    def __init__(
+        self, path: str, *, overwrite: bool = False, resume: bool = False, write: bool = True
+    ):
         self.path = os.path.abspath(os.path.expanduser(path))
         if not write:
             # The chief writes this (shared) directory at the same moment: what is there is

@@ -153,8 +153,13 @@ def default_schedule(
         stages.append(Stage("head", head_epochs, train="head", learning_rate=head_learning_rate))
     if finetune_epochs:
         stages.append(
-            Stage("finetune", finetune_epochs, train=unfreeze,
-                  learning_rate=finetune_learning_rate, layerwise_lr_decay=layerwise_lr_decay)
+            Stage(
+                "finetune",
+                finetune_epochs,
+                train=unfreeze,
+                learning_rate=finetune_learning_rate,
+                layerwise_lr_decay=layerwise_lr_decay,
+            )
         )
     if not stages:
         raise TfxferError("The schedule is empty: head_epochs and finetune_epochs are both 0.")
@@ -192,7 +197,12 @@ def gradual_unfreezing(
     stages = [Stage("head", head_epochs, train="head", learning_rate=head_learning_rate)]
     for k in range(1, count + 1):
         stages.append(
-            Stage(f"unfreeze_{group_names[-k]}", epochs_per_group, train=k, learning_rate=learning_rate)
+            Stage(
+                f"unfreeze_{group_names[-k]}",
+                epochs_per_group,
+                train=k,
+                learning_rate=learning_rate,
+            )
         )
     return stages
 
@@ -246,8 +256,9 @@ def apply_stage(model: keras.Model, groups: LayerGroups, stage: Stage) -> list[s
     for layer in groups.frozen:
         layer.trainable = False
     if stage.lora_rank:
-        model._tfxfer_lora_frozen = _enable_lora(groups, trainable, int(stage.lora_rank),
-                                                 stage.name)
+        model._tfxfer_lora_frozen = _enable_lora(
+            groups, trainable, int(stage.lora_rank), stage.name
+        )
     return trainable
 
 
@@ -311,8 +322,14 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         decay: str. "cosine" or "constant" (after warmup).
     """
 
-    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0,
-                 min_ratio: float = 0.0, decay: str = "cosine"):
+    def __init__(
+        self,
+        peak: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        min_ratio: float = 0.0,
+        decay: str = "cosine",
+    ):
         self.peak = float(peak)
         self.total_steps = max(int(total_steps), 1)
         self.warmup_steps = int(warmup_steps)
@@ -334,8 +351,13 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         return ops.where(step < self.warmup_steps, warm, after)
 
     def get_config(self):
-        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "min_ratio": self.min_ratio, "decay": self.decay}
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "min_ratio": self.min_ratio,
+            "decay": self.decay,
+        }
 
 
 @keras.saving.register_keras_serializable(package="tfxfer")
@@ -383,8 +405,9 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
         if multiplier != 1.0:
             learning_rate = learning_rate * multiplier
         if self.weight_decay and self._use_weight_decay(variable):
-            rate = ops.cast(learning_rate, variable.dtype) * ops.cast(self.weight_decay,
-                                                                      variable.dtype)
+            rate = ops.cast(learning_rate, variable.dtype) * ops.cast(
+                self.weight_decay, variable.dtype
+            )
             variable.assign(variable - variable * rate)
         return super().update_step(gradient, variable, learning_rate)
 
@@ -392,8 +415,12 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
         return {**super().get_config(), "lr_multipliers": self.lr_multipliers}
 
 
-def make_optimizer(stage: Stage, steps_per_epoch: int, multipliers: dict[str, float] | None = None,
-                   lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    stage: Stage,
+    steps_per_epoch: int,
+    multipliers: dict[str, float] | None = None,
+    lr_scale: float = 1.0,
+) -> keras.optimizers.Optimizer:
     """The optimizer for a stage, with its warmup + decay schedule over the stage's steps.
 
     Optimizers get fixed names: Keras would otherwise number them per process ("adam_w_3"),
@@ -401,13 +428,17 @@ def make_optimizer(stage: Stage, steps_per_epoch: int, multipliers: dict[str, fl
     """
     total = max(int(stage.epochs) * int(steps_per_epoch), 1)
     schedule = WarmupCosine(
-        stage.learning_rate * lr_scale, total, int(total * stage.warmup_fraction),
-        stage.min_lr_ratio, stage.decay,
+        stage.learning_rate * lr_scale,
+        total,
+        int(total * stage.warmup_fraction),
+        stage.min_lr_ratio,
+        stage.decay,
     )
     if stage.optimizer == "sgd":
         return keras.optimizers.SGD(schedule, momentum=0.9, name="sgd")
     if stage.optimizer == "adam" and not multipliers:
         return keras.optimizers.Adam(schedule, name="adam")
     weight_decay = stage.weight_decay if stage.optimizer == "adamw" else 0.0
-    return LayerwiseAdamW(lr_multipliers=multipliers, learning_rate=schedule,
-                          weight_decay=weight_decay, name="adamw")
+    return LayerwiseAdamW(
+        lr_multipliers=multipliers, learning_rate=schedule, weight_decay=weight_decay, name="adamw"
+    )

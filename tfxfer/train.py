@@ -49,12 +49,21 @@ KEEP_CHECKPOINTS = 1
 # Config keys that may differ between a run and its resumption.
 RESUME_IGNORED_KEYS = ("resume", "overwrite", "output_dir", "verbose")
 # Whether a larger value of a metric is better, for `monitor_mode="auto"`; "val_" is ignored.
-MONITOR_MODES = {"loss": "min", "mae": "min", "mse": "min", "accuracy": "max", "auc": "max",
-                 "f1": "max", "macro_f1": "max", "precision": "max", "recall": "max"}
+MONITOR_MODES = {
+    "loss": "min",
+    "mae": "min",
+    "mse": "min",
+    "accuracy": "max",
+    "auc": "max",
+    "f1": "max",
+    "macro_f1": "max",
+    "precision": "max",
+    "recall": "max",
+}
 
 
 def resolve_monitor_mode(monitor: str, mode: str = "auto") -> str:
-    """"min" or "max" for `monitor`: the declared mode, or the known direction of its metric.
+    """ "min" or "max" for `monitor`: the declared mode, or the known direction of its metric.
 
     The metric's name must be known exactly; a guess from a substring would call
     "val_misclassification_rate" something to maximise.
@@ -121,8 +130,11 @@ class Checkpointer:
         optimizer_variables = list(optimizer.variables) if optimizer is not None else []
         _save_arrays(os.path.join(tmp, "model.npz"), model.variables)
         _save_arrays(os.path.join(tmp, "optimizer.npz"), optimizer_variables)
-        state = {**state, "model_variables": [v.path for v in model.variables],
-                 "optimizer_variables": [v.path for v in optimizer_variables]}
+        state = {
+            **state,
+            "model_variables": [v.path for v in model.variables],
+            "optimizer_variables": [v.path for v in optimizer_variables],
+        }
         atomic_write_json(os.path.join(tmp, "state.json"), state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -133,12 +145,20 @@ class Checkpointer:
     @staticmethod
     def restore(model: keras.Model, state: dict[str, Any], with_optimizer: bool) -> None:
         """Loads a checkpoint's model variables (and this stage's optimizer state)."""
-        _load_arrays(os.path.join(state["checkpoint_dir"], "model.npz"), model.variables,
-                     state["model_variables"], "model")
+        _load_arrays(
+            os.path.join(state["checkpoint_dir"], "model.npz"),
+            model.variables,
+            state["model_variables"],
+            "model",
+        )
         if with_optimizer:
             model.optimizer.build(model.trainable_variables)
-            _load_arrays(os.path.join(state["checkpoint_dir"], "optimizer.npz"),
-                         model.optimizer.variables, state["optimizer_variables"], "optimizer")
+            _load_arrays(
+                os.path.join(state["checkpoint_dir"], "optimizer.npz"),
+                model.optimizer.variables,
+                state["optimizer_variables"],
+                "optimizer",
+            )
 
     def _prune(self, keep: str) -> None:
         names = sorted(n for n in os.listdir(self.directory) if n.startswith("epoch-"))
@@ -153,8 +173,7 @@ def _save_arrays(path: str, variables: list) -> None:
     with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
         for i, variable in enumerate(variables):
             with archive.open(f"arr_{i}.npy", "w", force_zip64=True) as handle:
-                np.lib.format.write_array(handle, np.asarray(variable.numpy()),
-                                          allow_pickle=False)
+                np.lib.format.write_array(handle, np.asarray(variable.numpy()), allow_pickle=False)
 
 
 def _unnumbered(path: str) -> str:
@@ -174,8 +193,14 @@ def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) 
     if [_unnumbered(p) for p in saved_paths] != [_unnumbered(p) for p in current]:
         missing = [p for p in saved_paths if p not in set(current)]
         extra = [p for p in current if p not in set(saved_paths)]
-        first = next((f"{a!r} saved, {b!r} now" for a, b in zip(saved_paths, current, strict=False)
-                      if a != b), "the same paths in another order")
+        first = next(
+            (
+                f"{a!r} saved, {b!r} now"
+                for a, b in zip(saved_paths, current, strict=False)
+                if a != b
+            ),
+            "the same paths in another order",
+        )
         raise RunDirError(
             f"The checkpoint in {os.path.dirname(path)!r} was made from another {what}: it holds "
             f"{len(saved_paths)} variables, this {what} has {len(current)} "
@@ -184,8 +209,11 @@ def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) 
         )
     with np.load(path) as arrays:
         values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-    shapes = [(p, tuple(v.shape), value.shape) for p, v, value in
-              zip(current, variables, values, strict=False) if tuple(v.shape) != value.shape]
+    shapes = [
+        (p, tuple(v.shape), value.shape)
+        for p, v, value in zip(current, variables, values, strict=False)
+        if tuple(v.shape) != value.shape
+    ]
     if len(values) != len(variables) or shapes:
         raise RunDirError(
             f"The checkpoint in {os.path.dirname(path)!r} does not fit this {what}: "
@@ -219,26 +247,42 @@ class _EpochEnd(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         t = self.trainer
         logs = {k: float(v) for k, v in (logs or {}).items()}
-        row = {"epoch": epoch + 1, "stage": self.stage.name,
-               "stage_epoch": epoch + 1 - self.stage_start, **logs,
-               "learning_rate": _current_lr(self.model.optimizer)}
+        row = {
+            "epoch": epoch + 1,
+            "stage": self.stage.name,
+            "stage_epoch": epoch + 1 - self.stage_start,
+            **logs,
+            "learning_rate": _current_lr(self.model.optimizer),
+        }
         t.history.append(row)
         value = logs.get(t.monitor)
         if value is not None and (t.best.get("value") is None or t._better(value, t.best["value"])):
-            t.best = {"value": value, "epoch": epoch + 1, "stage": self.stage.name,
-                      "monitor": t.monitor, "mode": t.mode}
+            t.best = {
+                "value": value,
+                "epoch": epoch + 1,
+                "stage": self.stage.name,
+                "monitor": t.monitor,
+                "mode": t.mode,
+            }
             t.save_best(self.model)
-        t.checkpointer.save(self.model, {
-            "stage_index": self.stage_index, "stage": self.stage.name,
-            "global_epoch": epoch + 1, "history": t.history, "best": t.best,
-            "config": t.config,
-        })
+        t.checkpointer.save(
+            self.model,
+            {
+                "stage_index": self.stage_index,
+                "stage": self.stage.name,
+                "global_epoch": epoch + 1,
+                "history": t.history,
+                "best": t.best,
+                "config": t.config,
+            },
+        )
         t.write_history()
 
 
 class _Trainer:
-    def __init__(self, run_dir: RunDir | None, monitor: str, mode: str, config: dict[str, Any],
-                 chief: bool):
+    def __init__(
+        self, run_dir: RunDir | None, monitor: str, mode: str, config: dict[str, Any], chief: bool
+    ):
         self.run_dir = run_dir
         self.monitor = monitor
         self.mode = mode
@@ -384,8 +428,10 @@ def run_schedule(
         with strategy.scope():
             multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
             optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
-            stage_metrics = [m if isinstance(m, str) else type(m).from_config(m.get_config())
-                             for m in (metrics or [])]
+            stage_metrics = [
+                m if isinstance(m, str) else type(m).from_config(m.get_config())
+                for m in (metrics or [])
+            ]
             model.compile(optimizer=optimizer, loss=loss, metrics=stage_metrics)
             if state is not None and stage_start <= done_epochs:
                 loaded = True
@@ -393,9 +439,12 @@ def run_schedule(
                 Checkpointer.restore(model, state, with_optimizer=done_epochs > stage_start)
         initial_epoch = max(stage_start, done_epochs)
         if verbose:
-            print(f"[tfxfer] stage {stage_index + 1}/{len(stages)} {stage.name!r}: epochs "
-                  f"{initial_epoch + 1}-{stage_end}, training {trainable or 'head only'}"
-                  f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}", flush=True)
+            print(
+                f"[tfxfer] stage {stage_index + 1}/{len(stages)} {stage.name!r}: epochs "
+                f"{initial_epoch + 1}-{stage_end}, training {trainable or 'head only'}"
+                f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}",
+                flush=True,
+            )
         model.fit(
             train_data.build(initial_epoch),
             steps_per_epoch=train_data.steps_per_epoch,

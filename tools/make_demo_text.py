@@ -46,22 +46,54 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parents[1] / "tfxfer" / "demo_data"
 # Fillers every class uses, the same in both splits: they must not give the label away.
 SHARED_SLOTS: dict[str, list[str]] = {
     "person": [
-        "my brother", "my aunt", "our neighbour", "a friend of mine", "my colleague",
-        "my daughter", "my grandfather", "my flatmate", "our teacher", "my cousin",
-        "my uncle", "my best friend",
+        "my brother",
+        "my aunt",
+        "our neighbour",
+        "a friend of mine",
+        "my colleague",
+        "my daughter",
+        "my grandfather",
+        "my flatmate",
+        "our teacher",
+        "my cousin",
+        "my uncle",
+        "my best friend",
     ],
     "when": [
-        "on Saturday", "last night", "this morning", "yesterday afternoon",
-        "on Monday evening", "earlier today", "last weekend", "on Friday", "last Sunday",
+        "on Saturday",
+        "last night",
+        "this morning",
+        "yesterday afternoon",
+        "on Monday evening",
+        "earlier today",
+        "last weekend",
+        "on Friday",
+        "last Sunday",
         "on Tuesday",
     ],
     "soon": [
-        "on Saturday", "tomorrow", "tonight", "this weekend", "on Friday", "next week",
-        "later today", "on Monday morning",
+        "on Saturday",
+        "tomorrow",
+        "tonight",
+        "this weekend",
+        "on Friday",
+        "next week",
+        "later today",
+        "on Monday morning",
     ],
     "city": [
-        "Leeds", "Lisbon", "Denver", "Osaka", "Cardiff", "Toronto", "Munich", "Dublin",
-        "Austin", "Melbourne", "Glasgow", "Valencia",
+        "Leeds",
+        "Lisbon",
+        "Denver",
+        "Osaka",
+        "Cardiff",
+        "Toronto",
+        "Munich",
+        "Dublin",
+        "Austin",
+        "Melbourne",
+        "Glasgow",
+        "Valencia",
     ],
 }
 
@@ -100,26 +132,71 @@ CLASSES: dict[str, dict] = {
         "slots": {
             "sport": (
                 ["football", "tennis", "basketball", "rugby", "hockey", "netball"],
-                ["volleyball", "cricket", "baseball", "badminton", "handball", "table tennis",
-                 "water polo", "lacrosse"],
+                [
+                    "volleyball",
+                    "cricket",
+                    "baseball",
+                    "badminton",
+                    "handball",
+                    "table tennis",
+                    "water polo",
+                    "lacrosse",
+                ],
             ),
             "team": (
-                ["the home team", "our local club", "the visitors", "the national side",
-                 "the youth squad", "the league leaders"],
-                ["the hosts", "the underdogs", "the defending champions", "the away side",
-                 "the reigning champions", "the newly promoted side"],
+                [
+                    "the home team",
+                    "our local club",
+                    "the visitors",
+                    "the national side",
+                    "the youth squad",
+                    "the league leaders",
+                ],
+                [
+                    "the hosts",
+                    "the underdogs",
+                    "the defending champions",
+                    "the away side",
+                    "the reigning champions",
+                    "the newly promoted side",
+                ],
             ),
             "player": (
-                ["the striker", "the goalkeeper", "the captain", "the young forward",
-                 "the left back", "the star player"],
-                ["the pitcher", "the batsman", "the point guard", "the midfielder",
-                 "the veteran winger", "the wicketkeeper", "the shortstop"],
+                [
+                    "the striker",
+                    "the goalkeeper",
+                    "the captain",
+                    "the young forward",
+                    "the left back",
+                    "the star player",
+                ],
+                [
+                    "the pitcher",
+                    "the batsman",
+                    "the point guard",
+                    "the midfielder",
+                    "the veteran winger",
+                    "the wicketkeeper",
+                    "the shortstop",
+                ],
             ),
             "event": (
-                ["the final", "the derby", "the semi-final", "the league match", "the cup tie",
-                 "the title decider"],
-                ["the playoff", "the tournament opener", "the championship game",
-                 "the quarter-final", "the grand final", "the relegation battle"],
+                [
+                    "the final",
+                    "the derby",
+                    "the semi-final",
+                    "the league match",
+                    "the cup tie",
+                    "the title decider",
+                ],
+                [
+                    "the playoff",
+                    "the tournament opener",
+                    "the championship game",
+                    "the quarter-final",
+                    "the grand final",
+                    "the relegation battle",
+                ],
             ),
             "beat": (
                 ["beat", "thrashed", "narrowly beat"],
@@ -127,8 +204,14 @@ CLASSES: dict[str, dict] = {
             ),
             "score": (
                 ["two goals", "a late penalty", "a brilliant header", "a long-range strike"],
-                ["a hat-trick", "a last-second basket", "a home run", "a winning try",
-                 "a stunning volley", "a dramatic equaliser"],
+                [
+                    "a hat-trick",
+                    "a last-second basket",
+                    "a home run",
+                    "a winning try",
+                    "a stunning volley",
+                    "a dramatic equaliser",
+                ],
             ),
             "venue": (
                 ["the stadium", "the packed stands"],
@@ -168,17 +251,47 @@ CLASSES: dict[str, dict] = {
         ],
         "slots": {
             "dish": (
-                ["a lemon risotto", "a chicken curry", "a chocolate cake", "a vegetable lasagne",
-                 "a pot of tomato soup", "some banana bread", "a beef stew"],
-                ["a mushroom omelette", "a stack of pancakes", "an apple crumble",
-                 "a spicy noodle stir-fry", "a loaf of sourdough", "a fish pie",
-                 "a tray of roasted vegetables", "a plate of dumplings"],
+                [
+                    "a lemon risotto",
+                    "a chicken curry",
+                    "a chocolate cake",
+                    "a vegetable lasagne",
+                    "a pot of tomato soup",
+                    "some banana bread",
+                    "a beef stew",
+                ],
+                [
+                    "a mushroom omelette",
+                    "a stack of pancakes",
+                    "an apple crumble",
+                    "a spicy noodle stir-fry",
+                    "a loaf of sourdough",
+                    "a fish pie",
+                    "a tray of roasted vegetables",
+                    "a plate of dumplings",
+                ],
             ),
             "ingredient": (
-                ["garlic", "fresh basil", "butter", "brown sugar", "chopped onion",
-                 "grated cheese", "black pepper", "lemon juice"],
-                ["cinnamon", "coriander", "olive oil", "ginger", "nutmeg", "soy sauce",
-                 "smoked paprika", "chilli flakes"],
+                [
+                    "garlic",
+                    "fresh basil",
+                    "butter",
+                    "brown sugar",
+                    "chopped onion",
+                    "grated cheese",
+                    "black pepper",
+                    "lemon juice",
+                ],
+                [
+                    "cinnamon",
+                    "coriander",
+                    "olive oil",
+                    "ginger",
+                    "nutmeg",
+                    "soy sauce",
+                    "smoked paprika",
+                    "chilli flakes",
+                ],
             ),
             "pan": (
                 ["the oven", "a frying pan", "a large pot", "the grill"],
@@ -225,8 +338,15 @@ CLASSES: dict[str, dict] = {
         "slots": {
             "condition": (
                 ["heavy rain", "strong winds", "thick fog", "snow", "a thunderstorm", "hail"],
-                ["a blizzard", "freezing drizzle", "gale-force gusts", "sleet", "a hurricane",
-                 "icy showers", "torrential rain"],
+                [
+                    "a blizzard",
+                    "freezing drizzle",
+                    "gale-force gusts",
+                    "sleet",
+                    "a hurricane",
+                    "icy showers",
+                    "torrential rain",
+                ],
             ),
             "cold": (
                 ["minus five degrees", "zero degrees", "minus twelve degrees"],
@@ -238,13 +358,15 @@ CLASSES: dict[str, dict] = {
             ),
             "sky": (["cloudy", "grey", "dull"], ["overcast", "hazy", "misty"]),
             "icy": (
-                ["the roads were covered in ice", "the pond froze over",
-                 "the car windows iced up"],
+                ["the roads were covered in ice", "the pond froze over", "the car windows iced up"],
                 ["the pavements turned into an ice rink", "the pipes froze solid"],
             ),
             "sunny": (
-                ["everyone stayed in the shade", "the beaches were packed",
-                 "the ice-cream vans sold out"],
+                [
+                    "everyone stayed in the shade",
+                    "the beaches were packed",
+                    "the ice-cream vans sold out",
+                ],
                 ["people queued for the outdoor pools", "the tarmac started to melt"],
             ),
             "region": (
@@ -265,7 +387,8 @@ CLASSES: dict[str, dict] = {
             ),
             "season": (["summer", "winter", "spring"], ["autumn", "monsoon season"]),
             "extreme": (
-                ["wettest", "windiest", "greyest"], ["driest", "stormiest", "foggiest"],
+                ["wettest", "windiest", "greyest"],
+                ["driest", "stormiest", "foggiest"],
             ),
         },
     },
@@ -300,25 +423,55 @@ CLASSES: dict[str, dict] = {
         "slots": {
             "device": (
                 ["my laptop", "the new phone", "the tablet", "my smartwatch", "my old phone"],
-                ["my e-reader", "the games controller", "my drawing tablet",
-                 "the handheld console", "the smart projector", "my Chromebook"],
+                [
+                    "my e-reader",
+                    "the games controller",
+                    "my drawing tablet",
+                    "the handheld console",
+                    "the smart projector",
+                    "my Chromebook",
+                ],
             ),
             "gadget": (
-                ["a new laptop", "a cheap tablet", "a smartwatch", "a wireless keyboard",
-                 "a faster router"],
-                ["a mechanical keyboard", "a smart speaker", "a games console", "an e-reader",
-                 "a solid-state drive", "a VR headset"],
+                [
+                    "a new laptop",
+                    "a cheap tablet",
+                    "a smartwatch",
+                    "a wireless keyboard",
+                    "a faster router",
+                ],
+                [
+                    "a mechanical keyboard",
+                    "a smart speaker",
+                    "a games console",
+                    "an e-reader",
+                    "a solid-state drive",
+                    "a VR headset",
+                ],
             ),
             "software": (
                 ["the app", "the operating system", "the browser", "the antivirus program"],
-                ["the firmware", "the spreadsheet software", "the password manager",
-                 "the video editor", "the chatbot"],
+                [
+                    "the firmware",
+                    "the spreadsheet software",
+                    "the password manager",
+                    "the video editor",
+                    "the chatbot",
+                ],
             ),
             "issue": (
-                ["keeps crashing", "will not connect to the wifi", "runs very slowly",
-                 "keeps showing an error message"],
-                ["freezes on startup", "drains the battery overnight",
-                 "keeps losing its bluetooth connection", "overheats after an hour"],
+                [
+                    "keeps crashing",
+                    "will not connect to the wifi",
+                    "runs very slowly",
+                    "keeps showing an error message",
+                ],
+                [
+                    "freezes on startup",
+                    "drains the battery overnight",
+                    "keeps losing its bluetooth connection",
+                    "overheats after an hour",
+                ],
             ),
             "update": (
                 ["the latest update", "a new game", "the beta version of the app"],
@@ -333,23 +486,35 @@ CLASSES: dict[str, dict] = {
                 ["a data-loss bug", "a crash on startup"],
             ),
             "files": (
-                ["photos", "old emails", "work documents"], ["videos", "game saves", "contacts"]
+                ["photos", "old emails", "work documents"],
+                ["videos", "game saves", "contacts"],
             ),
             "new_system": (
-                ["a new email server", "a new cloud storage provider",
-                 "a different video-call platform"],
+                [
+                    "a new email server",
+                    "a new cloud storage provider",
+                    "a different video-call platform",
+                ],
                 ["a new single sign-on system", "a different project-management tool"],
             ),
             "invention": (
-                ["a robot that can sort recycling", "a drone that delivers parcels",
-                 "software that writes code", "a self-driving delivery van"],
-                ["a smart thermostat that learns your habits", "an earpiece that translates speech",
-                 "a satellite internet service"],
+                [
+                    "a robot that can sort recycling",
+                    "a drone that delivers parcels",
+                    "software that writes code",
+                    "a self-driving delivery van",
+                ],
+                [
+                    "a smart thermostat that learns your habits",
+                    "an earpiece that translates speech",
+                    "a satellite internet service",
+                ],
             ),
             "language": (["Python", "JavaScript", "Java"], ["Rust", "Kotlin", "TypeScript"]),
             "project": (["a personal website", "a small game"], ["a mobile app", "a chatbot"]),
             "component": (
-                ["processor", "graphics chip", "phone"], ["GPU", "memory chip", "server rack"]
+                ["processor", "graphics chip", "phone"],
+                ["GPU", "memory chip", "server rack"],
             ),
             "network_device": (
                 ["the router", "the modem", "the wifi extender"],
@@ -386,20 +551,43 @@ CLASSES: dict[str, dict] = {
         ],
         "slots": {
             "symptom": (
-                ["a sore throat", "a high fever", "a bad headache", "back pain",
-                 "a persistent cough", "an upset stomach"],
-                ["a runny nose", "dizziness", "a skin rash", "chest tightness", "a migraine",
-                 "swollen ankles", "an earache"],
+                [
+                    "a sore throat",
+                    "a high fever",
+                    "a bad headache",
+                    "back pain",
+                    "a persistent cough",
+                    "an upset stomach",
+                ],
+                [
+                    "a runny nose",
+                    "dizziness",
+                    "a skin rash",
+                    "chest tightness",
+                    "a migraine",
+                    "swollen ankles",
+                    "an earache",
+                ],
             ),
             "professional": (
                 ["the doctor", "the nurse", "my GP", "the pharmacist"],
-                ["the physician", "a specialist", "the paediatrician", "the dermatologist",
-                 "the physiotherapist"],
+                [
+                    "the physician",
+                    "a specialist",
+                    "the paediatrician",
+                    "the dermatologist",
+                    "the physiotherapist",
+                ],
             ),
             "medicine": (
                 ["antibiotics", "painkillers", "cough syrup", "vitamin D tablets"],
-                ["an antihistamine", "ibuprofen", "a course of steroids", "iron supplements",
-                 "aspirin"],
+                [
+                    "an antihistamine",
+                    "ibuprofen",
+                    "a course of steroids",
+                    "iron supplements",
+                    "aspirin",
+                ],
             ),
             "place": (
                 ["the clinic", "the hospital", "the pharmacy"],
@@ -488,10 +676,15 @@ def write_splits(out_dir: Path, seed: int = SEED) -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
-                        help="Directory for train.csv and test.csv. Defaults to %(default)s.")
-    parser.add_argument("--seed", type=int, default=SEED,
-                        help="Random seed; the committed files use the default.")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        help="Directory for train.csv and test.csv. Defaults to %(default)s.",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=SEED, help="Random seed; the committed files use the default."
+    )
     args = parser.parse_args(argv)
     paths = write_splits(args.out_dir, args.seed)
     for path in paths.values():

@@ -56,7 +56,7 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
                 "initialisation (--weights none / --no-pretrained) is not available for it."
             )
         kwargs.pop("sequence_length", None)  # a hub text model tokenizes inside itself
-        return build_hub_backbone(name[len(HUB_PREFIX):], **kwargs)
+        return build_hub_backbone(name[len(HUB_PREFIX) :], **kwargs)
     if key in _text_table() or key.startswith("bert_") or os.path.isdir(os.path.expanduser(name)):
         from tfxfer.backbones.text import build_bert_backbone
 

@@ -92,13 +92,18 @@ class Backbone:
 
     def trainable_groups(self) -> dict[str, list[keras.layers.Layer]]:
         """The groups a schedule can train under this backbone's `head_pooling`, in order."""
-        return {name: layers for name, layers in self.layer_groups.items()
-                if self._read_by_head(name)}
+        return {
+            name: layers for name, layers in self.layer_groups.items() if self._read_by_head(name)
+        }
 
     def unused_layers(self) -> list[keras.layers.Layer]:
         """Layers the head never reads (so never get a gradient): frozen in every stage."""
-        return [layer for name, layers in self.layer_groups.items()
-                if not self._read_by_head(name) for layer in layers]
+        return [
+            layer
+            for name, layers in self.layer_groups.items()
+            if not self._read_by_head(name)
+            for layer in layers
+        ]
 
     def _read_by_head(self, group: str) -> bool:
         poolings = self.pooling_groups.get(group)
@@ -138,8 +143,11 @@ class LayerGroups:
             return backbones
         if isinstance(backbones, Backbone):
             backbones = [backbones]
-        if (not isinstance(backbones, Sequence) or not backbones
-                or not all(isinstance(b, Backbone) for b in backbones)):
+        if (
+            not isinstance(backbones, Sequence)
+            or not backbones
+            or not all(isinstance(b, Backbone) for b in backbones)
+        ):
             raise TfxferError(
                 "Expected a Backbone or a non-empty list of Backbones (the ones the model was "
                 f"built from). Received: {type(backbones).__name__}"
@@ -196,8 +204,9 @@ class LayerGroups:
             raise TfxferError(
                 f"train={k} top groups, but the backbone has {largest} groups: {self.names}"
             )
-        chosen = {name for names in self.namespaces.values() for name in names[len(names) - k:]
-                  if k}
+        chosen = {
+            name for names in self.namespaces.values() for name in names[len(names) - k :] if k
+        }
         return [name for name in self.groups if name in chosen]
 
     def depth_from_top(self, trainable: list[str]) -> dict[str, int]:
@@ -223,9 +232,7 @@ def split_into_groups(
     """
     starts: list[int] = []
     for group_name, prefix in boundaries:
-        index = next(
-            (i for i, layer in enumerate(layers) if layer.name.startswith(prefix)), None
-        )
+        index = next((i for i, layer in enumerate(layers) if layer.name.startswith(prefix)), None)
         if index is None:
             raise ValueError(
                 f"No layer name starts with {prefix!r} (group {group_name!r}). "
@@ -239,6 +246,8 @@ def split_into_groups(
     for i, (group_name, _) in enumerate(boundaries):
         end = starts[i + 1] if i + 1 < len(starts) else len(layers)
         groups[group_name] = [
-            layer for layer in layers[starts[i] : end] if not isinstance(layer, keras.layers.InputLayer)
+            layer
+            for layer in layers[starts[i] : end]
+            if not isinstance(layer, keras.layers.InputLayer)
         ]
     return groups

@@ -60,7 +60,9 @@ def resolve_hub_handle(handle: str | os.PathLike[str]) -> str:
         tf.io.gfile.exists(os.path.join(path, name))
         for name in ("saved_model.pb", "saved_model.pbtxt")
     ):
-        what = "a directory without saved_model.pb" if tf.io.gfile.isdir(path) else "no such directory"
+        what = (
+            "a directory without saved_model.pb" if tf.io.gfile.isdir(path) else "no such directory"
+        )
         raise WeightsError(
             f"Expected `handle` to be a SavedModel directory (holding saved_model.pb) or a "
             f"https://tfhub.dev/ or https://www.kaggle.com/models/ URL. Received: "
@@ -130,9 +132,7 @@ def _input_spec(function: Any) -> tf.TensorSpec | None:
     for concrete in _concrete_functions(function):
         args, kwargs = concrete.structured_input_signature
         specs.extend(
-            spec
-            for spec in tf.nest.flatten((args, kwargs))
-            if isinstance(spec, tf.TensorSpec)
+            spec for spec in tf.nest.flatten((args, kwargs)) if isinstance(spec, tf.TensorSpec)
         )
     return specs[0] if specs else None
 
@@ -196,8 +196,7 @@ class HubLayer(keras.layers.Layer):
         self._function = self._select_function()
         self._input_name = self._signature_input_name()
         self._takes_training = (
-            signature is None
-            and "training" in inspect.signature(self._function).parameters
+            signature is None and "training" in inspect.signature(self._function).parameters
         )
         self._check_output_key()
 
@@ -212,9 +211,9 @@ class HubLayer(keras.layers.Layer):
             )
         if self.uses_signature:
             hub_trainable, hub_frozen = [], hub_trainable + hub_frozen
-        self.hub_weights = [
-            self._alias(variable, trainable=True) for variable in hub_trainable
-        ] + [self._alias(variable, trainable=False) for variable in hub_frozen]
+        self.hub_weights = [self._alias(variable, trainable=True) for variable in hub_trainable] + [
+            self._alias(variable, trainable=False) for variable in hub_frozen
+        ]
         self.trainable = trainable
         self.built = True
 
@@ -461,9 +460,7 @@ def build_hub_backbone(
     )
 
 
-def _image_size(
-    handle: str, image_size: int | None, spec: tf.TensorSpec | None
-) -> tuple[int, int]:
+def _image_size(handle: str, image_size: int | None, spec: tf.TensorSpec | None) -> tuple[int, int]:
     declared: tuple[int, int] | None = None
     if spec is not None and spec.shape.rank == 4:
         height, width = spec.shape[1], spec.shape[2]

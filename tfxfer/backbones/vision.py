@@ -34,33 +34,55 @@ VISION_BACKBONES: dict[str, dict[str, Any]] = {
         "preprocessing": "caffe",
         "min_image_size": 32,
         "default_image_size": 224,
-        "groups": [("stem", "conv1"), ("conv2", "conv2_"), ("conv3", "conv3_"),
-                   ("conv4", "conv4_"), ("conv5", "conv5_")],
+        "groups": [
+            ("stem", "conv1"),
+            ("conv2", "conv2_"),
+            ("conv3", "conv3_"),
+            ("conv4", "conv4_"),
+            ("conv5", "conv5_"),
+        ],
     },
     "resnet101": {
         "constructor": "ResNet101",
         "preprocessing": "caffe",
         "min_image_size": 32,
         "default_image_size": 224,
-        "groups": [("stem", "conv1"), ("conv2", "conv2_"), ("conv3", "conv3_"),
-                   ("conv4", "conv4_"), ("conv5", "conv5_")],
+        "groups": [
+            ("stem", "conv1"),
+            ("conv2", "conv2_"),
+            ("conv3", "conv3_"),
+            ("conv4", "conv4_"),
+            ("conv5", "conv5_"),
+        ],
     },
     "resnet50v2": {
         "constructor": "ResNet50V2",
         "preprocessing": "tf",
         "min_image_size": 32,
         "default_image_size": 224,
-        "groups": [("stem", "conv1"), ("conv2", "conv2_"), ("conv3", "conv3_"),
-                   ("conv4", "conv4_"), ("conv5", "conv5_")],
+        "groups": [
+            ("stem", "conv1"),
+            ("conv2", "conv2_"),
+            ("conv3", "conv3_"),
+            ("conv4", "conv4_"),
+            ("conv5", "conv5_"),
+        ],
     },
     "efficientnetv2b0": {
         "constructor": "EfficientNetV2B0",
         "preprocessing": "none",
         "min_image_size": 32,
         "default_image_size": 224,
-        "groups": [("stem", "stem_"), ("block1", "block1"), ("block2", "block2"),
-                   ("block3", "block3"), ("block4", "block4"), ("block5", "block5"),
-                   ("block6", "block6"), ("top", "top_")],
+        "groups": [
+            ("stem", "stem_"),
+            ("block1", "block1"),
+            ("block2", "block2"),
+            ("block3", "block3"),
+            ("block4", "block4"),
+            ("block5", "block5"),
+            ("block6", "block6"),
+            ("top", "top_"),
+        ],
     },
     "mobilenetv3small": {
         "constructor": "MobileNetV3Small",
@@ -68,8 +90,13 @@ VISION_BACKBONES: dict[str, dict[str, Any]] = {
         "min_image_size": 32,
         "default_image_size": 224,
         # MobileNetV3 names its blocks expanded_conv, expanded_conv_1, ... expanded_conv_10.
-        "groups": [("stem", "conv"), ("early", "expanded_conv"), ("middle", "expanded_conv_3_"),
-                   ("late", "expanded_conv_8_"), ("top", "conv_1")],
+        "groups": [
+            ("stem", "conv"),
+            ("early", "expanded_conv"),
+            ("middle", "expanded_conv_3_"),
+            ("late", "expanded_conv_8_"),
+            ("top", "conv_1"),
+        ],
         "kwargs": {"include_preprocessing": True},
     },
 }
@@ -92,7 +119,8 @@ class ImagePreprocessing(keras.layers.Layer):
         super().__init__(**kwargs)
         if mode not in ("caffe", "tf", "torch", "none"):
             raise ValueError(
-                f"Expected `mode` to be one of 'caffe', 'tf', 'torch', 'none'. Received: mode={mode!r}"
+                "Expected `mode` to be one of 'caffe', 'tf', 'torch', 'none'. "
+                f"Received: mode={mode!r}"
             )
         self.image_size = int(image_size)
         self.mode = mode
@@ -172,7 +200,8 @@ def build_vision_backbone(
         name: str. A key of `VISION_BACKBONES` (case-insensitive). Defaults to "resnet50".
         weights: str or None. "imagenet" (downloaded and cached by Keras when online), None
             for random initialisation, or the path of a local weights file for the same
-            architecture without its top (e.g. `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`).
+            architecture without its top
+            (e.g. `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`).
             Defaults to "imagenet".
         image_size: int. Side of the square the network sees. Defaults to the row's
             `default_image_size`.
@@ -227,7 +256,11 @@ def build_vision_backbone(
         output_kind="spatial",
         input_kind="image",
         layer_groups=split_into_groups(network.layers, row["groups"]),
-        info={"backbone": key, "weights": weights if resolved != "imagenet" else "imagenet",
-              "image_size": size, "preprocessing": row["preprocessing"]},
+        info={
+            "backbone": key,
+            "weights": weights if resolved != "imagenet" else "imagenet",
+            "image_size": size,
+            "preprocessing": row["preprocessing"],
+        },
         namespace=key,
     )

@@ -132,7 +132,10 @@ def make_datasets(
 
         def evaluation(split: Examples, name: str) -> tf.data.Dataset:
             return make_text_dataset(
-                split.inputs, split.labels, preprocessor, batch_size=batch_size,
+                split.inputs,
+                split.labels,
+                preprocessor,
+                batch_size=batch_size,
                 cache=split_cache(name),
             )
 

@@ -64,9 +64,7 @@ class Examples:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise DataError(
-                f"Expected `kind` to be one of {KINDS}. Received: kind={self.kind!r}"
-            )
+            raise DataError(f"Expected `kind` to be one of {KINDS}. Received: kind={self.kind!r}")
         self.labels = np.asarray(self.labels, np.float32 if self.multi_label else np.int32)
         if len(self.labels) != len(self.inputs):
             raise DataError(

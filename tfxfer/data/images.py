@@ -114,12 +114,21 @@ def scan_image_folder(
     if skipped:
         log.warning(
             "Skipped %d corrupt or unreadable image file(s) in %s, e.g. %s",
-            len(skipped), directory, skipped[:3],
+            len(skipped),
+            directory,
+            skipped[:3],
         )
     if ignored:
         log.info("Ignored %d non-image file(s) in %s", ignored, directory)
-    return Examples(paths, np.asarray(labels, np.int32), list(class_names), "image",
-                    source=directory, skipped=skipped, ignored=ignored)
+    return Examples(
+        paths,
+        np.asarray(labels, np.int32),
+        list(class_names),
+        "image",
+        source=directory,
+        skipped=skipped,
+        ignored=ignored,
+    )
 
 
 def load_images(
@@ -244,7 +253,9 @@ def _decoded_examples(
     paths = tf.constant(examples.inputs, tf.string)
     ds = tf.data.Dataset.from_tensor_slices((paths, examples.labels)).map(
         lambda p, y: (decode_and_resize(p, image_size), y),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     return maybe_cache(ds, cache)
 
 
@@ -298,10 +309,13 @@ def image_train_data(
     transform = None
     layers = augmentation.layers(seed) if augmentation is not None else []
     if layers:
+
         def transform(images, y):
             x = tf.cast(images, tf.float32)
             for layer in layers:
                 x = layer(x, training=True)
             return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8), y
-    return epoch_batches(decoded, num_examples=len(examples), batch_size=batch_size, seed=seed,
-                         transform=transform)
+
+    return epoch_batches(
+        decoded, num_examples=len(examples), batch_size=batch_size, seed=seed, transform=transform
+    )

@@ -70,7 +70,9 @@ def epoch_batches(
         # Under MultiWorkerMirroredStrategy each worker takes its share of every global batch;
         # sharding by file would fail (the examples come from tensors, not files).
         options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
         return ds.with_options(options)
 
     # Full batches only (when there is at least one): every replica of every worker then gets
@@ -80,9 +82,7 @@ def epoch_batches(
     return TrainData(build, steps)
 
 
-def stratified_split(
-    labels, fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
+def stratified_split(labels, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices of a seeded split that keeps each class's (or stratum's) share in both parts.
 
     Every class keeps at least one example on the training side; a class with two or more

@@ -34,8 +34,9 @@ def _draw(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def write_shapes_dataset(directory: str, *, per_class: int = 40, image_size: int = 48,
-                         seed: int = 0) -> str:
+def write_shapes_dataset(
+    directory: str, *, per_class: int = 40, image_size: int = 48, seed: int = 0
+) -> str:
     """Writes `per_class` PNG images of each shape into `directory/<shape>/`.
 
     Args:

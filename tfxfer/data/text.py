@@ -423,7 +423,9 @@ def _to_examples(
     if skipped:
         log.warning(
             "Skipped %d example(s) with empty or whitespace-only text in %s, e.g. %s",
-            len(skipped), source, skipped[:3],
+            len(skipped),
+            source,
+            skipped[:3],
         )
     if not texts:
         raise DataError(
@@ -448,9 +450,7 @@ def _to_examples(
             labels[row, [index[n] for n in names]] = 1.0
     else:
         labels = np.asarray([index[names[0]] for names in names_per_row], np.int32)
-    return Examples(
-        texts, labels, list(class_names), "text", multi_label, source, skipped=skipped
-    )
+    return Examples(texts, labels, list(class_names), "text", multi_label, source, skipped=skipped)
 
 
 def _sorted_class_names(names: set[str]) -> list[str]:
