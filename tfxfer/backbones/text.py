@@ -405,7 +405,7 @@ def _check_keras_preset_dir(
 
 
 def _resolve_preset(preset: str, *, weights: bool, allow_download: bool) -> dict[str, Any]:
-    """Lets a keras-hub preset load from the kagglehub cache, or fails fast if it cannot download."""
+    """Lets a keras-hub preset load from the kagglehub cache; fails fast if it cannot download."""
     import keras_hub
 
     handle = keras_hub.models.BertBackbone.presets[preset]["kaggle_handle"]
