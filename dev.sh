@@ -2,6 +2,7 @@
 # tfxfer's set-up and everyday commands, for a fresh machine with python3 and pip:
 #   bash dev.sh demo   set up, then train the default demo run
 #   bash dev.sh test   set up, then run the whole test suite
+#   bash dev.sh test-fast  set up, then the tests not marked slow (the inner loop)
 #   bash dev.sh demo-images  set up, then train the image recipe on drawn shapes
 #   bash dev.sh setup  only set up (a virtual environment in .venv, or $TFXFER_VENV)
 set -euo pipefail
@@ -41,5 +42,7 @@ case "$command" in
           --weights none --image-size 48 --batch-size 16 --head-epochs 2 --finetune-epochs 3 \
           --overwrite "$@" ;;
   test) setup; exec "$PY" -m pytest -q tests "$@" ;;
-  *) echo "usage: bash dev.sh demo|demo-images|test|setup [extra args]" >&2; exit 2 ;;
+  # Skips multi-worker, kill/resume, notebook and recipe end-to-end tests (marked slow).
+  test-fast) setup; exec "$PY" -m pytest -q tests -m "not slow" "$@" ;;
+  *) echo "usage: bash dev.sh demo|demo-images|test|test-fast|setup [extra args]" >&2; exit 2 ;;
 esac

@@ -20,6 +20,9 @@ from recipes import resnet50_image_classifier as recipe
 from tfxfer.errors import DataError, RunDirError, TfxferError
 from tfxfer.rundir import RUN_MARKERS
 
+# The image recipe end to end, on ResNet50 at 32 px.
+pytestmark = pytest.mark.slow
+
 
 def _raw_images(height=45, width=37, n=4, seed=0):
     """Raw uint8 images of a size other than the model's image_size (32)."""

@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 import schedule_worker as sw
 
+# Several worker processes per test.
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 150.0  # per launch; a healthy one takes ~20 s on two busy cores
 GRACE = 10.0  # how long a worker may outlive its killed peer
 STAGES = ["head", "head", "finetune", "finetune", "finetune"]

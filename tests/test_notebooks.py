@@ -7,6 +7,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+# Each notebook runs in a kernel of its own.
+pytestmark = pytest.mark.slow
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 
 # Parameters each notebook runs with here: small enough for 2 CPU cores in a minute.
