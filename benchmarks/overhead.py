@@ -6,7 +6,7 @@ frozen:
 
   tfxfer: `tfxfer.run_schedule` with a run directory (per-epoch resume checkpoint of model +
           optimizer state, best weights, history.csv) on tfxfer's input pipeline
-          (`image_train_data` / `text_train_data`: decode or tokenize once, cache, per-epoch
+          (`tfxfer.make_datasets`: decode or tokenize once, cache, per-epoch
           seeded shuffle, batch, prefetch).
   plain:  `model.trainable` / `layer.trainable` set by hand, `compile` with the same AdamW and
           warmup + cosine schedule, `model.fit` on a plain tf.data pipeline (decode/resize or
