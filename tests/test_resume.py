@@ -35,6 +35,9 @@ from tfxfer.errors import RunDirError
 from tfxfer.rundir import RunDir
 from tfxfer.train import KEEP_CHECKPOINTS
 
+# Real processes killed with SIGKILL and restarted.
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 150.0  # per child; a healthy one takes ~10 s on two busy cores
 STAGES = ["head", "head", "finetune", "finetune", "finetune"]
 

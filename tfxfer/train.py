@@ -3,11 +3,18 @@
 Keras' own `BackupAndRestore` assumes one `compile` for the whole run, which a staged
 schedule breaks: every stage changes the trainable set, and so the optimizer's variables.
 So the trainer records the stage itself. After every epoch it writes a complete checkpoint
-(model weights, this stage's optimizer state, which stage and epoch, the history so far) into
-a fresh directory and only then moves the `latest.json` pointer to it. A run killed at any
-moment resumes from the last complete checkpoint: same stage, same trainable layers, same
-optimizer moments and learning-rate position, and (because each epoch's shuffle is seeded by
-its epoch number) the same batches.
+(model weights, this stage's optimizer state, which stage and epoch, the history so far, and
+the size and SHA-256 of each array file) into a fresh directory, reads it back to verify it,
+and only then moves the `latest.json` pointer to it and deletes the checkpoints before the
+previous one. A run killed at any moment resumes from the last complete checkpoint: same
+stage, same trainable layers, same optimizer moments and learning-rate position, and (because
+each epoch's shuffle is seeded by its epoch number) the same batches.
+
+Disks fill up, copies stop half-way, people delete the wrong folder. So two checkpoints stay,
+the newest verified one and the one before it, and a resume checks what it reads: when
+`latest.json` is unreadable, or names a checkpoint that is gone or no longer matches its
+recorded sizes and digests, it warns and falls back to the newest intact checkpoint; when
+none is intact it says what is damaged and how to start over, rather than raising a traceback.
 """
 
 from __future__ import annotations
@@ -44,8 +51,26 @@ from tfxfer.schedule import (
 
 log = logging.getLogger(__name__)
 
-# The pointer moves only after a checkpoint is complete, so one kept is enough to resume.
-KEEP_CHECKPOINTS = 1
+# The newest verified checkpoint and the one before it: the fallback when the newest (or the
+# `latest.json` pointer) is damaged after it was written.
+KEEP_CHECKPOINTS = 2
+# A checkpoint directory's name; the number is the global epoch it ends.
+CHECKPOINT_NAME = re.compile(r"epoch-(\d{6,})")
+# The array files of a checkpoint, each recorded in its state.json with size and SHA-256.
+ARRAY_FILES = ("model.npz", "optimizer.npz")
+# Keys a checkpoint's state.json must hold for a resume to use it.
+STATE_KEYS = (
+    "stage_index",
+    "stage",
+    "global_epoch",
+    "history",
+    "config",
+    "model_variables",
+    "optimizer_variables",
+    "files",
+)
+# Bytes read at a time when hashing, so a gigabyte of optimizer state costs no memory.
+DIGEST_CHUNK = 1 << 20
 # Config keys that may differ between a run and its resumption.
 RESUME_IGNORED_KEYS = ("resume", "overwrite", "output_dir", "verbose")
 # Whether a larger value of a metric is better, for `monitor_mode="auto"`; "val_" is ignored.
