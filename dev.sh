@@ -41,8 +41,9 @@ case "$command" in
   demo-images) setup; exec "$PY" -m recipes.resnet50_image_classifier --output-dir runs/demo-images \
           --weights none --image-size 48 --batch-size 16 --head-epochs 2 --finetune-epochs 3 \
           --overwrite "$@" ;;
-  test) setup; exec "$PY" -m pytest -q tests "$@" ;;
+  # One pytest worker per core (pytest-xdist): most tests keep one core busy, not two.
+  test) setup; exec "$PY" -m pytest -q -n auto tests "$@" ;;
   # Skips multi-worker, kill/resume, notebook and recipe end-to-end tests (marked slow).
-  test-fast) setup; exec "$PY" -m pytest -q tests -m "not slow" "$@" ;;
+  test-fast) setup; exec "$PY" -m pytest -q -n auto tests -m "not slow" "$@" ;;
   *) echo "usage: bash dev.sh demo|demo-images|test|test-fast|setup [extra args]" >&2; exit 2 ;;
 esac

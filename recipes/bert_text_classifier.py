@@ -19,6 +19,7 @@ Face BERT directory (config.json + model.safetensors + vocab.txt), or `hub:<hand
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -54,15 +55,16 @@ class Config(RecipeConfig):
 
     def problems(self) -> list[str]:
         found = super().problems()
-        if (
-            isinstance(self.sequence_length, bool)
-            or not isinstance(self.sequence_length, int)
-            or self.sequence_length <= 0
-        ):
-            found.append(f"sequence_length={self.sequence_length!r} (expected a positive integer)")
         if self.multi_label and not self.label_separator:
             found.append("label_separator='' (expected a separator such as '|' for multi-label)")
         return found
+
+    def input_paths(self) -> list[str]:
+        paths = [p for p in (self.train, self.val, self.test) if p]
+        local = self.backbone.removeprefix("hub:")
+        if os.path.isdir(os.path.expanduser(local)):
+            paths.append(local)  # a local preset, Hugging Face or SavedModel directory
+        return paths
 
 
 def build_data(config: Config) -> tfxfer.LabelledData:

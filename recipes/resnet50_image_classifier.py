@@ -44,18 +44,15 @@ class Config(RecipeConfig):
 
     SMOKE: ClassVar[dict] = {"weights": "none", "image_size": 32, "augment": False}
 
-    def problems(self) -> list[str]:
-        found = super().problems()
-        if (
-            isinstance(self.image_size, bool)
-            or not isinstance(self.image_size, int)
-            or self.image_size <= 0
-        ):
-            found.append(f"image_size={self.image_size!r} (expected a positive integer)")
-        return found
-
     def augmentation(self) -> Augmentation | None:
         return Augmentation() if self.augment else None
+
+    def input_paths(self) -> list[str]:
+        # The demo shapes (no data_dir) go to output_dir + "-data", a sibling: not an input.
+        paths = [p for p in (self.data_dir, self.val_dir, self.test_dir) if p]
+        if self.weights and str(self.weights).lower() not in ("imagenet", "none", "random"):
+            paths.append(self.weights)  # a local weights file
+        return paths
 
 
 def build_data(config: Config) -> tfxfer.LabelledData:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 
+import numpy as np
 import pytest
 from helpers import write_image
 
 from recipes import resnet50_image_classifier as recipe
-from tfxfer import cli
-from tfxfer.errors import DataError
+from tfxfer import cli, report
+from tfxfer.errors import DataError, TfxferError
 from tfxfer.recipe import command_line, field_comments
 
 
@@ -135,20 +138,139 @@ def test_field_comments_read_the_class_bodies():
     assert "text_column" not in comments
 
 
-def test_error_boundary_turns_tfxfer_errors_into_exit_2(capsys):
-    def fail():
-        raise DataError("Data directory not found: 'photos/'.")
+def _raise(error):
+    def action():
+        raise error
 
-    assert cli.error_boundary(fail) == 2
+    return action
+
+
+def test_error_boundary_turns_tfxfer_errors_into_exit_2(capsys):
+    assert cli.error_boundary(_raise(DataError("Data directory not found: 'photos/'."))) == 2
     captured = capsys.readouterr()
     assert captured.err == "tfxfer: error: Data directory not found: 'photos/'.\n"
     assert cli.error_boundary(lambda: None) == 0
+    # A message that spans lines is still one line.
+    assert cli.error_boundary(_raise(TfxferError("Bad config:\n  batch_size=0\n"))) == 2
+    assert capsys.readouterr().err == "tfxfer: error: Bad config: batch_size=0\n"
 
-    def buggy():
-        raise KeyError("a bug in tfxfer keeps its traceback")
 
+def test_an_unexpected_error_is_one_line_and_exit_1_unless_debug(capsys):
+    buggy = _raise(KeyError("a bug in tfxfer"))
+    assert cli.error_boundary(buggy) == 1
+    assert capsys.readouterr().err == (
+        "tfxfer: internal error: KeyError: 'a bug in tfxfer' (run with --debug for the traceback)\n"
+    )
     with pytest.raises(KeyError):
-        cli.error_boundary(buggy)
+        cli.error_boundary(buggy, debug=True)
+    # TensorFlow's messages go on for pages; the first line names the problem.
+    assert cli.error_boundary(_raise(RuntimeError("first line\n  graph\n  frames"))) == 1
+    assert "RuntimeError: first line (run with --debug" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error,fragment",
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "/data/run"), "permission denied"),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/data/file/run"), "is a file"),
+        (OSError(errno.ENOSPC, "No space left on device", "/data/run"), "no space left"),
+        (OSError(errno.EROFS, "Read-only file system", "/data/run"), "read-only"),
+    ],
+)
+def test_errors_of_the_users_machine_are_one_line_and_exit_2(error, fragment, capsys):
+    assert cli.error_boundary(_raise(error)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tfxfer: error: Cannot use {error.filename!r}: ") and fragment in err
+    assert err.count("\n") == 1
+
+
+def test_running_out_of_memory_says_what_to_lower(capsys):
+    import tensorflow as tf
+
+    oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor\n[[node]]")
+    for error in (oom, MemoryError()):
+        assert cli.error_boundary(_raise(error)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tfxfer: error: Ran out of memory") and err.count("\n") == 1
+        assert "--batch-size" in err and "--image-size" in err
+
+
+def test_debug_is_a_flag_of_the_command_before_or_after_the_subcommand(monkeypatch, capsys):
+    def buggy(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_cmd_backbones", buggy)
+    assert cli.main(["backbones"]) == 1
+    assert "internal error: RuntimeError: a bug" in capsys.readouterr().err
+    for argv in (["--debug", "backbones"], ["backbones", "--debug"]):
+        with pytest.raises(RuntimeError):
+            cli.main(argv)
+
+
+def test_debug_is_a_flag_of_every_recipe_but_no_config_field(capsys):
+    assert recipe.Config.from_flags(["--debug"]) == recipe.Config()
+    assert "debug" not in {f.name for f in dataclasses.fields(recipe.Config)}
+
+    def main(config):
+        raise KeyError("a bug")
+
+    assert command_line(main, recipe.Config, argv=[]) == 1
+    assert "internal error: KeyError" in capsys.readouterr().err
+    with pytest.raises(KeyError):
+        command_line(main, recipe.Config, argv=["--debug"])
+    with pytest.raises(SystemExit):
+        recipe.Config.from_flags(["--help"])
+    assert "--debug" in capsys.readouterr().out
+
+
+def test_library_calls_still_raise():
+    # Only the command line has a boundary: Python callers get the exception itself.
+    with pytest.raises(TfxferError, match="batch_size=0"):
+        recipe.main(recipe.Config(batch_size=0))
+
+
+def test_class_names_must_be_a_list_that_fits_the_model(tmp_path):
+    names = tmp_path / "class_names.json"
+    with pytest.raises(TfxferError, match="Class names not found"):
+        cli._read_class_names(str(names), 2)
+    names.write_text('{"0": "cat"}')
+    with pytest.raises(TfxferError, match="not a list of names"):
+        cli._read_class_names(str(names), 2)
+    names.write_text('["cat", "dog", "eel"]')
+    with pytest.raises(TfxferError, match="has 3 name"):
+        cli._read_class_names(str(names), 2)
+    assert cli._read_class_names(str(names), 3) == ["cat", "dog", "eel"]
+
+
+# === The metrics `evaluate` prints and a run writes ===
+
+
+def test_macro_f1_averages_over_the_classes_the_split_has():
+    # A perfect prediction of a test set without class 2 scores 1, not 2/3.
+    labels = np.array([0, 0, 1, 1])
+    probabilities = np.eye(3)[labels] * 0.9 + 0.1 / 3
+    metrics = report.classification_metrics(labels, probabilities, ["a", "b", "c"])
+    assert metrics["macro_f1"] == pytest.approx(1.0)
+    assert metrics["per_class"]["c"]["support"] == 0
+    # A class that is only predicted counts: predicting it wrongly costs.
+    probabilities[0] = [0.1, 0.1, 0.8]
+    metrics = report.classification_metrics(labels, probabilities, ["a", "b", "c"])
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # Multi-label: a label absent from truth and predictions is left out too.
+    truth = np.array([[1, 0, 0], [0, 1, 0]])
+    metrics = report.classification_metrics(
+        truth, truth * 0.9 + 0.05, ["a", "b", "c"], multi_label=True
+    )
+    assert metrics["macro_f1"] == pytest.approx(1.0)
+
+
+def test_metrics_of_a_model_that_outputs_nan_are_valid_json():
+    probabilities = np.full((2, 2), np.nan)
+    metrics = report.classification_metrics(np.array([0, 1]), probabilities, ["a", "b"])
+    assert metrics["loss"] is None
+    json.dumps(metrics, allow_nan=False)  # what a strict reader of metrics.json needs
+    assert "loss=n/a" in report.summary_line("val", metrics)
+    assert report.json_safe({"x": [float("inf"), np.float32(1.5)]}) == {"x": [None, 1.5]}
 
 
 def test_command_line_runs_main_with_the_parsed_config(capsys):

@@ -25,7 +25,7 @@ import tfxfer
 from tfxfer import rundir as rundir_module
 from tfxfer import train as train_module
 from tfxfer.errors import RunDirError
-from tfxfer.rundir import RunDir, atomic_write_json, atomic_write_text
+from tfxfer.rundir import MANIFEST, RunDir, atomic_write_json, atomic_write_text
 from tfxfer.train import KEEP_CHECKPOINTS, Checkpointer
 
 # === RunDir ===
@@ -66,11 +66,17 @@ def test_refuses_a_directory_that_holds_a_run_and_leaves_it_untouched(tmp_path):
 
 
 def test_overwrite_replaces_the_earlier_run(tmp_path):
+    # What the earlier run wrote through the RunDir is in its manifest, so it is replaced.
+    # (A run without a manifest, like `_earlier_run`'s, is refused: see test_user_files.py.)
     path = str(tmp_path / "run")
-    _earlier_run(path)
+    earlier = RunDir(path)
+    earlier.write_json("config.json", {"seed": 1})
+    atomic_write_text(earlier.file("history.csv"), "epoch\n1\n")
+    assert earlier.owned_entries() == ["checkpoints", "config.json", "history.csv"]
     run_dir = RunDir(path, overwrite=True)
     assert not run_dir.resumed
-    assert sorted(os.listdir(path)) == ["checkpoints"]
+    assert sorted(os.listdir(path)) == [MANIFEST, "checkpoints"]
+    assert run_dir.owned_entries() == ["checkpoints"]
 
 
 def test_resume_keeps_the_earlier_run(tmp_path):
@@ -78,7 +84,10 @@ def test_resume_keeps_the_earlier_run(tmp_path):
     before = _earlier_run(path)
     run_dir = RunDir(path, resume=True)
     assert run_dir.resumed
-    assert {k: v for k, v in snapshot_files(path).items()} == before
+    # Only the manifest is new: it records the checkpoints/ folder this RunDir created.
+    after = snapshot_files(path)
+    assert {k: v for k, v in after.items() if k != MANIFEST} == before
+    assert run_dir.owned_entries() == ["checkpoints"]
 
 
 def test_bad_run_dir_arguments(tmp_path):
@@ -140,8 +149,9 @@ def test_checkpointer_points_only_at_complete_checkpoints(tmp_path, monkeypatch)
     assert checkpointer.latest()["global_epoch"] == 3
     assert json.loads((tmp_path / "latest.json").read_text()) == {"checkpoint": "epoch-000003"}
     kept = sorted(n for n in os.listdir(tmp_path) if n.startswith("epoch-"))
-    # Only the newest KEEP_CHECKPOINTS survive, and the one the pointer names is among them.
-    assert kept == [f"epoch-{e:06d}" for e in (1, 2, 3)][-KEEP_CHECKPOINTS:]
+    # The newest (which the pointer names) and the one before it survive, as a fallback.
+    assert KEEP_CHECKPOINTS == 2
+    assert kept == ["epoch-000002", "epoch-000003"]
 
     # A leftover temporary directory from a killed save is not a checkpoint.
     leftover = tmp_path / ".tmp-epoch-000004"

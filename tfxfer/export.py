@@ -7,8 +7,10 @@ never leaves a half-written model where a good one was.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 
 import keras
 import tensorflow as tf
@@ -18,6 +20,12 @@ import tfxfer.backbones.vision  # noqa: F401
 import tfxfer.heads  # noqa: F401
 import tfxfer.schedule  # noqa: F401
 from tfxfer.errors import TfxferError
+from tfxfer.rundir import TMP_PREFIX, listed_in_run_manifest
+
+# Written into every SavedModel tfxfer exports: an existing directory is replaced only when
+# it holds this file. `assets.extra/` is the SavedModel convention for files that loaders
+# (tf.saved_model.load, TF Serving) carry along and never interpret.
+EXPORT_MARKER = os.path.join("assets.extra", "tfxfer_export.json")
 
 
 def save_model(model: keras.Model, path: str) -> str:
@@ -88,20 +96,88 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     For image models the endpoint takes a uint8 batch `(batch, height, width, 3)` of any
     height and width; resizing and the backbone's preprocessing happen inside. For a
     `RawTextModel` it takes a batch of strings; the tokenizer is inside.
+
+    The export is written beside `directory` under a temporary name and renamed into place
+    when complete. An existing `directory` is replaced only if tfxfer wrote it (it holds
+    `assets.extra/tfxfer_export.json`, or it is a run's `export/` listed in the run's
+    manifest): anything else there is the user's, and is refused rather than deleted.
+
+    Args:
+        model: keras.Model. The model to serve (for text, the `RawTextModel`).
+        directory: str. Where the SavedModel goes.
+
+    Returns:
+        `directory`.
+
+    Raises:
+        TfxferError: `directory` exists and is a file, or a directory tfxfer did not export.
     """
-    parent = os.path.dirname(os.path.abspath(directory))
+    target = os.path.abspath(os.path.expanduser(str(directory)))
+    _refuse_foreign_export_target(str(directory), target)
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, ".tmp-" + os.path.basename(os.path.abspath(directory)))
-    shutil.rmtree(tmp, ignore_errors=True)
-    _ensure_built(model)
-    if isinstance(model, RawTextModel):
-        _export_text(model, tmp)
-    else:
-        model.export(tmp, format="tf_saved_model", verbose=False)
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    # A fresh name of our own: nothing the user has is ever cleared to make room for it.
+    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(target)}-", dir=parent)
+    try:
+        _ensure_built(model)
+        if isinstance(model, RawTextModel):
+            _export_text(model, tmp)
+        else:
+            model.export(tmp, format="tf_saved_model", verbose=False)
+        _write_export_marker(tmp)
+        if os.path.exists(target):
+            # Moved aside, not deleted first: a crash between the renames loses nothing.
+            old = tempfile.mkdtemp(
+                prefix=f"{TMP_PREFIX}old-{os.path.basename(target)}-", dir=parent
+            )
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
+
+
+def is_tfxfer_export(directory: str) -> bool:
+    """Whether `directory` is a SavedModel that tfxfer exported (and may replace)."""
+    path = os.path.abspath(os.path.expanduser(str(directory)))
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    return os.path.isfile(os.path.join(path, EXPORT_MARKER)) or listed_in_run_manifest(path)
+
+
+def _refuse_foreign_export_target(given: str, target: str) -> None:
+    if not os.path.lexists(target) or is_tfxfer_export(target):
+        return
+    what = "a directory" if os.path.isdir(target) else "a file"
+    if os.path.isdir(target) and not os.path.islink(target):
+        why = f"and is not a SavedModel tfxfer exported (it has no {EXPORT_MARKER})"
+    else:
+        why = "and tfxfer replaces only the export directories it wrote"
+    raise TfxferError(
+        f"Refusing to export to {given!r}: it already exists as {what} {why}. Pick another "
+        f"--output path, or delete {given!r} yourself if you no longer need it."
+    )
+
+
+def _write_export_marker(directory: str) -> None:
+    os.makedirs(os.path.join(directory, os.path.dirname(EXPORT_MARKER)), exist_ok=True)
+    with open(os.path.join(directory, EXPORT_MARKER), "w", encoding="utf-8") as handle:
+        json.dump(
+            {
+                "written_by": "tfxfer",
+                "about": "tfxfer wrote this SavedModel; a later export to this path replaces "
+                "it. A directory without this file is never replaced.",
+                "keras": keras.__version__,
+                "tensorflow": tf.__version__,
+            },
+            handle,
+            indent=2,
+        )
+        handle.write("\n")
 
 
 def serving_model(model: keras.Model, backbone) -> keras.Model:

@@ -29,7 +29,10 @@ import ast
 import dataclasses
 import inspect
 import logging
+import math
+import os
 import platform
+import sys
 import textwrap
 import typing
 from collections.abc import Callable
@@ -48,6 +51,10 @@ from tfxfer.schedule import Stage, default_schedule, validate_schedule
 from tfxfer.train import TrainResult, run_schedule
 
 log = logging.getLogger(__name__)
+
+# The largest `image_size` a config accepts: a batch of 32 at 1024 px in float32 with a
+# ResNet50's activations already needs tens of GB.
+MAX_IMAGE_SIZE = 1024
 
 # What every recipe's smoke config sets: tiny and fast, for tests.
 SMOKE_SETTINGS = {
@@ -124,12 +131,14 @@ class RecipeConfig:
             if value is not None and not ok(value):
                 found.append(f"{name}={value!r} (expected {expected})")
 
-        for name in ("batch_size", "lora_rank"):
+        # Recipes name their input sizes alike, so a recipe's own size fields are checked here.
+        for name in ("batch_size", "lora_rank", "image_size", "sequence_length"):
             check(name, _positive_int, "a positive integer")
         for name in ("head_epochs", "finetune_epochs", "seed"):
             check(name, lambda v: _int(v) and v >= 0, "an integer >= 0")
         for name in ("head_learning_rate", "finetune_learning_rate"):
-            check(name, lambda v: _number(v) and v > 0, "> 0")
+            # inf or nan would train to NaN and fail only after the first epoch.
+            check(name, lambda v: _number(v) and math.isfinite(v) and v > 0, "a finite number > 0")
         check("val_split", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("layerwise_lr_decay", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]")
@@ -149,6 +158,15 @@ class RecipeConfig:
                 "output_dir='' (expected a directory; an empty value would be the "
                 "current directory)"
             )
+        # For recipes with an image size: beyond this one batch outgrows most memory.
+        check(
+            "image_size",
+            lambda v: not _int(v) or v <= MAX_IMAGE_SIZE,
+            f"at most {MAX_IMAGE_SIZE}; larger images need more memory than a batch can have",
+        )
+        output_problem = _output_dir_problem(str(self.output_dir))
+        if output_problem:
+            found.append(output_problem)
         return found
 
     def validate(self) -> RecipeConfig:
@@ -180,6 +198,15 @@ class RecipeConfig:
         """Training-time augmentation for `make_datasets`; None unless a recipe adds one."""
         return None
 
+    def input_paths(self) -> list[str]:
+        """The local paths the run reads (data, weights, a backbone directory).
+
+        `run` refuses an output directory that overlaps any of them before anything is
+        written, so a run never writes into (or overwrites) the user's data. A recipe with
+        path fields overrides this; the shared fields hold no input paths.
+        """
+        return []
+
 
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -191,6 +218,23 @@ def _positive_int(value: Any) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _output_dir_problem(path: str) -> str | None:
+    """Why the run could not create or write `path`, found before minutes go into training."""
+    if not path.strip() or "://" in path:
+        return None  # reported as an empty value, or by RunDir.check
+    target = os.path.abspath(os.path.expanduser(path))
+    existing = target
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if existing == target and not os.path.isdir(target):
+        return None  # a file at the path itself: RunDir.check says so
+    if not os.path.isdir(existing):
+        return f"output_dir={path!r} (expected a folder path; {existing!r} is a file)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output_dir={path!r} (expected a writable place; {existing!r} is not writable)"
+    return None
 
 
 # === Running a recipe ===
@@ -219,6 +263,7 @@ def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) ->
     config.validate()
     # A forgotten --overwrite is reported before minutes go into loading a backbone.
     RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
+    RunDir.check_inputs(config.output_dir, config.input_paths())
     # Head initialisation, dropout and shuffles follow config.seed: a run repeats exactly.
     keras.utils.set_random_seed(config.seed)
     distribution = Distribution(
@@ -400,8 +445,11 @@ def command_line(
     # tfxfer's own INFO lines (skipped files, resume points); other libraries' from WARNING.
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
     logging.getLogger("tfxfer").setLevel(logging.INFO)
-    config = config_cls.from_flags(argv, description)
-    return error_boundary(lambda: main(config))
+    # Under `python -m recipes.x`, say so in usage lines rather than the file's path.
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = f"python -m {spec.name}" if spec is not None and argv is None else None
+    config, debug = _parse_flags(config_cls, argv, description, prog)
+    return error_boundary(lambda: main(config), debug=debug)
 
 
 def parse_flags(
@@ -412,8 +460,21 @@ def parse_flags(
 ) -> Any:
     """One flag per field of the dataclass `config_cls`, with the field's comment as help.
 
-    A recipe's own fields come first in `--help`, the shared ones after them.
+    A recipe's own fields come first in `--help`, the shared ones after them. `--debug`
+    (tracebacks for unexpected errors) is accepted too, but is no field of the config.
     """
+    return _parse_flags(config_cls, argv, description, prog)[0]
+
+
+def _parse_flags(
+    config_cls: type,
+    argv: list[str] | None = None,
+    description: str | None = None,
+    prog: str | None = None,
+) -> tuple[Any, bool]:
+    """`parse_flags`, and whether `--debug` was given."""
+    from tfxfer.cli import DEBUG_HELP
+
     summary, _, details = (description or config_cls.__doc__ or "").strip().partition("\n")
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -451,8 +512,11 @@ def parse_flags(
             group.add_argument(flag, type=_optional(float, hint), default=default, help=help_text)
         else:
             group.add_argument(flag, type=_optional(str, hint), default=default, help=help_text)
+    if "debug" not in {f.name for f in fields}:
+        parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
-    return config_cls(**{f.name: getattr(args, f.name) for f in fields})
+    config = config_cls(**{f.name: getattr(args, f.name) for f in fields})
+    return config, bool(getattr(args, "debug", False))
 
 
 def _list_of_ints(text: str) -> list[int]:

@@ -2,10 +2,15 @@
 
 Keras' compiled metrics give loss and accuracy per batch; macro F1 and the per-class report
 need every prediction at once, so they are computed here from `predict` output with numpy.
+
+Every number comes out JSON-safe: a NaN or infinite value (a diverged model's loss) is
+`None`, which `json.dumps` writes as `null`. Python's `json` would otherwise write a bare
+`NaN`, which is not JSON, and `metrics.json` would break every strict reader.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -27,12 +32,20 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Accuracy, loss, macro F1, a per-class report and the confusion matrix.
 
+    Macro F1 averages over the classes that occur in the labels or the predictions (as
+    scikit-learn's `f1_score(average="macro")` does): a class absent from both says nothing
+    about the model, and counting it as F1 0 would score a perfect prediction of a test set
+    without that class below 1. Its per-class row is still there, with support 0.
+
     Args:
         labels: array. Integer class ids, or (for multi-label) a multi-hot matrix; one-hot
             rows are accepted for single-label too.
         probabilities: array. `(n, num_classes)` model outputs.
         class_names: list[str]. Names in output order.
         multi_label: bool. Threshold each output at 0.5 instead of taking the argmax.
+
+    Returns:
+        A JSON-safe dict: NaN and infinite values (from a model that outputs NaN) are None.
     """
     eps = 1e-7
     n_classes = probabilities.shape[-1]
@@ -64,10 +77,11 @@ def classification_metrics(
     recall = tp / np.maximum(tp + fn, 1)
     f1 = 2 * precision * recall / np.maximum(precision + recall, eps)
     support = (tp + fn).astype(int)
+    present = (tp + fn + fp) > 0  # in the labels or the predictions
     result: dict[str, Any] = {
         "loss": loss,
         "accuracy": accuracy,
-        "macro_f1": float(np.mean(f1)),
+        "macro_f1": float(np.mean(f1[present])) if present.any() else 0.0,
         "num_examples": int(len(labels)),
         "per_class": {
             name: {
@@ -81,13 +95,28 @@ def classification_metrics(
     }
     if confusion is not None:
         result["confusion_matrix"] = confusion.tolist()
-    return result
+    return json_safe(result)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in dicts, lists, tuples) replaced by None."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def summary_line(split: str, metrics: dict[str, Any]) -> str:
+    def number(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
     return (
-        f"{split}: accuracy={metrics['accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f} "
-        f"loss={metrics['loss']:.4f} (n={metrics['num_examples']})"
+        f"{split}: accuracy={number('accuracy')} macro_f1={number('macro_f1')} "
+        f"loss={number('loss')} (n={metrics['num_examples']})"
     )
 
 

@@ -2,17 +2,26 @@
 
 Layout::
 
+    .tfxfer-run.json   the manifest: every top-level entry tfxfer wrote here
     config.json        the resolved config (every default filled in)
     class_names.json   label order of the model's outputs
     history.csv        one row per epoch of every stage: epoch, stage, metrics, lr
     metrics.json       one object per evaluated split: {"val": {"accuracy": ..., "loss": ...}}
+    best.json          the best epoch
     checkpoints/       best.weights.h5 and per-epoch resume states
     model.keras        the final model; reloads and predicts identically
     export/            a SavedModel that takes raw inputs
+    curves.png         the training curves
 
-A directory that already holds a run is never overwritten or mixed into unless the caller
-asks (`overwrite=True` replaces it, `resume=True` continues it). Files are written to a
-temporary name and renamed into place, so a crash mid-write leaves the old file intact.
+A run deletes or changes only what it wrote itself. Every path a run writes goes through
+`RunDir.file` (or `write_json`), which records the path's top-level entry in the manifest
+*before* the first byte is written, so the manifest always covers what is on disk. `overwrite`
+then deletes exactly the manifest's entries, and refuses a directory that holds anything else
+(a data folder, a user's notes, a run from before the manifest existed): those are never
+tfxfer's to delete. A directory that already holds a run is never overwritten or mixed into
+unless the caller asks (`overwrite=True` replaces it, `resume=True` continues it). Files are
+written to a temporary name and renamed into place, so a crash mid-write leaves the old file
+intact.
 """
 
 from __future__ import annotations
@@ -25,15 +34,36 @@ from typing import Any
 
 from tfxfer.errors import RunDirError
 
+# The manifest's name: hidden, so that it never looks like a class folder or a result.
+MANIFEST = ".tfxfer-run.json"
+MANIFEST_FORMAT = 1
 # Any of these in a directory means a run has written there.
 RUN_MARKERS = ("config.json", "history.csv", "metrics.json", "model.keras", "checkpoints")
+# Every top-level entry tfxfer's own code writes into a run directory. A run from before the
+# manifest existed is adopted with these names when it is resumed (see `RunDir.__init__`).
+RUN_ENTRIES = (
+    "config.json",
+    "class_names.json",
+    "history.csv",
+    "metrics.json",
+    "best.json",
+    "checkpoints",
+    "model.keras",
+    "export",
+    "curves.png",
+    "tensorboard",
+)
+# Atomic writes go through hidden temporary names with this prefix (see `atomic_write_text`).
+TMP_PREFIX = ".tmp-"
+# How many foreign entries an error message names before it says "and N more".
+_NAMED_IN_ERRORS = 3
 
 
 def atomic_write_text(path: str, text: str) -> None:
     """Writes `text` to `path` through a temporary file and a rename."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -50,26 +80,131 @@ def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def listed_in_run_manifest(path: str) -> bool:
+    """Whether `path` is a top-level entry that its parent's run manifest says tfxfer wrote.
+
+    `export_saved_model` asks this so a run's own `export/` (recorded before it was written)
+    can be replaced even when it predates the export's own marker file.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    entries = _read_manifest(os.path.dirname(path))
+    return entries is not None and os.path.basename(path) in entries
+
+
+def _read_manifest(directory: str) -> set[str] | None:
+    """The manifest's entries in `directory`, or None when it has none."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        entries = manifest["entries"]
+        if not isinstance(entries, list):
+            raise TypeError(f"entries is a {type(entries).__name__}")
+        for name in entries:
+            _check_entry_name(name)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RunDirError(
+            f"The run manifest {path!r} cannot be read ({error}). tfxfer deletes only what "
+            "this file lists, so it will not touch this directory: check the file, or "
+            "choose another --output-dir."
+        ) from None
+    return set(entries)
+
+
+def _check_entry_name(name: Any) -> None:
+    # A manifest entry is one plain name inside the run directory, never a path out of it.
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..", MANIFEST)
+        or "/" in name
+        or os.sep in name
+        or (os.altsep and os.altsep in name)
+    ):
+        raise ValueError(f"entry {name!r} is not a plain file or folder name")
+
+
+def _listing(directory: str) -> list[str]:
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_NAMED_IN_ERRORS])
+    more = len(names) - _NAMED_IN_ERRORS
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _refuse_shared_locations(given: str, path: str) -> None:
+    """Refuses the directories a run must never own: /, home, the working directory."""
+    if not str(given).strip():
+        raise RunDirError(
+            f"Expected a directory for the run. Received: output_dir={given!r}, which would "
+            "be the current directory. Pass a new directory, e.g. --output-dir runs/my_run."
+        )
+    real = os.path.realpath(path)
+    shared = [
+        (os.path.realpath(os.sep), "the filesystem root"),
+        (os.path.realpath(os.path.expanduser("~")), "your home directory"),
+    ]
+    try:
+        shared.append((os.path.realpath(os.getcwd()), "the current directory"))
+    except OSError:  # The working directory was deleted: there is nothing there to protect.
+        pass
+    for location, what in shared:
+        if real == location:
+            raise RunDirError(
+                f"Expected a directory of the run's own. Received: output_dir={given!r}, "
+                f"which is {what} ({real!r}): a run there would mix its files into yours. "
+                "Pass a new directory, e.g. --output-dir runs/my_run."
+            )
+    for location, what in shared[1:]:
+        # A parent of home or of the working directory holds the user's files too.
+        if location.startswith(real.rstrip(os.sep) + os.sep):
+            raise RunDirError(
+                f"Expected a directory of the run's own. Received: output_dir={given!r} "
+                f"({real!r}), which holds {what}. Pass a new directory, e.g. --output-dir "
+                "runs/my_run."
+            )
+
+
 class RunDir:
-    """A run's output directory.
+    """A run's output directory, which knows which of its entries tfxfer wrote.
+
+    The directory keeps a manifest (`.tfxfer-run.json`) of every top-level entry written
+    through `file` or `write_json`, recorded before the entry is written. That is what makes
+    `overwrite` safe: it deletes the manifest's entries and nothing else, and it refuses a
+    directory that holds anything tfxfer did not write, so a data folder or a user's file
+    that ended up in the output directory is never deleted. A run directory must be new,
+    empty, or an earlier tfxfer run; `/`, the home directory and the working directory are
+    refused outright.
 
     Args:
         path: str. Where the run writes.
-        overwrite: bool. Delete an earlier run in `path` first. Defaults to `False`.
+        overwrite: bool. Delete what an earlier run in `path` wrote (the manifest's entries)
+            first. Defaults to `False`.
         resume: bool. Continue the run in `path`. Defaults to `False`.
         write: bool. False on every worker of a multi-worker run but the chief: the
             directory is then only read (to resume), never checked, created or deleted.
             Defaults to `True`.
 
     Raises:
-        RunDirError: `path` holds an earlier run and neither flag was given, or `path` is a
-            file, or both flags were given.
+        RunDirError: `path` holds an earlier run and neither flag was given; or it holds
+            files tfxfer did not write; or `overwrite` was asked of a run without a manifest;
+            or `path` is a file, empty, `/`, home or the working directory; or both flags
+            were given.
+
+    Example:
+
+    >>> run_dir = RunDir("runs/photos", overwrite=True)
+    >>> run_dir.write_json("notes.json", {"seen": True})  # recorded, then written
     """
 
     def __init__(
         self, path: str, *, overwrite: bool = False, resume: bool = False, write: bool = True
     ):
         self.path = os.path.abspath(os.path.expanduser(path))
+        self.write = write
         if not write:
             # The chief writes this (shared) directory at the same moment: what is there is
             # its new run, not an earlier one to refuse or delete. A worker resumes exactly
@@ -79,8 +214,11 @@ class RunDir:
             self.resumed = resume and os.path.exists(pointer)
             return
         self.resumed = self.check(path, overwrite=overwrite, resume=resume)
-        if overwrite and self.holds_run():
-            shutil.rmtree(self.path)
+        if overwrite:
+            self._remove_earlier_run()
+        elif self.resumed and _read_manifest(self.path) is None:
+            self._adopt_earlier_run()
+        self._record("checkpoints")
         os.makedirs(self.checkpoints, exist_ok=True)
 
     @classmethod
@@ -99,31 +237,175 @@ class RunDir:
                 "run directory is written through the local filesystem; write it to local "
                 "disk (or a mounted bucket) and copy it to cloud storage afterwards."
             )
-        path = os.path.abspath(os.path.expanduser(path))
+        given = path
+        path = os.path.abspath(os.path.expanduser(str(path)))
+        _refuse_shared_locations(given, path)
         if os.path.exists(path) and not os.path.isdir(path):
             raise RunDirError(f"Output path {path!r} is a file, not a directory.")
-        markers = cls._markers_in(path)
-        if markers and not (overwrite or resume):
+        names = _listing(path)
+        if not names:
+            return False
+        entries = _read_manifest(path)
+        markers = [name for name in RUN_MARKERS if name in names]
+        holds_run = entries is not None or bool(markers)
+        if entries is None:
+            foreign = [n for n in names if n not in RUN_MARKERS]
+        else:
+            foreign = [
+                n
+                for n in names
+                if n != MANIFEST and n not in entries and not n.startswith(TMP_PREFIX)
+            ]
+        if resume and holds_run:
+            return True
+        if overwrite and entries is None and markers:
             raise RunDirError(
-                f"Output directory {path!r} already holds a run ({', '.join(markers)}). Pass "
-                "--resume to continue it, --overwrite to replace it, or choose another "
-                "--output-dir."
+                f"Refusing to overwrite {path!r}: it holds {_some(markers)} but no tfxfer "
+                f"manifest ({MANIFEST}), so tfxfer cannot tell what it wrote there (a run "
+                "from an older tfxfer, or files of your own). --overwrite deletes only what a "
+                "run recorded writing. Delete the old files yourself, pass --resume to continue "
+                "an earlier tfxfer run, or choose another --output-dir."
             )
-        return bool(markers) and resume
+        if holds_run and not overwrite:
+            fix = (
+                "Pass --resume to continue it, --overwrite to replace it, or choose another "
+                "--output-dir."
+                if entries is not None
+                else "Pass --resume to continue it, or choose another --output-dir (--overwrite "
+                f"needs the manifest {MANIFEST} that runs of this tfxfer version write)."
+            )
+            shown = ", ".join(markers) if markers else MANIFEST
+            raise RunDirError(f"Output directory {path!r} already holds a run ({shown}). {fix}")
+        if foreign and holds_run:
+            raise RunDirError(
+                f"Refusing to overwrite {path!r}: beside the earlier run it holds "
+                f"{_some(foreign)}, which tfxfer did not write (not in {MANIFEST}). --overwrite "
+                "deletes only what the run wrote, and a directory shared with other files is "
+                "not the run's to replace. Move those out of it, or choose another --output-dir."
+            )
+        if foreign:
+            raise RunDirError(
+                f"Refusing to use {path!r} as the run directory: it holds {_some(foreign)}, "
+                "which tfxfer did not write. A run directory is the run's alone, so that "
+                "--overwrite can delete exactly what the run wrote. Move those out of it, or "
+                "choose a new or empty --output-dir."
+            )
+        return False
 
-    @staticmethod
-    def _markers_in(path: str) -> list[str]:
-        if not os.path.isdir(path):
-            return []
-        return [name for name in RUN_MARKERS if os.path.exists(os.path.join(path, name))]
+    @classmethod
+    def check_inputs(cls, output_dir: str, paths: list[str | None]) -> None:
+        """Raises `RunDirError` if an input path and the output directory overlap.
+
+        A data folder inside the output directory would be written into (and then read back
+        with `checkpoints/` as a class), and one that holds the output directory would get the
+        run as a new class folder; neither is the run's to change. Paths are compared after
+        resolving links, so `data` and `./runs/../data` are the same.
+
+        Args:
+            output_dir: str. The run directory.
+            paths: list of str or None. The run's inputs (data, weights, a local backbone);
+                None entries are skipped.
+        """
+        output = os.path.realpath(os.path.expanduser(str(output_dir)))
+        for given in paths:
+            if given is None or not str(given).strip():
+                continue
+            path = os.path.realpath(os.path.expanduser(str(given)))
+            if path == output or path.startswith(output.rstrip(os.sep) + os.sep):
+                where = "is" if path == output else "lies inside"
+                raise RunDirError(
+                    f"Input path {given!r} {where} the output directory {output_dir!r}: the run "
+                    "would write among your data and read its own files back as data. Pass an "
+                    "--output-dir outside your data, e.g. --output-dir runs/my_run."
+                )
+            if output.startswith(path.rstrip(os.sep) + os.sep):
+                raise RunDirError(
+                    f"The output directory {output_dir!r} lies inside the input path {given!r}: "
+                    "the run would add its files to your data (a new class folder, for an image "
+                    "folder). Pass an --output-dir outside your data, e.g. --output-dir "
+                    "runs/my_run."
+                )
+
+    def _remove_earlier_run(self) -> None:
+        # `check` has made sure the directory holds only the manifest's entries and our
+        # temporary files; anything else would have been refused.
+        entries = _read_manifest(self.path)
+        if entries is None:
+            return
+        leftovers = [n for n in _listing(self.path) if n.startswith(TMP_PREFIX)]
+        for name in sorted(entries) + leftovers:
+            target = os.path.join(self.path, name)
+            if os.path.islink(target) or os.path.isfile(target):
+                os.remove(target)  # A link is removed, never followed.
+            elif os.path.isdir(target):
+                shutil.rmtree(target)
+        # Emptied only now: a crash above leaves entries listed, and so still ours to delete.
+        self._write_manifest(set())
+
+    def _adopt_earlier_run(self) -> None:
+        # A run from before the manifest existed, continued with --resume: a complete
+        # checkpoint shows tfxfer wrote it, so its run entries are recorded as tfxfer's.
+        # Without one, nothing is adopted, and an --overwrite later refuses those files.
+        if not os.path.isfile(os.path.join(self.checkpoints, "latest.json")):
+            return
+        names = _listing(self.path)
+        self._write_manifest({name for name in RUN_ENTRIES if name in names})
+
+    def _write_manifest(self, entries: set[str]) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        atomic_write_json(
+            os.path.join(self.path, MANIFEST),
+            {
+                "written_by": "tfxfer",
+                "format": MANIFEST_FORMAT,
+                "about": "The entries tfxfer wrote in this run directory; --overwrite "
+                "deletes exactly these (and tfxfer's .tmp-* files), nothing else.",
+                "entries": sorted(entries),
+            },
+        )
+
+    def _record(self, name: str) -> str:
+        """Records the top-level entry of `name` in the manifest; returns the entry."""
+        if os.path.isabs(name):
+            raise RunDirError(f"Expected a path relative to the run directory. Received: {name!r}.")
+        entry = os.path.normpath(name).split(os.sep)[0]
+        try:
+            _check_entry_name(entry)
+        except ValueError:
+            raise RunDirError(
+                f"Expected a path inside the run directory {self.path!r}. Received: {name!r}."
+            ) from None
+        if not self.write:
+            return entry
+        entries = _read_manifest(self.path) or set()
+        if entry in entries:
+            return entry
+        if os.path.lexists(os.path.join(self.path, entry)):
+            raise RunDirError(
+                f"Refusing to write {os.path.join(self.path, entry)!r}: it is already there "
+                f"and tfxfer did not write it (it is not in {MANIFEST}). Move it out of the run "
+                "directory, or choose another --output-dir."
+            )
+        self._write_manifest(entries | {entry})
+        return entry
 
     def _markers(self) -> list[str]:
-        return self._markers_in(self.path)
+        return [name for name in RUN_MARKERS if os.path.exists(os.path.join(self.path, name))]
 
     def holds_run(self) -> bool:
-        return bool(self._markers())
+        return bool(self._markers()) or os.path.isfile(os.path.join(self.path, MANIFEST))
+
+    def owned_entries(self) -> list[str]:
+        """The top-level entries tfxfer wrote here, as the manifest lists them."""
+        return sorted(_read_manifest(self.path) or ())
 
     def file(self, name: str) -> str:
+        """The path of `name` in the run, recorded in the manifest as tfxfer's to write.
+
+        Call it for every path the run writes; it refuses an entry that is already there
+        without having been written by tfxfer.
+        """
+        self._record(name)
         return os.path.join(self.path, name)
 
     @property
@@ -136,5 +418,5 @@ class RunDir:
         return path
 
     def read_json(self, name: str) -> Any:
-        with open(self.file(name), encoding="utf-8") as handle:
+        with open(os.path.join(self.path, name), encoding="utf-8") as handle:
             return json.load(handle)

@@ -20,6 +20,7 @@ none is intact it says what is damaged and how to start over, rather than raisin
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -119,7 +120,17 @@ class TrainResult:
 
 
 class Checkpointer:
-    """Writes and finds complete per-epoch checkpoints in `run_dir/checkpoints`."""
+    """Writes, verifies and finds per-epoch checkpoints in `run_dir/checkpoints`.
+
+    A checkpoint is intact when its state.json parses and every array file it lists has the
+    size and SHA-256 recorded when it was written. Only an intact checkpoint is pointed at or
+    resumed from, and the one before it is kept until a newer one has been verified.
+
+    Args:
+        directory: str. The run's checkpoints directory.
+        write: bool. False on a worker that only reads checkpoints (to resume). Defaults to
+            `True`.
+    """
 
     def __init__(self, directory: str, write: bool = True):
         self.directory = directory
@@ -130,17 +141,53 @@ class Checkpointer:
         return os.path.join(self.directory, "latest.json")
 
     def latest(self) -> dict[str, Any] | None:
-        """The state of the last complete checkpoint, or None."""
-        if not os.path.exists(self.pointer):
-            return None
-        with open(self.pointer, encoding="utf-8") as handle:
-            name = json.load(handle)["checkpoint"]
-        with open(os.path.join(self.directory, name, "state.json"), encoding="utf-8") as handle:
-            state = json.load(handle)
-        state["checkpoint_dir"] = os.path.join(self.directory, name)
-        return state
+        """The state of the checkpoint to resume from, or None when none was written yet.
+
+        That is the checkpoint `latest.json` names, when both are intact; otherwise, with a
+        warning that says what is damaged, the newest intact checkpoint on disk.
+
+        Raises:
+            RunDirError: checkpoints were written, but none of them is intact.
+        """
+        names = self._checkpoint_names()
+        if not names and not os.path.exists(self.pointer):
+            return None  # A leftover `.tmp-` directory is not a checkpoint.
+        problems: list[str] = []
+        named = self._pointed_at(problems)
+        if named is not None:
+            state, problem = self._read_intact(named)
+            if state is not None:
+                return state
+            problems.append(problem)
+        for name in reversed(names):  # Newest first.
+            if name == named:
+                continue
+            state, problem = self._read_intact(name)
+            if state is None:
+                problems.append(problem)
+                continue
+            log.warning(
+                "Damaged checkpoint files in %r: %s. Resuming from %s (after epoch %d), the "
+                "newest intact checkpoint.",
+                self.directory,
+                "; ".join(problems),
+                name,
+                state["global_epoch"],
+            )
+            return state
+        raise RunDirError(
+            f"Cannot resume from {self.directory!r}: no checkpoint in it is intact "
+            f"({'; '.join(problems)}). Start again with --overwrite, or choose another "
+            "--output-dir."
+        )
 
     def save(self, model: keras.Model, state: dict[str, Any]) -> None:
+        """Writes the checkpoint of `state["global_epoch"]`, verifies it, points at it, prunes.
+
+        Raises:
+            RunDirError: the checkpoint just written does not read back intact (a full or
+                failing disk); `latest.json` and the checkpoints before are left as they were.
+        """
         if not self.write:
             return
         name = f"epoch-{state['global_epoch']:06d}"
@@ -153,23 +200,39 @@ class Checkpointer:
         # end a LoRA stage on resume.
         optimizer = getattr(model, "optimizer", None)
         optimizer_variables = list(optimizer.variables) if optimizer is not None else []
-        _save_arrays(os.path.join(tmp, "model.npz"), model.variables)
-        _save_arrays(os.path.join(tmp, "optimizer.npz"), optimizer_variables)
+        files = {
+            "model.npz": _save_arrays(os.path.join(tmp, "model.npz"), model.variables),
+            "optimizer.npz": _save_arrays(os.path.join(tmp, "optimizer.npz"), optimizer_variables),
+        }
         state = {
             **state,
             "model_variables": [v.path for v in model.variables],
             "optimizer_variables": [v.path for v in optimizer_variables],
+            "files": files,
         }
         atomic_write_json(os.path.join(tmp, "state.json"), state)
+        # What this replaces, if anything, was never verified or is damaged: a resume only
+        # starts before an existing checkpoint when that one could not be used.
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        # Only a complete checkpoint directory is ever pointed at.
+        # Read back what is on disk now, before anything older is given up for it.
+        _, problem = self._read_intact(name)
+        if problem is not None:
+            raise RunDirError(
+                f"The checkpoint just written does not read back intact: {problem}. The disk "
+                f"holding {self.directory!r} may be full or failing; the checkpoint before it "
+                "is kept, so free space and continue the run with --resume."
+            )
         atomic_write_json(self.pointer, {"checkpoint": name})
         self._prune(keep=name)
 
     @staticmethod
     def restore(model: keras.Model, state: dict[str, Any], with_optimizer: bool) -> None:
-        """Loads a checkpoint's model variables (and this stage's optimizer state)."""
+        """Loads a checkpoint's model variables (and this stage's optimizer state).
+
+        Raises:
+            RunDirError: a file is unreadable or damaged, or was made from another model.
+        """
         _load_arrays(
             os.path.join(state["checkpoint_dir"], "model.npz"),
             model.variables,
@@ -185,20 +248,123 @@ class Checkpointer:
                 "optimizer",
             )
 
+    def _checkpoint_names(self) -> list[str]:
+        """The `epoch-*` entries in the directory, oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(
+            (n for n in os.listdir(self.directory) if CHECKPOINT_NAME.fullmatch(n)),
+            key=_epoch_of,
+        )
+
+    def _pointed_at(self, problems: list[str]) -> str | None:
+        """The checkpoint `latest.json` names, or None with the reason added to `problems`."""
+        try:
+            with open(self.pointer, encoding="utf-8") as handle:
+                pointer = json.load(handle)
+        except FileNotFoundError:
+            problems.append("latest.json is missing")
+            return None
+        except (OSError, ValueError) as error:  # Truncated JSON, or not text at all.
+            problems.append(f"latest.json cannot be read ({error})")
+            return None
+        name = pointer.get("checkpoint") if isinstance(pointer, dict) else None
+        if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+            problems.append(f"latest.json names no checkpoint (it holds {pointer!r:.80})")
+            return None
+        return name
+
+    def _read_intact(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(state, None) when checkpoint `name` is intact, else (None, what is wrong)."""
+        folder = os.path.join(self.directory, name)
+        if not os.path.isdir(folder):
+            return None, f"{name} is missing"
+        try:
+            with open(os.path.join(folder, "state.json"), encoding="utf-8") as handle:
+                state = json.load(handle)
+        except FileNotFoundError:
+            return None, f"{name}/state.json is missing"
+        except (OSError, ValueError) as error:
+            return None, f"{name}/state.json cannot be read ({error})"
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            return None, f"{name}/state.json lacks {missing} (an older tfxfer wrote it?)"
+        if state["global_epoch"] != _epoch_of(name):
+            return None, f"{name}/state.json is for epoch {state['global_epoch']!r}"
+        files = state["files"]
+        if not isinstance(files, dict) or sorted(files) != sorted(ARRAY_FILES):
+            return None, f"{name}/state.json does not list the files {list(ARRAY_FILES)}"
+        for file in ARRAY_FILES:
+            problem = _file_problem(os.path.join(folder, file), files[file])
+            if problem is not None:
+                return None, f"{name}/{file} {problem}"
+        return {**state, "checkpoint_dir": folder}, None
+
     def _prune(self, keep: str) -> None:
-        names = sorted(n for n in os.listdir(self.directory) if n.startswith("epoch-"))
-        for name in names[:-KEEP_CHECKPOINTS]:
-            if name != keep:
+        """Deletes every checkpoint but `keep` (just verified) and the newest before it.
+
+        Checkpoints newer than `keep` go too: they are what a resume fell back past, and a
+        later fallback must not take them for the newest.
+        """
+        names = self._checkpoint_names()
+        older = [n for n in names if _epoch_of(n) < _epoch_of(keep)]
+        kept = {keep, *older[max(0, len(older) - (KEEP_CHECKPOINTS - 1)) :]}
+        for name in names:
+            if name not in kept:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
 
-def _save_arrays(path: str, variables: list) -> None:
+def _epoch_of(name: str) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(name).group(1))
+
+
+def _file_record(path: str) -> dict[str, Any]:
+    """{"size", "sha256"} of the file at `path`, read a chunk at a time."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(DIGEST_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _file_problem(path: str, record: Any) -> str | None:
+    """What is wrong with the file at `path` given its recorded size and digest, or None."""
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("size"), int)
+        and isinstance(record.get("sha256"), str)
+    ):
+        return "has no recorded size and SHA-256"
+    try:
+        # The size first: a truncated file is told apart without reading it.
+        size = os.path.getsize(path)
+        if size != record["size"]:
+            return f"has {size} bytes where {record['size']} were written (truncated?)"
+        if _file_record(path)["sha256"] != record["sha256"]:
+            return "does not match the SHA-256 recorded when it was written"
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    return None
+
+
+def _save_arrays(path: str, variables: list) -> dict[str, Any]:
+    """Writes `variables` to an .npz at `path`; returns its size and SHA-256 for state.json."""
     # An .npz written one variable at a time: np.savez would first copy every variable
     # (for a BERT-base AdamW state, a gigabyte) before writing any of them.
-    with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
-        for i, variable in enumerate(variables):
-            with archive.open(f"arr_{i}.npy", "w", force_zip64=True) as handle:
-                np.lib.format.write_array(handle, np.asarray(variable.numpy()), allow_pickle=False)
+    with open(path, "wb") as raw:
+        with zipfile.ZipFile(raw, "w", allowZip64=True) as archive:
+            for i, variable in enumerate(variables):
+                with archive.open(f"arr_{i}.npy", "w", force_zip64=True) as handle:
+                    value = np.asarray(variable.numpy())
+                    np.lib.format.write_array(handle, value, allow_pickle=False)
+        # On disk before latest.json can name it, not only in the page cache.
+        raw.flush()
+        os.fsync(raw.fileno())
+    return _file_record(path)
 
 
 def _unnumbered(path: str) -> str:
@@ -232,8 +398,17 @@ def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) 
             f"(first difference: {first}; only in the checkpoint: {missing[:3]}; only here: "
             f"{extra[:3]}). Resume with the config and backbone the run started with."
         )
-    with np.load(path) as arrays:
-        values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
+        # A resume verifies digests first; this is for a file damaged after that, or read
+        # without it.
+        raise RunDirError(
+            f"Cannot read {path!r}: the file is damaged or unreadable ({error}). Delete "
+            f"{os.path.dirname(path)!r} to resume from the checkpoint before it, or start "
+            "again with --overwrite, or choose another --output-dir."
+        ) from error
     shapes = [
         (p, tuple(v.shape), value.shape)
         for p, v, value in zip(current, variables, values, strict=False)
@@ -257,6 +432,39 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
     lr = optimizer.learning_rate
     return float(np.asarray(lr))
+
+
+class _StopOnNaN(keras.callbacks.Callback):
+    """Keras' `TerminateOnNaN` as an error that says where training diverged and what to do.
+
+    Stopping quietly would go on to save a model of NaNs and write NaN metrics; a loss that
+    turns NaN or infinite almost always means the stage's learning rate is too high.
+    """
+
+    def __init__(self, stage: Stage):
+        super().__init__()
+        self.stage = stage
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(logs, "loss", f"epoch {self.epoch + 1}, batch {batch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The last update can leave NaN weights that only the validation loss shows.
+        self._check(logs, "val_loss", f"after epoch {epoch + 1}")
+
+    def _check(self, logs, key: str, when: str) -> None:
+        value = (logs or {}).get(key)
+        if value is not None and not np.isfinite(float(value)):
+            raise TfxferError(
+                f"Training diverged: {key} became {float(value)} in stage {self.stage.name!r} "
+                f"({when}) at learning rate {self.stage.learning_rate:g}. Lower the learning "
+                "rate (--head-learning-rate / --finetune-learning-rate, or the stage's "
+                "learning_rate=)."
+            )
 
 
 class _EpochEnd(keras.callbacks.Callback):
@@ -476,7 +684,11 @@ def run_schedule(
             validation_data=val_data,
             initial_epoch=initial_epoch,
             epochs=stage_end,
-            callbacks=[_EpochEnd(trainer, stage_index, stage, stage_start), *(callbacks or [])],
+            callbacks=[
+                _StopOnNaN(stage),
+                _EpochEnd(trainer, stage_index, stage, stage_start),
+                *(callbacks or []),
+            ],
             shuffle=False,  # the data shuffles itself, per epoch, replayably
             verbose=verbose,
         )

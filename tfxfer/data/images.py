@@ -35,7 +35,7 @@ def _decodes(path: str) -> bool:
     try:
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         return image.shape[0] > 0 and image.shape[1] > 0
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.UnknownError):
+    except tf.errors.OpError:  # corrupt, vanished, unreadable (permissions), not a file
         return False
 
 
@@ -61,11 +61,17 @@ def scan_image_folder(
             f"Data directory not found: {directory!r}. Pass a folder with one subfolder per "
             "class, e.g. photos/cat/*.jpg and photos/dog/*.jpg."
         )
-    found = sorted(
-        entry.name
-        for entry in os.scandir(directory)
-        if entry.is_dir() and not entry.name.startswith(".")
-    )
+    try:
+        found = sorted(
+            entry.name
+            for entry in os.scandir(directory)
+            if entry.is_dir() and not entry.name.startswith(".")
+        )
+    except OSError as error:  # no permission to list it, an I/O error
+        raise DataError(
+            f"Cannot read data directory {directory!r}: {error.strerror or error}. Check its "
+            "permissions."
+        ) from None
     if not found:
         raise DataError(
             f"Data directory {directory!r} has no class subfolders. Put each class's images in "

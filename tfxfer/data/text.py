@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 TEXT_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 _INTEGER = re.compile(r"^[+-]?\d+$")
+# Users name columns on the command line or in Python; the hint names both.
+_COLUMN_HINT = (
+    "Pass --text-column / --label-column (text_column= / label_column= in Python) to name "
+    "the right ones."
+)
 # Texts are tokenized in chunks of this many before the token ids are cached one by one.
 _TOKENIZE_CHUNK = 256
 
@@ -266,6 +271,11 @@ def _decode_utf8(path: Path) -> str:
         raise DataError(f"Text file {str(path)!r} does not exist.") from None
     except IsADirectoryError:
         raise DataError(f"Expected a file, but {str(path)!r} is a directory.") from None
+    except OSError as error:  # no permission, an I/O error
+        raise DataError(
+            f"Cannot read text file {str(path)!r}: {error.strerror or error}. Check that it "
+            "is readable (its permissions, and the disk it is on)."
+        ) from None
     start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
         return data[start:].decode("utf-8")
@@ -298,8 +308,7 @@ def _read_table(
         missing = [c for c in (text_column, label_column) if c not in columns]
         if missing:
             raise DataError(
-                f"{path} has no column {missing[0]!r}. Columns found: {columns}. Pass "
-                "`text_column=` / `label_column=` to name the right ones."
+                f"{path} has no column {missing[0]!r}. Columns found: {columns}. {_COLUMN_HINT}"
             )
         return [(reader.line_num, row[text_column], row[label_column]) for row in reader]
     except csv.Error as error:
@@ -325,8 +334,7 @@ def _read_jsonl(
         if missing:
             raise DataError(
                 f"{path} line {line_number} has no key {missing[0]!r}. "
-                f"Keys found: {sorted(record)}. "
-                "Pass `text_column=` / `label_column=` to name the right ones."
+                f"Keys found: {sorted(record)}. {_COLUMN_HINT}"
             )
         if record[text_column] is not None and not isinstance(record[text_column], str):
             raise DataError(
