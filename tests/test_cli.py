@@ -14,7 +14,8 @@ from helpers import write_image
 from recipes import resnet50_image_classifier as recipe
 from tfxfer import cli, report
 from tfxfer.errors import DataError, TfxferError
-from tfxfer.recipe import command_line, field_comments
+from tfxfer.flags import field_comments
+from tfxfer.recipe import command_line
 
 
 def _json_lines(text):

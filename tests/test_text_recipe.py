@@ -396,3 +396,29 @@ def test_a_run_repeats_exactly_with_the_same_seed(bert_dir, text_files, tmp_path
 
     assert losses("first", 3) == losses("second", 3)
     assert losses("third", 3) != losses("fourth", 4)
+
+
+def test_a_run_saved_before_the_rename_still_loads(finished_run, tmp_path):
+    """Runs saved when the wrapper was called `TextClassifier` load as `RawTextModel`."""
+    import zipfile
+
+    saved = Path(finished_run["run_dir"]) / "model.keras"
+    old = tmp_path / "old.keras"
+    with zipfile.ZipFile(saved) as source, zipfile.ZipFile(old, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                assert config["registered_name"] == "tfxfer>RawTextModel"
+                config["registered_name"], config["class_name"] = (
+                    "tfxfer>TextClassifier",
+                    "TextClassifier",
+                )
+                data = json.dumps(config).encode()
+            target.writestr(item, data)
+    texts = ["great fun film", "boring awful plot"]
+    np.testing.assert_allclose(
+        tfxfer.load_model(str(old)).predict(texts, verbose=0),
+        tfxfer.load_model(str(saved)).predict(texts, verbose=0),
+        atol=1e-6,
+    )

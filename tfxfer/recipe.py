@@ -19,22 +19,17 @@ if __name__ == "__main__":
 ```
 
 Flags come from the fields (`image_size` becomes `--image-size`) and `--help` text from the
-comment after each field, so flags, defaults and help never drift apart.
+comment after each field (`tfxfer.flags`), so flags, defaults and help never drift apart.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
 import logging
 import math
 import os
 import platform
 import sys
-import textwrap
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -46,6 +41,7 @@ from tfxfer import export, report
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.data.examples import LabelledData
 from tfxfer.errors import TfxferError
+from tfxfer.flags import parse_flags
 from tfxfer.rundir import RunDir
 from tfxfer.schedule import Stage, default_schedule, validate_schedule
 from tfxfer.train import TrainResult, run_schedule
@@ -114,11 +110,15 @@ class RecipeConfig:
         return cls(**{**SMOKE_SETTINGS, **cls.SMOKE, **fields})
 
     @classmethod
-    def from_flags(
-        cls, argv: list[str] | None = None, description: str | None = None
-    ) -> RecipeConfig:
-        """Parses command-line flags (one per field) into a config."""
-        return parse_flags(cls, argv, description)
+    def from_flags(cls, argv: list[str] | None = None, description: str | None = None):
+        """Parses command-line flags (one per field, `--help` from field comments)."""
+        return cls.parse_flags(argv, description)[0]
+
+    @classmethod
+    def parse_flags(cls, argv=None, description=None, prog=None) -> tuple[RecipeConfig, bool]:
+        """The config from command-line flags, and whether `--debug` was given."""
+        shared = [f.name for f in dataclasses.fields(RecipeConfig)]
+        return parse_flags(cls, argv, description, prog, shared_fields=shared)
 
     def problems(self) -> list[str]:
         """Every invalid value, as "name=value (expected ...)"; a recipe extends the list."""
@@ -448,133 +448,5 @@ def command_line(
     # Under `python -m recipes.x`, say so in usage lines rather than the file's path.
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     prog = f"python -m {spec.name}" if spec is not None and argv is None else None
-    config, debug = _parse_flags(config_cls, argv, description, prog)
+    config, debug = config_cls.parse_flags(argv, description, prog)
     return error_boundary(lambda: main(config), debug=debug)
-
-
-def parse_flags(
-    config_cls: type,
-    argv: list[str] | None = None,
-    description: str | None = None,
-    prog: str | None = None,
-) -> Any:
-    """One flag per field of the dataclass `config_cls`, with the field's comment as help.
-
-    A recipe's own fields come first in `--help`, the shared ones after them. `--debug`
-    (tracebacks for unexpected errors) is accepted too, but is no field of the config.
-    """
-    return _parse_flags(config_cls, argv, description, prog)[0]
-
-
-def _parse_flags(
-    config_cls: type,
-    argv: list[str] | None = None,
-    description: str | None = None,
-    prog: str | None = None,
-) -> tuple[Any, bool]:
-    """`parse_flags`, and whether `--debug` was given."""
-    from tfxfer.cli import DEBUG_HELP
-
-    summary, _, details = (description or config_cls.__doc__ or "").strip().partition("\n")
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=summary,
-        epilog=textwrap.dedent(details).strip() or None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    hints = typing.get_type_hints(config_cls)
-    defaults = config_cls()
-    comments = field_comments(config_cls)
-    shared = {f.name for f in dataclasses.fields(RecipeConfig)}
-    own = parser.add_argument_group("recipe options")
-    common = parser.add_argument_group("training and run options (every recipe)")
-    fields = dataclasses.fields(config_cls)
-    for item in sorted(fields, key=lambda f: f.name in shared):
-        group = common if item.name in shared else own
-        flag = "--" + item.name.replace("_", "-")
-        hint, default = hints[item.name], getattr(defaults, item.name)
-        kinds = typing.get_args(hint) or (hint,)
-        help_text = f"{comments.get(item.name, '')} (default: {default})".strip()
-        if hint is bool:
-            group.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=comments.get(item.name),
-            )
-        elif typing.get_origin(hint) is list:
-            group.add_argument(
-                flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text
-            )
-        elif int in kinds:
-            group.add_argument(flag, type=_optional(int, hint), default=default, help=help_text)
-        elif float in kinds:
-            group.add_argument(flag, type=_optional(float, hint), default=default, help=help_text)
-        else:
-            group.add_argument(flag, type=_optional(str, hint), default=default, help=help_text)
-    if "debug" not in {f.name for f in fields}:
-        parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    args = parser.parse_args(argv)
-    config = config_cls(**{f.name: getattr(args, f.name) for f in fields})
-    return config, bool(getattr(args, "debug", False))
-
-
-def _list_of_ints(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
-def _optional(kind: type, hint: Any) -> Callable[[str], Any]:
-    """A flag parser for `kind`; for an optional field, "none" (any case) gives None."""
-    optional = type(None) in typing.get_args(hint)
-
-    def parse(text: str) -> Any:
-        if optional and text.strip().lower() == "none":
-            return None
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse
-
-
-def field_comments(config_cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field in the class bodies of `config_cls` and its bases.
-
-    A subclass's comment wins over its base's. Without source (a frozen app), no help.
-    """
-    comments: dict[str, str] = {}
-    for klass in reversed(config_cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            lines, _ = inspect.getsourcelines(klass)
-        except (OSError, TypeError):
-            continue
-        source = textwrap.dedent("".join(lines))
-        body = ast.parse(source).body[0]
-        source_lines = source.splitlines()
-        for node in getattr(body, "body", []):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                line = source_lines[node.end_lineno - 1]
-                comment = _trailing_comment(line)
-                if comment:
-                    comments[node.target.id] = comment
-    return comments
-
-
-def _trailing_comment(line: str) -> str:
-    import io
-    import tokenize
-
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return ""
-    return next((t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT), "")

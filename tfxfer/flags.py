@@ -1,0 +1,145 @@
+"""Command-line flags from a config dataclass: one flag per field, `--help` from its comment.
+
+A recipe's flags are its `Config` fields (`image_size` becomes `--image-size`), so flags and
+fields never drift apart; the comment after each field in the class body is the flag's help,
+so the help is written once, where the field is. An optional field (`str | None`) takes
+`none` on the command line. `--debug` (tracebacks for unexpected errors) is added to every
+parser without being a field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import io
+import textwrap
+import tokenize
+import typing
+from collections.abc import Callable
+from typing import Any
+
+
+def parse_flags(
+    config_cls: type,
+    argv: list[str] | None = None,
+    description: str | None = None,
+    prog: str | None = None,
+    shared_fields: typing.Collection[str] = (),
+) -> tuple[Any, bool]:
+    """Parses `argv` into a `config_cls`, one flag per field, the field's comment as help.
+
+    Args:
+        config_cls: a dataclass whose every field has a default.
+        argv: list[str] or None. Defaults to `sys.argv[1:]`.
+        description: str or None. First line: the summary; the rest: shown after the flags.
+            Defaults to the class docstring.
+        prog: str or None. The program name in usage lines.
+        shared_fields: the fields every recipe has; listed after the class's own in `--help`.
+
+    Returns:
+        The config, and whether `--debug` was given.
+    """
+    from tfxfer.cli import DEBUG_HELP
+
+    summary, _, details = (description or config_cls.__doc__ or "").strip().partition("\n")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=summary,
+        epilog=textwrap.dedent(details).strip() or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hints = typing.get_type_hints(config_cls)
+    defaults = config_cls()
+    comments = field_comments(config_cls)
+    shared = set(shared_fields)
+    own = parser.add_argument_group("recipe options")
+    common = parser.add_argument_group("training and run options (every recipe)")
+    fields = dataclasses.fields(config_cls)
+    for item in sorted(fields, key=lambda f: f.name in shared):
+        group = common if item.name in shared else own
+        flag = "--" + item.name.replace("_", "-")
+        hint, default = hints[item.name], getattr(defaults, item.name)
+        kinds = typing.get_args(hint) or (hint,)
+        help_text = f"{comments.get(item.name, '')} (default: {default})".strip()
+        if hint is bool:
+            group.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=comments.get(item.name),
+            )
+        elif typing.get_origin(hint) is list:
+            group.add_argument(
+                flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text
+            )
+        elif int in kinds:
+            group.add_argument(flag, type=_optional(int, hint), default=default, help=help_text)
+        elif float in kinds:
+            group.add_argument(flag, type=_optional(float, hint), default=default, help=help_text)
+        else:
+            group.add_argument(flag, type=_optional(str, hint), default=default, help=help_text)
+    if "debug" not in {f.name for f in fields}:
+        parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    args = parser.parse_args(argv)
+    config = config_cls(**{f.name: getattr(args, f.name) for f in fields})
+    return config, bool(getattr(args, "debug", False))
+
+
+def _list_of_ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _optional(kind: type, hint: Any) -> Callable[[str], Any]:
+    """A flag parser for `kind`; for an optional field, "none" (any case) gives None."""
+    optional = type(None) in typing.get_args(hint)
+
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def field_comments(config_cls: type) -> dict[str, str]:
+    """The trailing `# comment` of each field in the class bodies of `config_cls` and its bases.
+
+    A subclass's comment wins over its base's. Without source (a frozen app), no help.
+    """
+    comments: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        source = textwrap.dedent("".join(lines))
+        body = ast.parse(source).body[0]
+        source_lines = source.splitlines()
+        for node in getattr(body, "body", []):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                line = source_lines[node.end_lineno - 1]
+                comment = _trailing_comment(line)
+                if comment:
+                    comments[node.target.id] = comment
+    return comments
+
+
+def _trailing_comment(line: str) -> str:
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return ""
+    return next((t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT), "")
