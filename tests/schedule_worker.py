@@ -24,6 +24,12 @@ the checkpoint it expects are both there):
   `.tmp-epoch-*` directory.
 - `--block-before-history E`: after the checkpoint of epoch E is complete, before
   `history.csv` has that epoch's row.
+- `--sigterm-at E:B`: sends itself SIGTERM after batch B of global epoch E, a preemption
+  notice the run answers with a mid-epoch checkpoint (`tests/preemption_worker.py` runs this
+  program behind the command line's error boundary, for its exit status and message).
+
+In `--block-at` and `--sigterm-at`, B counts the batches this process ran in epoch E: a run
+resumed from a checkpoint S steps into epoch E reaches its step S + B there.
 
 The model is deterministic (fixed data and seeds, no dropout, no BatchNorm), so a resumed
 run must end with the weights of a run that was never killed.
@@ -34,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -78,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-at", default=None, help="E:B, see the module docstring")
     parser.add_argument("--block-in-save", type=int, default=None)
     parser.add_argument("--block-before-history", type=int, default=None)
+    parser.add_argument("--sigterm-at", default=None, help="E:B, see the module docstring")
     return parser.parse_args(argv)
 
 
@@ -232,7 +240,7 @@ def main(args: argparse.Namespace) -> None:
     config = {
         key: value
         for key, value in vars(args).items()
-        if key not in ("run_dir", "out", "init_seed") and not key.startswith("block")
+        if key not in ("run_dir", "out", "init_seed") and not key.startswith(("block", "sigterm"))
     }
     config["output_dir"] = args.run_dir
     run_dir = open_run(
@@ -261,22 +269,27 @@ def main(args: argparse.Namespace) -> None:
         .with_options(options)
     )
 
-    class BlockAt(keras.callbacks.Callback):
-        def __init__(self, epoch: int, batch: int):
+    class AtBatch(keras.callbacks.Callback):
+        def __init__(self, at: str, action):
             super().__init__()
-            self.target, self.epoch = (epoch, batch), 0
+            self.target, self.action, self.epoch = tuple(map(int, at.split(":"))), action, 0
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch + 1
 
         def on_train_batch_end(self, batch, logs=None):
             if (self.epoch, batch + 1) == self.target:
-                block(f"at epoch {self.epoch} batch {batch + 1}")
+                self.action(f"at epoch {self.epoch} batch {batch + 1}")
+
+    def sigterm(where: str) -> None:
+        print(f"[worker] SIGTERM {where}", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     callbacks = []
     if args.block_at:
-        epoch, batch = (int(part) for part in args.block_at.split(":"))
-        callbacks.append(BlockAt(epoch, batch))
+        callbacks.append(AtBatch(args.block_at, block))
+    if args.sigterm_at:
+        callbacks.append(AtBatch(args.sigterm_at, sigterm))
 
     result = tfxfer.run_schedule(
         model,
@@ -306,6 +319,7 @@ def main(args: argparse.Namespace) -> None:
     summary = {
         "distribution": distribution,
         "resumed_from_epoch": result.resumed_from_epoch,
+        "resumed_from_step": result.resumed_from_step,
         "history": result.history,
         "metrics": scores,
         "audit": audit,

@@ -351,3 +351,31 @@ def test_eval_images_are_the_resized_files(image_files):
 def test_empty_training_set_is_an_error():
     with pytest.raises(TfxferError, match="empty"):
         epoch_batches(None, num_examples=0, batch_size=4)
+
+
+def test_class_folders_are_read_recursively_and_hidden_entries_are_skipped(tmp_path):
+    root = write_image_folder(str(tmp_path / "data"), {"cat": 1, "dog": 2})
+    write_image(str(tmp_path / "data" / "cat" / "sub" / "a.png"), seed=1)
+    write_image(str(tmp_path / "data" / "cat" / "sub" / "deeper" / "b.png"), seed=2)
+    # Thumbnails of the class's own photos: readable images, but never training data.
+    write_image(str(tmp_path / "data" / "cat" / ".thumbnails" / "000.png"), seed=3)
+    (tmp_path / "data" / "cat" / "._000.png").write_bytes(b"AppleDouble metadata")
+    (tmp_path / "data" / "dog" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "data" / "dog" / "notes.txt").write_text("not an image")
+    os.symlink(tmp_path / "data" / "cat" / "sub", tmp_path / "data" / "dog" / "linked")
+
+    examples = scan_image_folder(root)
+    relative = [os.path.relpath(p, root) for p in examples.inputs]
+    assert relative == [
+        "cat/000.png",
+        "cat/sub/a.png",
+        "cat/sub/deeper/b.png",
+        "dog/000.png",
+        "dog/001.png",
+    ]
+    assert examples.labels.tolist() == [0, 0, 0, 1, 1]
+    # Nothing hidden was even decoded: ._000.png would otherwise be skipped as corrupt.
+    assert examples.skipped == []
+    # .thumbnails/, ._000.png, .DS_Store, notes.txt and the link (not followed).
+    assert examples.ignored == 5
+    assert scan_image_folder(root).inputs == examples.inputs

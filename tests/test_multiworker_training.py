@@ -210,3 +210,65 @@ def test_the_image_recipe_trains_and_evaluates_on_two_workers(tmp_path, shapes_d
     assert config["distribution"]["global_batch_size"] == 8
     rows = sw.read_history_csv(run_dir)
     assert [(int(r["epoch"]), r["stage"]) for r in rows] == [(1, "head"), (2, "finetune")]
+
+
+def _error_line(result: mh.WorkerResult) -> str:
+    return next((line for line in result.output.splitlines() if "tfxfer: error:" in line), "")
+
+
+def test_a_worker_that_cannot_see_the_chiefs_checkpoint_stops_the_cluster(tmp_path):
+    """Resuming is the chief's decision. Worker 1 gets a directory of its own, as on machines
+    without shared storage: it must not start afresh while the chief resumes (their
+    all-reduces would mix two runs), but stop with an error that says what is needed."""
+    from helpers import snapshot_files
+
+    run_dirs = [tmp_path / "run", tmp_path / "run-of-worker1"]
+    args = [*MULTI_WORKER, "--head-epochs", "1", "--finetune-epochs", "1"]
+    first = _run_workers(
+        [*args, "--out", str(tmp_path / "first")],
+        tmp_path / "logs1",
+        worker_args=lambda i: ["--run-dir", str(run_dirs[i])],
+    )
+    assert all(r.ok for r in first), mh.describe_results(first)
+    assert sw.latest_checkpoint(run_dirs[0]) == "epoch-000002"
+    before = snapshot_files(str(run_dirs[0]))
+
+    resumed = _run_workers(
+        [*args, "--out", str(tmp_path / "resumed"), "--resume"],
+        tmp_path / "logs2",
+        worker_args=lambda i: ["--run-dir", str(run_dirs[i])],
+    )
+    # Both stop by themselves, at once, with the error a user sees (exit status 2).
+    assert [(r.returncode, r.killed_by) for r in resumed] == [(2, None), (2, None)], (
+        mh.describe_results(resumed)
+    )
+    worker1 = _error_line(resumed[1])
+    assert "Worker 1 cannot read the checkpoint epoch-000002 that the chief resumes from" in (
+        worker1
+    )
+    assert str(run_dirs[1]) in worker1 and "must see the chief's run directory" in worker1
+    chief = _error_line(resumed[0])
+    assert "1 worker(s) cannot read the checkpoint epoch-000002" in chief
+    assert "must see the chief's run directory" in chief
+    assert not (tmp_path / "resumed").exists()
+    assert not run_dirs[1].exists() and _audit_lines(resumed[1]) == []
+    assert snapshot_files(str(run_dirs[0])) == before
+
+
+def test_when_the_chief_cannot_resume_every_worker_stops(tmp_path):
+    """A --resume of a run with no checkpoint yet: the chief's error, and worker 1 stops too
+    rather than training alone until its first all-reduce times out."""
+    from tfxfer.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    RunDir(str(run_dir))  # a run that stopped before its first checkpoint
+    resumed = _run_workers(
+        [*MULTI_WORKER, "--run-dir", str(run_dir), "--out", str(tmp_path / "out"), "--resume"],
+        tmp_path / "logs",
+    )
+    assert [(r.returncode, r.killed_by) for r in resumed] == [(2, None), (2, None)], (
+        mh.describe_results(resumed)
+    )
+    assert "has no complete checkpoint yet" in _error_line(resumed[0])
+    assert "Worker 1 stops: the chief cannot resume the run" in _error_line(resumed[1])
+    assert _audit_lines(resumed[1]) == []

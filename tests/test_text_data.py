@@ -521,3 +521,66 @@ def test_make_datasets_refuses_text_for_an_image_backbone_and_text_augmentation(
         make_datasets(review_data, tiny_backbone(), batch_size=4)
     with pytest.raises(TfxferError, match="Augmentation applies to images only"):
         make_datasets(review_data, bert_backbone, batch_size=4, augmentation=Augmentation())
+
+
+# === Field counts in CSV rows ===
+
+
+def test_an_unquoted_comma_in_a_row_is_an_error_naming_the_line_and_the_extra_values(tmp_path):
+    path = write(tmp_path / "train.csv", "text,label\nloved it,pos\nthe plot, the acting,neg\n")
+    with pytest.raises(DataError) as info:
+        load_texts(path)
+    message = str(info.value)
+    assert "train.csv line 3 has 3 fields, but the header has 2 (text, label)" in message
+    assert "['neg']" in message and "Quote every field that contains a comma" in message
+    tsv = write(tmp_path / "train.tsv", "text\tlabel\nloved it\tpos\nawful\tneg\tbad\n")
+    with pytest.raises(DataError, match=r"train.tsv line 3 .*\['bad'\].*contains a tab"):
+        load_texts(tsv)
+    # Quoted, the comma is part of the text; a trailing empty field loses nothing.
+    quoted = write(
+        tmp_path / "quoted.csv", 'text,label\n"the plot, the acting",neg\nloved it,pos,\n'
+    )
+    data = read_text_file(quoted)
+    assert data.inputs == ["the plot, the acting", "loved it"]
+    assert data.class_names == ["neg", "pos"]
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_a_row_with_too_few_fields_names_the_missing_column(tmp_path, multi_label):
+    path = write(tmp_path / "train.csv", "text,label\na,x\nb\nc,y\n")
+    with pytest.raises(DataError, match=r"train.csv line 3 has 1 field\(s\).*no 'label'"):
+        load_texts(path, multi_label=multi_label)
+    # With the label first, a short row would have lost its text.
+    swapped = write(tmp_path / "swapped.csv", "label,text\nx,a\ny\nx,c\n")
+    with pytest.raises(DataError, match=r"swapped.csv line 3 .*no 'text'"):
+        load_texts(swapped, multi_label=multi_label)
+
+
+def test_a_blank_short_row_is_skipped_as_an_empty_text(tmp_path):
+    path = write(tmp_path / "train.csv", "label,text\nx,a\n   \ny,b\n")
+    data = read_text_file(path)
+    assert data.inputs == ["a", "b"] and data.skipped == [f"{path} line 3"]
+
+
+# === Nested and hidden entries of class folders ===
+
+
+def test_class_folders_are_read_recursively_and_hidden_entries_are_skipped(tmp_path):
+    root = tmp_path / "train"
+    write(root / "pos/1.txt", "loved it")
+    write(root / "pos/more/2.txt", "great film")
+    write(root / "pos/more/deeper/3.txt", "fun plot")
+    write(root / "pos/.hidden.txt", "not read")
+    write(root / "pos/.ipynb_checkpoints/1-checkpoint.txt", "an old copy")
+    write(root / "neg/1.txt", "boring")
+    write(root / "neg/notes.md", "not a text")
+    write(root / "neg/.git/HEAD.txt", "ref")
+    os.symlink(root / "pos" / "more", root / "neg" / "linked")  # not followed
+
+    data = read_text_folder(str(root))
+    assert data.inputs == ["boring", "loved it", "great film", "fun plot"]
+    assert data.labels.tolist() == [0, 1, 1, 1]
+    # .hidden.txt, .ipynb_checkpoints/, notes.md, .git/ and the link.
+    assert data.ignored == 5
+    again = read_text_folder(str(root))
+    assert again.inputs == data.inputs and again.ignored == data.ignored

@@ -9,9 +9,12 @@ there afterwards. The one thing `--overwrite` may delete is what the run's manif
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import stat
 
+import keras
 import pytest
 from helpers import (
     snapshot_files,
@@ -370,3 +373,121 @@ def test_a_runs_export_is_replaced_when_the_run_finishes_again(real_run, tmp_pat
     assert os.path.isfile(os.path.join(path, "export", EXPORT_MARKER))
     atomic_write_text(run_dir.file("history.csv"), "epoch\n")
     assert set(_manifest(path)) == set(os.listdir(path)) - {MANIFEST}
+
+
+# === A run that stopped before its first checkpoint ===
+
+
+class _CrashInFirstBatch(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        raise RuntimeError("the machine went away")
+
+
+def _tiny_schedule(run_dir, callbacks=()):
+    backbone, model = tiny_model()
+    images, labels = tiny_arrays(n=12)
+    return tfxfer.run_schedule(
+        model,
+        backbone,
+        [tfxfer.Stage("head", 1)],
+        tiny_train_data(images, labels),
+        run_dir=run_dir,
+        callbacks=list(callbacks),
+        verbose=0,
+    )
+
+
+def test_a_run_that_crashed_in_its_first_epoch_is_replaced_by_a_plain_rerun(tmp_path, caplog):
+    path = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="went away"):
+        _tiny_schedule(
+            open_run(path, {"seed": 0}, overwrite=False, resume=False), [_CrashInFirstBatch()]
+        )
+    # A leftover of a first checkpoint that never completed is no checkpoint either.
+    os.makedirs(os.path.join(path, "checkpoints", ".tmp-epoch-000001"))
+    assert sorted(os.listdir(path)) == [MANIFEST, "checkpoints", "config.json"]
+
+    with caplog.at_level(logging.INFO, logger="tfxfer.rundir"):
+        run_dir = open_run(path, {"seed": 1}, overwrite=False, resume=False)
+    assert not run_dir.resumed
+    assert "stopped before its first checkpoint" in caplog.text
+    assert "'checkpoints', 'config.json'" in caplog.text and path in caplog.text
+    assert os.listdir(run_dir.checkpoints) == []
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 1
+    result = _tiny_schedule(run_dir)
+    assert [row["epoch"] for row in result.history] == [1]
+    assert os.path.isfile(os.path.join(path, "checkpoints", "latest.json"))
+
+
+@pytest.mark.parametrize(
+    "kept",
+    ["checkpoints/epoch-000001", "checkpoints/latest.json", "model.keras", "metrics.json", "user"],
+)
+def test_a_run_without_a_checkpoint_is_kept_when_it_holds_anything_else(tmp_path, kept):
+    path = str(tmp_path / "run")
+    run_dir = open_run(path, {"seed": 0}, overwrite=False, resume=False)
+    if kept == "user":
+        _write(os.path.join(path, "notes.txt"))  # not tfxfer's: never replaced unasked
+    elif kept.endswith("000001"):
+        os.makedirs(os.path.join(path, kept))
+    else:
+        _write(run_dir.file(kept), "{}")
+    before = snapshot_files(path)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        RunDir(path)
+    assert snapshot_files(path) == before
+
+
+# === File modes ===
+
+
+def test_every_file_a_run_writes_has_the_mode_open_gives(tmp_path):
+    # An unusual umask, so that neither mkstemp's 0o600 nor a hard-coded 0o644 would match.
+    previous = os.umask(0o007)
+    try:
+        path = str(tmp_path / "run")
+        backbone, model = tiny_model()
+        images, labels = tiny_arrays(n=12)
+        val = tiny_val_data(images, labels)
+        run_dir = open_run(path, {"seed": 0}, overwrite=False, resume=False)
+        result = tfxfer.run_schedule(
+            model,
+            backbone,
+            [tfxfer.Stage("head", 1)],
+            tiny_train_data(images, labels),
+            val,
+            run_dir=run_dir,
+            verbose=0,
+        )
+        finish_run(run_dir, model, result, ["r", "g", "b"], {"val": val}, export_saved_model=True)
+        modes, expected, directories = {}, {}, {}
+        for root, subdirectories, names in os.walk(path):
+            for name in subdirectories:
+                full = os.path.join(root, name)
+                directories[os.path.relpath(full, path)] = stat.S_IMODE(os.stat(full).st_mode)
+            for name in names:
+                modes[os.path.relpath(os.path.join(root, name), path)] = stat.S_IMODE(
+                    os.stat(os.path.join(root, name)).st_mode
+                )
+            probe = os.path.join(root, "mode-probe")
+            with open(probe, "w", encoding="utf-8"):
+                pass
+            expected[os.path.relpath(root, path)] = stat.S_IMODE(os.stat(probe).st_mode)
+            os.remove(probe)
+    finally:
+        os.umask(previous)
+    assert set(expected.values()) == {0o660}
+    # The directories tfxfer makes get what os.makedirs gives under that umask (inside the
+    # export, TensorFlow makes its own with 0o755 & ~umask).
+    ours = {n: m for n, m in directories.items() if not n.startswith("export" + os.sep)}
+    assert "export" in ours and "checkpoints" in ours
+    assert set(ours.values()) == {0o770}, ours
+    for name in (MANIFEST, "config.json", "history.csv", "metrics.json", "model.keras"):
+        assert name in modes, name
+    assert any(name.endswith("model.npz") for name in modes)
+    wrong = {
+        name: oct(mode)
+        for name, mode in modes.items()
+        if mode != expected[os.path.dirname(name) or "."]
+    }
+    assert wrong == {}

@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Callable
 from typing import Any
 
-from tfxfer.errors import DataError, TfxferError
+from tfxfer.errors import DataError, Preempted, TfxferError
 
 # What `--debug` says in `--help`, for this command and every recipe.
 DEBUG_HELP = "on an unexpected error, show the full traceback instead of one line"
@@ -30,6 +30,9 @@ DEBUG_HELP = "on an unexpected error, show the full traceback instead of one lin
 
 def error_boundary(action: Callable[[], Any], *, debug: bool = False) -> int:
     """Runs `action` and returns an exit status: 0, 2 for the user's error, 1 for tfxfer's.
+
+    A run stopped by a preemption notice (`Preempted`) is none of these: one line saying where
+    its checkpoint is, and status 143, as a process ended by SIGTERM reports.
 
     A user with a wrong path reads one sentence, not a traceback. An exception that is not
     the user's is a bug; it is named in one line too, because a page of TensorFlow frames
@@ -42,6 +45,9 @@ def error_boundary(action: Callable[[], Any], *, debug: bool = False) -> int:
     """
     try:
         action()
+    except Preempted as notice:
+        print(f"tfxfer: preempted: {notice}", file=sys.stderr)
+        return notice.exit_status
     except Exception as error:  # the boundary: everything a command raises ends here
         message = str(error) if isinstance(error, TfxferError) else user_error_message(error)
         if message is None:

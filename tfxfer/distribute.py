@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -398,6 +398,71 @@ def is_chief(strategy: tf.distribute.Strategy | None) -> bool:
     if not cluster:
         return True
     return _place_in_cluster(cluster, task_type, task_index)[1]
+
+
+def broadcast_from_chief(
+    strategy: tf.distribute.Strategy | None, values: Sequence[int]
+) -> tuple[int, ...]:
+    """The chief's `values` on every worker of a multi-worker run; `values` itself elsewhere.
+
+    What the run does next must not depend on what each worker sees on its own disk (which
+    checkpoint to resume from, say): the chief decides, and this hands its decision to every
+    worker. Like any collective, every worker must call it at the same point of the program.
+    It is one all-reduce (a sum to which only the chief contributes), run eagerly; this form
+    works under `MultiWorkerMirroredStrategy` on CPU, where reducing a distributed dataset's
+    batch does not (see `tfxfer.keras_compat`).
+
+    Args:
+        strategy: tf.distribute.Strategy or None. The run's strategy.
+        values: sequence of int. What the chief sends; other workers' values are ignored.
+
+    Returns:
+        The chief's values, as a tuple of ints.
+
+    Example:
+
+    >>> broadcast_from_chief(get_strategy("cpu"), [3, -1])
+    (3, -1)
+    """
+    return _sum_over_workers(strategy, values, chief_only=True)
+
+
+def count_workers_where(strategy: tf.distribute.Strategy | None, condition: bool) -> int:
+    """How many workers of a multi-worker run have `condition` true (0 or 1 elsewhere).
+
+    Lets every worker stop together, with an error that says which went wrong, when one of
+    them cannot go on (a collective would otherwise wait for it until it times out). Every
+    worker must call it at the same point of the program.
+
+    Example:
+
+    >>> count_workers_where(get_strategy("cpu"), True)
+    1
+    """
+    return _sum_over_workers(strategy, [int(bool(condition))], chief_only=False)[0]
+
+
+def _sum_over_workers(
+    strategy: tf.distribute.Strategy | None, values: Sequence[int], *, chief_only: bool
+) -> tuple[int, ...]:
+    values = tuple(int(v) for v in values)
+    cluster, _, _ = _multi_worker_task(strategy)
+    if not cluster:
+        return values
+    contributes = is_chief(strategy) or not chief_only
+    mine = tf.constant(values, tf.int64)
+    nothing = tf.zeros_like(mine)
+    # Replica ids are numbered worker by worker (the chief's first): each worker contributes
+    # once, from its first local replica, however many devices it has.
+    local_replicas = len(strategy.extended.worker_devices)
+
+    def value(context: tf.distribute.experimental.ValueContext) -> tf.Tensor:
+        first = int(context.replica_id_in_sync_group) % local_replicas == 0
+        return mine if contributes and first else nothing
+
+    per_replica = strategy.experimental_distribute_values_from_function(value)
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    return tuple(int(v) for v in tf.reshape(total, [-1]).numpy())
 
 
 def describe(strategy: tf.distribute.Strategy) -> dict[str, Any]:

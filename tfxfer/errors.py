@@ -24,3 +24,29 @@ class WeightsError(TfxferError):
 
 class RunDirError(TfxferError):
     """The output directory cannot be used without losing or mixing an earlier run."""
+
+
+class Preempted(Exception):
+    """Training stopped on a preemption notice (SIGTERM), after writing a checkpoint.
+
+    Not a `TfxferError`: nothing is wrong with the user's input. The machine is being taken
+    away (a spot or preemptible VM, a Slurm job at its time limit), and the run did what it
+    could in its notice period: it finished the step in flight, wrote a checkpoint, and
+    stopped. `--resume` goes on from that checkpoint. The command line ends with one line and
+    exit status 143 (128 + SIGTERM), what a process killed by SIGTERM reports.
+
+    Args:
+        epoch: int. The epoch of the last training step done, from 1.
+        step: int. That step's number in its epoch, from 1.
+        checkpoint: str. The checkpoint directory written.
+    """
+
+    exit_status = 128 + 15  # 128 + SIGTERM
+
+    def __init__(self, epoch: int, step: int, checkpoint: str):
+        super().__init__(
+            f"checkpoint written after epoch {epoch} step {step}; rerun with --resume to continue"
+        )
+        self.epoch = epoch
+        self.step = step
+        self.checkpoint = checkpoint

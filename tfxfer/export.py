@@ -118,6 +118,10 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     os.makedirs(parent, exist_ok=True)
     # A fresh name of our own: nothing the user has is ever cleared to make room for it.
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(target)}-", dir=parent)
+    # mkdtemp makes it 0700; the export should have the mode `os.makedirs` would give it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         _ensure_built(model)
         if isinstance(model, RawTextModel):

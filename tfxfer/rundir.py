@@ -19,7 +19,9 @@ A run deletes or changes only what it wrote itself. Every path a run writes goes
 then deletes exactly the manifest's entries, and refuses a directory that holds anything else
 (a data folder, a user's notes, a run from before the manifest existed): those are never
 tfxfer's to delete. A directory that already holds a run is never overwritten or mixed into
-unless the caller asks (`overwrite=True` replaces it, `resume=True` continues it). Files are
+unless the caller asks (`overwrite=True` replaces it, `resume=True` continues it); the one
+exception is a run that stopped before its first checkpoint, with no results and nothing but
+its manifest's entries: nothing in it can be resumed, so a plain re-run replaces it. Files are
 written to a temporary name and renamed into place, so a crash mid-write leaves the old file
 intact.
 """
@@ -27,12 +29,15 @@ intact.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Any
 
 from tfxfer.errors import RunDirError
+
+log = logging.getLogger(__name__)
 
 # The manifest's name: hidden, so that it never looks like a class folder or a result.
 MANIFEST = ".tfxfer-run.json"
@@ -60,10 +65,15 @@ _NAMED_IN_ERRORS = 3
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename."""
+    """Writes `text` to `path` through a temporary file and a rename.
+
+    The file gets the mode a plain `open(path, "w")` gives (0o666 less the umask), like the
+    model and checkpoints beside it; `tempfile.mkstemp` would make it readable by its owner
+    only, so a teammate could read `model.keras` but not the `config.json` it was made with.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
+    fd, tmp = _create_temporary_file(directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -74,6 +84,20 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _create_temporary_file(directory: str) -> tuple[int, str]:
+    """Creates a new hidden `.tmp-*` file in `directory`; returns its descriptor and path."""
+    for _ in range(100):
+        tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            # O_EXCL: never a file that is already there. 0o666: the umask then applies, as it
+            # does to open().
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"No free temporary file name in {directory!r}.")
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
@@ -123,6 +147,29 @@ def _check_entry_name(name: Any) -> None:
         or (os.altsep and os.altsep in name)
     ):
         raise ValueError(f"entry {name!r} is not a plain file or folder name")
+
+
+def _stopped_before_first_checkpoint(path: str) -> bool:
+    """Whether `path` holds only a tfxfer run that ended before anything could be resumed.
+
+    That is what a run that crashed (or was stopped) in its first epoch leaves: a manifest,
+    maybe `config.json` and `checkpoints/` without a checkpoint in it, and no results. It is
+    tfxfer's own and holds nothing a resume could use, so a plain re-run replaces it rather
+    than asking for --overwrite. Anything in `path` the manifest does not list, any
+    checkpoint (`checkpoints/epoch-*`, `checkpoints/latest.json`) or any result
+    (`model.keras`, `metrics.json`) makes it a run to keep.
+    """
+    entries = _read_manifest(path)
+    if entries is None:
+        return False
+    names = _listing(path)
+    foreign = [
+        n for n in names if n != MANIFEST and n not in entries and not n.startswith(TMP_PREFIX)
+    ]
+    if foreign or "model.keras" in names or "metrics.json" in names:
+        return False
+    checkpoints = _listing(os.path.join(path, "checkpoints"))
+    return not any(n == "latest.json" or n.startswith("epoch-") for n in checkpoints)
 
 
 def _listing(directory: str) -> list[str]:
@@ -185,8 +232,8 @@ class RunDir:
             first. Defaults to `False`.
         resume: bool. Continue the run in `path`. Defaults to `False`.
         write: bool. False on every worker of a multi-worker run but the chief: the
-            directory is then only read (to resume), never checked, created or deleted.
-            Defaults to `True`.
+            directory is then only read (to resume from the checkpoint the chief chose),
+            never checked, created or deleted. Defaults to `True`.
 
     Raises:
         RunDirError: `path` holds an earlier run and neither flag was given; or it holds
@@ -207,14 +254,22 @@ class RunDir:
         self.write = write
         if not write:
             # The chief writes this (shared) directory at the same moment: what is there is
-            # its new run, not an earlier one to refuse or delete. A worker resumes exactly
-            # when there is a checkpoint, as the chief does; the chief cannot write a newer
-            # one before every worker has joined the first training step.
-            pointer = os.path.join(self.checkpoints, "latest.json")
-            self.resumed = resume and os.path.exists(pointer)
+            # its new run, not an earlier one to refuse or delete. Nor does this worker decide
+            # from what it sees whether to resume: it may not see the chief's directory at
+            # all, or see a damaged pointer the chief falls back from. `run_schedule` takes
+            # the chief's choice of checkpoint and loads exactly that one on every worker.
+            self.resumed = resume
             return
         self.resumed = self.check(path, overwrite=overwrite, resume=resume)
         if overwrite:
+            self._remove_earlier_run()
+        elif not self.resumed and _stopped_before_first_checkpoint(self.path):
+            log.info(
+                "Replacing the run in %r that stopped before its first checkpoint: it holds "
+                "only %s, which tfxfer wrote and nothing can resume from.",
+                self.path,
+                _some(sorted(_read_manifest(self.path) or ())) or "its manifest",
+            )
             self._remove_earlier_run()
         elif self.resumed and _read_manifest(self.path) is None:
             self._adopt_earlier_run()
@@ -258,6 +313,8 @@ class RunDir:
             ]
         if resume and holds_run:
             return True
+        if not overwrite and _stopped_before_first_checkpoint(path):
+            return False  # `__init__` replaces it: tfxfer's own, with nothing to resume.
         if overwrite and entries is None and markers:
             raise RunDirError(
                 f"Refusing to overwrite {path!r}: it holds {_some(markers)} but no tfxfer "

@@ -15,10 +15,18 @@ the newest verified one and the one before it, and a resume checks what it reads
 `latest.json` is unreadable, or names a checkpoint that is gone or no longer matches its
 recorded sizes and digests, it warns and falls back to the newest intact checkpoint; when
 none is intact it says what is damaged and how to start over, rather than raising a traceback.
+
+A preemption notice (SIGTERM, from a spot VM or Slurm) is answered in a single-process run:
+the step in flight finishes, a mid-epoch checkpoint `epoch-000003-step-000005` (5 steps into
+epoch 4) is written, and `run_schedule` raises `Preempted`. A resume trains the rest of that
+epoch's batches as a `fit` of its own, then the whole epochs after it. Weights, optimizer state
+and validation metrics come out as an uninterrupted run's; the cut epoch's training metrics
+cover only the batches after the resume, since a metric's partial state is not saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -27,6 +35,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +48,8 @@ from keras.src.saving import saving_lib
 
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.data.pipeline import TrainData
-from tfxfer.distribute import is_chief
-from tfxfer.errors import RunDirError, TfxferError
+from tfxfer.distribute import broadcast_from_chief, count_workers_where, describe, is_chief
+from tfxfer.errors import Preempted, RunDirError, TfxferError
 from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.rundir import RunDir, atomic_write_json, atomic_write_text
 from tfxfer.schedule import (
@@ -55,8 +65,11 @@ log = logging.getLogger(__name__)
 # The newest verified checkpoint and the one before it: the fallback when the newest (or the
 # `latest.json` pointer) is damaged after it was written.
 KEEP_CHECKPOINTS = 2
-# A checkpoint directory's name; the number is the global epoch it ends.
-CHECKPOINT_NAME = re.compile(r"epoch-(\d{6,})")
+# A checkpoint directory's name: "epoch-000003" at the end of global epoch 3, or
+# "epoch-000003-step-000005" 5 steps into the epoch after it (written on a preemption notice).
+# Both numbers are zero-padded, so names sort in training order: an epoch's end, the steps
+# into the next epoch, that epoch's end.
+CHECKPOINT_NAME = re.compile(r"epoch-(\d{6,})(?:-step-(\d{6,}))?")
 # The array files of a checkpoint, each recorded in its state.json with size and SHA-256.
 ARRAY_FILES = ("model.npz", "optimizer.npz")
 # Keys a checkpoint's state.json must hold for a resume to use it.
@@ -117,6 +130,8 @@ class TrainResult:
     history: list[dict[str, Any]]
     resumed_from_epoch: int = 0
     best: dict[str, Any] = field(default_factory=dict)
+    # Steps into the epoch after `resumed_from_epoch`, for a resume from a mid-epoch checkpoint.
+    resumed_from_step: int = 0
 
 
 class Checkpointer:
@@ -166,13 +181,15 @@ class Checkpointer:
             if state is None:
                 problems.append(problem)
                 continue
+            step = state.get("step", 0)
             log.warning(
-                "Damaged checkpoint files in %r: %s. Resuming from %s (after epoch %d), the "
+                "Damaged checkpoint files in %r: %s. Resuming from %s (after epoch %d%s), the "
                 "newest intact checkpoint.",
                 self.directory,
                 "; ".join(problems),
                 name,
                 state["global_epoch"],
+                f" and {step} steps of the next" if step else "",
             )
             return state
         raise RunDirError(
@@ -182,7 +199,8 @@ class Checkpointer:
         )
 
     def save(self, model: keras.Model, state: dict[str, Any]) -> None:
-        """Writes the checkpoint of `state["global_epoch"]`, verifies it, points at it, prunes.
+        """Writes the checkpoint of `state["global_epoch"]` (and `state["step"]` steps into the
+        epoch after it, when given), verifies it, points at it, prunes.
 
         Raises:
             RunDirError: the checkpoint just written does not read back intact (a full or
@@ -190,7 +208,7 @@ class Checkpointer:
         """
         if not self.write:
             return
-        name = f"epoch-{state['global_epoch']:06d}"
+        name = checkpoint_name(state["global_epoch"], state.get("step", 0))
         final = os.path.join(self.directory, name)
         tmp = os.path.join(self.directory, f".tmp-{name}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,7 +272,7 @@ class Checkpointer:
             return []
         return sorted(
             (n for n in os.listdir(self.directory) if CHECKPOINT_NAME.fullmatch(n)),
-            key=_epoch_of,
+            key=_position_of,
         )
 
     def _pointed_at(self, problems: list[str]) -> str | None:
@@ -289,8 +307,9 @@ class Checkpointer:
         missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
         if missing:
             return None, f"{name}/state.json lacks {missing} (an older tfxfer wrote it?)"
-        if state["global_epoch"] != _epoch_of(name):
-            return None, f"{name}/state.json is for epoch {state['global_epoch']!r}"
+        position = (state["global_epoch"], state.get("step", 0))  # No "step": an epoch's end.
+        if position != _position_of(name):
+            return None, f"{name}/state.json is for (epoch, step) {position!r}"
         files = state["files"]
         if not isinstance(files, dict) or sorted(files) != sorted(ARRAY_FILES):
             return None, f"{name}/state.json does not list the files {list(ARRAY_FILES)}"
@@ -307,15 +326,23 @@ class Checkpointer:
         later fallback must not take them for the newest.
         """
         names = self._checkpoint_names()
-        older = [n for n in names if _epoch_of(n) < _epoch_of(keep)]
+        older = [n for n in names if _position_of(n) < _position_of(keep)]
         kept = {keep, *older[max(0, len(older) - (KEEP_CHECKPOINTS - 1)) :]}
         for name in names:
             if name not in kept:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
 
-def _epoch_of(name: str) -> int:
-    return int(CHECKPOINT_NAME.fullmatch(name).group(1))
+def checkpoint_name(global_epoch: int, step: int = 0) -> str:
+    """The directory name of the checkpoint `step` steps into the epoch after `global_epoch`."""
+    name = f"epoch-{int(global_epoch):06d}"
+    return f"{name}-step-{int(step):06d}" if step else name
+
+
+def _position_of(name: str) -> tuple[int, int]:
+    """(global epoch, step) of a checkpoint name: where in training it was written."""
+    match = CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def _file_record(path: str) -> dict[str, Any]:
@@ -498,18 +525,121 @@ class _EpochEnd(keras.callbacks.Callback):
                 "mode": t.mode,
             }
             t.save_best(self.model)
-        t.checkpointer.save(
-            self.model,
-            {
-                "stage_index": self.stage_index,
-                "stage": self.stage.name,
-                "global_epoch": epoch + 1,
-                "history": t.history,
-                "best": t.best,
-                "config": t.config,
-            },
-        )
+        t.checkpoint(self.model, self.stage_index, self.stage, epoch + 1)
         t.write_history()
+
+
+class _PreemptionNotice:
+    """Whether a preemption notice (SIGTERM) has arrived. Only the signal handler sets it.
+
+    Python runs a signal handler in the main thread between any two bytecodes, in the middle
+    of a checkpoint write as readily as anywhere; so the handler only sets this flag, and
+    `_StopOnPreemption` reads it where a step has ended.
+    """
+
+    received = False
+
+
+@contextlib.contextmanager
+def _preemption_notice(listen: bool):
+    """Yields a `_PreemptionNotice` that SIGTERM sets while the block runs (when `listen`).
+
+    The previous SIGTERM handler is back when the block ends, however it ends: after
+    training, a SIGTERM ends the process as it did before.
+    """
+    notice = _PreemptionNotice()
+    # Handlers can only be set from the main thread; elsewhere SIGTERM keeps its action.
+    if not listen or threading.current_thread() is not threading.main_thread():
+        yield notice
+        return
+
+    def on_sigterm(signum, frame):
+        notice.received = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield notice
+    finally:
+        # None is a handler set outside Python, which cannot be put back; the default action
+        # is what it most likely did.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _one_process(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process runs every replica of `strategy` (one device, GPUs, a TPU host).
+
+    Only such a run stops on its own preemption notice. The workers of a multi-worker run
+    must all stop after the same step, which takes an agreement among them that tfxfer does
+    not make (TensorFlow's `PreemptionCheckpointHandler` does); a worker that stopped alone
+    would leave the others waiting in a collective. There SIGTERM ends the process as
+    before, and the run resumes from its last epoch checkpoint, as after a SIGKILL.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", [])) <= 1
+
+
+class _StopOnPreemption(keras.callbacks.Callback):
+    """On a preemption notice: a checkpoint after the step in flight, then `Preempted`.
+
+    Between two steps the weights and the optimizer state are those of a finished step, and
+    the data can restart at the next batch (`TrainData.build(epoch, step)`), so a checkpoint
+    there loses no work. It raises rather than setting `model.stop_training`: `fit` would
+    then still validate and call every callback's `on_epoch_end` for part of an epoch (a
+    history row, an epoch checkpoint, a user's EarlyStopping acting on it), and a notice
+    period is short. A notice in an epoch's last step or its validation lets the epoch end
+    as usual: its own checkpoint is the one to resume from.
+
+    Args:
+        trainer: _Trainer. Writes the checkpoint.
+        stage_index: int. The stage being trained.
+        stage: Stage. The stage being trained.
+        steps_per_epoch: int. Steps in a whole epoch.
+        notice: _PreemptionNotice. Set when SIGTERM arrived.
+        first_epoch: int. The fit's first epoch (from 0).
+        first_step: int. Steps of `first_epoch` done before this fit began (a resume from a
+            mid-epoch checkpoint).
+    """
+
+    def __init__(
+        self,
+        trainer: _Trainer,
+        stage_index: int,
+        stage: Stage,
+        steps_per_epoch: int,
+        notice: _PreemptionNotice,
+        first_epoch: int,
+        first_step: int,
+    ):
+        super().__init__()
+        self.trainer = trainer
+        self.stage_index = stage_index
+        self.stage = stage
+        self.steps_per_epoch = steps_per_epoch
+        self.notice = notice
+        self.first_epoch = first_epoch
+        self.first_step = first_step
+        self.epoch = first_epoch
+        self.steps_before = first_step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.steps_before = self.first_step if epoch == self.first_epoch else 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.steps_before + batch + 1
+        if not self.notice.received or step >= self.steps_per_epoch:
+            return
+        log.info("Preemption notice (SIGTERM): writing a checkpoint, then stopping.")
+        self.trainer.checkpoint(self.model, self.stage_index, self.stage, self.epoch, step)
+        raise self.trainer.preempted(self.steps_per_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # `_EpochEnd` ran first: this epoch's checkpoint is written.
+        if self.notice.received:
+            raise self.trainer.preempted(self.steps_per_epoch)
 
 
 class _Trainer:
@@ -525,6 +655,35 @@ class _Trainer:
         self.best: dict[str, Any] = {}
         directory = run_dir.checkpoints if run_dir else None
         self.checkpointer = Checkpointer(directory, write=chief) if directory else _NoCheckpoints()
+        # (global epoch, step) of the newest checkpoint, written or resumed from.
+        self.position: tuple[int, int] | None = None
+
+    def checkpoint(
+        self, model: keras.Model, stage_index: int, stage: Stage, global_epoch: int, step: int = 0
+    ) -> None:
+        """Writes the checkpoint after `global_epoch` epochs and `step` steps of the next."""
+        self.checkpointer.save(
+            model,
+            {
+                "stage_index": stage_index,
+                "stage": stage.name,
+                "global_epoch": global_epoch,
+                "step": step,
+                "history": self.history,
+                "best": self.best,
+                "config": self.config,
+            },
+        )
+        self.position = (global_epoch, step)
+
+    def preempted(self, steps_per_epoch: int) -> Preempted:
+        """The `Preempted` that names the newest checkpoint (an epoch's end, or mid-epoch)."""
+        global_epoch, step = self.position
+        name = checkpoint_name(global_epoch, step)
+        path = os.path.join(self.checkpointer.directory, name)
+        if step:
+            return Preempted(global_epoch + 1, step, path)
+        return Preempted(global_epoch, steps_per_epoch, path)
 
     def _better(self, value: float, best: float) -> bool:
         return value > best if self.mode == "max" else value < best
@@ -558,6 +717,101 @@ class _NoCheckpoints:
 
     def save(self, model, state):
         pass
+
+
+# What the chief broadcasts in place of a checkpoint's epoch (see `_agreed_resume_state`).
+_NO_CHECKPOINT = -1
+_CHIEF_FAILED = -2
+
+
+def _agreed_resume_state(
+    checkpointer: Checkpointer | _NoCheckpoints,
+    run_dir: RunDir | None,
+    strategy: tf.distribute.Strategy,
+) -> dict[str, Any] | None:
+    """The state of the checkpoint to resume from, the chief's choice on every worker.
+
+    Only the chief looks for it (`Checkpointer.latest`, with its fallbacks). It broadcasts
+    which one (its epoch and step) and a fingerprint of its files, and every other worker
+    reads exactly that checkpoint. A worker that chose for itself would start fresh where it
+    cannot see the chief's directory, or resume from another checkpoint where it sees a
+    damaged pointer the chief fell back from, and its gradients would be averaged with the
+    chief's as if they were one run. When any worker cannot read the chief's checkpoint, all
+    of them stop with an error (agreed through a collective, so none waits for the others
+    until a timeout).
+
+    Returns:
+        The checkpoint's state, or None when the run starts from the beginning.
+
+    Raises:
+        RunDirError: resuming was asked but there is no checkpoint, or a worker cannot read
+            the chief's checkpoint.
+    """
+    chief = is_chief(strategy)
+    state, choice = None, (_NO_CHECKPOINT, 0, 0)
+    if chief:
+        try:
+            if run_dir is not None and run_dir.resumed:
+                state = checkpointer.latest()
+                if state is None:
+                    raise RunDirError(
+                        f"Cannot resume {run_dir.path!r}: it has no complete checkpoint yet. "
+                        "Start again with --overwrite, or choose another --output-dir."
+                    )
+        except Exception:
+            broadcast_from_chief(strategy, (_CHIEF_FAILED, 0, 0))  # The workers stop too.
+            raise
+        if state is not None:
+            choice = (int(state["global_epoch"]), int(state.get("step", 0)), _fingerprint(state))
+    epoch, step, fingerprint = broadcast_from_chief(strategy, choice)
+    worker = f"Worker {describe(strategy)['worker_index']}" if not chief else "The chief"
+    if epoch == _CHIEF_FAILED:
+        raise RunDirError(f"{worker} stops: the chief cannot resume the run (its log says why).")
+    if epoch == _NO_CHECKPOINT:
+        return None
+    name, problem = checkpoint_name(epoch, step), None
+    if not chief:
+        state, problem = _read_chiefs_checkpoint(checkpointer, name, fingerprint)
+    failed = count_workers_where(strategy, problem is not None)
+    shared = (
+        "Every worker must see the chief's run directory, e.g. on a shared filesystem or a "
+        "bucket mounted at the same path on every machine."
+    )
+    if problem is not None:
+        raise RunDirError(
+            f"{worker} cannot read the checkpoint {name} that the chief resumes from: {problem}. "
+            f"{shared}"
+        )
+    if failed:
+        raise RunDirError(
+            f"{failed} worker(s) cannot read the checkpoint {name} that the chief resumes from "
+            f"in {checkpointer.directory!r}; their logs say why. {shared}"
+        )
+    return state
+
+
+def _fingerprint(state: dict[str, Any]) -> int:
+    """60 bits of the digest of a checkpoint's recorded file sizes and SHA-256s (an int64)."""
+    files = json.dumps(state["files"], sort_keys=True).encode("utf-8")
+    return int(hashlib.sha256(files).hexdigest()[:15], 16)
+
+
+def _read_chiefs_checkpoint(
+    checkpointer: Checkpointer | _NoCheckpoints, name: str, fingerprint: int
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(state, None) for the chief's checkpoint `name`, or (None, why it cannot be read)."""
+    directory = getattr(checkpointer, "directory", None)
+    if directory is None:
+        return None, "this worker was given no run directory"
+    state, problem = checkpointer._read_intact(name)
+    if problem is not None:
+        return None, f"{problem} in {directory!r}"
+    if _fingerprint(state) != fingerprint:
+        return None, (
+            f"{os.path.join(directory, name)!r} holds other files than the chief's (this worker "
+            "sees another run directory)"
+        )
+    return state, None
 
 
 def run_schedule(
@@ -607,6 +861,12 @@ def run_schedule(
     Returns:
         TrainResult with the trained model and the history of every stage.
 
+    Raises:
+        Preempted: SIGTERM arrived during training; a checkpoint was written after the step in
+            flight (or the epoch that was ending), and `resume=True` continues from it. Only
+            in the main thread of a single-process run with a `run_dir`; elsewhere SIGTERM
+            keeps its action. The previous handler is restored when this returns or raises.
+
     Example:
 
     ```python
@@ -626,13 +886,8 @@ def run_schedule(
     config = json.loads(json.dumps(config or {}, default=str))
     trainer = _Trainer(run_dir, monitor, mode, config, is_chief(strategy))
 
-    state = trainer.checkpointer.latest() if run_dir is not None and run_dir.resumed else None
-    if run_dir is not None and run_dir.resumed and state is None:
-        raise RunDirError(
-            f"Cannot resume {run_dir.path!r}: it has no complete checkpoint yet. Start again "
-            "with --overwrite, or choose another --output-dir."
-        )
-    done_epochs = 0
+    state = _agreed_resume_state(trainer.checkpointer, run_dir, strategy)
+    done_epochs = done_step = 0
     if state is not None:
         differences = config_differences(state.get("config", {}), config)
         if differences:
@@ -642,59 +897,98 @@ def run_schedule(
                 "start a new run with --overwrite or another --output-dir."
             )
         done_epochs = int(state["global_epoch"])
+        # Steps into the next epoch: a checkpoint written on a preemption notice.
+        done_step = int(state.get("step", 0))
+        trainer.position = (done_epochs, done_step)
         trainer.history = list(state["history"])
         trainer.best = dict(state.get("best") or {})
         # The checkpoint's history is the truth: a kill between a checkpoint and the
         # history.csv write after it left the file an epoch short.
         trainer.write_history()
-        log.info("Resuming after epoch %d (stage %r).", done_epochs, state["stage"])
+        log.info(
+            "Resuming after epoch %d%s (stage %r).",
+            done_epochs,
+            f" and {done_step} steps of the next" if done_step else "",
+            state["stage"],
+        )
 
+    # Only the process that writes checkpoints, and only when it is the whole run, stops on
+    # a notice; elsewhere SIGTERM ends the process, and the run resumes as after a SIGKILL.
+    listen = run_dir is not None and trainer.checkpointer.write and _one_process(strategy)
     loaded = False
     stage_start = 0
-    for stage_index, stage in enumerate(stages):
-        stage_end = stage_start + int(stage.epochs)
-        with strategy.scope():
-            trainable = apply_stage(model, groups, stage)
-        if stage.epochs == 0 or stage_end <= done_epochs:
-            stage_start = stage_end  # finished before the interruption
-            continue
-        with strategy.scope():
-            multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
-            optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
-            stage_metrics = [
-                m if isinstance(m, str) else type(m).from_config(m.get_config())
-                for m in (metrics or [])
-            ]
-            model.compile(optimizer=optimizer, loss=loss, metrics=stage_metrics)
-            if state is not None and stage_start <= done_epochs:
-                loaded = True
-                # Mid-stage, the optimizer's moments and step count come back too.
-                Checkpointer.restore(model, state, with_optimizer=done_epochs > stage_start)
-        initial_epoch = max(stage_start, done_epochs)
-        if verbose:
-            print(
-                f"[tfxfer] stage {stage_index + 1}/{len(stages)} {stage.name!r}: epochs "
-                f"{initial_epoch + 1}-{stage_end}, training {trainable or 'head only'}"
-                f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}",
-                flush=True,
-            )
-        model.fit(
-            train_data.build(initial_epoch),
-            steps_per_epoch=train_data.steps_per_epoch,
-            validation_data=val_data,
-            initial_epoch=initial_epoch,
-            epochs=stage_end,
-            callbacks=[
-                _StopOnNaN(stage),
-                _EpochEnd(trainer, stage_index, stage, stage_start),
-                *(callbacks or []),
-            ],
-            shuffle=False,  # the data shuffles itself, per epoch, replayably
-            verbose=verbose,
-        )
-        stage_start = stage_end
+    with _preemption_notice(listen) as notice:
+        for stage_index, stage in enumerate(stages):
+            stage_end = stage_start + int(stage.epochs)
+            with strategy.scope():
+                trainable = apply_stage(model, groups, stage)
+            if stage.epochs == 0 or stage_end <= done_epochs:
+                stage_start = stage_end  # finished before the interruption
+                continue
+            with strategy.scope():
+                multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
+                optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
+                stage_metrics = [
+                    m if isinstance(m, str) else type(m).from_config(m.get_config())
+                    for m in (metrics or [])
+                ]
+                model.compile(optimizer=optimizer, loss=loss, metrics=stage_metrics)
+                if state is not None and stage_start <= done_epochs:
+                    loaded = True
+                    # Mid-stage, the optimizer's moments and step count come back too (and with
+                    # the step count, the learning rate's place in its schedule).
+                    Checkpointer.restore(
+                        model, state, with_optimizer=done_epochs > stage_start or done_step > 0
+                    )
+            initial_epoch = max(stage_start, done_epochs)
+            first_step = done_step if initial_epoch == done_epochs else 0
+            if verbose:
+                part = f" (epoch {initial_epoch + 1} from step {first_step + 1})"
+                print(
+                    f"[tfxfer] stage {stage_index + 1}/{len(stages)} {stage.name!r}: epochs "
+                    f"{initial_epoch + 1}-{stage_end}{part if first_step else ''}"
+                    f", training {trainable or 'head only'}"
+                    f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}",
+                    flush=True,
+                )
+            # `fit` runs every epoch of one call for the same number of steps, so the rest of
+            # a mid-epoch checkpoint's epoch is a call of its own, before the whole epochs.
+            fits = [(initial_epoch, initial_epoch + 1, first_step)] if first_step else []
+            if initial_epoch + bool(first_step) < stage_end:
+                fits.append((initial_epoch + bool(first_step), stage_end, 0))
+            for first_epoch, end_epoch, skip_steps in fits:
+                model.fit(
+                    train_data.build(first_epoch, skip_steps),
+                    steps_per_epoch=train_data.steps_per_epoch - skip_steps,
+                    validation_data=val_data,
+                    initial_epoch=first_epoch,
+                    epochs=end_epoch,
+                    callbacks=[
+                        _StopOnNaN(stage),
+                        _EpochEnd(trainer, stage_index, stage, stage_start),
+                        *(callbacks or []),
+                        # Last, so a notice that arrives during any callback of a step is
+                        # answered at the end of that step.
+                        _StopOnPreemption(
+                            trainer,
+                            stage_index,
+                            stage,
+                            train_data.steps_per_epoch,
+                            notice,
+                            first_epoch,
+                            skip_steps,
+                        ),
+                    ],
+                    shuffle=False,  # the data shuffles itself, per epoch, replayably
+                    verbose=verbose,
+                )
+            stage_start = stage_end
+        if notice.received and trainer.position is not None:
+            # The notice came after the last epoch's end was handled: its checkpoint is the
+            # final one; stop before evaluation and export all the same.
+            raise trainer.preempted(train_data.steps_per_epoch)
     if state is not None and not loaded:
         # Every stage had finished: the checkpoint holds the final weights.
         with strategy.scope():
             Checkpointer.restore(model, state, with_optimizer=False)
-    return TrainResult(model, trainer.history, done_epochs, trainer.best)
+    return TrainResult(model, trainer.history, done_epochs, trainer.best, done_step)

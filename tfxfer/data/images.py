@@ -8,6 +8,13 @@ checks the files once, up front, so a corrupt file is reported before training s
 than crashing it an hour in. Corrupt or undecodable files with an image extension are
 **skipped with a counted warning** (one bad photo in ten thousand should not stop a run);
 files with other extensions are ignored and counted. A class left with no image is an error.
+
+Each class folder is read recursively: its images and those of its subfolders, in sorted
+order, all with the class's label. Files and folders whose name starts with "." are skipped
+everywhere (`.thumbnails/` holds small copies of the class's own photos; `.DS_Store`,
+`.ipynb_checkpoints/`), as the text loader skips them; they are counted in
+`Examples.ignored` with the files of other extensions (a hidden folder counts once, whatever
+it holds). Links to folders are not followed (they can loop) and are counted too.
 Images are decoded only when a pipeline is built (`make_image_dataset`, `image_train_data`),
 and then once: the decoded, resized images are cached and only shuffled per epoch.
 """
@@ -37,6 +44,30 @@ def _decodes(path: str) -> bool:
         return image.shape[0] > 0 and image.shape[1] > 0
     except tf.errors.OpError:  # corrupt, vanished, unreadable (permissions), not a file
         return False
+
+
+def _visible_files(class_dir: str) -> tuple[list[str], int]:
+    """Every file under `class_dir`, recursively and sorted, and how many entries were left out.
+
+    Left out: whatever is hidden (a name starting with "."), a hidden folder with all it holds,
+    and links to folders, which are not followed (they can loop). The text loader
+    (`read_text_folder`) applies the same rule.
+    """
+    files, left_out = [], 0
+    for root, folders, names in os.walk(class_dir):
+        kept = sorted(
+            f
+            for f in folders
+            if not f.startswith(".") and not os.path.islink(os.path.join(root, f))
+        )
+        left_out += len(folders) - len(kept)
+        folders[:] = kept  # os.walk descends into these only, in this order.
+        for name in sorted(names):
+            if name.startswith("."):
+                left_out += 1
+            else:
+                files.append(os.path.join(root, name))
+    return files, left_out
 
 
 def scan_image_folder(
@@ -100,18 +131,18 @@ def scan_image_folder(
         if not os.path.isdir(class_dir):
             continue  # a validation or test folder may lack a class
         count = 0
-        for root, _, filenames in sorted(os.walk(class_dir)):
-            for filename in sorted(filenames):
-                path = os.path.join(root, filename)
-                if not filename.lower().endswith(IMAGE_EXTENSIONS):
-                    ignored += 1
-                    continue
-                if verify and not _decodes(path):
-                    skipped.append(path)
-                    continue
-                paths.append(path)
-                labels.append(label)
-                count += 1
+        files, hidden = _visible_files(class_dir)
+        ignored += hidden
+        for path in files:
+            if not path.lower().endswith(IMAGE_EXTENSIONS):
+                ignored += 1
+                continue
+            if verify and not _decodes(path):
+                skipped.append(path)
+                continue
+            paths.append(path)
+            labels.append(label)
+            count += 1
         if count == 0:
             raise DataError(
                 f"Class folder {class_dir!r} has no readable images (looked for "
@@ -125,7 +156,7 @@ def scan_image_folder(
             skipped[:3],
         )
     if ignored:
-        log.info("Ignored %d non-image file(s) in %s", ignored, directory)
+        log.info("Ignored %d hidden or non-image file(s) and folder(s) in %s", ignored, directory)
     return Examples(
         paths,
         np.asarray(labels, np.int32),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,16 +14,54 @@ from tfxfer.errors import DataError, TfxferError
 
 @dataclass
 class TrainData:
-    """Training batches that can start at any epoch, in the order an uninterrupted run sees.
+    """Training batches that can start at any step of any epoch, in an uninterrupted run's order.
+
+    A run stopped mid-epoch (a preemption notice) resumes at the batch after the last one it
+    trained on, so the dataset must be able to start there and go on exactly as the
+    uninterrupted run's did.
 
     Args:
-        build: callable. `build(start_epoch)` returns an endless dataset of batches whose
-            first batch is the first batch of epoch `start_epoch`.
+        build: callable. `build(start_epoch, start_step=0)` returns an endless dataset of
+            batches whose first batch is batch `start_step` (from 0) of epoch `start_epoch`;
+            the batches after it are the ones an uninterrupted run sees. A callable that takes
+            only `start_epoch` is wrapped to skip `start_step` batches of its output (correct,
+            but it produces the skipped batches first; `epoch_batches` skips them before
+            batching work is done).
         steps_per_epoch: int. Batches per epoch.
+
+    Example:
+
+    ```python
+    data = epoch_batches(examples, num_examples=96, batch_size=16)
+    rest_of_epoch_3 = data.build(3, 4).take(data.steps_per_epoch - 4)
+    ```
     """
 
-    build: Callable[[int], tf.data.Dataset]
+    build: Callable[..., tf.data.Dataset]
     steps_per_epoch: int
+
+    def __post_init__(self):
+        if not _takes_start_step(self.build):
+            self.build = _skipping_start_steps(self.build)
+
+
+def _takes_start_step(build: Callable) -> bool:
+    """Whether `build` can be called as `build(start_epoch, start_step)`."""
+    try:
+        inspect.signature(build).bind(0, 0)
+    except (TypeError, ValueError):  # ValueError: a callable without a signature.
+        return False
+    return True
+
+
+def _skipping_start_steps(build_epochs: Callable[[int], tf.data.Dataset]) -> Callable:
+    """`build(start_epoch, start_step=0)` from a `build(start_epoch)` that knows no steps."""
+
+    def build(start_epoch: int, start_step: int = 0) -> tf.data.Dataset:
+        ds = build_epochs(start_epoch)
+        return ds.skip(int(start_step)) if start_step else ds
+
+    return build
 
 
 def epoch_batches(
@@ -51,7 +90,7 @@ def epoch_batches(
         raise TfxferError("The training set is empty.")
 
     @tf.autograph.experimental.do_not_convert
-    def one_epoch(epoch):
+    def one_epoch(epoch, skip):
         ds = examples
         if shuffle:
             # The order must depend on `seed` and the epoch alone. This function's graph
@@ -59,14 +98,24 @@ def epoch_batches(
             # seed of 0 makes TensorFlow test the tensor seed as a Python bool, which fails).
             tf.compat.v1.get_default_graph().seed = None
             ds = ds.shuffle(num_examples, seed=tf.cast(epoch, tf.int64) * 1_000_003 + seed)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        # Batches a resumed run already trained on are skipped before they are transformed.
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder).skip(skip)
         if transform is not None:
             ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
         return ds
 
-    def build(start_epoch: int) -> tf.data.Dataset:
+    def build(start_epoch: int, start_step: int = 0) -> tf.data.Dataset:
+        if not 0 <= int(start_step) < steps:
+            raise ValueError(
+                f"Expected `start_step` in [0, {steps}) (the batches of one epoch). "
+                f"Received: start_step={start_step}"
+            )
         epochs = tf.data.Dataset.range(int(start_epoch), 2**62)
-        ds = epochs.flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
+        # Only the first epoch starts part-way: `start_step` for it, 0 for every one after.
+        skips = tf.data.Dataset.from_tensors(tf.constant(int(start_step), tf.int64)).concatenate(
+            tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()
+        )
+        ds = tf.data.Dataset.zip((epochs, skips)).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
         # Under MultiWorkerMirroredStrategy each worker takes its share of every global batch;
         # sharding by file would fail (the examples come from tensors, not files).
         options = tf.data.Options()

@@ -14,8 +14,16 @@ the model would have no output for it.
 Empty or whitespace-only texts are skipped, listed in `Examples.skipped` (file and line), and
 reported with `logging.warning`:
 spreadsheets exported to CSV often carry a few blank rows, and failing a whole run for them
-helps nobody. Everything else that is wrong (a missing column, a missing label, bytes that
-are not UTF-8, a line that is not JSON) raises `DataError` naming the file and line.
+helps nobody. Everything else that is wrong (a missing column, a missing label, a CSV row with
+more fields than its header, which an unquoted comma inside a text makes, bytes that are not
+UTF-8, a line that is not JSON) raises `DataError` naming the file and line.
+
+In a class folder, each class subfolder is read recursively: its `.txt` files and those of
+its subfolders, in sorted order, all with the class's label. Files and folders whose name
+starts with "." (`.DS_Store`, `.ipynb_checkpoints/`, `.git/`) are skipped everywhere, as the
+image loader skips them; they and files that are not `.txt` are counted in
+`Examples.ignored` (a hidden folder counts once, whatever it holds). Links to folders are
+not followed (they can loop) and are counted too.
 """
 
 from __future__ import annotations
@@ -160,9 +168,10 @@ def read_text_file(
 def read_text_folder(directory: str, class_names: list[str] | None = None) -> Examples:
     """Reads a folder with one subfolder per class of UTF-8 `.txt` files, one text each.
 
-    Class names are the sorted subfolder names (integers by value). Files other than `.txt`
-    are ignored and counted in `ignored`; empty or whitespace-only files are skipped and
-    listed in `skipped`.
+    Class names are the sorted subfolder names (integers by value). Each class folder is read
+    recursively, in sorted order. Hidden files and folders (names starting with ".") and files
+    other than `.txt` are ignored and counted in `ignored`; empty or whitespace-only files are
+    skipped and listed in `skipped`.
 
     Args:
         directory: str. The folder.
@@ -310,9 +319,45 @@ def _read_table(
             raise DataError(
                 f"{path} has no column {missing[0]!r}. Columns found: {columns}. {_COLUMN_HINT}"
             )
-        return [(reader.line_num, row[text_column], row[label_column]) for row in reader]
+        rows = []
+        for row in reader:
+            _check_field_count(path, reader, row, (text_column, label_column))
+            rows.append((reader.line_num, row[text_column], row[label_column]))
+        return rows
     except csv.Error as error:
         raise DataError(f"{path} line {reader.line_num} is not valid CSV: {error}") from None
+
+
+def _check_field_count(
+    path: Path, reader: csv.DictReader, row: dict[str | None, Any], needed: tuple[str, str]
+) -> None:
+    """Raises `DataError` for a row with more fields than the header, or too few for `needed`.
+
+    `csv.DictReader` would otherwise take an unquoted delimiter inside a text or a label
+    ("the match went on, and on") as the end of a field: it keeps the row's first fields,
+    puts the rest aside under the key None, and the label silently becomes a piece of text.
+    Extra fields that are all empty (a trailing delimiter) lose nothing and are allowed, as
+    are short rows that hold nothing at all (a blank spreadsheet row), which `_to_examples`
+    skips as empty.
+    """
+    header = reader.fieldnames or []
+    delimiter = "tab" if reader.reader.dialect.delimiter == "\t" else "comma"
+    extra = row.get(None) or []
+    if any(str(value).strip() for value in extra):
+        raise DataError(
+            f"{path} line {reader.line_num} has {len(header) + len(extra)} fields, but the "
+            f"header has {len(header)} ({', '.join(header)}): the extra value(s) {extra[:3]!r} "
+            f"would be cut off. Quote every field that contains a {delimiter}, e.g. "
+            f'"rates rose, again" (most spreadsheet programs do when they export).'
+        )
+    missing = [column for column in needed if row.get(column) is None]
+    present = [value for key, value in row.items() if key is not None and value is not None]
+    if missing and any(value.strip() for value in present):
+        raise DataError(
+            f"{path} line {reader.line_num} has {len(present)} field(s), but the header has "
+            f"{len(header)} ({', '.join(header)}): it has no {missing[0]!r}. Every row needs "
+            f"a value for each column, separated by a {delimiter}."
+        )
 
 
 def _read_jsonl(
@@ -348,7 +393,7 @@ def _read_jsonl(
 def _read_folder(
     directory: Path, *, must_fill_every_class: bool = False
 ) -> tuple[list[tuple[str, str, str]], int]:
-    """Rows of `(file, text, class name)` from a class folder, and the count of non-.txt files."""
+    """Rows of `(file, text, class name)` from a class folder, and the count of ignored files."""
     if not directory.is_dir():
         raise DataError(f"Text folder {str(directory)!r} does not exist or is not a directory.")
     class_dirs = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -358,17 +403,41 @@ def _read_folder(
         )
     rows, empty_classes, ignored = [], [], 0
     for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        files, hidden = _visible_files(class_dir)
         texts = [p for p in files if p.suffix.lower() == ".txt"]
-        ignored += len(files) - len(texts)
+        ignored += hidden + len(files) - len(texts)
         if not texts:
             empty_classes.append(class_dir.name)
         rows.extend((str(p), _decode_utf8(p), class_dir.name) for p in texts)
     if must_fill_every_class and empty_classes:
         raise DataError(f"Class folder(s) {empty_classes} in {directory} hold no .txt files.")
     if ignored:
-        log.info("Ignored %d file(s) that are not .txt in %s", ignored, directory)
+        log.info("Ignored %d hidden or non-.txt file(s) and folder(s) in %s", ignored, directory)
     return rows, ignored
+
+
+def _visible_files(class_dir: Path) -> tuple[list[Path], int]:
+    """Every file under `class_dir`, recursively and sorted, and how many entries were left out.
+
+    Left out: whatever is hidden (a name starting with "."), a hidden folder with all it holds,
+    and links to folders, which are not followed (they can loop). The image loader
+    (`scan_image_folder`) applies the same rule.
+    """
+    files, left_out = [], 0
+    for root, folders, names in os.walk(class_dir):
+        kept = sorted(
+            f
+            for f in folders
+            if not f.startswith(".") and not os.path.islink(os.path.join(root, f))
+        )
+        left_out += len(folders) - len(kept)
+        folders[:] = kept  # os.walk descends into these only, in this order.
+        for name in sorted(names):
+            if name.startswith("."):
+                left_out += 1
+            else:
+                files.append(Path(root, name))
+    return files, left_out
 
 
 # === Labels ===
