@@ -27,10 +27,10 @@ from helpers import (
 )
 
 import tfxfer
-from tfxfer import train as train_module
+from tfxfer import checkpoints as checkpoints_module
+from tfxfer.checkpoints import Checkpointer
 from tfxfer.errors import RunDirError
 from tfxfer.rundir import RunDir
-from tfxfer.train import Checkpointer
 
 KILL_AFTER = 3
 
@@ -292,7 +292,7 @@ def test_a_checkpoint_that_does_not_read_back_intact_gives_up_nothing(
         if os.path.basename(src) == ".tmp-epoch-000003":
             _truncate(os.path.join(dst, "model.npz"))
 
-    monkeypatch.setattr(train_module.os, "replace", replace_then_lose_half)
+    monkeypatch.setattr(checkpoints_module.os, "replace", replace_then_lose_half)
     with pytest.raises(RunDirError, match=r"does not read back intact: epoch-000003/model\.npz"):
         checkpointer.save(compiled_model, _state(3))
     monkeypatch.undo()

@@ -31,9 +31,9 @@ from helpers import (
 )
 
 import tfxfer
+from tfxfer.checkpoints import KEEP_CHECKPOINTS
 from tfxfer.errors import RunDirError
 from tfxfer.rundir import RunDir
-from tfxfer.train import KEEP_CHECKPOINTS
 
 # Real processes killed with SIGKILL and restarted.
 pytestmark = pytest.mark.slow

@@ -22,11 +22,11 @@ from helpers import (
 )
 
 import tfxfer
+from tfxfer import checkpoints as checkpoints_module
 from tfxfer import rundir as rundir_module
-from tfxfer import train as train_module
+from tfxfer.checkpoints import KEEP_CHECKPOINTS, Checkpointer
 from tfxfer.errors import RunDirError
 from tfxfer.rundir import MANIFEST, RunDir, atomic_write_json, atomic_write_text
-from tfxfer.train import KEEP_CHECKPOINTS, Checkpointer
 
 # === RunDir ===
 
@@ -160,14 +160,14 @@ def test_checkpointer_points_only_at_complete_checkpoints(tmp_path, monkeypatch)
     assert checkpointer.latest()["global_epoch"] == 3
 
     # A save killed before its checkpoint is complete leaves the pointer on the last complete one.
-    real_write = train_module.atomic_write_json
+    real_write = checkpoints_module.atomic_write_json
 
     def killed_while_writing_state(path, obj):
         if path.endswith("state.json"):
             raise KeyboardInterrupt("killed while writing the checkpoint")
         real_write(path, obj)
 
-    monkeypatch.setattr(train_module, "atomic_write_json", killed_while_writing_state)
+    monkeypatch.setattr(checkpoints_module, "atomic_write_json", killed_while_writing_state)
     with pytest.raises(KeyboardInterrupt):
         checkpointer.save(model, _state(5))
     assert checkpointer.latest()["global_epoch"] == 3
