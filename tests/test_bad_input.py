@@ -188,7 +188,7 @@ def deny_reading(name: str) -> Callable[[pytest.MonkeyPatch], None]:
     """Makes reading files named `name` fail with EACCES, as chmod 000 does for non-root."""
 
     def patch(monkeypatch: pytest.MonkeyPatch) -> None:
-        read_bytes, scandir = Path.read_bytes, os.scandir
+        read_bytes, scandir, listdir = Path.read_bytes, os.scandir, os.listdir
 
         def denied(path):
             return PermissionError(errno.EACCES, "Permission denied", str(path))
@@ -203,8 +203,14 @@ def deny_reading(name: str) -> Callable[[pytest.MonkeyPatch], None]:
                 raise denied(path)
             return scandir(path)
 
+        def guarded_listdir(path="."):
+            if os.path.basename(os.fspath(path)) == name:
+                raise denied(path)
+            return listdir(path)
+
         monkeypatch.setattr(Path, "read_bytes", guarded_read_bytes)
         monkeypatch.setattr(os, "scandir", guarded_scandir)
+        monkeypatch.setattr(os, "listdir", guarded_listdir)
 
     return patch
 

@@ -31,8 +31,8 @@ from helpers import (
 )
 
 import tfxfer
+from tfxfer import fs
 from tfxfer.checkpoints import KEEP_CHECKPOINTS
-from tfxfer.errors import RunDirError
 from tfxfer.rundir import RunDir
 
 # Real processes killed with SIGKILL and restarted.
@@ -248,14 +248,12 @@ def test_dropout_masks_replay_after_resume(tmp_path):
     assert not np.allclose(straight(images, training=True), straight(images, training=True))
 
 
-def test_a_url_output_dir_is_refused_rather_than_written_locally(tmp_path, monkeypatch):
+def test_a_url_output_dir_goes_through_gfile_not_the_local_disk(tmp_path, monkeypatch):
     # os.makedirs("gs://bucket/run") would make a local directory "gs:" and say nothing.
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(
-        RunDirError,
-        match="Expected a local or mounted directory for the run. Received: 'gs://bucket/run'",
-    ):
-        RunDir("gs://bucket/run", resume=True)
+    run_dir = RunDir("ram://resume-url-test/run")
+    assert run_dir.path == "ram://resume-url-test/run"
+    assert fs.isdir("ram://resume-url-test/run/checkpoints")
     assert list(tmp_path.iterdir()) == []
 
 

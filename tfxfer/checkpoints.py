@@ -25,12 +25,15 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import zipfile
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
+from tfxfer import fs
 from tfxfer.errors import RunDirError
 from tfxfer.rundir import atomic_write_json
 
@@ -80,7 +83,7 @@ class Checkpointer:
 
     @property
     def pointer(self) -> str:
-        return os.path.join(self.directory, "latest.json")
+        return fs.join(self.directory, "latest.json")
 
     def latest(self) -> dict[str, Any] | None:
         """The state of the checkpoint to resume from, or None when none was written yet.
@@ -92,7 +95,7 @@ class Checkpointer:
             RunDirError: checkpoints were written, but none of them is intact.
         """
         names = self._checkpoint_names()
-        if not names and not os.path.exists(self.pointer):
+        if not names and not fs.exists(self.pointer):
             return None  # A leftover `.tmp-` directory is not a checkpoint.
         problems: list[str] = []
         named = self._pointed_at(problems)
@@ -136,18 +139,21 @@ class Checkpointer:
         if not self.write:
             return
         name = checkpoint_name(state["global_epoch"], state.get("step", 0))
-        final = os.path.join(self.directory, name)
-        tmp = os.path.join(self.directory, f".tmp-{name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        final = fs.join(self.directory, name)
+        # On an object store a folder cannot be renamed in one step, so the checkpoint is
+        # written where it stays; it is just as safe, since nothing reads it before the
+        # `latest.json` written after it is verified names it (see `tfxfer.fs`).
+        tmp = final if fs.is_url(final) else fs.join(self.directory, f".tmp-{name}")
+        fs.rmtree(tmp, ignore_errors=True)
+        fs.makedirs(tmp)
         # Raw variable values, in order, rather than Keras' per-layer saving: that merges
         # LoRA adapters into kernels and zeroes the adapters on load, which would silently
         # end a LoRA stage on resume.
         optimizer = getattr(model, "optimizer", None)
         optimizer_variables = list(optimizer.variables) if optimizer is not None else []
         files = {
-            "model.npz": _save_arrays(os.path.join(tmp, "model.npz"), model.variables),
-            "optimizer.npz": _save_arrays(os.path.join(tmp, "optimizer.npz"), optimizer_variables),
+            "model.npz": _save_arrays(fs.join(tmp, "model.npz"), model.variables),
+            "optimizer.npz": _save_arrays(fs.join(tmp, "optimizer.npz"), optimizer_variables),
         }
         state = {
             **state,
@@ -155,11 +161,12 @@ class Checkpointer:
             "optimizer_variables": [v.path for v in optimizer_variables],
             "files": files,
         }
-        atomic_write_json(os.path.join(tmp, "state.json"), state)
-        # What this replaces, if anything, was never verified or is damaged: a resume only
-        # starts before an existing checkpoint when that one could not be used.
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        atomic_write_json(fs.join(tmp, "state.json"), state)
+        if tmp != final:
+            # What this replaces, if anything, was never verified or is damaged: a resume only
+            # starts before an existing checkpoint when that one could not be used.
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         # Read back what is on disk now, before anything older is given up for it.
         _, problem = self._read_intact(name)
         if problem is not None:
@@ -179,7 +186,7 @@ class Checkpointer:
             RunDirError: a file is unreadable or damaged, or was made from another model.
         """
         _load_arrays(
-            os.path.join(state["checkpoint_dir"], "model.npz"),
+            fs.join(state["checkpoint_dir"], "model.npz"),
             model.variables,
             state["model_variables"],
             "model",
@@ -187,7 +194,7 @@ class Checkpointer:
         if with_optimizer:
             model.optimizer.build(model.trainable_variables)
             _load_arrays(
-                os.path.join(state["checkpoint_dir"], "optimizer.npz"),
+                fs.join(state["checkpoint_dir"], "optimizer.npz"),
                 model.optimizer.variables,
                 state["optimizer_variables"],
                 "optimizer",
@@ -195,22 +202,26 @@ class Checkpointer:
 
     def _checkpoint_names(self) -> list[str]:
         """The `epoch-*` entries in the directory, oldest first."""
-        if not os.path.isdir(self.directory):
+        if not fs.isdir(self.directory):
             return []
         return sorted(
-            (n for n in os.listdir(self.directory) if CHECKPOINT_NAME.fullmatch(n)),
+            (n for n in fs.listdir(self.directory) if CHECKPOINT_NAME.fullmatch(n)),
             key=_position_of,
         )
 
     def _pointed_at(self, problems: list[str]) -> str | None:
         """The checkpoint `latest.json` names, or None with the reason added to `problems`."""
         try:
-            with open(self.pointer, encoding="utf-8") as handle:
+            with fs.open(self.pointer) as handle:
                 pointer = json.load(handle)
-        except FileNotFoundError:
+        except (FileNotFoundError, tf.errors.NotFoundError):
             problems.append("latest.json is missing")
             return None
-        except (OSError, ValueError) as error:  # Truncated JSON, or not text at all.
+        except (
+            OSError,
+            ValueError,
+            tf.errors.OpError,
+        ) as error:  # Truncated JSON, or not text at all.
             problems.append(f"latest.json cannot be read ({error})")
             return None
         name = pointer.get("checkpoint") if isinstance(pointer, dict) else None
@@ -221,15 +232,15 @@ class Checkpointer:
 
     def _read_intact(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
         """(state, None) when checkpoint `name` is intact, else (None, what is wrong)."""
-        folder = os.path.join(self.directory, name)
-        if not os.path.isdir(folder):
+        folder = fs.join(self.directory, name)
+        if not fs.isdir(folder):
             return None, f"{name} is missing"
         try:
-            with open(os.path.join(folder, "state.json"), encoding="utf-8") as handle:
+            with fs.open(fs.join(folder, "state.json")) as handle:
                 state = json.load(handle)
-        except FileNotFoundError:
+        except (FileNotFoundError, tf.errors.NotFoundError):
             return None, f"{name}/state.json is missing"
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, tf.errors.OpError) as error:
             return None, f"{name}/state.json cannot be read ({error})"
         missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
         if missing:
@@ -241,7 +252,7 @@ class Checkpointer:
         if not isinstance(files, dict) or sorted(files) != sorted(ARRAY_FILES):
             return None, f"{name}/state.json does not list the files {list(ARRAY_FILES)}"
         for file in ARRAY_FILES:
-            problem = _file_problem(os.path.join(folder, file), files[file])
+            problem = _file_problem(fs.join(folder, file), files[file])
             if problem is not None:
                 return None, f"{name}/{file} {problem}"
         return {**state, "checkpoint_dir": folder}, None
@@ -257,7 +268,7 @@ class Checkpointer:
         kept = {keep, *older[max(0, len(older) - (KEEP_CHECKPOINTS - 1)) :]}
         for name in names:
             if name not in kept:
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                fs.rmtree(fs.join(self.directory, name), ignore_errors=True)
 
 
 def checkpoint_name(global_epoch: int, step: int = 0) -> str:
@@ -276,7 +287,7 @@ def _file_record(path: str) -> dict[str, Any]:
     """{"size", "sha256"} of the file at `path`, read a chunk at a time."""
     digest = hashlib.sha256()
     size = 0
-    with open(path, "rb") as handle:
+    with fs.open(path, "rb") as handle:
         while chunk := handle.read(DIGEST_CHUNK):
             digest.update(chunk)
             size += len(chunk)
@@ -293,20 +304,33 @@ def _file_problem(path: str, record: Any) -> str | None:
         return "has no recorded size and SHA-256"
     try:
         # The size first: a truncated file is told apart without reading it.
-        size = os.path.getsize(path)
+        size = fs.getsize(path)
         if size != record["size"]:
             return f"has {size} bytes where {record['size']} were written (truncated?)"
         if _file_record(path)["sha256"] != record["sha256"]:
             return "does not match the SHA-256 recorded when it was written"
-    except FileNotFoundError:
+    except (FileNotFoundError, tf.errors.NotFoundError):
         return "is missing"
     except OSError as error:
         return f"cannot be read ({error.strerror or error})"
+    except tf.errors.OpError as error:
+        return f"cannot be read ({error.message})"
     return None
 
 
 def _save_arrays(path: str, variables: list) -> dict[str, Any]:
     """Writes `variables` to an .npz at `path`; returns its size and SHA-256 for state.json."""
+    if fs.is_url(path):
+        # zipfile needs a seekable file; a gfile upload is not one. Written locally, hashed
+        # from those same bytes, then copied; the read-back in `save` checks the copy.
+        handle, local = tempfile.mkstemp(suffix=".npz")
+        os.close(handle)
+        try:
+            record = _save_arrays(local, variables)
+            tf.io.gfile.copy(local, path, overwrite=True)
+        finally:
+            os.remove(local)
+        return record
     # An .npz written one variable at a time: np.savez would first copy every variable
     # (for a BERT-base AdamW state, a gigabyte) before writing any of them.
     with open(path, "wb") as raw:
@@ -353,9 +377,16 @@ def _load_arrays(path: str, variables: list, saved_paths: list[str], what: str) 
             f"{extra[:3]}). Resume with the config and backbone the run started with."
         )
     try:
-        with np.load(path, allow_pickle=False) as arrays:
+        with fs.open(path, "rb") as handle, np.load(handle, allow_pickle=False) as arrays:
             values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
+    except (
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        tf.errors.OpError,
+    ) as error:
         # A resume verifies digests first; this is for a file damaged after that, or read
         # without it.
         raise RunDirError(

@@ -32,9 +32,11 @@ import json
 import logging
 import os
 import secrets
-import shutil
 from typing import Any
 
+import tensorflow as tf
+
+from tfxfer import fs
 from tfxfer.errors import RunDirError
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,21 @@ def atomic_write_text(path: str, text: str) -> None:
     model and checkpoints beside it; `tempfile.mkstemp` would make it readable by its owner
     only, so a teammate could read `model.keras` but not the `config.json` it was made with.
     """
+    if fs.is_url(path):
+        # No fsync or O_EXCL on an object store; the temporary name and the rename keep a
+        # half-written object out from under the final name (see `tfxfer.fs`).
+        directory = fs.dirname(path)
+        fs.makedirs(directory)
+        tmp = fs.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            with fs.open(tmp, "w") as handle:
+                handle.write(text)
+            fs.rename(tmp, path)
+        except BaseException:
+            if fs.exists(tmp):
+                fs.remove(tmp)
+            raise
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = _create_temporary_file(directory)
@@ -110,25 +127,25 @@ def listed_in_run_manifest(path: str) -> bool:
     `export_saved_model` asks this so a run's own `export/` (recorded before it was written)
     can be replaced even when it predates the export's own marker file.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    entries = _read_manifest(os.path.dirname(path))
-    return entries is not None and os.path.basename(path) in entries
+    path = _absolute(path)
+    entries = _read_manifest(fs.dirname(path))
+    return entries is not None and fs.basename(path) in entries
 
 
 def _read_manifest(directory: str) -> set[str] | None:
     """The manifest's entries in `directory`, or None when it has none."""
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
+    path = fs.join(directory, MANIFEST)
+    if not fs.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as handle:
+        with fs.open(path) as handle:
             manifest = json.load(handle)
         entries = manifest["entries"]
         if not isinstance(entries, list):
             raise TypeError(f"entries is a {type(entries).__name__}")
         for name in entries:
             _check_entry_name(name)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as error:
         raise RunDirError(
             f"The run manifest {path!r} cannot be read ({error}). tfxfer deletes only what "
             "this file lists, so it will not touch this directory: check the file, or "
@@ -168,12 +185,26 @@ def _stopped_before_first_checkpoint(path: str) -> bool:
     ]
     if foreign or "model.keras" in names or "metrics.json" in names:
         return False
-    checkpoints = _listing(os.path.join(path, "checkpoints"))
+    checkpoints = _listing(fs.join(path, "checkpoints"))
     return not any(n == "latest.json" or n.startswith("epoch-") for n in checkpoints)
 
 
 def _listing(directory: str) -> list[str]:
-    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    return sorted(fs.listdir(directory)) if fs.isdir(directory) else []
+
+
+def _resolved(path: str) -> str:
+    """`path` with links resolved, to compare it with another (a URL as it is)."""
+    if fs.is_url(path):
+        return str(path).rstrip("/")
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
+def _absolute(path: str) -> str:
+    """`path` made absolute (a URL is one already)."""
+    if fs.is_url(path):
+        return str(path).rstrip("/")
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 def _some(names: list[str]) -> str:
@@ -250,7 +281,7 @@ class RunDir:
     def __init__(
         self, path: str, *, overwrite: bool = False, resume: bool = False, write: bool = True
     ):
-        self.path = os.path.abspath(os.path.expanduser(path))
+        self.path = _absolute(path)
         self.write = write
         if not write:
             # The chief writes this (shared) directory at the same moment: what is there is
@@ -274,7 +305,7 @@ class RunDir:
         elif self.resumed and _read_manifest(self.path) is None:
             self._adopt_earlier_run()
         self._record("checkpoints")
-        os.makedirs(self.checkpoints, exist_ok=True)
+        fs.makedirs(self.checkpoints)
 
     @classmethod
     def check(cls, path: str, *, overwrite: bool = False, resume: bool = False) -> bool:
@@ -285,17 +316,11 @@ class RunDir:
         """
         if overwrite and resume:
             raise RunDirError("Pass either --overwrite or --resume, not both.")
-        if "://" in str(path):
-            # os.makedirs("gs://b/run") would quietly make a local directory named "gs:".
-            raise RunDirError(
-                f"Expected a local or mounted directory for the run. Received: {path!r}. The "
-                "run directory is written through the local filesystem; write it to local "
-                "disk (or a mounted bucket) and copy it to cloud storage afterwards."
-            )
         given = path
-        path = os.path.abspath(os.path.expanduser(str(path)))
-        _refuse_shared_locations(given, path)
-        if os.path.exists(path) and not os.path.isdir(path):
+        path = _absolute(path)
+        if not fs.is_url(path):  # A bucket holds no home or working directory.
+            _refuse_shared_locations(given, path)
+        if fs.exists(path) and not fs.isdir(path):
             raise RunDirError(f"Output path {path!r} is a file, not a directory.")
         names = _listing(path)
         if not names:
@@ -363,19 +388,20 @@ class RunDir:
             paths: list of str or None. The run's inputs (data, weights, a local backbone);
                 None entries are skipped.
         """
-        output = os.path.realpath(os.path.expanduser(str(output_dir)))
+        output = _resolved(output_dir)
+        sep = "/" if fs.is_url(output) else os.sep
         for given in paths:
             if given is None or not str(given).strip():
                 continue
-            path = os.path.realpath(os.path.expanduser(str(given)))
-            if path == output or path.startswith(output.rstrip(os.sep) + os.sep):
+            path = _resolved(given)
+            if path == output or path.startswith(output.rstrip(sep) + sep):
                 where = "is" if path == output else "lies inside"
                 raise RunDirError(
                     f"Input path {given!r} {where} the output directory {output_dir!r}: the run "
                     "would write among your data and read its own files back as data. Pass an "
                     "--output-dir outside your data, e.g. --output-dir runs/my_run."
                 )
-            if output.startswith(path.rstrip(os.sep) + os.sep):
+            if output.startswith(path.rstrip(sep) + sep):
                 raise RunDirError(
                     f"The output directory {output_dir!r} lies inside the input path {given!r}: "
                     "the run would add its files to your data (a new class folder, for an image "
@@ -391,11 +417,16 @@ class RunDir:
             return
         leftovers = [n for n in _listing(self.path) if n.startswith(TMP_PREFIX)]
         for name in sorted(entries) + leftovers:
-            target = os.path.join(self.path, name)
-            if os.path.islink(target) or os.path.isfile(target):
+            target = fs.join(self.path, name)
+            if fs.is_url(target):
+                if fs.isdir(target):
+                    fs.rmtree(target)
+                elif fs.exists(target):
+                    fs.remove(target)
+            elif os.path.islink(target) or os.path.isfile(target):
                 os.remove(target)  # A link is removed, never followed.
             elif os.path.isdir(target):
-                shutil.rmtree(target)
+                fs.rmtree(target)
         # Emptied only now: a crash above leaves entries listed, and so still ours to delete.
         self._write_manifest(set())
 
@@ -403,15 +434,15 @@ class RunDir:
         # A run from before the manifest existed, continued with --resume: a complete
         # checkpoint shows tfxfer wrote it, so its run entries are recorded as tfxfer's.
         # Without one, nothing is adopted, and an --overwrite later refuses those files.
-        if not os.path.isfile(os.path.join(self.checkpoints, "latest.json")):
+        if not fs.isfile(fs.join(self.checkpoints, "latest.json")):
             return
         names = _listing(self.path)
         self._write_manifest({name for name in RUN_ENTRIES if name in names})
 
     def _write_manifest(self, entries: set[str]) -> None:
-        os.makedirs(self.path, exist_ok=True)
+        fs.makedirs(self.path)
         atomic_write_json(
-            os.path.join(self.path, MANIFEST),
+            fs.join(self.path, MANIFEST),
             {
                 "written_by": "tfxfer",
                 "format": MANIFEST_FORMAT,
@@ -437,9 +468,10 @@ class RunDir:
         entries = _read_manifest(self.path) or set()
         if entry in entries:
             return entry
-        if os.path.lexists(os.path.join(self.path, entry)):
+        target = fs.join(self.path, entry)
+        if fs.exists(target) if fs.is_url(target) else os.path.lexists(target):
             raise RunDirError(
-                f"Refusing to write {os.path.join(self.path, entry)!r}: it is already there "
+                f"Refusing to write {target!r}: it is already there "
                 f"and tfxfer did not write it (it is not in {MANIFEST}). Move it out of the run "
                 "directory, or choose another --output-dir."
             )
@@ -447,10 +479,10 @@ class RunDir:
         return entry
 
     def _markers(self) -> list[str]:
-        return [name for name in RUN_MARKERS if os.path.exists(os.path.join(self.path, name))]
+        return [name for name in RUN_MARKERS if fs.exists(fs.join(self.path, name))]
 
     def holds_run(self) -> bool:
-        return bool(self._markers()) or os.path.isfile(os.path.join(self.path, MANIFEST))
+        return bool(self._markers()) or fs.isfile(fs.join(self.path, MANIFEST))
 
     def owned_entries(self) -> list[str]:
         """The top-level entries tfxfer wrote here, as the manifest lists them."""
@@ -463,11 +495,11 @@ class RunDir:
         without having been written by tfxfer.
         """
         self._record(name)
-        return os.path.join(self.path, name)
+        return fs.join(self.path, name)
 
     @property
     def checkpoints(self) -> str:
-        return os.path.join(self.path, "checkpoints")
+        return fs.join(self.path, "checkpoints")
 
     def write_json(self, name: str, obj: Any) -> str:
         path = self.file(name)
@@ -475,5 +507,5 @@ class RunDir:
         return path
 
     def read_json(self, name: str) -> Any:
-        with open(os.path.join(self.path, name), encoding="utf-8") as handle:
+        with fs.open(fs.join(self.path, name)) as handle:
             return json.load(handle)

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.saving import saving_lib
 
+from tfxfer import fs
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.checkpoints import Checkpointer, checkpoint_name
 from tfxfer.data.pipeline import TrainData
@@ -342,10 +343,10 @@ class _Trainer:
     def save_best(self, model: keras.Model) -> None:
         if not (self.run_dir and self.chief):
             return
-        final = os.path.join(self.run_dir.checkpoints, "best.weights.h5")
-        tmp = os.path.join(self.run_dir.checkpoints, ".tmp-best.weights.h5")
+        final = fs.join(self.run_dir.checkpoints, "best.weights.h5")
+        tmp = fs.join(self.run_dir.checkpoints, ".tmp-best.weights.h5")
         saving_lib.save_weights_only(model, tmp, objects_to_skip=[model.optimizer])
-        os.replace(tmp, final)
+        fs.rename(tmp, final)
 
     def write_history(self) -> None:
         if not (self.run_dir and self.chief and self.history):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from tfxfer import fs
 from tfxfer.data.examples import Examples, LabelledData, with_validation_split
 from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache
 from tfxfer.errors import DataError, TfxferError
@@ -54,7 +55,9 @@ def _visible_files(class_dir: str) -> tuple[list[str], int]:
     (`read_text_folder`) applies the same rule.
     """
     files, left_out = [], 0
-    for root, folders, names in os.walk(class_dir):
+    # tf.io.gfile.walk for a URL (gs://...): it has no links to leave out.
+    walk = tf.io.gfile.walk if fs.is_url(class_dir) else os.walk
+    for root, folders, names in walk(class_dir):
         kept = sorted(
             f
             for f in folders
@@ -87,21 +90,21 @@ def scan_image_folder(
         DataError: the folder is missing or has no class subfolders, a class folder has no
             images, fewer than two classes, or unknown classes in a validation or test folder.
     """
-    if not os.path.isdir(directory):
+    if not fs.isdir(directory):
         raise DataError(
             f"Data directory not found: {directory!r}. Pass a folder with one subfolder per "
             "class, e.g. photos/cat/*.jpg and photos/dog/*.jpg."
         )
     try:
         found = sorted(
-            entry.name
-            for entry in os.scandir(directory)
-            if entry.is_dir() and not entry.name.startswith(".")
+            name
+            for name in fs.listdir(directory)
+            if not name.startswith(".") and fs.isdir(fs.join(directory, name))
         )
-    except OSError as error:  # no permission to list it, an I/O error
+    except (OSError, tf.errors.OpError) as error:  # no permission to list it, an I/O error
         raise DataError(
-            f"Cannot read data directory {directory!r}: {error.strerror or error}. Check its "
-            "permissions."
+            f"Cannot read data directory {directory!r}: "
+            f"{getattr(error, 'strerror', None) or error}. Check its permissions."
         ) from None
     if not found:
         raise DataError(
@@ -127,8 +130,8 @@ def scan_image_folder(
     skipped: list[str] = []
     ignored = 0
     for label, name in enumerate(class_names):
-        class_dir = os.path.join(directory, name)
-        if not os.path.isdir(class_dir):
+        class_dir = fs.join(directory, name)
+        if not fs.isdir(class_dir):
             continue  # a validation or test folder may lack a class
         count = 0
         files, hidden = _visible_files(class_dir)

@@ -1,0 +1,153 @@
+"""The few filesystem operations tfxfer needs, for local paths and `tf.io.gfile` URLs alike.
+
+A path with "://" in it (`gs://bucket/run`, `ram://...`) goes through `tf.io.gfile`, which is
+what Cloud TPU needs: its workers see no local disk of the user's. Every other path goes
+through `os` and `shutil` exactly as before, so local runs keep their atomic replaces, their
+fsyncs and the file modes the umask gives.
+
+One caveat: on an object store a rename is a copy followed by a delete, not atomic, and
+`fsync` has no meaning there (an object exists once its upload has finished). tfxfer's
+guarantees do not rest on an atomic rename, though: every checkpoint file is written and
+verified before the `latest.json` pointer naming it is written, and every run entry is
+recorded in the manifest before its first byte. A reader therefore never follows a pointer to
+an incomplete checkpoint; at worst it sees a half-copied `.tmp-` name, which nothing reads.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import shutil
+from typing import IO, Any
+
+import tensorflow as tf
+
+
+def is_url(path: Any) -> bool:
+    """Whether `path` names a `tf.io.gfile` location (`gs://...`) rather than a local path."""
+    return "://" in str(path)
+
+
+def join(path: str, *parts: str) -> str:
+    if is_url(path):
+        return "/".join([str(path).rstrip("/"), *parts])
+    return os.path.join(path, *parts)
+
+
+def dirname(path: str) -> str:
+    if is_url(path):
+        head, _, _ = str(path).rstrip("/").rpartition("/")
+        return head if is_url(head) else str(path)
+    return os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+    if is_url(path):
+        return str(path).rstrip("/").rpartition("/")[2]
+    return os.path.basename(path)
+
+
+def exists(path: str) -> bool:
+    return tf.io.gfile.exists(path) if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return tf.io.gfile.isdir(path) if is_url(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+    if is_url(path):
+        return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+    return os.path.isfile(path)
+
+
+def getsize(path: str) -> int:
+    if is_url(path):
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(path)
+        return tf.io.gfile.stat(path).length
+    return os.path.getsize(path)
+
+
+def makedirs(path: str) -> None:
+    """Creates `path` and its parents; a directory already there is fine."""
+    if is_url(path):
+        tf.io.gfile.makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def listdir(path: str) -> list[str]:
+    """The names in directory `path` (no trailing "/" on folders, on any filesystem)."""
+    if is_url(path):
+        return [name.rstrip("/") for name in tf.io.gfile.listdir(path)]
+    return os.listdir(path)
+
+
+def remove(path: str) -> None:
+    if is_url(path):
+        tf.io.gfile.remove(path)
+    else:
+        os.remove(path)
+
+
+def rmtree(path: str, ignore_errors: bool = False) -> None:
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+        return
+    try:
+        tf.io.gfile.rmtree(path)
+        return
+    except tf.errors.OpError:
+        pass
+    # Some gfile filesystems (TensorFlow's in-memory ram://) fail a recursive delete that a
+    # file-by-file one does.
+    try:
+        _remove_tree(path)
+    except tf.errors.OpError:
+        if not ignore_errors:
+            raise
+
+
+def _remove_tree(path: str) -> None:
+    for name in listdir(path):
+        child = join(path, name)
+        if tf.io.gfile.isdir(child):
+            _remove_tree(child)
+        else:
+            tf.io.gfile.remove(child)
+    tf.io.gfile.remove(path)
+
+
+def rename(source: str, target: str) -> None:
+    """Moves file `source` to `target`, replacing a file there.
+
+    Locally that is `os.replace`: atomic. On an object store it is a copy and a delete, so the
+    callers order their writes so that no reader depends on its atomicity (see the module
+    docstring). Folders are never renamed on a URL (not every gfile filesystem moves what is
+    in them): tfxfer writes those in place.
+    """
+    if is_url(source) or is_url(target):
+        tf.io.gfile.rename(source, target, overwrite=True)
+    else:
+        os.replace(source, target)
+
+
+def open(path: str, mode: str = "r") -> IO:  # noqa: A001 - the module's `open`, like io.open
+    """Opens `path` for reading or writing, text (UTF-8) or bytes (a "b" in `mode`)."""
+    if is_url(path):
+        return tf.io.gfile.GFile(path, mode)
+    if "b" in mode:
+        return builtins.open(path, mode)
+    return builtins.open(path, mode, encoding="utf-8")
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` directly (no temporary name): for files inside a fresh folder."""
+    with open(path, "wb") as handle:
+        handle.write(data)
