@@ -15,7 +15,7 @@ import tensorflow as tf
 import tfxfer
 from tests.helpers import InterruptAfterEpoch, tiny_arrays, tiny_model, tiny_train_data
 from tfxfer import fs
-from tfxfer.errors import RunDirError
+from tfxfer.errors import DataError, RunDirError
 from tfxfer.rundir import MANIFEST, RunDir
 
 
@@ -95,3 +95,74 @@ def test_load_images_from_ram():
         fs.write_bytes(fs.join(folder, f"{i}.png"), tf.io.encode_png(image).numpy())
     data = tfxfer.load_images(root, val_split=0.5)
     assert data.class_names == ["class_0", "class_1", "class_2"]
+
+
+def _write_image_folder_to_ram(root: str, n: int = 18) -> str:
+    images, labels = tiny_arrays(n=n)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = fs.join(root, f"class_{label}")
+        fs.makedirs(folder)
+        fs.write_bytes(fs.join(folder, f"{i}.png"), tf.io.encode_png(image).numpy())
+    return root
+
+
+@pytest.mark.slow
+def test_image_recipe_writes_its_run_to_ram():
+    from recipes import resnet50_image_classifier as recipe
+
+    root = _ram("recipe")
+    data_dir = _write_image_folder_to_ram(fs.join(root, "shapes"))
+    output_dir = fs.join(root, "run")
+    result = recipe.main(
+        recipe.Config.smoke(
+            data_dir=data_dir, output_dir=output_dir, export=True, backbone="mobilenetv3small"
+        )
+    )
+    for name in ("model.keras", "metrics.json", "curves.png", "export/saved_model.pb"):
+        assert fs.isfile(fs.join(output_dir, name)), name
+    assert tfxfer.export.is_tfxfer_export(fs.join(output_dir, "export"))
+    images, _ = tiny_arrays(n=4, seed=1)
+    loaded = tfxfer.load_model(fs.join(output_dir, "model.keras"))
+    np.testing.assert_allclose(
+        loaded.predict(images, verbose=0),
+        result["serving_model"].predict(images, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    exported = tf.saved_model.load(fs.join(output_dir, "export"))
+    served = exported.serve(tf.constant(images))
+    np.testing.assert_allclose(served.numpy(), loaded.predict(images, verbose=0), atol=1e-5)
+
+
+def test_export_on_ram_replaces_only_its_own_export():
+    _, model = tiny_model()
+    root = _ram("exports")
+    target = fs.join(root, "export")
+    tfxfer.export_saved_model(model, target)
+    tfxfer.export_saved_model(model, target)  # tfxfer's own export: replaced
+    assert fs.isfile(fs.join(target, "saved_model.pb"))
+    mine = fs.join(root, "mine")
+    fs.makedirs(mine)
+    fs.write_bytes(fs.join(mine, "notes.txt"), b"mine")
+    with pytest.raises(tfxfer.TfxferError, match="Refusing to export"):
+        tfxfer.export_saved_model(model, mine)
+    assert fs.listdir(mine) == ["notes.txt"]
+
+
+def test_load_texts_from_ram():
+    root = _ram("texts")
+    fs.makedirs(root)
+    fs.write_bytes(fs.join(root, "train.csv"), b"text,label\ngood,pos\nbad,neg\nfine,pos\n")
+    data = tfxfer.load_texts(fs.join(root, "train.csv"), val_split=0)
+    assert data.class_names == ["neg", "pos"]
+    assert sorted(data.train.inputs) == ["bad", "fine", "good"]
+    for label, text in [("pos", "good"), ("neg", "bad"), ("neg", "awful")]:
+        fs.makedirs(fs.join(root, "folder", label, "sub"))
+        fs.write_bytes(fs.join(root, "folder", label, "sub", f"{text}.txt"), text.encode())
+    fs.write_bytes(fs.join(root, "folder", "pos", ".hidden.txt"), b"hidden")
+    data = tfxfer.load_texts(fs.join(root, "folder"), val_split=0)
+    assert data.class_names == ["neg", "pos"]
+    assert sorted(data.train.inputs) == ["awful", "bad", "good"]
+    assert data.train.ignored == 1
+    with pytest.raises(DataError, match="does not exist"):
+        tfxfer.load_texts(fs.join(root, "missing.csv"))

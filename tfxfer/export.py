@@ -3,6 +3,15 @@
 A `.keras` file is written under a temporary name and renamed into place, and a SavedModel
 export goes to a temporary directory that is renamed when complete, so an interrupted save
 never leaves a half-written model where a good one was.
+
+On a `tf.io.gfile` URL (`gs://...`) Keras cannot write or read a `.keras` zip in place, and a
+folder cannot be renamed safely (not every gfile filesystem moves what is in it). There the
+model is saved to a local temporary file and copied up under a temporary name, then renamed
+(a file rename is a copy and a delete on an object store, but the old model stays until the
+new one is complete); an export is written to a local temporary directory, the old tfxfer
+export at the target (and only one tfxfer wrote) is deleted, and the new tree is copied up.
+An interrupted URL export can therefore leave a partial `export/`; exporting again replaces
+it, since its marker file is written first.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import tensorflow as tf
 import tfxfer.backbones.vision  # noqa: F401
 import tfxfer.heads  # noqa: F401
 import tfxfer.schedule  # noqa: F401
+from tfxfer import fs
 from tfxfer.errors import TfxferError
 from tfxfer.rundir import TMP_PREFIX, listed_in_run_manifest
 
@@ -32,12 +42,26 @@ def save_model(model: keras.Model, path: str) -> str:
     """Saves `model` to a `.keras` file atomically."""
     if not path.endswith(".keras"):
         raise TfxferError(f"Expected a path ending in '.keras'. Received: {path!r}")
+    if fs.is_url(path):
+        return _save_model_to_url(model, path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, ".tmp-" + os.path.basename(path))
     _ensure_built(model)
     model.save(tmp)
     os.replace(tmp, path)
+    return path
+
+
+def _save_model_to_url(model: keras.Model, path: str) -> str:
+    _ensure_built(model)
+    fs.makedirs(fs.dirname(path))
+    tmp = fs.join(fs.dirname(path), ".tmp-" + fs.basename(path))
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as local:
+        local_file = os.path.join(local, "model.keras")
+        model.save(local_file)
+        tf.io.gfile.copy(local_file, tmp, overwrite=True)
+    fs.rename(tmp, path)
     return path
 
 
@@ -81,13 +105,19 @@ def load_model(path: str, *, safe_mode: bool = True) -> keras.Model:
             SavedModel's graph when loaded, so it needs `safe_mode=False`: pass it only for
             files you trust. Defaults to `True`.
     """
-    if not os.path.exists(path):
+    if not fs.isfile(path):
         raise TfxferError(f"Model file not found: {path!r}")
     import keras_hub  # noqa: F401  (registers keras-hub's layers, e.g. BERT's preprocessor)
 
     import tfxfer.backbones.hub  # noqa: F401  (registers HubLayer)
 
-    return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    if not fs.is_url(path):
+        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    # Keras opens a `.keras` file as a local zip.
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as local:
+        local_file = os.path.join(local, "model.keras")
+        tf.io.gfile.copy(path, local_file)
+        return keras.saving.load_model(local_file, compile=False, safe_mode=safe_mode)
 
 
 def export_saved_model(model: keras.Model, directory: str) -> str:
@@ -100,7 +130,9 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     The export is written beside `directory` under a temporary name and renamed into place
     when complete. An existing `directory` is replaced only if tfxfer wrote it (it holds
     `assets.extra/tfxfer_export.json`, or it is a run's `export/` listed in the run's
-    manifest): anything else there is the user's, and is refused rather than deleted.
+    manifest): anything else there is the user's, and is refused rather than deleted. On a URL
+    the export is written locally, tfxfer's old export is deleted and the new one copied up
+    (see the module docstring).
 
     Args:
         model: keras.Model. The model to serve (for text, the `RawTextModel`).
@@ -112,6 +144,8 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     Raises:
         TfxferError: `directory` exists and is a file, or a directory tfxfer did not export.
     """
+    if fs.is_url(directory):
+        return _export_to_url(model, str(directory))
     target = os.path.abspath(os.path.expanduser(str(directory)))
     _refuse_foreign_export_target(str(directory), target)
     parent = os.path.dirname(target)
@@ -123,12 +157,7 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
-        _ensure_built(model)
-        if isinstance(model, RawTextModel):
-            _export_text(model, tmp)
-        else:
-            model.export(tmp, format="tf_saved_model", verbose=False)
-        _write_export_marker(tmp)
+        _export_complete(model, tmp)
         if os.path.exists(target):
             # Moved aside, not deleted first: a crash between the renames loses nothing.
             old = tempfile.mkdtemp(
@@ -145,8 +174,57 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     return directory
 
 
+def _export_complete(model: keras.Model, directory: str) -> None:
+    """Writes the SavedModel and tfxfer's marker into local `directory`."""
+    _ensure_built(model)
+    if isinstance(model, RawTextModel):
+        _export_text(model, directory)
+    else:
+        model.export(directory, format="tf_saved_model", verbose=False)
+    _write_export_marker(directory)
+
+
+def _export_to_url(model: keras.Model, target: str) -> str:
+    target = target.rstrip("/")
+    if fs.exists(target) and not is_tfxfer_export(target):
+        what = "a directory" if fs.isdir(target) else "a file"
+        raise TfxferError(
+            f"Refusing to export to {target!r}: it already exists as {what} and is not a "
+            f"SavedModel tfxfer exported (it has no {EXPORT_MARKER}). Pick another --output "
+            f"path, or delete {target!r} yourself if you no longer need it."
+        )
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as local:
+        _export_complete(model, local)
+        if fs.exists(target):
+            fs.rmtree(target)
+        # The marker goes up first, so a partial copy is still one tfxfer may replace.
+        _copy_tree_up(local, target, first=EXPORT_MARKER)
+    return target
+
+
+def _copy_tree_up(local: str, target: str, first: str) -> None:
+    fs.makedirs(target)
+    files = []
+    for root, folders, names in os.walk(local):
+        for folder in folders:  # empty ones too (a SavedModel's `assets/`)
+            relative = os.path.relpath(os.path.join(root, folder), local)
+            fs.makedirs(fs.join(target, *relative.split(os.sep)))
+        files += [os.path.relpath(os.path.join(root, name), local) for name in names]
+    files.sort(key=lambda name: name != first)
+    for name in files:
+        destination = fs.join(target, *name.split(os.sep))
+        fs.makedirs(fs.dirname(destination))
+        tf.io.gfile.copy(os.path.join(local, name), destination, overwrite=True)
+
+
 def is_tfxfer_export(directory: str) -> bool:
     """Whether `directory` is a SavedModel that tfxfer exported (and may replace)."""
+    if fs.is_url(directory):
+        path = str(directory).rstrip("/")
+        if not fs.isdir(path):
+            return False
+        marker = fs.join(path, *EXPORT_MARKER.split(os.sep))
+        return fs.isfile(marker) or listed_in_run_manifest(path)
     path = os.path.abspath(os.path.expanduser(str(directory)))
     if os.path.islink(path) or not os.path.isdir(path):
         return False

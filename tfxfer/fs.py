@@ -95,13 +95,15 @@ def rmtree(path: str, ignore_errors: bool = False) -> None:
     if not is_url(path):
         shutil.rmtree(path, ignore_errors=ignore_errors)
         return
-    try:
-        tf.io.gfile.rmtree(path)
-        return
-    except tf.errors.OpError:
-        pass
-    # Some gfile filesystems (TensorFlow's in-memory ram://) fail a recursive delete that a
-    # file-by-file one does.
+    # TensorFlow's in-memory ram:// fails a recursive delete part way through (leaving what is
+    # left unlistable), so it goes file by file from the start; other filesystems fall back to
+    # that when their recursive delete fails.
+    if not str(path).startswith("ram://"):
+        try:
+            tf.io.gfile.rmtree(path)
+            return
+        except tf.errors.OpError:
+            pass
     try:
         _remove_tree(path)
     except tf.errors.OpError:
@@ -112,6 +114,9 @@ def rmtree(path: str, ignore_errors: bool = False) -> None:
 def _remove_tree(path: str) -> None:
     for name in listdir(path):
         child = join(path, name)
+        if not tf.io.gfile.exists(child):
+            # ram:// lists "x/.extra" for a sibling "x.extra/" (it matches names by prefix).
+            continue
         if tf.io.gfile.isdir(child):
             _remove_tree(child)
         else:

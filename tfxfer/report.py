@@ -10,12 +10,15 @@ Every number comes out JSON-safe: a NaN or infinite value (a diverged model's lo
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+from tfxfer import fs
 
 
 def collect(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +147,10 @@ def plot_history(history: list[dict[str, Any]], path: str) -> str | None:
         ax.set_title(metric)
         ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    # Rendered to bytes and written through fs, so a gs:// run directory works too.
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
+    fs.makedirs(fs.dirname(path) if fs.is_url(path) else os.path.dirname(os.path.abspath(path)))
+    fs.write_bytes(path, image.getvalue())
     return path

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tfxfer import fs
 from tfxfer.data.examples import Examples, LabelledData, with_validation_split
 from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache
 from tfxfer.errors import DataError, TfxferError
@@ -109,12 +110,12 @@ def load_texts(
     _check_separator(multi_label, label_separator)
 
     def read(path: str, class_names: list[str] | None) -> Examples:
-        if not os.path.exists(path):
+        if not fs.exists(path):
             raise DataError(
                 f"{str(path)!r} does not exist. Expected a CSV, TSV or JSONL file, or a folder "
                 "with one subfolder of .txt files per class."
             )
-        if not os.path.isdir(path):
+        if not fs.isdir(path):
             return read_text_file(
                 path,
                 class_names,
@@ -161,7 +162,7 @@ def read_text_file(
         label_separator: str. Separates the labels of one multi-label row. Defaults to `"|"`.
     """
     _check_separator(multi_label, label_separator)
-    rows = _read_table(Path(path), text_column, label_column)
+    rows = _read_table(_normalized(path), text_column, label_column)
     return _to_examples(rows, str(path), class_names, multi_label, label_separator)
 
 
@@ -179,7 +180,7 @@ def read_text_folder(directory: str, class_names: list[str] | None = None) -> Ex
             folder: subfolders must be among them, and may be missing or empty. Defaults to
             the subfolder names, each of which must then hold `.txt` files.
     """
-    rows, ignored = _read_folder(Path(directory), must_fill_every_class=class_names is None)
+    rows, ignored = _read_folder(_normalized(directory), must_fill_every_class=class_names is None)
     examples = _to_examples(rows, str(directory), class_names, False, "|")
     examples.ignored = ignored
     return examples
@@ -272,10 +273,19 @@ def _tokenized(
     return maybe_cache(ds, cache)
 
 
-def _decode_utf8(path: Path) -> str:
+def _normalized(path: str) -> str:
+    """A local path as `pathlib` spells it (the form error messages show); a URL unchanged.
+
+    `Path` would fold a URL's "//" into one "/", so URLs (`gs://...`) stay strings and are read
+    through `fs`.
+    """
+    return str(path) if fs.is_url(path) else str(Path(path))
+
+
+def _decode_utf8(path: str) -> str:
     """The file's text; non-UTF-8 bytes raise `DataError` naming their offset and line."""
     try:
-        data = path.read_bytes()
+        data = _read_bytes(path)
     except FileNotFoundError:
         raise DataError(f"Text file {str(path)!r} does not exist.") from None
     except IsADirectoryError:
@@ -297,11 +307,25 @@ def _decode_utf8(path: Path) -> str:
         ) from None
 
 
+def _read_bytes(path: str) -> bytes:
+    """`fs.read_bytes`, with a URL's gfile errors turned into the `OSError`s a local read raises."""
+    if not fs.is_url(path):
+        return Path(path).read_bytes()
+    if fs.isdir(path):
+        raise IsADirectoryError(path)
+    try:
+        return fs.read_bytes(path)
+    except tf.errors.NotFoundError:
+        raise FileNotFoundError(path) from None
+    except tf.errors.OpError as error:
+        raise OSError(error.message) from None
+
+
 def _read_table(
-    path: Path, text_column: str, label_column: str
+    path: str, text_column: str, label_column: str
 ) -> list[tuple[int, str | None, Any]]:
     """Rows of `(line, text, raw label)` from a CSV, TSV or JSONL file."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(fs.basename(path))[1].lower()
     if suffix not in TEXT_FILE_SUFFIXES:
         raise DataError(
             f"Expected a text file ending in one of {TEXT_FILE_SUFFIXES}. Received: {str(path)!r}"
@@ -329,7 +353,7 @@ def _read_table(
 
 
 def _check_field_count(
-    path: Path, reader: csv.DictReader, row: dict[str | None, Any], needed: tuple[str, str]
+    path: str, reader: csv.DictReader, row: dict[str | None, Any], needed: tuple[str, str]
 ) -> None:
     """Raises `DataError` for a row with more fields than the header, or too few for `needed`.
 
@@ -361,7 +385,7 @@ def _check_field_count(
 
 
 def _read_jsonl(
-    path: Path, content: str, text_column: str, label_column: str
+    path: str, content: str, text_column: str, label_column: str
 ) -> list[tuple[int, str | None, Any]]:
     rows = []
     for line_number, line in enumerate(content.splitlines(), start=1):
@@ -391,24 +415,28 @@ def _read_jsonl(
 
 
 def _read_folder(
-    directory: Path, *, must_fill_every_class: bool = False
+    directory: str, *, must_fill_every_class: bool = False
 ) -> tuple[list[tuple[str, str, str]], int]:
     """Rows of `(file, text, class name)` from a class folder, and the count of ignored files."""
-    if not directory.is_dir():
+    if not fs.isdir(directory):
         raise DataError(f"Text folder {str(directory)!r} does not exist or is not a directory.")
-    class_dirs = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+    class_names = sorted(
+        name
+        for name in fs.listdir(directory)
+        if not name.startswith(".") and fs.isdir(fs.join(directory, name))
+    )
+    if not class_names:
         raise DataError(
             f"{directory} has no class subfolders. Expected one subfolder of .txt files per class."
         )
     rows, empty_classes, ignored = [], [], 0
-    for class_dir in class_dirs:
-        files, hidden = _visible_files(class_dir)
-        texts = [p for p in files if p.suffix.lower() == ".txt"]
+    for name in class_names:
+        files, hidden = _visible_files(fs.join(directory, name))
+        texts = [p for p in files if p.lower().endswith(".txt")]
         ignored += hidden + len(files) - len(texts)
         if not texts:
-            empty_classes.append(class_dir.name)
-        rows.extend((str(p), _decode_utf8(p), class_dir.name) for p in texts)
+            empty_classes.append(name)
+        rows.extend((p, _decode_utf8(p), name) for p in texts)
     if must_fill_every_class and empty_classes:
         raise DataError(f"Class folder(s) {empty_classes} in {directory} hold no .txt files.")
     if ignored:
@@ -416,7 +444,7 @@ def _read_folder(
     return rows, ignored
 
 
-def _visible_files(class_dir: Path) -> tuple[list[Path], int]:
+def _visible_files(class_dir: str) -> tuple[list[str], int]:
     """Every file under `class_dir`, recursively and sorted, and how many entries were left out.
 
     Left out: whatever is hidden (a name starting with "."), a hidden folder with all it holds,
@@ -424,7 +452,9 @@ def _visible_files(class_dir: Path) -> tuple[list[Path], int]:
     (`scan_image_folder`) applies the same rule.
     """
     files, left_out = [], 0
-    for root, folders, names in os.walk(class_dir):
+    # tf.io.gfile.walk for a URL (gs://...): it has no links to leave out.
+    walk = tf.io.gfile.walk if fs.is_url(class_dir) else os.walk
+    for root, folders, names in walk(class_dir):
         kept = sorted(
             f
             for f in folders
@@ -436,7 +466,7 @@ def _visible_files(class_dir: Path) -> tuple[list[Path], int]:
             if name.startswith("."):
                 left_out += 1
             else:
-                files.append(Path(root, name))
+                files.append(fs.join(root, name))
     return files, left_out
 
 
