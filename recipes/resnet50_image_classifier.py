@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,7 +59,9 @@ class Config(RecipeConfig):
 def build_data(config: Config) -> tfxfer.LabelledData:
     data_dir = config.data_dir
     if data_dir is None:
-        data_dir = os.path.join(config.output_dir + "-data", "shapes")
+        # Beside the run; for a cloud --output-dir, in a local temporary folder instead.
+        beside = config.output_dir + "-data" if "://" not in config.output_dir else None
+        data_dir = os.path.join(beside or tempfile.mkdtemp(prefix="tfxfer-shapes-"), "shapes")
         if not os.path.isdir(data_dir):
             print(f"[tfxfer] no --data-dir: drawing the demo shapes dataset into {data_dir}")
             write_shapes_dataset(data_dir, per_class=60, image_size=64, seed=config.seed)

@@ -166,3 +166,15 @@ def test_load_texts_from_ram():
     assert data.train.ignored == 1
     with pytest.raises(DataError, match="does not exist"):
         tfxfer.load_texts(fs.join(root, "missing.csv"))
+
+
+def test_demo_shapes_for_a_cloud_run_are_drawn_locally_not_into_a_folder_named_ram(
+    tmp_path, monkeypatch
+):
+    from recipes import resnet50_image_classifier as recipe
+
+    monkeypatch.chdir(tmp_path)
+    data = recipe.build_data(recipe.Config.smoke(output_dir="ram://demo-bucket/run"))
+    assert data.kind == "image" and len(data.class_names) == 3
+    assert not (tmp_path / "ram:").exists()  # os.path.join would have made "ram:/..."
+    assert all(not path.startswith(("ram:", str(tmp_path))) for path in data.train.inputs)
