@@ -31,6 +31,7 @@ def test_backbones_lists_the_image_table(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("image_recipe_run")
 def test_predict_on_a_saved_run(image_recipe_run, tmp_path, capsys):
     import tensorflow as tf
 
@@ -64,6 +65,7 @@ def test_predict_on_a_saved_run(image_recipe_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("image_recipe_run")
 def test_predict_without_class_names_prints_the_index(image_recipe_run, tmp_path, capsys):
     path = write_image(str(tmp_path / "c.png"), 32, 32)
     model_path = os.path.join(image_recipe_run["run_dir"], "model.keras")

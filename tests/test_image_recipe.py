@@ -21,7 +21,8 @@ from tfxfer.errors import DataError, RunDirError, TfxferError
 from tfxfer.rundir import RUN_MARKERS
 
 # The image recipe end to end, on ResNet50 at 32 px.
-pytestmark = pytest.mark.slow
+# With test_cli's predict tests on one xdist worker: the shared recipe run happens once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("image_recipe_run")]
 
 
 def _raw_images(height=45, width=37, n=4, seed=0):
