@@ -42,9 +42,9 @@ case "$command" in
           --weights none --image-size 48 --batch-size 16 --head-epochs 2 --finetune-epochs 3 \
           --overwrite "$@" ;;
   # One pytest worker per core (pytest-xdist): most tests keep one core busy, not two.
-  # loadgroup keeps tests that share an expensive fixture (xdist_group) on one worker.
-  test) setup; exec "$PY" -m pytest -q -n auto --dist loadgroup tests "$@" ;;
+  # loadfile keeps a file's tests on one worker, so a module's expensive fixture runs once.
+  test) setup; exec "$PY" -m pytest -q -n auto --dist loadfile tests "$@" ;;
   # Skips multi-worker, kill/resume, notebook and recipe end-to-end tests (marked slow).
-  test-fast) setup; exec "$PY" -m pytest -q -n auto --dist loadgroup tests -m "not slow" "$@" ;;
+  test-fast) setup; exec "$PY" -m pytest -q -n auto --dist loadfile tests -m "not slow" "$@" ;;
   *) echo "usage: bash dev.sh demo|demo-images|test|test-fast|setup [extra args]" >&2; exit 2 ;;
 esac

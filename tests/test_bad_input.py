@@ -31,8 +31,7 @@ import pytest
 from bert_helpers import write_hf_checkpoint
 from helpers import REPO_ROOT, snapshot_files, write_image
 
-# One xdist worker runs the whole table: its subprocess cases run once, in one fixture.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bad_input")]
+pytestmark = pytest.mark.slow
 
 IMAGE_RECIPE = "recipes.resnet50_image_classifier"
 TEXT_RECIPE = "recipes.bert_text_classifier"

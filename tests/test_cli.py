@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 
 import numpy as np
 import pytest
-from helpers import write_image
 
 from recipes import resnet50_image_classifier as recipe
 from tfxfer import cli, report
@@ -18,60 +16,12 @@ from tfxfer.flags import field_comments
 from tfxfer.recipe import command_line
 
 
-def _json_lines(text):
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def test_backbones_lists_the_image_table(capsys):
     assert cli.main(["backbones"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert "resnet50" in listed["image"] and "mobilenetv3small" in listed["image"]
     assert listed["image"] == sorted(listed["image"])
     assert "text" in listed
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("image_recipe_run")
-def test_predict_on_a_saved_run(image_recipe_run, tmp_path, capsys):
-    import tensorflow as tf
-
-    run_dir = image_recipe_run["run_dir"]
-    paths = [
-        write_image(str(tmp_path / "a.png"), 40, 52, seed=1),
-        write_image(str(tmp_path / "b.jpg"), 33, 33, seed=2),
-    ]
-    status = cli.main(
-        [
-            "predict",
-            "--model",
-            os.path.join(run_dir, "model.keras"),
-            "--class-names",
-            os.path.join(run_dir, "class_names.json"),
-            "--images",
-            *paths,
-        ]
-    )
-    assert status == 0
-    predictions = _json_lines(capsys.readouterr().out)
-    assert [p["input"] for p in predictions] == paths
-
-    class_names = image_recipe_run["class_names"]
-    for prediction, path in zip(predictions, paths, strict=True):
-        # TensorFlow's JPEG decoder, like the command's (PIL's rounds differently).
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3)[None]
-        probabilities = image_recipe_run["model"].predict(image, verbose=0)[0]
-        assert prediction["label"] == class_names[int(probabilities.argmax())]
-        assert prediction["probability"] == pytest.approx(float(probabilities.max()), rel=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("image_recipe_run")
-def test_predict_without_class_names_prints_the_index(image_recipe_run, tmp_path, capsys):
-    path = write_image(str(tmp_path / "c.png"), 32, 32)
-    model_path = os.path.join(image_recipe_run["run_dir"], "model.keras")
-    assert cli.main(["predict", "--model", model_path, "--images", path]) == 0
-    (prediction,) = _json_lines(capsys.readouterr().out)
-    assert prediction["label"] in (0, 1, 2)
 
 
 def test_predict_with_a_missing_model_exits_2(tmp_path, capsys):

@@ -13,16 +13,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import REPO_ROOT, snapshot_files, write_image_folder
+from helpers import REPO_ROOT, snapshot_files, write_image, write_image_folder
 
 import tfxfer
 from recipes import resnet50_image_classifier as recipe
+from tfxfer.cli import main as tfxfer_command
 from tfxfer.errors import DataError, RunDirError, TfxferError
 from tfxfer.rundir import RUN_MARKERS
 
 # The image recipe end to end, on ResNet50 at 32 px.
-# With test_cli's predict tests on one xdist worker: the shared recipe run happens once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("image_recipe_run")]
+pytestmark = pytest.mark.slow
 
 
 def _raw_images(height=45, width=37, n=4, seed=0):
@@ -211,3 +211,50 @@ def test_command_line_bad_input_exits_2_with_one_message(tmp_path):
     assert process.returncode == 2, process.stderr
     assert f"tfxfer: error: Data directory not found: {missing!r}" in process.stderr
     assert "Traceback" not in process.stderr + process.stdout
+
+
+# === The `tfxfer predict` command on the run (here, so the run is made once per worker) ===
+
+
+def _json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_predict_on_a_saved_run(image_recipe_run, tmp_path, capsys):
+    import tensorflow as tf
+
+    run_dir = image_recipe_run["run_dir"]
+    paths = [
+        write_image(str(tmp_path / "a.png"), 40, 52, seed=1),
+        write_image(str(tmp_path / "b.jpg"), 33, 33, seed=2),
+    ]
+    status = tfxfer_command(
+        [
+            "predict",
+            "--model",
+            os.path.join(run_dir, "model.keras"),
+            "--class-names",
+            os.path.join(run_dir, "class_names.json"),
+            "--images",
+            *paths,
+        ]
+    )
+    assert status == 0
+    predictions = _json_lines(capsys.readouterr().out)
+    assert [p["input"] for p in predictions] == paths
+
+    class_names = image_recipe_run["class_names"]
+    for prediction, path in zip(predictions, paths, strict=True):
+        # TensorFlow's JPEG decoder, like the command's (PIL's rounds differently).
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3)[None]
+        probabilities = image_recipe_run["model"].predict(image, verbose=0)[0]
+        assert prediction["label"] == class_names[int(probabilities.argmax())]
+        assert prediction["probability"] == pytest.approx(float(probabilities.max()), rel=1e-4)
+
+
+def test_predict_without_class_names_prints_the_index(image_recipe_run, tmp_path, capsys):
+    path = write_image(str(tmp_path / "c.png"), 32, 32)
+    model_path = os.path.join(image_recipe_run["run_dir"], "model.keras")
+    assert tfxfer_command(["predict", "--model", model_path, "--images", path]) == 0
+    (prediction,) = _json_lines(capsys.readouterr().out)
+    assert prediction["label"] in (0, 1, 2)
