@@ -156,3 +156,29 @@ def write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to `path` directly (no temporary name): for files inside a fresh folder."""
     with open(path, "wb") as handle:
         handle.write(data)
+
+
+def visible_files(directory: str) -> tuple[list[str], int]:
+    """Every file under `directory`, recursively and sorted, and how many entries were left out.
+
+    Left out: whatever is hidden (a name starting with "."), a hidden folder with all it holds,
+    and links to folders, which are not followed (they can loop). The image and the text
+    folder loaders both read class folders through this, so they follow one rule.
+    """
+    files, left_out = [], 0
+    # tf.io.gfile.walk for a URL (gs://...): it has no links to leave out.
+    walk = tf.io.gfile.walk if is_url(directory) else os.walk
+    for root, folders, names in walk(directory):
+        kept = sorted(
+            f
+            for f in folders
+            if not f.startswith(".") and not os.path.islink(os.path.join(root, f))
+        )
+        left_out += len(folders) - len(kept)
+        folders[:] = kept  # the walk descends into these only, in this order.
+        for name in sorted(names):
+            if name.startswith("."):
+                left_out += 1
+            else:
+                files.append(join(root, name))
+    return files, left_out

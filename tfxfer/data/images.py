@@ -22,7 +22,6 @@ and then once: the decoded, resized images are cached and only shuffled per epoc
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,32 +44,6 @@ def _decodes(path: str) -> bool:
         return image.shape[0] > 0 and image.shape[1] > 0
     except tf.errors.OpError:  # corrupt, vanished, unreadable (permissions), not a file
         return False
-
-
-def _visible_files(class_dir: str) -> tuple[list[str], int]:
-    """Every file under `class_dir`, recursively and sorted, and how many entries were left out.
-
-    Left out: whatever is hidden (a name starting with "."), a hidden folder with all it holds,
-    and links to folders, which are not followed (they can loop). The text loader
-    (`read_text_folder`) applies the same rule.
-    """
-    files, left_out = [], 0
-    # tf.io.gfile.walk for a URL (gs://...): it has no links to leave out.
-    walk = tf.io.gfile.walk if fs.is_url(class_dir) else os.walk
-    for root, folders, names in walk(class_dir):
-        kept = sorted(
-            f
-            for f in folders
-            if not f.startswith(".") and not os.path.islink(os.path.join(root, f))
-        )
-        left_out += len(folders) - len(kept)
-        folders[:] = kept  # os.walk descends into these only, in this order.
-        for name in sorted(names):
-            if name.startswith("."):
-                left_out += 1
-            else:
-                files.append(os.path.join(root, name))
-    return files, left_out
 
 
 def scan_image_folder(
@@ -134,7 +107,7 @@ def scan_image_folder(
         if not fs.isdir(class_dir):
             continue  # a validation or test folder may lack a class
         count = 0
-        files, hidden = _visible_files(class_dir)
+        files, hidden = fs.visible_files(class_dir)
         ignored += hidden
         for path in files:
             if not path.lower().endswith(IMAGE_EXTENSIONS):

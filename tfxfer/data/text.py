@@ -431,7 +431,7 @@ def _read_folder(
         )
     rows, empty_classes, ignored = [], [], 0
     for name in class_names:
-        files, hidden = _visible_files(fs.join(directory, name))
+        files, hidden = fs.visible_files(fs.join(directory, name))
         texts = [p for p in files if p.lower().endswith(".txt")]
         ignored += hidden + len(files) - len(texts)
         if not texts:
@@ -442,32 +442,6 @@ def _read_folder(
     if ignored:
         log.info("Ignored %d hidden or non-.txt file(s) and folder(s) in %s", ignored, directory)
     return rows, ignored
-
-
-def _visible_files(class_dir: str) -> tuple[list[str], int]:
-    """Every file under `class_dir`, recursively and sorted, and how many entries were left out.
-
-    Left out: whatever is hidden (a name starting with "."), a hidden folder with all it holds,
-    and links to folders, which are not followed (they can loop). The image loader
-    (`scan_image_folder`) applies the same rule.
-    """
-    files, left_out = [], 0
-    # tf.io.gfile.walk for a URL (gs://...): it has no links to leave out.
-    walk = tf.io.gfile.walk if fs.is_url(class_dir) else os.walk
-    for root, folders, names in walk(class_dir):
-        kept = sorted(
-            f
-            for f in folders
-            if not f.startswith(".") and not os.path.islink(os.path.join(root, f))
-        )
-        left_out += len(folders) - len(kept)
-        folders[:] = kept  # os.walk descends into these only, in this order.
-        for name in sorted(names):
-            if name.startswith("."):
-                left_out += 1
-            else:
-                files.append(fs.join(root, name))
-    return files, left_out
 
 
 # === Labels ===
