@@ -167,3 +167,49 @@ def snapshot_files(directory: str) -> dict[str, bytes]:
             with open(path, "rb") as handle:
                 files[os.path.relpath(path, directory)] = handle.read()
     return files
+
+
+# === A tiny two-stage run ===
+
+
+def tiny_two_stage_run(
+    run_dir,
+    *,
+    seed: int = 0,
+    examples: int = 18,
+    head_epochs: int = 1,
+    finetune_epochs: int = 3,
+    layerwise_lr_decay: float | None = 0.5,
+    validate: bool = False,
+    config=None,
+    callbacks=None,
+):
+    """The tiny model through a head stage and a full fine-tuning stage, into `run_dir`.
+
+    A resumed run passes another `seed`, as a fresh process would build a fresh model: only
+    the checkpoint can then make it end where the uninterrupted run ended.
+    """
+    backbone, model = tiny_model(seed=seed)
+    images, labels = tiny_arrays(n=examples)
+    stages = [
+        tfxfer.Stage("head", head_epochs, learning_rate=1e-2),
+        tfxfer.Stage(
+            "finetune",
+            finetune_epochs,
+            train="all",
+            learning_rate=5e-3,
+            layerwise_lr_decay=layerwise_lr_decay,
+        ),
+    ]
+    result = tfxfer.run_schedule(
+        model,
+        backbone,
+        stages,
+        tiny_train_data(images, labels, batch_size=6),
+        tiny_val_data(images[:8], labels[:8]) if validate else None,
+        run_dir=run_dir,
+        config=config,
+        callbacks=list(callbacks or []),
+        verbose=0,
+    )
+    return model, result

@@ -21,12 +21,10 @@ import pytest
 from helpers import (
     InterruptAfterEpoch,
     snapshot_files,
-    tiny_arrays,
     tiny_model,
-    tiny_train_data,
+    tiny_two_stage_run,
 )
 
-import tfxfer
 from tfxfer import checkpoints as checkpoints_module
 from tfxfer.checkpoints import Checkpointer
 from tfxfer.errors import RunDirError
@@ -36,25 +34,7 @@ KILL_AFTER = 3
 
 
 def _run(run_dir: RunDir, seed: int = 0, callbacks=None):
-    """A two-stage run of the tiny model; a resumed run passes another `seed`, as a fresh
-    process would build a fresh model: only the checkpoint can then bring it back."""
-    backbone, model = tiny_model(seed=seed)
-    images, labels = tiny_arrays(n=18)
-    stages = [
-        tfxfer.Stage("head", 1, learning_rate=1e-2),
-        tfxfer.Stage("finetune", 3, train="all", learning_rate=5e-3, layerwise_lr_decay=0.5),
-    ]
-    result = tfxfer.run_schedule(
-        model,
-        backbone,
-        stages,
-        tiny_train_data(images, labels, batch_size=6),
-        None,
-        run_dir=run_dir,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    return model, result
+    return tiny_two_stage_run(run_dir, seed=seed, callbacks=callbacks)
 
 
 def _checkpoint_dirs(checkpoints) -> list[str]:

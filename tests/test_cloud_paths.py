@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import tfxfer
-from tests.helpers import InterruptAfterEpoch, tiny_arrays, tiny_model, tiny_train_data
+from tests.helpers import InterruptAfterEpoch, tiny_arrays, tiny_model, tiny_two_stage_run
 from tfxfer import fs
 from tfxfer.errors import DataError, RunDirError
 from tfxfer.rundir import MANIFEST, RunDir
@@ -25,23 +25,9 @@ def _ram(name: str) -> str:
 
 
 def _run(run_dir: RunDir, callbacks=(), seed: int = 0):
-    backbone, model = tiny_model(seed=seed)
-    images, labels = tiny_arrays(n=18)
-    stages = [
-        tfxfer.Stage("head", 1, learning_rate=1e-2),
-        tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3),
-    ]
-    tfxfer.run_schedule(
-        model,
-        backbone,
-        stages,
-        tiny_train_data(images, labels, batch_size=6),
-        None,
-        run_dir=run_dir,
-        callbacks=list(callbacks),
-        verbose=0,
-    )
-    return model
+    return tiny_two_stage_run(
+        run_dir, seed=seed, finetune_epochs=2, layerwise_lr_decay=None, callbacks=callbacks
+    )[0]
 
 
 def test_fs_dispatches_urls_to_gfile():

@@ -18,7 +18,7 @@ from helpers import (
     tiny_arrays,
     tiny_model,
     tiny_train_data,
-    tiny_val_data,
+    tiny_two_stage_run,
 )
 
 import tfxfer
@@ -180,29 +180,17 @@ RESUME_CONFIG = {"learning_rate": 0.01, "seed": 0, "output_dir": "ignored", "ver
 
 
 def _two_stage_run(run_dir: RunDir, config=None, callbacks=None, seed=0):
-    """Two stages (head 2 epochs, all groups 2 epochs with layer-wise decay), no dropout.
-
-    A resumed run passes another `seed`, as a fresh process would build a fresh model: only
-    the checkpoint can then make it end where the uninterrupted run ended.
-    """
-    backbone, model = tiny_model(seed=seed)
-    images, labels = tiny_arrays(n=20)
-    stages = [
-        tfxfer.Stage("head", 2, learning_rate=1e-2),
-        tfxfer.Stage("finetune", 2, train="all", learning_rate=5e-3, layerwise_lr_decay=0.5),
-    ]
-    result = tfxfer.run_schedule(
-        model,
-        backbone,
-        stages,
-        tiny_train_data(images, labels, batch_size=6),
-        tiny_val_data(images[:8], labels[:8]),
-        run_dir=run_dir,
+    """Two stages (head 2 epochs, all groups 2 epochs with layer-wise decay), no dropout."""
+    return tiny_two_stage_run(
+        run_dir,
+        seed=seed,
+        examples=20,
+        head_epochs=2,
+        finetune_epochs=2,
+        validate=True,
         config=RESUME_CONFIG if config is None else config,
         callbacks=callbacks,
-        verbose=0,
     )
-    return model, result
 
 
 def _resumed_run(path, config):
