@@ -144,6 +144,9 @@ def build_head(features, output_kind: str, config: HeadConfig, num_outputs: int,
         raise TfxferError(f"Expected at least one output. Received: num_outputs={num_outputs}")
     config.validate(output_kind)
     x = pool_features(features, output_kind, config.resolved_pooling(output_kind))
+    # Marks where the head begins: what is below it is a fixed function of the input while
+    # the backbone is frozen, so a head-only stage can train on cached features.
+    x = keras.layers.Identity(name="head_features")(x)
     for i, units in enumerate(config.hidden_units):
         if config.dropout:
             x = keras.layers.Dropout(config.dropout, name=f"head_dropout_{i}")(x)

@@ -42,6 +42,7 @@ from tfxfer.checkpoints import Checkpointer, checkpoint_name
 from tfxfer.data.pipeline import TrainData
 from tfxfer.distribute import broadcast_from_chief, count_workers_where, describe, is_chief
 from tfxfer.errors import Preempted, RunDirError, TfxferError
+from tfxfer.features import HeadSplit, cached_stage, split_at_head, why_not_cached
 from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.rundir import RunDir, atomic_write_text
 from tfxfer.schedule import (
@@ -101,6 +102,8 @@ class TrainResult:
     best: dict[str, Any] = field(default_factory=dict)
     # Steps into the epoch after `resumed_from_epoch`, for a resume from a mid-epoch checkpoint.
     resumed_from_step: int = 0
+    # Per stage name, how it trained: on cached features or not, and what that took.
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -147,14 +150,26 @@ class _StopOnNaN(keras.callbacks.Callback):
 
 
 class _EpochEnd(keras.callbacks.Callback):
-    """After each epoch: history row, best weights, a complete resume checkpoint."""
+    """After each epoch: history row, best weights, a complete resume checkpoint.
 
-    def __init__(self, trainer: _Trainer, stage_index: int, stage: Stage, stage_start: int):
+    `model` is the whole model, which is what is saved even when `fit` trains only its head
+    (on cached features): the head's layers are the whole model's own.
+    """
+
+    def __init__(
+        self,
+        trainer: _Trainer,
+        stage_index: int,
+        stage: Stage,
+        stage_start: int,
+        model: keras.Model,
+    ):
         super().__init__()
         self.trainer = trainer
         self.stage_index = stage_index
         self.stage = stage
         self.stage_start = stage_start
+        self.whole_model = model
 
     def on_epoch_end(self, epoch, logs=None):
         t = self.trainer
@@ -164,7 +179,7 @@ class _EpochEnd(keras.callbacks.Callback):
             "stage": self.stage.name,
             "stage_epoch": epoch + 1 - self.stage_start,
             **logs,
-            "learning_rate": _current_lr(self.model.optimizer),
+            "learning_rate": _current_lr(self.whole_model.optimizer),
         }
         t.history.append(row)
         value = logs.get(t.monitor)
@@ -176,8 +191,8 @@ class _EpochEnd(keras.callbacks.Callback):
                 "monitor": t.monitor,
                 "mode": t.mode,
             }
-            t.save_best(self.model)
-        t.checkpoint(self.model, self.stage_index, self.stage, epoch + 1)
+            t.save_best(self.whole_model)
+        t.checkpoint(self.whole_model, self.stage_index, self.stage, epoch + 1)
         t.write_history()
 
 
@@ -253,6 +268,7 @@ class _StopOnPreemption(keras.callbacks.Callback):
         first_epoch: int. The fit's first epoch (from 0).
         first_step: int. Steps of `first_epoch` done before this fit began (a resume from a
             mid-epoch checkpoint).
+        model: keras.Model. The whole model, which the checkpoint saves.
     """
 
     def __init__(
@@ -264,8 +280,10 @@ class _StopOnPreemption(keras.callbacks.Callback):
         notice: _PreemptionNotice,
         first_epoch: int,
         first_step: int,
+        model: keras.Model,
     ):
         super().__init__()
+        self.whole_model = model
         self.trainer = trainer
         self.stage_index = stage_index
         self.stage = stage
@@ -285,7 +303,7 @@ class _StopOnPreemption(keras.callbacks.Callback):
         if not self.notice.received or step >= self.steps_per_epoch:
             return
         log.info("Preemption notice (SIGTERM): writing a checkpoint, then stopping.")
-        self.trainer.checkpoint(self.model, self.stage_index, self.stage, self.epoch, step)
+        self.trainer.checkpoint(self.whole_model, self.stage_index, self.stage, self.epoch, step)
         raise self.trainer.preempted(self.steps_per_epoch)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -305,6 +323,7 @@ class _Trainer:
         self.chief = chief
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
+        self.stages: dict[str, dict[str, Any]] = {}
         directory = run_dir.checkpoints if run_dir else None
         self.checkpointer = Checkpointer(directory, write=chief) if directory else _NoCheckpoints()
         # (global epoch, step) of the newest checkpoint, written or resumed from.
@@ -323,6 +342,7 @@ class _Trainer:
                 "step": step,
                 "history": self.history,
                 "best": self.best,
+                "stages": self.stages,
                 "config": self.config,
             },
         )
@@ -466,6 +486,42 @@ def _read_chiefs_checkpoint(
     return state, None
 
 
+def _fresh(metrics: list | None) -> list:
+    """New metric objects of the same configs: a stage's compile must not share state."""
+    return [
+        m if isinstance(m, str) else type(m).from_config(m.get_config()) for m in (metrics or [])
+    ]
+
+
+def _cached_or_whole(
+    model: keras.Model,
+    split: HeadSplit | None,
+    stage: Stage,
+    trainable: list[str],
+    train_data: TrainData,
+    val_data: tf.data.Dataset | None,
+    cache_features: bool,
+    trainer: _Trainer,
+) -> tuple[keras.Model, TrainData, tf.data.Dataset | None]:
+    """What a stage fits: its head on cached features where it can, else the whole model.
+
+    Records on `trainer.stages` which it is. The head shares the whole model's layers and is
+    compiled with the same optimizer, so a checkpoint of the whole model holds its state.
+    """
+    if stage.lora_rank or not cache_features:
+        reason = "LoRA adapters train" if stage.lora_rank else "cache_features=False"
+    else:
+        reason = why_not_cached(model, split, train_data)
+    if reason is not None:
+        trainer.stages[stage.name] = {"cached_features": False}
+        if not trainable and cache_features:
+            log.info("Stage %r runs the frozen backbone every epoch: %s.", stage.name, reason)
+        return model, train_data, val_data
+    cached = cached_stage(split, train_data, val_data)
+    trainer.stages[stage.name] = cached.info
+    return split.head, cached.train, cached.val
+
+
 def run_schedule(
     model: keras.Model,
     backbones: Backbone | list[Backbone] | LayerGroups,
@@ -483,6 +539,7 @@ def run_schedule(
     config: dict[str, Any] | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
+    cache_features: bool = True,
 ) -> TrainResult:
     """Trains `model` through `stages`, resuming from `run_dir` when it was opened to resume.
 
@@ -507,8 +564,14 @@ def run_schedule(
         monitor_mode: str. "min", "max", or "auto" (known metrics only: losses and errors are
             minimised; accuracy, AUC, F1, precision, recall maximised). Defaults to "auto".
         config: dict or None. The resolved config; a resumed run must match it.
-        callbacks: extra Keras callbacks for every stage.
+        callbacks: extra Keras callbacks for every stage. In a stage that trains on cached
+            features their `self.model` is the head alone.
         verbose: passed to `fit`.
+        cache_features: bool. Train a stage that trains only the head on features extracted
+            once (`tfxfer.features`) where the model allows it: the backbone runs once, not
+            once per epoch. Its random augmentation then does not run, and dropout inside the
+            frozen backbone neither. `TrainResult.stages` says which stages were cached.
+            Defaults to `True`.
 
     Returns:
         TrainResult with the trained model and the history of every stage.
@@ -554,6 +617,7 @@ def run_schedule(
         trainer.position = (done_epochs, done_step)
         trainer.history = list(state["history"])
         trainer.best = dict(state.get("best") or {})
+        trainer.stages = dict(state.get("stages") or {})
         # The checkpoint's history is the truth: a kill between a checkpoint and the
         # history.csv write after it left the file an epoch short.
         trainer.write_history()
@@ -567,6 +631,7 @@ def run_schedule(
     # Only the process that writes checkpoints, and only when it is the whole run, stops on
     # a notice; elsewhere SIGTERM ends the process, and the run resumes as after a SIGKILL.
     listen = run_dir is not None and trainer.checkpointer.write and _one_process(strategy)
+    split = split_at_head(model) if cache_features else None
     loaded = False
     stage_start = 0
     with _preemption_notice(listen) as notice:
@@ -580,11 +645,7 @@ def run_schedule(
             with strategy.scope():
                 multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
                 optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
-                stage_metrics = [
-                    m if isinstance(m, str) else type(m).from_config(m.get_config())
-                    for m in (metrics or [])
-                ]
-                model.compile(optimizer=optimizer, loss=loss, metrics=stage_metrics)
+                model.compile(optimizer=optimizer, loss=loss, metrics=_fresh(metrics))
                 if state is not None and stage_start <= done_epochs:
                     loaded = True
                     # Mid-stage, the optimizer's moments and step count come back too (and with
@@ -592,6 +653,12 @@ def run_schedule(
                     Checkpointer.restore(
                         model, state, with_optimizer=done_epochs > stage_start or done_step > 0
                     )
+                # After the restore: the features are those of the checkpoint's weights.
+                fit_model, fit_train, fit_val = _cached_or_whole(
+                    model, split, stage, trainable, train_data, val_data, cache_features, trainer
+                )
+                if fit_model is not model:
+                    fit_model.compile(optimizer=optimizer, loss=loss, metrics=_fresh(metrics))
             initial_epoch = max(stage_start, done_epochs)
             first_step = done_step if initial_epoch == done_epochs else 0
             if verbose:
@@ -603,21 +670,38 @@ def run_schedule(
                     f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}",
                     flush=True,
                 )
+                info = trainer.stages[stage.name]
+                if info["cached_features"]:
+                    print(
+                        f"[tfxfer] stage {stage.name!r} trains the head on cached features "
+                        f"{info['feature_shape']} of {info['train_examples']} examples "
+                        + (
+                            "(found from an earlier extraction)"
+                            if info["found_in_cache"]
+                            else f"(extracted in {info['extract_seconds']:.1f} s)"
+                        )
+                        + (
+                            "; the training data's augmentation does not run in this stage"
+                            if info["skipped_augmentation"]
+                            else ""
+                        ),
+                        flush=True,
+                    )
             # `fit` runs every epoch of one call for the same number of steps, so the rest of
             # a mid-epoch checkpoint's epoch is a call of its own, before the whole epochs.
             fits = [(initial_epoch, initial_epoch + 1, first_step)] if first_step else []
             if initial_epoch + bool(first_step) < stage_end:
                 fits.append((initial_epoch + bool(first_step), stage_end, 0))
             for first_epoch, end_epoch, skip_steps in fits:
-                model.fit(
-                    train_data.build(first_epoch, skip_steps),
+                fit_model.fit(
+                    fit_train.build(first_epoch, skip_steps),
                     steps_per_epoch=train_data.steps_per_epoch - skip_steps,
-                    validation_data=val_data,
+                    validation_data=fit_val,
                     initial_epoch=first_epoch,
                     epochs=end_epoch,
                     callbacks=[
                         _StopOnNaN(stage),
-                        _EpochEnd(trainer, stage_index, stage, stage_start),
+                        _EpochEnd(trainer, stage_index, stage, stage_start, model),
                         *(callbacks or []),
                         # Last, so a notice that arrives during any callback of a step is
                         # answered at the end of that step.
@@ -629,6 +713,7 @@ def run_schedule(
                             notice,
                             first_epoch,
                             skip_steps,
+                            model,
                         ),
                     ],
                     shuffle=False,  # the data shuffles itself, per epoch, replayably
@@ -643,4 +728,6 @@ def run_schedule(
         # Every stage had finished: the checkpoint holds the final weights.
         with strategy.scope():
             Checkpointer.restore(model, state, with_optimizer=False)
-    return TrainResult(model, trainer.history, done_epochs, trainer.best, done_step)
+    return TrainResult(
+        model, trainer.history, done_epochs, trainer.best, done_step, dict(trainer.stages)
+    )

@@ -28,6 +28,15 @@ class TrainData:
             but it produces the skipped batches first; `epoch_batches` skips them before
             batching work is done).
         steps_per_epoch: int. Batches per epoch.
+        examples: tf.data.Dataset or None. The unbatched `(input, label)` pairs the batches are
+            made of, in a fixed order (`epoch_batches` sets it). Cached feature extraction
+            runs the frozen backbone over these once. Defaults to `None` (unknown).
+        augmented: bool. Whether each batch is changed at random on its way (augmentation),
+            so the same example gives other inputs in other epochs. Defaults to `False`.
+        regroup: callable or None. `regroup(other_examples)` returns `TrainData` whose
+            batches hold `other_examples` (one per example of `examples`, in the same order:
+            features in place of inputs) grouped into exactly the batches, in exactly the
+            order, this data has, without its augmentation. Defaults to `None` (not possible).
 
     Example:
 
@@ -39,6 +48,9 @@ class TrainData:
 
     build: Callable[..., tf.data.Dataset]
     steps_per_epoch: int
+    examples: tf.data.Dataset | None = None
+    augmented: bool = False
+    regroup: Callable[[tf.data.Dataset], TrainData] | None = None
 
     def __post_init__(self):
         if not _takes_start_step(self.build):
@@ -72,6 +84,7 @@ def epoch_batches(
     seed: int = 0,
     shuffle: bool = True,
     transform: Callable | None = None,
+    random_transform: bool | None = None,
 ) -> TrainData:
     """Turns unbatched examples into `TrainData` whose shuffle is a function of the epoch.
 
@@ -85,6 +98,8 @@ def epoch_batches(
         seed: int. Base seed. Defaults to `0`.
         shuffle: bool. Defaults to `True`.
         transform: callable or None. Applied to each batch (augmentation, one-hot labels).
+        random_transform: bool or None. Whether `transform` is random (augmentation).
+            Defaults to `None`: random whenever there is a transform.
     """
     if num_examples < 1:
         raise TfxferError("The training set is empty.")
@@ -128,7 +143,16 @@ def epoch_batches(
     # the same share, and a tiny last batch cannot make one step's gradient noisy.
     drop_remainder = num_examples >= batch_size
     steps = num_examples // batch_size if drop_remainder else 1
-    return TrainData(build, steps)
+
+    def regroup(other: tf.data.Dataset) -> TrainData:
+        # A seeded shuffle's order depends on the seed and the number of elements only, so the
+        # same seeds over as many other values give the same batches.
+        return epoch_batches(
+            other, num_examples=num_examples, batch_size=batch_size, seed=seed, shuffle=shuffle
+        )
+
+    augmented = transform is not None if random_transform is None else bool(random_transform)
+    return TrainData(build, steps, examples=examples, augmented=augmented, regroup=regroup)
 
 
 def stratified_split(labels, fraction: float, seed: int) -> tuple[list[int], list[int]]:
