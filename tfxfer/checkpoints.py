@@ -49,6 +49,8 @@ KEEP_CHECKPOINTS = 2
 CHECKPOINT_NAME = re.compile(r"epoch-(\d{6,})(?:-step-(\d{6,}))?")
 # The array files of a checkpoint, each recorded in its state.json with size and SHA-256.
 ARRAY_FILES = ("model.npz", "optimizer.npz")
+# Written besides them in a stage that stops at convergence: its best epoch's weights so far.
+OPTIONAL_ARRAY_FILES = ("stage_best.npz",)
 # Keys a checkpoint's state.json must hold for a resume to use it.
 STATE_KEYS = (
     "stage_index",
@@ -128,9 +130,17 @@ class Checkpointer:
             "--output-dir."
         )
 
-    def save(self, model: keras.Model, state: dict[str, Any]) -> None:
+    def save(
+        self,
+        model: keras.Model,
+        state: dict[str, Any],
+        stage_best: list[np.ndarray] | None = None,
+    ) -> None:
         """Writes the checkpoint of `state["global_epoch"]` (and `state["step"]` steps into the
         epoch after it, when given), verifies it, points at it, prunes.
+
+        `stage_best`, when given, is kept as `stage_best.npz` (the arrays a stage that stops at
+        convergence goes back to; `Checkpointer.stage_best` reads them).
 
         Raises:
             RunDirError: the checkpoint just written does not read back intact (a full or
@@ -155,6 +165,8 @@ class Checkpointer:
             "model.npz": _save_arrays(fs.join(tmp, "model.npz"), model.variables),
             "optimizer.npz": _save_arrays(fs.join(tmp, "optimizer.npz"), optimizer_variables),
         }
+        if stage_best is not None:
+            files["stage_best.npz"] = _save_arrays(fs.join(tmp, "stage_best.npz"), stage_best)
         state = {
             **state,
             "model_variables": [v.path for v in model.variables],
@@ -177,6 +189,15 @@ class Checkpointer:
             )
         atomic_write_json(self.pointer, {"checkpoint": name})
         self._prune(keep=name)
+
+    @staticmethod
+    def stage_best(state: dict[str, Any]) -> list[np.ndarray] | None:
+        """The `stage_best` arrays a checkpoint was saved with, or None."""
+        if "stage_best.npz" not in state["files"]:
+            return None
+        path = fs.join(state["checkpoint_dir"], "stage_best.npz")
+        with fs.open(path, "rb") as handle, np.load(handle, allow_pickle=False) as arrays:
+            return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
     @staticmethod
     def restore(model: keras.Model, state: dict[str, Any], with_optimizer: bool) -> None:
@@ -249,9 +270,14 @@ class Checkpointer:
         if position != _position_of(name):
             return None, f"{name}/state.json is for (epoch, step) {position!r}"
         files = state["files"]
-        if not isinstance(files, dict) or sorted(files) != sorted(ARRAY_FILES):
+        required = (
+            sorted(f for f in files if f not in OPTIONAL_ARRAY_FILES)
+            if isinstance(files, dict)
+            else None
+        )
+        if required != sorted(ARRAY_FILES):
             return None, f"{name}/state.json does not list the files {list(ARRAY_FILES)}"
-        for file in ARRAY_FILES:
+        for file in files:
             problem = _file_problem(fs.join(folder, file), files[file])
             if problem is not None:
                 return None, f"{name}/{file} {problem}"
@@ -337,7 +363,7 @@ def _save_arrays(path: str, variables: list) -> dict[str, Any]:
         with zipfile.ZipFile(raw, "w", allowZip64=True) as archive:
             for i, variable in enumerate(variables):
                 with archive.open(f"arr_{i}.npy", "w", force_zip64=True) as handle:
-                    value = np.asarray(variable.numpy())
+                    value = np.asarray(getattr(variable, "numpy", lambda v=variable: v)())
                     np.lib.format.write_array(handle, value, allow_pickle=False)
         # On disk before latest.json can name it, not only in the page cache.
         raw.flush()

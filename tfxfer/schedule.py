@@ -55,6 +55,11 @@ class Stage:
             statistics. Off by default: with the small batches of fine-tuning, batch statistics
             are noisy and undo what pretraining learned. Frozen groups' BatchNorm layers always
             run in inference mode. Defaults to `False`.
+        patience: int or None. Train until convergence: end the stage once the monitored
+            metric (`run_schedule`'s `monitor`, the validation loss by default) has not
+            improved for this many epochs, and end it, early or not, on the weights of its best
+            epoch; `epochs` is then the most it trains. Defaults to `None` (every epoch, and
+            the last epoch's weights).
     """
 
     name: str
@@ -69,6 +74,7 @@ class Stage:
     layerwise_lr_decay: float | None = None
     lora_rank: int | None = None
     train_batchnorm: bool = False
+    patience: int | None = None
 
     def validate(self, groups: LayerGroups | Sequence[str] | None = None) -> None:
         problems = []
@@ -89,6 +95,12 @@ class Stage:
                 )
             if self.optimizer == "sgd":
                 problems.append("layerwise_lr_decay needs optimizer 'adamw' or 'adam'")
+        if self.patience is not None and (
+            isinstance(self.patience, bool)
+            or not isinstance(self.patience, int)
+            or self.patience < 1
+        ):
+            problems.append(f"patience must be an int >= 1 or None, got {self.patience!r}")
         if self.lora_rank is not None and int(self.lora_rank) < 1:
             problems.append(f"lora_rank must be >= 1, got {self.lora_rank}")
         if groups is not None:

@@ -182,6 +182,9 @@ class _EpochEnd(keras.callbacks.Callback):
             "learning_rate": _current_lr(self.whole_model.optimizer),
         }
         t.history.append(row)
+        if self.stage.patience:
+            # Before the checkpoint: a stage that ends here is saved with its best weights.
+            self._converge(epoch + 1, logs.get(t.monitor))
         value = logs.get(t.monitor)
         if value is not None and (t.best.get("value") is None or t._better(value, t.best["value"])):
             t.best = {
@@ -194,6 +197,45 @@ class _EpochEnd(keras.callbacks.Callback):
             t.save_best(self.whole_model)
         t.checkpoint(self.whole_model, self.stage_index, self.stage, epoch + 1)
         t.write_history()
+
+    def _converge(self, global_epoch: int, value: float | None) -> None:
+        """Tracks the stage's best epoch; ends the stage on its weights after `patience`."""
+        t, stage = self.trainer, self.stage
+        info = t.stages[stage.name]
+        if value is not None and ("best_epoch" not in info or t._better(value, info["best_value"])):
+            info.update(best_epoch=global_epoch, best_value=value)
+            t.stage_best = [np.array(v.numpy()) for v in _changing_variables(self.whole_model)]
+        best = info.get("best_epoch", global_epoch)
+        stale = global_epoch - best >= stage.patience
+        if not (stale or global_epoch == self.stage_start + stage.epochs):
+            return
+        if best != global_epoch and t.stage_best is not None:
+            for variable, value in zip(
+                _changing_variables(self.whole_model), t.stage_best, strict=True
+            ):
+                variable.assign(value)
+        info.update(ended_after=global_epoch, stopped_early=bool(stale))
+        t.stage_best = None
+        if stale:
+            self.model.stop_training = True
+        log.info(
+            "Stage %r ends after epoch %d%s, with the weights of its best epoch %d (%s %.4g).",
+            stage.name,
+            global_epoch,
+            f" ({stage.patience} epoch(s) without improvement)" if stale else "",
+            best,
+            t.monitor,
+            info.get("best_value", float("nan")),
+        )
+
+
+def _changing_variables(model: keras.Model) -> list:
+    """The variables training can change: trainable ones and updating BatchNorm statistics."""
+    variables = list(model.trainable_variables)
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            variables += list(layer.non_trainable_variables)
+    return variables
 
 
 class _PreemptionNotice:
@@ -324,6 +366,8 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.stages: dict[str, dict[str, Any]] = {}
+        # The best epoch's values of the variables a stage with `patience` changes, so far.
+        self.stage_best: list[np.ndarray] | None = None
         directory = run_dir.checkpoints if run_dir else None
         self.checkpointer = Checkpointer(directory, write=chief) if directory else _NoCheckpoints()
         # (global epoch, step) of the newest checkpoint, written or resumed from.
@@ -345,6 +389,7 @@ class _Trainer:
                 "stages": self.stages,
                 "config": self.config,
             },
+            stage_best=self.stage_best,
         )
         self.position = (global_epoch, step)
 
@@ -387,7 +432,7 @@ class _NoCheckpoints:
     def latest(self):
         return None
 
-    def save(self, model, state):
+    def save(self, model, state, stage_best=None):
         pass
 
 
@@ -513,12 +558,12 @@ def _cached_or_whole(
     else:
         reason = why_not_cached(model, split, train_data)
     if reason is not None:
-        trainer.stages[stage.name] = {"cached_features": False}
+        trainer.stages.setdefault(stage.name, {}).update(cached_features=False)
         if not trainable and cache_features:
             log.info("Stage %r runs the frozen backbone every epoch: %s.", stage.name, reason)
         return model, train_data, val_data
     cached = cached_stage(split, train_data, val_data)
-    trainer.stages[stage.name] = cached.info
+    trainer.stages.setdefault(stage.name, {}).update(cached.info)
     return split.head, cached.train, cached.val
 
 
@@ -636,7 +681,10 @@ def run_schedule(
     stage_start = 0
     with _preemption_notice(listen) as notice:
         for stage_index, stage in enumerate(stages):
-            stage_end = stage_start + int(stage.epochs)
+            # A stage with `patience` may have ended early, before an interruption.
+            stage_end = trainer.stages.get(stage.name, {}).get(
+                "ended_after", stage_start + int(stage.epochs)
+            )
             with strategy.scope():
                 trainable = apply_stage(model, groups, stage)
             if stage.epochs == 0 or stage_end <= done_epochs:
@@ -653,6 +701,8 @@ def run_schedule(
                     Checkpointer.restore(
                         model, state, with_optimizer=done_epochs > stage_start or done_step > 0
                     )
+                    if state["stage"] == stage.name:
+                        trainer.stage_best = Checkpointer.stage_best(state)
                 # After the restore: the features are those of the checkpoint's weights.
                 fit_model, fit_train, fit_val = _cached_or_whole(
                     model, split, stage, trainable, train_data, val_data, cache_features, trainer
@@ -693,6 +743,8 @@ def run_schedule(
             if initial_epoch + bool(first_step) < stage_end:
                 fits.append((initial_epoch + bool(first_step), stage_end, 0))
             for first_epoch, end_epoch, skip_steps in fits:
+                if "ended_after" in trainer.stages[stage.name]:
+                    break  # stopped at convergence in the rest of a resumed epoch
                 fit_model.fit(
                     fit_train.build(first_epoch, skip_steps),
                     steps_per_epoch=train_data.steps_per_epoch - skip_steps,
@@ -719,7 +771,7 @@ def run_schedule(
                     shuffle=False,  # the data shuffles itself, per epoch, replayably
                     verbose=verbose,
                 )
-            stage_start = stage_end
+            stage_start = trainer.stages[stage.name].get("ended_after", stage_end)
         if notice.received and trainer.position is not None:
             # The notice came after the last epoch's end was handled: its checkpoint is the
             # final one; stop before evaluation and export all the same.
