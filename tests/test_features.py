@@ -206,3 +206,32 @@ def test_a_cached_stage_resumes_to_the_uninterrupted_result(tmp_path):
     assert [r["val_loss"] for r in whole_result.history] == pytest.approx(
         [r["val_loss"] for r in result.history], rel=1e-5
     )
+
+
+class _EveryStep(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+
+def test_a_cached_stage_runs_several_steps_per_call_unless_a_callback_needs_each_step():
+    _, result = _head_run(True, epochs=2)
+    # 20 examples in batches of 6: 3 steps an epoch, all in one call.
+    assert result.stages["head"]["steps_per_execution"] == 3
+    every_step = _EveryStep()
+    _, result = _head_run(True, epochs=2, callbacks=[every_step])
+    assert result.stages["head"]["steps_per_execution"] == 1
+    assert every_step.steps == 6
+
+
+@pytest.mark.parametrize(
+    ("steps", "skipped", "expected"),
+    [(28, 0, 28), (64, 0, 32), (37, 0, 1), (29, 0, 29), (28, 12, 4), (60, 0, 30)],
+)
+def test_steps_per_execution_divides_every_fit(steps, skipped, expected):
+    from tfxfer.train import _steps_per_execution
+
+    assert _steps_per_execution(steps, skipped) == expected

@@ -531,6 +531,32 @@ def _read_chiefs_checkpoint(
     return state, None
 
 
+# At most this many training steps per call of the compiled step, in cached stages.
+MAX_STEPS_PER_EXECUTION = 32
+
+
+def _steps_per_execution(steps_per_epoch: int, skipped: int = 0) -> int:
+    """The most steps per call, up to `MAX_STEPS_PER_EXECUTION`, that split every fit evenly.
+
+    An epoch (and the rest of one that a resume starts part-way) must be a whole number of
+    calls, or a call would run into the next epoch's batches, and a callback that acts after
+    a step (a preemption notice, a NaN check) sees only the step that ends a call.
+    """
+    counts = [steps_per_epoch] + ([steps_per_epoch - skipped] if skipped else [])
+    return max(k for k in range(1, MAX_STEPS_PER_EXECUTION + 1) if all(n % k == 0 for n in counts))
+
+
+def _acts_on_batches(callbacks: list[keras.callbacks.Callback] | None) -> bool:
+    """Whether a user's callback does something after single steps (it sees every step only
+    with one step per call)."""
+    hooks = ("on_train_batch_begin", "on_train_batch_end")
+    return any(
+        getattr(type(c), hook) is not getattr(keras.callbacks.Callback, hook)
+        for c in (callbacks or [])
+        for hook in hooks
+    )
+
+
 def _fresh(metrics: list | None) -> list:
     """New metric objects of the same configs: a stage's compile must not share state."""
     return [
@@ -676,7 +702,10 @@ def run_schedule(
     # Only the process that writes checkpoints, and only when it is the whole run, stops on
     # a notice; elsewhere SIGTERM ends the process, and the run resumes as after a SIGKILL.
     listen = run_dir is not None and trainer.checkpointer.write and _one_process(strategy)
-    split = split_at_head(model) if cache_features else None
+    # In the strategy's scope: the head model's `fit` builds the optimizer in the scope the
+    # model was made in.
+    with strategy.scope():
+        split = split_at_head(model) if cache_features else None
     loaded = False
     stage_start = 0
     with _preemption_notice(listen) as notice:
@@ -708,7 +737,20 @@ def run_schedule(
                     model, split, stage, trainable, train_data, val_data, cache_features, trainer
                 )
                 if fit_model is not model:
-                    fit_model.compile(optimizer=optimizer, loss=loss, metrics=_fresh(metrics))
+                    # A head on features takes microseconds a step: the per-step overhead of
+                    # the training loop dominates, so several steps run per call.
+                    execution = (
+                        1
+                        if _acts_on_batches(callbacks)
+                        else _steps_per_execution(train_data.steps_per_epoch, done_step)
+                    )
+                    fit_model.compile(
+                        optimizer=optimizer,
+                        loss=loss,
+                        metrics=_fresh(metrics),
+                        steps_per_execution=execution,
+                    )
+                    trainer.stages[stage.name]["steps_per_execution"] = execution
             initial_epoch = max(stage_start, done_epochs)
             first_step = done_step if initial_epoch == done_epochs else 0
             if verbose:
