@@ -43,7 +43,7 @@ class Config(RecipeConfig):
     output_dir: str = "runs/bert_text_classifier"
     backbone: str = "minilm-l6"  # a name, a keras-hub preset, a local directory, or hub:<handle>
     pretrained: bool = True  # False: same architecture, randomly initialised
-    sequence_length: int = 64  # tokens per text; longer texts are truncated
+    sequence_length: int = 128  # max tokens per text; each batch is padded only to its longest text
     val_split: float = 0.1
     batch_size: int = 16
     head_epochs: int = 4

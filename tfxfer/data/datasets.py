@@ -53,6 +53,7 @@ def make_datasets(
     seed: int = 0,
     augmentation: Augmentation | None = None,
     cache: bool | str = True,
+    dynamic_padding: bool = True,
 ) -> Datasets:
     """Builds the training, validation and test pipelines the backbone's model reads.
 
@@ -72,6 +73,10 @@ def make_datasets(
         cache: bool or str. Cache decoded images or token ids in memory (`True`), not at all
             (`False`), or in files: a str is a path prefix, and each split caches to
             `<cache>.train`, `<cache>.val`, `<cache>.test`. Defaults to `True`.
+        dynamic_padding: bool. Texts only: trim each batch of token ids to the bucket length
+            that holds its longest text, and batch training texts of similar length together
+            (`tfxfer.data.text`). `False` pads every text to the preprocessor's length.
+            Defaults to `True`.
 
     Returns:
         `Datasets(train, val, test)`; `val` and `test` are None where `data` has no such split.
@@ -127,7 +132,12 @@ def make_datasets(
             )
         preprocessor: Any = backbone.preprocessor  # None keeps raw strings (TF-Hub text)
         train = text_train_data(
-            data.train, preprocessor, batch_size=batch_size, seed=seed, cache=split_cache("train")
+            data.train,
+            preprocessor,
+            batch_size=batch_size,
+            seed=seed,
+            cache=split_cache("train"),
+            dynamic_padding=dynamic_padding,
         )
 
         def evaluation(split: Examples, name: str) -> tf.data.Dataset:
@@ -137,6 +147,10 @@ def make_datasets(
                 preprocessor,
                 batch_size=batch_size,
                 cache=split_cache(name),
+                dynamic_padding=dynamic_padding,
+                # Cached feature extraction (`tfxfer.features`) unbatches the validation
+                # batches and batches them again, which needs one length for all of them.
+                same_length=name == "val",
             )
 
     val, test = (
