@@ -235,3 +235,73 @@ def test_steps_per_execution_divides_every_fit(steps, skipped, expected):
     from tfxfer.train import _steps_per_execution
 
     assert _steps_per_execution(steps, skipped) == expected
+
+
+# === Text: token sequences of any length ===
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from bert_helpers import write_hf_checkpoint
+
+    path = tmp_path_factory.mktemp("bert") / "hf_bert"
+    write_hf_checkpoint(path)
+    return str(path)
+
+
+def _text_run(bert_path: str, cache: bool):
+    from tests.test_text_buckets import random_texts
+
+    keras.utils.set_random_seed(0)
+    backbone = tfxfer.build_backbone(bert_path, sequence_length=64)
+    # Without dropout in the frozen backbone, the uncached stage computes the same features.
+    for layer in backbone.network._flatten_layers():
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    model = tfxfer.build_model(backbone, 2, head=tfxfer.HeadConfig(pooling="mean", dropout=0.0))
+    texts = random_texts(60, seed=4)
+    labels = np.asarray([len(t.split()) % 2 for t in texts], np.int32)
+    data = tfxfer.LabelledData(
+        Examples(texts[:44], labels[:44], ["0", "1"], "text"),
+        Examples(texts[44:], labels[44:], ["0", "1"], "text"),
+        None,
+        ["0", "1"],
+        "text",
+    )
+    datasets = tfxfer.make_datasets(data, backbone, batch_size=8)
+    result = tfxfer.run_schedule(
+        model,
+        backbone,
+        [tfxfer.Stage("head", 2, learning_rate=1e-2)],
+        datasets.train,
+        datasets.val,
+        verbose=0,
+        cache_features=cache,
+    )
+    return model, result
+
+
+def test_cached_text_features_of_trimmed_batches_train_the_head_as_uncached(tiny_bert):
+    uncached, plain = _text_run(tiny_bert, cache=False)
+    cached, result = _text_run(tiny_bert, cache=True)
+    assert result.stages["head"]["cached_features"] is True
+    a, b = _head_weights(uncached), _head_weights(cached)
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], rtol=1e-4, atol=1e-5, err_msg=path)
+    for row_a, row_b in zip(plain.history, result.history, strict=True):
+        assert row_a["val_loss"] == pytest.approx(row_b["val_loss"], rel=1e-4)
+
+
+def test_extraction_sorted_by_length_equals_full_length_features(tiny_bert):
+    from tests.test_text_buckets import random_texts
+
+    backbone = tfxfer.build_backbone(tiny_bert, sequence_length=64)
+    model = tfxfer.build_model(backbone, 2, head=tfxfer.HeadConfig(pooling="mean"))
+    extractor = split_at_head(model).features
+    tokens = backbone.preprocessor(tf.constant(random_texts(70, seed=1)))
+    inputs = {k: np.asarray(v) for k, v in tokens.items()}
+    lengths = feature_cache._token_lengths(extractor, inputs)
+    np.testing.assert_array_equal(lengths, inputs["padding_mask"].sum(axis=1))
+    assert lengths.max() < 64  # so trimming really happens
+    full = np.asarray(extractor(inputs, training=False))
+    np.testing.assert_allclose(feature_cache.extract(extractor, inputs), full, atol=1e-5)

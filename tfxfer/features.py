@@ -122,13 +122,29 @@ def _bytes(entries: OrderedDict) -> int:
 
 
 def _materialize(examples: tf.data.Dataset) -> tuple[Any, np.ndarray]:
-    """All `(input, label)` pairs as numpy: inputs an array or a dict of arrays."""
-    batches = list(examples.batch(1024).as_numpy_iterator())
+    """All `(input, label)` pairs as numpy: inputs an array or a dict of arrays.
+
+    Token sequences may come in different lengths (dynamically padded batches, unbatched):
+    they are padded with zeros (the padding token, masked out) to the longest.
+    """
+    batches = list(examples.padded_batch(1024).as_numpy_iterator())
     xs = [x for x, _ in batches]
     labels = np.concatenate([y for _, y in batches])
     if isinstance(xs[0], dict):
-        return {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}, labels
-    return np.concatenate(xs), labels
+        return {k: _concatenate_padded([x[k] for x in xs]) for k in xs[0]}, labels
+    return _concatenate_padded(xs), labels
+
+
+def _concatenate_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    if all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        return np.concatenate(arrays)
+    shape = np.max([a.shape[1:] for a in arrays], axis=0)
+    return np.concatenate(
+        [
+            np.pad(a, [(0, 0), *[(0, s - n) for s, n in zip(shape, a.shape[1:], strict=True)]])
+            for a in arrays
+        ]
+    )
 
 
 def digest(extractor: keras.Model, inputs: Any, labels: np.ndarray) -> str:
@@ -151,17 +167,48 @@ def digest(extractor: keras.Model, inputs: Any, labels: np.ndarray) -> str:
 
 
 def extract(extractor: keras.Model, inputs: Any) -> np.ndarray:
-    """The extractor's inference-mode outputs for all `inputs`, in order, as one array."""
+    """The extractor's inference-mode outputs for all `inputs`, in order, as one array.
+
+    Token inputs of an extractor that takes any length run shortest first, each batch cut to
+    its longest text (rounded up to a multiple of 16, so few shapes are traced): most texts
+    are far shorter than the maximum, and attention costs grow with the length.
+    """
     count = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
     step = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+    lengths = _token_lengths(extractor, inputs)
+    order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(count)
     outputs = []
     for start in range(0, count, _EXTRACT_BATCH):
+        rows = order[start : start + _EXTRACT_BATCH]
         if isinstance(inputs, dict):
-            batch = {k: v[start : start + _EXTRACT_BATCH] for k, v in inputs.items()}
+            batch = {k: v[rows] for k, v in inputs.items()}
+            if lengths is not None:
+                width = int(min(-(-max(int(lengths[rows].max()), 1) // 16) * 16, _width(inputs)))
+                batch = {k: v[:, :width] for k, v in batch.items()}
         else:
-            batch = inputs[start : start + _EXTRACT_BATCH]
+            batch = inputs[rows]
         outputs.append(np.asarray(step(batch)))
-    return np.concatenate(outputs)
+    features = np.concatenate(outputs)
+    unsorted = np.empty_like(features)
+    unsorted[order] = features
+    return unsorted
+
+
+def _width(inputs: dict[str, np.ndarray]) -> int:
+    return int(inputs["padding_mask"].shape[1])
+
+
+def _token_lengths(extractor: keras.Model, inputs: Any) -> np.ndarray | None:
+    """Tokens per example when `inputs` are padded token sequences the extractor takes at any
+    length, else None."""
+    if not isinstance(inputs, dict) or "padding_mask" not in inputs:
+        return None
+    shapes = [getattr(t, "shape", None) for t in tf.nest.flatten(extractor.inputs)]
+    if not shapes or any(s is None or len(s) != 2 or s[1] is not None for s in shapes):
+        return None
+    mask = inputs["padding_mask"]
+    # The last position holding a token, plus one (masks are contiguous from the start).
+    return np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
 
 
 @dataclass

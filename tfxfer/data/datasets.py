@@ -148,9 +148,6 @@ def make_datasets(
                 batch_size=batch_size,
                 cache=split_cache(name),
                 dynamic_padding=dynamic_padding,
-                # Cached feature extraction (`tfxfer.features`) unbatches the validation
-                # batches and batches them again, which needs one length for all of them.
-                same_length=name == "val",
             )
 
     val, test = (

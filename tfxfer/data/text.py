@@ -213,7 +213,6 @@ def make_text_dataset(
     seed: int = 0,
     cache: bool | str = True,
     dynamic_padding: bool = True,
-    same_length: bool = False,
 ) -> tf.data.Dataset:
     """A batched, cached, prefetched dataset of `(token dict, label)`, tokenized inside `tf.data`.
 
@@ -235,14 +234,9 @@ def make_text_dataset(
         dynamic_padding: bool. Trim each batch to the smallest of `bucket_lengths` that holds
             its longest text; `False` keeps the preprocessor's full length. Token dicts
             without a `padding_mask` are never trimmed. Defaults to `True`.
-        same_length: bool. With dynamic padding, trim every batch to the bucket of the
-            longest text of all, so that unbatched examples share one shape (cached feature
-            extraction re-batches validation data). Reads the data once, at once. Defaults
-            to `False`.
     """
     examples = _tokenized(texts, labels, preprocessor, cache)
     width = _padded_length(examples.element_spec[0]) if dynamic_padding else None
-    longest = _longest_text(examples) if width and same_length else None
     if shuffle:
         examples = examples.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True)
     batches = examples.batch(batch_size)
@@ -250,8 +244,7 @@ def make_text_dataset(
         buckets = tf.constant(bucket_lengths(width), tf.int32)
 
         def trimmed(x, y):
-            length = longest if longest is not None else _longest_in_batch(x)
-            return _trimmed(x, _bucket(length, buckets)), y
+            return _trimmed(x, _bucket(_longest_in_batch(x), buckets)), y
 
         batches = batches.map(trimmed, num_parallel_calls=tf.data.AUTOTUNE)
     return batches.prefetch(tf.data.AUTOTUNE)
@@ -456,11 +449,6 @@ def _padded_length(spec: Any) -> int | None:
 
 def _longest_in_batch(x: dict[str, tf.Tensor]) -> tf.Tensor:
     return tf.reduce_max(tf.reduce_sum(tf.cast(x["padding_mask"], tf.int32), axis=1))
-
-
-def _longest_text(examples: tf.data.Dataset) -> int:
-    lengths = examples.map(lambda x, y: tf.reduce_sum(tf.cast(x["padding_mask"], tf.int32)))
-    return int(lengths.reduce(tf.constant(0, tf.int32), tf.maximum))
 
 
 def _bucket(length: tf.Tensor, buckets: tf.Tensor) -> tf.Tensor:
