@@ -76,7 +76,8 @@ class RecipeConfig:
         0.2  # share of the training data held out for validation when no val set is given
     )
     batch_size: int = 32  # per replica; the global batch is this times the replicas
-    head_epochs: int = 3  # stage 1: the head only, backbone frozen
+    head_epochs: int = 30  # stage 1: the head only, backbone frozen (the most, with head_patience)
+    head_patience: int | None = 3  # stage 1 ends once val loss has not improved this many epochs
     finetune_epochs: int = 3  # stage 2: fine-tune the backbone (0 skips it)
     head_learning_rate: float = 1e-3  # peak learning rate of stage 1
     finetune_learning_rate: float = 1e-4  # peak learning rate of stage 2
@@ -96,6 +97,7 @@ class RecipeConfig:
     strategy: str = "auto"  # auto | cpu | one_device | mirrored | multi_worker | tpu
     mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     scale_learning_rate: bool = False  # multiply learning rates by the number of replicas
+    cache_features: bool = True  # stage 1 trains the head on features computed once
     export: bool = True  # also write a SavedModel that takes raw inputs
     overwrite: bool = False  # replace the files an earlier run wrote in output_dir
     resume: bool = False  # continue the run in output_dir from its last complete epoch
@@ -132,7 +134,7 @@ class RecipeConfig:
                 found.append(f"{name}={value!r} (expected {expected})")
 
         # Recipes name their input sizes alike, so a recipe's own size fields are checked here.
-        for name in ("batch_size", "lora_rank", "image_size", "sequence_length"):
+        for name in ("batch_size", "lora_rank", "image_size", "sequence_length", "head_patience"):
             check(name, _positive_int, "a positive integer")
         for name in ("head_epochs", "finetune_epochs", "seed"):
             check(name, lambda v: _int(v) and v >= 0, "an integer >= 0")
@@ -185,6 +187,7 @@ class RecipeConfig:
             finetune_learning_rate=self.finetune_learning_rate,
             unfreeze=int(self.unfreeze) if str(self.unfreeze).isdigit() else self.unfreeze,
             layerwise_lr_decay=self.layerwise_lr_decay,
+            head_patience=self.head_patience,
         )
         if self.lora_rank:
             for stage in stages:
@@ -308,6 +311,7 @@ def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) ->
         strategy=distribution.strategy,
         lr_scale=distribution.lr_scale,
         verbose=config.verbose,
+        cache_features=config.cache_features,
         # Resuming on another number of replicas would change every batch.
         config={**dataclasses.asdict(config), "global_batch_size": distribution.global_batch_size},
     )
@@ -420,6 +424,8 @@ def finish_run(
     run_dir.write_json("class_names.json", class_names)
     if result.best:
         run_dir.write_json("best.json", result.best)
+    if result.stages:
+        run_dir.write_json("stages.json", result.stages)
     to_save = serving_model or model
     export.save_model(to_save, run_dir.file("model.keras"))
     if export_saved_model:

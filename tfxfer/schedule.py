@@ -148,6 +148,7 @@ def default_schedule(
     finetune_learning_rate: float = 1e-4,
     unfreeze: str | int | list[str] = "all",
     layerwise_lr_decay: float | None = None,
+    head_patience: int | None = None,
 ) -> list[Stage]:
     """The two-stage schedule: train the head on a frozen backbone, then fine-tune.
 
@@ -159,10 +160,26 @@ def default_schedule(
             gently. Defaults to `1e-4`.
         unfreeze: "all", an int (top k groups) or group names for the second stage.
         layerwise_lr_decay: float or None. Discriminative learning rates in the second stage.
+        head_patience: int or None. Train the head until convergence (the linear probe before
+            fine-tuning, which then distorts the pretrained features less: Kumar et al.,
+            "Fine-Tuning can Distort Pretrained Features", ICLR 2022): the first stage ends
+            once the validation loss has not improved for this many epochs, on its best
+            epoch, with `head_epochs` the most; its learning rate is then constant. Defaults
+            to `None` (exactly `head_epochs`, warmup and cosine decay).
     """
     stages = []
     if head_epochs:
-        stages.append(Stage("head", head_epochs, train="head", learning_rate=head_learning_rate))
+        converge = {"decay": "constant", "warmup_fraction": 0.0} if head_patience else {}
+        stages.append(
+            Stage(
+                "head",
+                head_epochs,
+                train="head",
+                learning_rate=head_learning_rate,
+                patience=head_patience,
+                **converge,
+            )
+        )
     if finetune_epochs:
         stages.append(
             Stage(

@@ -546,6 +546,50 @@ def _steps_per_execution(steps_per_epoch: int, skipped: int = 0) -> int:
     return max(k for k in range(1, MAX_STEPS_PER_EXECUTION + 1) if all(n % k == 0 for n in counts))
 
 
+# What TensorFlow raises when XLA cannot compile a step: an op without an XLA kernel, or one
+# whose shapes XLA needs to know and cannot.
+_XLA_ERRORS = (
+    tf.errors.InvalidArgumentError,
+    tf.errors.UnimplementedError,
+    tf.errors.NotFoundError,
+)
+
+
+def _fit_falling_back_from_xla(
+    model: keras.Model,
+    compiled: dict[str, Any],
+    metrics: list | None,
+    info: dict[str, Any],
+    data: tf.data.Dataset,
+    **fit_arguments: Any,
+) -> None:
+    """`model.fit`; when XLA cannot compile its first step, recompiles without XLA and fits.
+
+    Only a failure before the first update is retried: after one, the weights have moved and
+    fitting the same epochs again would train them twice, so the error goes on, named.
+    """
+    steps_before = int(model.optimizer.iterations.numpy())
+    try:
+        model.fit(data, **fit_arguments)
+        return
+    except _XLA_ERRORS as error:
+        if not model.jit_compile or "XLA" not in str(error) and "compil" not in str(error):
+            raise
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        said = [line for line in lines if any(w in line for w in ("XLA", "unsupported", "compil"))]
+        reason = (said or lines or [type(error).__name__])[0][:300]
+        if int(model.optimizer.iterations.numpy()) != steps_before:
+            raise TfxferError(
+                f"XLA could not compile a step after training had begun ({reason}). Run with "
+                "jit_compile=False."
+            ) from error
+    log.warning("XLA cannot compile this model's training step (%s); training without XLA.", reason)
+    compiled["jit_compile"] = False
+    model.compile(metrics=_fresh(metrics), **compiled)
+    info.update(jit_compile=False, jit_fallback=reason)
+    model.fit(data, **fit_arguments)
+
+
 def _acts_on_batches(callbacks: list[keras.callbacks.Callback] | None) -> bool:
     """Whether a user's callback does something after single steps (it sees every step only
     with one step per call)."""
@@ -611,6 +655,7 @@ def run_schedule(
     callbacks: list[keras.callbacks.Callback] | None = None,
     verbose: int | str = "auto",
     cache_features: bool = True,
+    jit_compile: bool | str = "auto",
 ) -> TrainResult:
     """Trains `model` through `stages`, resuming from `run_dir` when it was opened to resume.
 
@@ -643,6 +688,11 @@ def run_schedule(
             once per epoch. Its random augmentation then does not run, and dropout inside the
             frozen backbone neither. `TrainResult.stages` says which stages were cached.
             Defaults to `True`.
+        jit_compile: bool or "auto". Compile training steps with XLA. "auto" is Keras' rule:
+            on a GPU or TPU when every layer supports it, never on a CPU (measured there: no
+            faster, and slower to trace). A step XLA cannot compile (an op it does not know)
+            falls back to plain TensorFlow with a warning, and `TrainResult.stages` records it.
+            Defaults to `"auto"`.
 
     Returns:
         TrainResult with the trained model and the history of every stage.
@@ -722,7 +772,8 @@ def run_schedule(
             with strategy.scope():
                 multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
                 optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
-                model.compile(optimizer=optimizer, loss=loss, metrics=_fresh(metrics))
+                compiled = {"optimizer": optimizer, "loss": loss, "jit_compile": jit_compile}
+                model.compile(metrics=_fresh(metrics), **compiled)
                 if state is not None and stage_start <= done_epochs:
                     loaded = True
                     # Mid-stage, the optimizer's moments and step count come back too (and with
@@ -739,18 +790,16 @@ def run_schedule(
                 if fit_model is not model:
                     # A head on features takes microseconds a step: the per-step overhead of
                     # the training loop dominates, so several steps run per call.
-                    execution = (
+                    compiled["steps_per_execution"] = (
                         1
                         if _acts_on_batches(callbacks)
                         else _steps_per_execution(train_data.steps_per_epoch, done_step)
                     )
-                    fit_model.compile(
-                        optimizer=optimizer,
-                        loss=loss,
-                        metrics=_fresh(metrics),
-                        steps_per_execution=execution,
-                    )
-                    trainer.stages[stage.name]["steps_per_execution"] = execution
+                    fit_model.compile(metrics=_fresh(metrics), **compiled)
+                trainer.stages[stage.name].update(
+                    steps_per_execution=compiled.get("steps_per_execution", 1),
+                    jit_compile=bool(fit_model.jit_compile),
+                )
             initial_epoch = max(stage_start, done_epochs)
             first_step = done_step if initial_epoch == done_epochs else 0
             if verbose:
@@ -787,7 +836,11 @@ def run_schedule(
             for first_epoch, end_epoch, skip_steps in fits:
                 if "ended_after" in trainer.stages[stage.name]:
                     break  # stopped at convergence in the rest of a resumed epoch
-                fit_model.fit(
+                _fit_falling_back_from_xla(
+                    fit_model,
+                    compiled,
+                    metrics,
+                    trainer.stages[stage.name],
                     fit_train.build(first_epoch, skip_steps),
                     steps_per_epoch=train_data.steps_per_epoch - skip_steps,
                     validation_data=fit_val,
