@@ -230,14 +230,31 @@ def test_is_chief_on_one_host() -> None:
 
 
 def test_mixed_precision_policy_names() -> None:
-    assert distribute.mixed_precision_policy("auto", distribute.get_strategy("cpu")) == "float32"
-    assert distribute.mixed_precision_policy("auto") == "float32"  # No GPU or TPU here.
+    # No GPU or TPU here: the CPU's own best, bfloat16 where it has AMX units.
+    cpu = "mixed_bfloat16" if distribute.cpu_has_amx_bf16() else "float32"
+    assert distribute.mixed_precision_policy("auto", distribute.get_strategy("cpu")) == cpu
+    assert distribute.mixed_precision_policy("auto") == cpu
     for name in distribute.MIXED_PRECISION_POLICIES:
         assert distribute.mixed_precision_policy(name) == name
     with pytest.raises(TfxferError, match="one of .*Received: mixed_precision='float16'"):
         distribute.mixed_precision_policy("float16")
     with pytest.raises(TfxferError, match="Received: policy='auto'"):
         distribute.apply_mixed_precision("auto")
+
+
+def test_auto_picks_bfloat16_only_on_a_cpu_with_amx_units(tmp_path, monkeypatch) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert distribute.cpu_has_amx_bf16(str(amx)) is True
+    assert distribute.cpu_has_amx_bf16(str(plain)) is False
+    assert distribute.cpu_has_amx_bf16(str(tmp_path / "missing")) is False
+    cpu = distribute.get_strategy("cpu")
+    for found, policy in ((True, "mixed_bfloat16"), (False, "float32")):
+        monkeypatch.setattr(distribute, "cpu_has_amx_bf16", lambda found=found: found)
+        assert distribute.mixed_precision_policy("auto", cpu) == policy
+        assert distribute.mixed_precision_policy("float32", cpu) == "float32"
 
 
 def test_apply_mixed_precision_sets_and_restores_the_global_policy() -> None:
@@ -339,7 +356,8 @@ def test_distribution_on_cpu_applies_the_policy_and_leaves_keras_unpatched() -> 
 
 
 def test_distribution_checks_its_arguments_before_building_a_strategy() -> None:
-    assert distribute.Distribution("cpu").policy == "float32"  # "auto" on a CPU.
+    cpu = "mixed_bfloat16" if distribute.cpu_has_amx_bf16() else "float32"
+    assert distribute.Distribution("cpu").policy == cpu  # "auto" on a CPU.
     with pytest.raises(TfxferError, match="Received: per_replica_batch_size=0"):
         distribute.Distribution("multi_worker", per_replica_batch_size=0)  # No TF_CONFIG here.
     with pytest.raises(TfxferError, match="Received: mixed_precision='float16'"):
