@@ -119,26 +119,6 @@ def epoch_batches(
             ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
         return ds
 
-    def build(start_epoch: int, start_step: int = 0) -> tf.data.Dataset:
-        if not 0 <= int(start_step) < steps:
-            raise ValueError(
-                f"Expected `start_step` in [0, {steps}) (the batches of one epoch). "
-                f"Received: start_step={start_step}"
-            )
-        epochs = tf.data.Dataset.range(int(start_epoch), 2**62)
-        # Only the first epoch starts part-way: `start_step` for it, 0 for every one after.
-        skips = tf.data.Dataset.from_tensors(tf.constant(int(start_step), tf.int64)).concatenate(
-            tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()
-        )
-        ds = tf.data.Dataset.zip((epochs, skips)).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
-        # Under MultiWorkerMirroredStrategy each worker takes its share of every global batch;
-        # sharding by file would fail (the examples come from tensors, not files).
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
-        )
-        return ds.with_options(options)
-
     # Full batches only (when there is at least one): every replica of every worker then gets
     # the same share, and a tiny last batch cannot make one step's gradient noisy.
     drop_remainder = num_examples >= batch_size
@@ -152,7 +132,50 @@ def epoch_batches(
         )
 
     augmented = transform is not None if random_transform is None else bool(random_transform)
+    build = endless_epochs(one_epoch, steps)
     return TrainData(build, steps, examples=examples, augmented=augmented, regroup=regroup)
+
+
+def endless_epochs(
+    one_epoch: Callable[[tf.Tensor, tf.Tensor], tf.data.Dataset],
+    steps: int,
+    per_batch: Callable | None = None,
+) -> Callable[..., tf.data.Dataset]:
+    """`build(start_epoch, start_step=0)` for `TrainData`, from how one epoch is made.
+
+    Args:
+        one_epoch: callable. `one_epoch(epoch, skip)` returns epoch `epoch`'s batches (or
+            what `per_batch` turns into them) after its first `skip`, as a dataset; both
+            arguments are int64 tensors. Only the first epoch built starts part-way.
+        steps: int. Batches per epoch.
+        per_batch: callable or None. Mapped over the batches (in parallel), e.g. to gather
+            the rows a batch of indices names.
+    """
+
+    def build(start_epoch: int, start_step: int = 0) -> tf.data.Dataset:
+        if not 0 <= int(start_step) < steps:
+            raise ValueError(
+                f"Expected `start_step` in [0, {steps}) (the batches of one epoch). "
+                f"Received: start_step={start_step}"
+            )
+        epochs = tf.data.Dataset.range(int(start_epoch), 2**62)
+        # Only the first epoch starts part-way: `start_step` for it, 0 for every one after.
+        skips = tf.data.Dataset.from_tensors(tf.constant(int(start_step), tf.int64)).concatenate(
+            tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()
+        )
+        ds = tf.data.Dataset.zip((epochs, skips)).flat_map(one_epoch)
+        if per_batch is not None:
+            ds = ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.prefetch(tf.data.AUTOTUNE)
+        # Under MultiWorkerMirroredStrategy each worker takes its share of every global batch;
+        # sharding by file would fail (the examples come from tensors, not files).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        return ds.with_options(options)
+
+    return build
 
 
 def stratified_split(labels, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -52,7 +52,7 @@ import tensorflow as tf
 
 from tfxfer import fs
 from tfxfer.data.examples import Examples, LabelledData, with_validation_split
-from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache
+from tfxfer.data.pipeline import TrainData, endless_epochs, epoch_batches, maybe_cache
 from tfxfer.errors import DataError, TfxferError
 
 log = logging.getLogger(__name__)
@@ -366,30 +366,7 @@ def _length_grouped_batches(
             x = _trimmed(x, _bucket(longest, bucket_tensor))
         return x, tf.gather(row_labels, indices)
 
-    def build(start_epoch: int, start_step: int = 0) -> tf.data.Dataset:
-        if not 0 <= int(start_step) < steps:
-            raise ValueError(
-                f"Expected `start_step` in [0, {steps}) (the batches of one epoch). "
-                f"Received: start_step={start_step}"
-            )
-        epochs = tf.data.Dataset.range(int(start_epoch), 2**62)
-        # Only the first epoch starts part-way: `start_step` for it, 0 for every one after.
-        skips = tf.data.Dataset.from_tensors(tf.constant(int(start_step), tf.int64)).concatenate(
-            tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).repeat()
-        )
-        ds = (
-            tf.data.Dataset.zip((epochs, skips))
-            .flat_map(one_epoch)
-            .map(gathered, num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-        # As in `epoch_batches`: under MultiWorkerMirroredStrategy each worker takes its share
-        # of every global batch (the examples come from tensors, not files).
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
-            tf.data.experimental.AutoShardPolicy.DATA
-        )
-        return ds.with_options(options)
+    build = endless_epochs(one_epoch, steps, per_batch=gathered)
 
     def regroup(other: tf.data.Dataset) -> TrainData:
         # The plan depends on the seed, the epoch and the text lengths only, so the same
