@@ -8,6 +8,7 @@ Layout::
     history.csv        one row per epoch of every stage: epoch, stage, metrics, lr
     metrics.json       one object per evaluated split: {"val": {"accuracy": ..., "loss": ...}}
     best.json          the best epoch
+    stages.json        how each stage trained (cached features, best epoch, compiled steps)
     checkpoints/       best.weights.h5 and per-epoch resume states
     model.keras        the final model; reloads and predicts identically
     export/            a SavedModel that takes raw inputs
@@ -54,6 +55,7 @@ RUN_ENTRIES = (
     "history.csv",
     "metrics.json",
     "best.json",
+    "stages.json",
     "checkpoints",
     "model.keras",
     "export",

@@ -590,6 +590,23 @@ def _fit_falling_back_from_xla(
     model.fit(data, **fit_arguments)
 
 
+def _one_device(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` trains on one device (the default strategy, or OneDevice).
+
+    Keras' loop of several steps per call fails on distributed iterators ("You must feed a
+    value for placeholder tensor" under MultiWorkerMirroredStrategy), so only one device
+    runs several.
+    """
+    return not isinstance(
+        strategy,
+        (
+            tf.distribute.MirroredStrategy,
+            tf.distribute.MultiWorkerMirroredStrategy,
+            tf.distribute.TPUStrategy,
+        ),
+    )
+
+
 def _acts_on_batches(callbacks: list[keras.callbacks.Callback] | None) -> bool:
     """Whether a user's callback does something after single steps (it sees every step only
     with one step per call)."""
@@ -791,9 +808,9 @@ def run_schedule(
                     # A head on features takes microseconds a step: the per-step overhead of
                     # the training loop dominates, so several steps run per call.
                     compiled["steps_per_execution"] = (
-                        1
-                        if _acts_on_batches(callbacks)
-                        else _steps_per_execution(train_data.steps_per_epoch, done_step)
+                        _steps_per_execution(train_data.steps_per_epoch, done_step)
+                        if _one_device(strategy) and not _acts_on_batches(callbacks)
+                        else 1
                     )
                     fit_model.compile(metrics=_fresh(metrics), **compiled)
                 trainer.stages[stage.name].update(
