@@ -230,9 +230,9 @@ def test_a_cached_stage_runs_several_steps_per_call_unless_a_callback_needs_each
     [(28, 0, 28), (64, 0, 32), (37, 0, 1), (29, 0, 29), (28, 12, 4), (60, 0, 30)],
 )
 def test_steps_per_execution_divides_every_fit(steps, skipped, expected):
-    from tfxfer.train import _steps_per_execution
+    from tfxfer.compiling import steps_per_execution
 
-    assert _steps_per_execution(steps, skipped) == expected
+    assert steps_per_execution(steps, skipped) == expected
 
 
 # === Text: token sequences of any length ===

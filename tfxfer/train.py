@@ -19,15 +19,12 @@ cover only the batches after the resume, since a metric's partial state is not s
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import json
 import logging
 import os
-import signal
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +36,19 @@ from keras.src.saving import saving_lib
 from tfxfer import fs
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.checkpoints import Checkpointer, checkpoint_name
+from tfxfer.compiling import (
+    acts_on_batches,
+    fit_falling_back_from_xla,
+    fresh_metrics,
+    one_device,
+    steps_per_execution,
+)
 from tfxfer.data.pipeline import TrainData
 from tfxfer.distribute import broadcast_from_chief, count_workers_where, describe, is_chief
 from tfxfer.errors import Preempted, RunDirError, TfxferError
 from tfxfer.features import HeadSplit, cached_stage, split_at_head, why_not_cached
 from tfxfer.model import loss_and_metrics, task_of
+from tfxfer.preemption import StopOnPreemption, answers_preemption, preemption_notice
 from tfxfer.rundir import RunDir, atomic_write_text
 from tfxfer.schedule import (
     Stage,
@@ -238,122 +243,6 @@ def _changing_variables(model: keras.Model) -> list:
     return variables
 
 
-class _PreemptionNotice:
-    """Whether a preemption notice (SIGTERM) has arrived. Only the signal handler sets it.
-
-    Python runs a signal handler in the main thread between any two bytecodes, in the middle
-    of a checkpoint write as readily as anywhere; so the handler only sets this flag, and
-    `_StopOnPreemption` reads it where a step has ended.
-    """
-
-    received = False
-
-
-@contextlib.contextmanager
-def _preemption_notice(listen: bool):
-    """Yields a `_PreemptionNotice` that SIGTERM sets while the block runs (when `listen`).
-
-    The previous SIGTERM handler is back when the block ends, however it ends: after
-    training, a SIGTERM ends the process as it did before.
-    """
-    notice = _PreemptionNotice()
-    # Handlers can only be set from the main thread; elsewhere SIGTERM keeps its action.
-    if not listen or threading.current_thread() is not threading.main_thread():
-        yield notice
-        return
-
-    def on_sigterm(signum, frame):
-        notice.received = True
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield notice
-    finally:
-        # None is a handler set outside Python, which cannot be put back; the default action
-        # is what it most likely did.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _one_process(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process runs every replica of `strategy` (one device, GPUs, a TPU host).
-
-    Only such a run stops on its own preemption notice. The workers of a multi-worker run
-    must all stop after the same step, which takes an agreement among them that tfxfer does
-    not make (TensorFlow's `PreemptionCheckpointHandler` does); a worker that stopped alone
-    would leave the others waiting in a collective. There SIGTERM ends the process as
-    before, and the run resumes from its last epoch checkpoint, as after a SIGKILL.
-    """
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return True
-    resolver = strategy.cluster_resolver
-    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    return len(cluster.get("chief", [])) + len(cluster.get("worker", [])) <= 1
-
-
-class _StopOnPreemption(keras.callbacks.Callback):
-    """On a preemption notice: a checkpoint after the step in flight, then `Preempted`.
-
-    Between two steps the weights and the optimizer state are those of a finished step, and
-    the data can restart at the next batch (`TrainData.build(epoch, step)`), so a checkpoint
-    there loses no work. It raises rather than setting `model.stop_training`: `fit` would
-    then still validate and call every callback's `on_epoch_end` for part of an epoch (a
-    history row, an epoch checkpoint, a user's EarlyStopping acting on it), and a notice
-    period is short. A notice in an epoch's last step or its validation lets the epoch end
-    as usual: its own checkpoint is the one to resume from.
-
-    Args:
-        trainer: _Trainer. Writes the checkpoint.
-        stage_index: int. The stage being trained.
-        stage: Stage. The stage being trained.
-        steps_per_epoch: int. Steps in a whole epoch.
-        notice: _PreemptionNotice. Set when SIGTERM arrived.
-        first_epoch: int. The fit's first epoch (from 0).
-        first_step: int. Steps of `first_epoch` done before this fit began (a resume from a
-            mid-epoch checkpoint).
-        model: keras.Model. The whole model, which the checkpoint saves.
-    """
-
-    def __init__(
-        self,
-        trainer: _Trainer,
-        stage_index: int,
-        stage: Stage,
-        steps_per_epoch: int,
-        notice: _PreemptionNotice,
-        first_epoch: int,
-        first_step: int,
-        model: keras.Model,
-    ):
-        super().__init__()
-        self.whole_model = model
-        self.trainer = trainer
-        self.stage_index = stage_index
-        self.stage = stage
-        self.steps_per_epoch = steps_per_epoch
-        self.notice = notice
-        self.first_epoch = first_epoch
-        self.first_step = first_step
-        self.epoch = first_epoch
-        self.steps_before = first_step
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-        self.steps_before = self.first_step if epoch == self.first_epoch else 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        step = self.steps_before + batch + 1
-        if not self.notice.received or step >= self.steps_per_epoch:
-            return
-        log.info("Preemption notice (SIGTERM): writing a checkpoint, then stopping.")
-        self.trainer.checkpoint(self.whole_model, self.stage_index, self.stage, self.epoch, step)
-        raise self.trainer.preempted(self.steps_per_epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        # `_EpochEnd` ran first: this epoch's checkpoint is written.
-        if self.notice.received:
-            raise self.trainer.preempted(self.steps_per_epoch)
-
-
 class _Trainer:
     def __init__(
         self, run_dir: RunDir | None, monitor: str, mode: str, config: dict[str, Any], chief: bool
@@ -531,100 +420,6 @@ def _read_chiefs_checkpoint(
     return state, None
 
 
-# At most this many training steps per call of the compiled step, in cached stages.
-MAX_STEPS_PER_EXECUTION = 32
-
-
-def _steps_per_execution(steps_per_epoch: int, skipped: int = 0) -> int:
-    """The most steps per call, up to `MAX_STEPS_PER_EXECUTION`, that split every fit evenly.
-
-    An epoch (and the rest of one that a resume starts part-way) must be a whole number of
-    calls, or a call would run into the next epoch's batches, and a callback that acts after
-    a step (a preemption notice, a NaN check) sees only the step that ends a call.
-    """
-    counts = [steps_per_epoch] + ([steps_per_epoch - skipped] if skipped else [])
-    return max(k for k in range(1, MAX_STEPS_PER_EXECUTION + 1) if all(n % k == 0 for n in counts))
-
-
-# What TensorFlow raises when XLA cannot compile a step: an op without an XLA kernel, or one
-# whose shapes XLA needs to know and cannot.
-_XLA_ERRORS = (
-    tf.errors.InvalidArgumentError,
-    tf.errors.UnimplementedError,
-    tf.errors.NotFoundError,
-)
-
-
-def _fit_falling_back_from_xla(
-    model: keras.Model,
-    compiled: dict[str, Any],
-    metrics: list | None,
-    info: dict[str, Any],
-    data: tf.data.Dataset,
-    **fit_arguments: Any,
-) -> None:
-    """`model.fit`; when XLA cannot compile its first step, recompiles without XLA and fits.
-
-    Only a failure before the first update is retried: after one, the weights have moved and
-    fitting the same epochs again would train them twice, so the error goes on, named.
-    """
-    steps_before = int(model.optimizer.iterations.numpy())
-    try:
-        model.fit(data, **fit_arguments)
-        return
-    except _XLA_ERRORS as error:
-        if not model.jit_compile or "XLA" not in str(error) and "compil" not in str(error):
-            raise
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        said = [line for line in lines if any(w in line for w in ("XLA", "unsupported", "compil"))]
-        reason = (said or lines or [type(error).__name__])[0][:300]
-        if int(model.optimizer.iterations.numpy()) != steps_before:
-            raise TfxferError(
-                f"XLA could not compile a step after training had begun ({reason}). Run with "
-                "jit_compile=False."
-            ) from error
-    log.warning("XLA cannot compile this model's training step (%s); training without XLA.", reason)
-    compiled["jit_compile"] = False
-    model.compile(metrics=_fresh(metrics), **compiled)
-    info.update(jit_compile=False, jit_fallback=reason)
-    model.fit(data, **fit_arguments)
-
-
-def _one_device(strategy: tf.distribute.Strategy) -> bool:
-    """Whether `strategy` trains on one device (the default strategy, or OneDevice).
-
-    Keras' loop of several steps per call fails on distributed iterators ("You must feed a
-    value for placeholder tensor" under MultiWorkerMirroredStrategy), so only one device
-    runs several.
-    """
-    return not isinstance(
-        strategy,
-        (
-            tf.distribute.MirroredStrategy,
-            tf.distribute.MultiWorkerMirroredStrategy,
-            tf.distribute.TPUStrategy,
-        ),
-    )
-
-
-def _acts_on_batches(callbacks: list[keras.callbacks.Callback] | None) -> bool:
-    """Whether a user's callback does something after single steps (it sees every step only
-    with one step per call)."""
-    hooks = ("on_train_batch_begin", "on_train_batch_end")
-    return any(
-        getattr(type(c), hook) is not getattr(keras.callbacks.Callback, hook)
-        for c in (callbacks or [])
-        for hook in hooks
-    )
-
-
-def _fresh(metrics: list | None) -> list:
-    """New metric objects of the same configs: a stage's compile must not share state."""
-    return [
-        m if isinstance(m, str) else type(m).from_config(m.get_config()) for m in (metrics or [])
-    ]
-
-
 def _cached_or_whole(
     model: keras.Model,
     split: HeadSplit | None,
@@ -768,14 +563,14 @@ def run_schedule(
 
     # Only the process that writes checkpoints, and only when it is the whole run, stops on
     # a notice; elsewhere SIGTERM ends the process, and the run resumes as after a SIGKILL.
-    listen = run_dir is not None and trainer.checkpointer.write and _one_process(strategy)
+    listen = run_dir is not None and trainer.checkpointer.write and answers_preemption(strategy)
     # In the strategy's scope: the head model's `fit` builds the optimizer in the scope the
     # model was made in.
     with strategy.scope():
         split = split_at_head(model) if cache_features else None
     loaded = False
     stage_start = 0
-    with _preemption_notice(listen) as notice:
+    with preemption_notice(listen) as notice:
         for stage_index, stage in enumerate(stages):
             # A stage with `patience` may have ended early, before an interruption.
             stage_end = trainer.stages.get(stage.name, {}).get(
@@ -790,7 +585,7 @@ def run_schedule(
                 multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
                 optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
                 compiled = {"optimizer": optimizer, "loss": loss, "jit_compile": jit_compile}
-                model.compile(metrics=_fresh(metrics), **compiled)
+                model.compile(metrics=fresh_metrics(metrics), **compiled)
                 if state is not None and stage_start <= done_epochs:
                     loaded = True
                     # Mid-stage, the optimizer's moments and step count come back too (and with
@@ -808,11 +603,11 @@ def run_schedule(
                     # A head on features takes microseconds a step: the per-step overhead of
                     # the training loop dominates, so several steps run per call.
                     compiled["steps_per_execution"] = (
-                        _steps_per_execution(train_data.steps_per_epoch, done_step)
-                        if _one_device(strategy) and not _acts_on_batches(callbacks)
+                        steps_per_execution(train_data.steps_per_epoch, done_step)
+                        if one_device(strategy) and not acts_on_batches(callbacks)
                         else 1
                     )
-                    fit_model.compile(metrics=_fresh(metrics), **compiled)
+                    fit_model.compile(metrics=fresh_metrics(metrics), **compiled)
                 trainer.stages[stage.name].update(
                     steps_per_execution=compiled.get("steps_per_execution", 1),
                     jit_compile=bool(fit_model.jit_compile),
@@ -853,7 +648,7 @@ def run_schedule(
             for first_epoch, end_epoch, skip_steps in fits:
                 if "ended_after" in trainer.stages[stage.name]:
                     break  # stopped at convergence in the rest of a resumed epoch
-                _fit_falling_back_from_xla(
+                fit_falling_back_from_xla(
                     fit_model,
                     compiled,
                     metrics,
@@ -869,7 +664,7 @@ def run_schedule(
                         *(callbacks or []),
                         # Last, so a notice that arrives during any callback of a step is
                         # answered at the end of that step.
-                        _StopOnPreemption(
+                        StopOnPreemption(
                             trainer,
                             stage_index,
                             stage,

@@ -8,9 +8,9 @@ preprocessor inside `tf.data`, cache the token ids, and only shuffle and batch p
 
 Batches are padded only as far as they need (dynamic padding): the preprocessor pads every text
 to the maximum `sequence_length`, and each batch is then trimmed to the smallest bucket length
-(`BUCKET_LENGTHS`, capped at the maximum) that holds its longest text. A short text then costs
-what it is long, not what the longest possible text is; and since there are a few bucket
-lengths, a step function sees a few shapes and is traced (or XLA-compiled) a few times.
+(`tfxfer.data.buckets`, capped at the maximum) that holds its longest text. A short text then
+costs what it is long, not what the longest possible text is; and since there are a few
+bucket lengths, a step function sees a few shapes and is traced (or XLA-compiled) a few times.
 Training batches group texts of similar length: each epoch, a permutation seeded by the seed and
 the epoch is cut into pools, each pool is sorted by length and cut into batches, and the
 batches are shuffled. The order is a function of the epoch alone, so a resumed run replays it.
@@ -51,8 +51,17 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer import fs
+from tfxfer.data.buckets import (
+    as_arrays,
+    bucket_lengths,
+    bucket_of,
+    length_grouped_batches,
+    longest_in_batch,
+    padded_length,
+    trimmed,
+)
 from tfxfer.data.examples import Examples, LabelledData, with_validation_split
-from tfxfer.data.pipeline import TrainData, endless_epochs, epoch_batches, maybe_cache
+from tfxfer.data.pipeline import TrainData, epoch_batches, maybe_cache
 from tfxfer.errors import DataError, TfxferError
 
 log = logging.getLogger(__name__)
@@ -66,14 +75,6 @@ _COLUMN_HINT = (
 )
 # Texts are tokenized in chunks of this many before the token ids are cached one by one.
 _TOKENIZE_CHUNK = 256
-# The lengths a batch of token ids is trimmed to: the smallest that holds its longest text.
-# Each is one more shape the train step is traced for, so there are few of them, closer
-# together where texts are common and padding is a large share of a batch.
-BUCKET_LENGTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-# Training examples are sorted by length within pools of this many batches: batches then hold
-# texts of similar length (little padding), while a pool is large enough that a batch still
-# mixes examples drawn from across the data.
-_POOL_BATCHES = 50
 
 
 def load_texts(
@@ -236,17 +237,17 @@ def make_text_dataset(
             without a `padding_mask` are never trimmed. Defaults to `True`.
     """
     examples = _tokenized(texts, labels, preprocessor, cache)
-    width = _padded_length(examples.element_spec[0]) if dynamic_padding else None
+    width = padded_length(examples.element_spec[0]) if dynamic_padding else None
     if shuffle:
         examples = examples.shuffle(len(texts), seed=seed, reshuffle_each_iteration=True)
     batches = examples.batch(batch_size)
     if width:
         buckets = tf.constant(bucket_lengths(width), tf.int32)
 
-        def trimmed(x, y):
-            return _trimmed(x, _bucket(_longest_in_batch(x), buckets)), y
+        def to_bucket(x, y):
+            return trimmed(x, bucket_of(longest_in_batch(x), buckets)), y
 
-        batches = batches.map(trimmed, num_parallel_calls=tf.data.AUTOTUNE)
+        batches = batches.map(to_bucket, num_parallel_calls=tf.data.AUTOTUNE)
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
@@ -293,10 +294,10 @@ def text_train_data(
             f"{examples.source!r}; use `tfxfer.data.images` for images."
         )
     tokenized = _tokenized(examples.inputs, examples.labels, preprocessor, cache)
-    if dynamic_padding and _padded_length(tokenized.element_spec[0]):
-        inputs, labels = _as_arrays(tokenized)
+    if dynamic_padding and padded_length(tokenized.element_spec[0]):
+        inputs, labels = as_arrays(tokenized)
         lengths = np.sum(inputs["padding_mask"], axis=1, dtype=np.int32)
-        return _length_grouped_batches(
+        return length_grouped_batches(
             tokenized,
             inputs,
             labels,
@@ -306,144 +307,6 @@ def text_train_data(
             buckets=bucket_lengths(inputs["padding_mask"].shape[1]),
         )
     return epoch_batches(tokenized, num_examples=len(examples), batch_size=batch_size, seed=seed)
-
-
-def bucket_lengths(maximum: int) -> tuple[int, ...]:
-    """The lengths batches are trimmed to when no text is longer than `maximum` tokens.
-
-    `BUCKET_LENGTHS` below `maximum`, then `maximum` itself, so that every text fits one.
-
-    Example:
-
-    ```python
-    bucket_lengths(100)  # (16, 32, 48, 64, 96, 100)
-    ```
-    """
-    return (*(b for b in BUCKET_LENGTHS if b < maximum), int(maximum))
-
-
-# === Length-grouped batches ===
-
-
-def _length_grouped_batches(
-    examples: tf.data.Dataset,
-    inputs: Any,
-    labels: np.ndarray,
-    lengths: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
-    buckets: tuple[int, ...] | None,
-) -> TrainData:
-    """`TrainData` over in-memory arrays in batches planned from the text lengths.
-
-    `inputs` (a dict of `(n, length)` token arrays, or features when regrouping) and `labels`
-    are rows in the order of `examples`; `lengths` are the texts' token counts, which decide
-    the batches. `buckets=None` keeps each row whole (features have no length to trim).
-    """
-    num_examples = len(lengths)
-    per_batch = min(batch_size, num_examples)
-    # Full batches only (as `epoch_batches`): every replica gets the same share; fewer
-    # examples than a batch make one batch of all.
-    steps = num_examples // per_batch
-    # The arrays stay in memory, captured by the batch function. Where the dataset's graph is
-    # serialized (tf.distribute does) they become constants, which a graph caps at 2 GB:
-    # about 1.8 million texts of 128 tokens.
-    rows = tf.nest.map_structure(tf.constant, inputs)
-    row_labels = tf.constant(labels)
-    row_lengths = tf.constant(lengths, tf.int32)
-    bucket_tensor = None if buckets is None else tf.constant(buckets, tf.int32)
-
-    def one_epoch(epoch, skip):
-        plan = _epoch_plan(row_lengths, per_batch=per_batch, steps=steps, seed=seed, epoch=epoch)
-        # Batches a resumed run already trained on are skipped as index rows, never gathered.
-        return tf.data.Dataset.from_tensor_slices(plan).skip(skip)
-
-    def gathered(indices):
-        x = tf.nest.map_structure(lambda rows: tf.gather(rows, indices), rows)
-        if bucket_tensor is not None:
-            longest = tf.reduce_max(tf.gather(row_lengths, indices))
-            x = _trimmed(x, _bucket(longest, bucket_tensor))
-        return x, tf.gather(row_labels, indices)
-
-    build = endless_epochs(one_epoch, steps, per_batch=gathered)
-
-    def regroup(other: tf.data.Dataset) -> TrainData:
-        # The plan depends on the seed, the epoch and the text lengths only, so the same
-        # lengths over other rows give the same batches.
-        other_inputs, other_labels = _as_arrays(other)
-        if len(other_labels) != num_examples:
-            raise TfxferError(
-                f"Expected {num_examples} examples to regroup, one per training example. "
-                f"Received: {len(other_labels)}"
-            )
-        return _length_grouped_batches(
-            other,
-            other_inputs,
-            other_labels,
-            lengths,
-            batch_size=batch_size,
-            seed=seed,
-            buckets=None,
-        )
-
-    return TrainData(build, steps, examples=examples, augmented=False, regroup=regroup)
-
-
-def _epoch_plan(
-    lengths: tf.Tensor, *, per_batch: int, steps: int, seed: int, epoch: tf.Tensor
-) -> tf.Tensor:
-    """Example indices of one epoch's batches, `(steps, per_batch)`: a function of the epoch.
-
-    Stateless random ops seeded with `(seed, epoch)` make the order the same in every run and
-    independent of how many epochs came before, which is what lets a run resume.
-    """
-    seeds = tf.random.experimental.stateless_split(
-        tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]), num=2
-    )
-    used = steps * per_batch
-    # Examples left over (fewer than a batch) are dropped before sorting, so they are drawn
-    # at random rather than always being a pool's longest.
-    order = tf.random.experimental.stateless_shuffle(tf.range(tf.size(lengths)), seed=seeds[0])
-    order = order[:used]
-    # One stable sort by (pool, length) sorts each pool by length and keeps pools in place.
-    pool = tf.range(used, dtype=tf.int64) // (per_batch * _POOL_BATCHES)
-    longest = tf.cast(tf.reduce_max(lengths), tf.int64) + 1
-    key = pool * longest + tf.cast(tf.gather(lengths, order), tf.int64)
-    order = tf.gather(order, tf.argsort(key, stable=True))
-    batches = tf.reshape(order, [steps, per_batch])
-    return tf.random.experimental.stateless_shuffle(batches, seed=seeds[1])
-
-
-def _padded_length(spec: Any) -> int | None:
-    """The length of an unbatched token dict spec with a padding mask; None: not trimmable."""
-    if not isinstance(spec, dict) or "padding_mask" not in spec:
-        return None
-    width = spec["padding_mask"].shape[-1]
-    same = all(s.shape.rank == 1 and s.shape[-1] == width for s in spec.values())
-    return int(width) if width is not None and same else None
-
-
-def _longest_in_batch(x: dict[str, tf.Tensor]) -> tf.Tensor:
-    return tf.reduce_max(tf.reduce_sum(tf.cast(x["padding_mask"], tf.int32), axis=1))
-
-
-def _bucket(length: tf.Tensor, buckets: tf.Tensor) -> tf.Tensor:
-    """The smallest of `buckets` (sorted) that is at least `length`."""
-    index = tf.searchsorted(buckets, tf.reshape(tf.cast(length, tf.int32), [1]), side="left")
-    return buckets[index[0]]
-
-
-def _trimmed(x: dict[str, tf.Tensor], length: tf.Tensor) -> dict[str, tf.Tensor]:
-    # Only padding is cut: `length` is at least the longest text's token count.
-    return {key: value[:, :length] for key, value in x.items()}
-
-
-def _as_arrays(examples: tf.data.Dataset) -> tuple[Any, np.ndarray]:
-    """All `(input, label)` pairs of an unbatched dataset as numpy arrays, in order."""
-    chunks = list(examples.batch(4096).as_numpy_iterator())
-    inputs = tf.nest.map_structure(lambda *parts: np.concatenate(parts), *[x for x, _ in chunks])
-    return inputs, np.concatenate([y for _, y in chunks])
 
 
 # === Reading files ===

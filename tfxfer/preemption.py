@@ -1,0 +1,137 @@
+"""Preemption notices: SIGTERM (a spot VM's or Slurm's) answered with a checkpoint and a stop.
+
+A single-process run listens while it trains: the step in flight finishes, a mid-epoch
+checkpoint is written, and `Preempted` is raised (see `tfxfer.train`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from typing import TYPE_CHECKING, Any
+
+import keras
+import tensorflow as tf
+
+if TYPE_CHECKING:
+    from tfxfer.schedule import Stage
+
+log = logging.getLogger(__name__)
+
+
+class PreemptionNotice:
+    """Whether a preemption notice (SIGTERM) has arrived. Only the signal handler sets it.
+
+    Python runs a signal handler in the main thread between any two bytecodes, in the middle
+    of a checkpoint write as readily as anywhere; so the handler only sets this flag, and
+    `StopOnPreemption` reads it where a step has ended.
+    """
+
+    received = False
+
+
+@contextlib.contextmanager
+def preemption_notice(listen: bool):
+    """Yields a `PreemptionNotice` that SIGTERM sets while the block runs (when `listen`).
+
+    The previous SIGTERM handler is back when the block ends, however it ends: after
+    training, a SIGTERM ends the process as it did before.
+    """
+    notice = PreemptionNotice()
+    # Handlers can only be set from the main thread; elsewhere SIGTERM keeps its action.
+    if not listen or threading.current_thread() is not threading.main_thread():
+        yield notice
+        return
+
+    def on_sigterm(signum, frame):
+        notice.received = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield notice
+    finally:
+        # None is a handler set outside Python, which cannot be put back; the default action
+        # is what it most likely did.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def answers_preemption(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process runs every replica of `strategy` (one device, GPUs, a TPU host).
+
+    Only such a run stops on its own preemption notice. The workers of a multi-worker run
+    must all stop after the same step, which takes an agreement among them that tfxfer does
+    not make (TensorFlow's `PreemptionCheckpointHandler` does); a worker that stopped alone
+    would leave the others waiting in a collective. There SIGTERM ends the process as
+    before, and the run resumes from its last epoch checkpoint, as after a SIGKILL.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", [])) <= 1
+
+
+class StopOnPreemption(keras.callbacks.Callback):
+    """On a preemption notice: a checkpoint after the step in flight, then `Preempted`.
+
+    Between two steps the weights and the optimizer state are those of a finished step, and
+    the data can restart at the next batch (`TrainData.build(epoch, step)`), so a checkpoint
+    there loses no work. It raises rather than setting `model.stop_training`: `fit` would
+    then still validate and call every callback's `on_epoch_end` for part of an epoch (a
+    history row, an epoch checkpoint, a user's EarlyStopping acting on it), and a notice
+    period is short. A notice in an epoch's last step or its validation lets the epoch end
+    as usual: its own checkpoint is the one to resume from.
+
+    Args:
+        trainer: tfxfer.train's trainer. Writes the checkpoint (`checkpoint`, `preempted`).
+        stage_index: int. The stage being trained.
+        stage: Stage. The stage being trained.
+        steps_per_epoch: int. Steps in a whole epoch.
+        notice: PreemptionNotice. Set when SIGTERM arrived.
+        first_epoch: int. The fit's first epoch (from 0).
+        first_step: int. Steps of `first_epoch` done before this fit began (a resume from a
+            mid-epoch checkpoint).
+        model: keras.Model. The whole model, which the checkpoint saves.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        stage_index: int,
+        stage: Stage,
+        steps_per_epoch: int,
+        notice: PreemptionNotice,
+        first_epoch: int,
+        first_step: int,
+        model: keras.Model,
+    ):
+        super().__init__()
+        self.whole_model = model
+        self.trainer = trainer
+        self.stage_index = stage_index
+        self.stage = stage
+        self.steps_per_epoch = steps_per_epoch
+        self.notice = notice
+        self.first_epoch = first_epoch
+        self.first_step = first_step
+        self.epoch = first_epoch
+        self.steps_before = first_step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.steps_before = self.first_step if epoch == self.first_epoch else 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.steps_before + batch + 1
+        if not self.notice.received or step >= self.steps_per_epoch:
+            return
+        log.info("Preemption notice (SIGTERM): writing a checkpoint, then stopping.")
+        self.trainer.checkpoint(self.whole_model, self.stage_index, self.stage, self.epoch, step)
+        raise self.trainer.preempted(self.steps_per_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # `_EpochEnd` ran first: this epoch's checkpoint is written.
+        if self.notice.received:
+            raise self.trainer.preempted(self.steps_per_epoch)
