@@ -76,8 +76,8 @@ class RecipeConfig:
         0.2  # share of the training data held out for validation when no val set is given
     )
     batch_size: int = 32  # per replica; the global batch is this times the replicas
-    head_epochs: int = 30  # stage 1: the head only, backbone frozen (the most, with head_patience)
-    head_patience: int | None = 3  # stage 1 ends once val loss has not improved this many epochs
+    head_epochs: int = 3  # stage 1: the head only, backbone frozen (the most, with head_patience)
+    head_patience: int | None = None  # e.g. 3: stage 1 ends once val loss stalls this many epochs
     finetune_epochs: int = 3  # stage 2: fine-tune the backbone (0 skips it)
     head_learning_rate: float = 1e-3  # peak learning rate of stage 1
     finetune_learning_rate: float = 1e-4  # peak learning rate of stage 2
