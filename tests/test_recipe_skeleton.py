@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+import keras
 import numpy as np
 import pytest
 from helpers import tiny_backbone
@@ -128,3 +129,18 @@ def test_command_line_turns_a_bad_folder_into_exit_2(tmp_path, capsys):
     argv = ["--data-dir", missing, "--output-dir", str(tmp_path / "run"), "--verbose", "0"]
     assert command_line(main, TinyConfig, argv=argv) == 2
     assert capsys.readouterr().err.startswith("tfxfer: error: Data directory not found")
+
+
+def test_a_run_gives_back_the_callers_dtype_policy(shapes_dir, tmp_path):
+    # "mixed_bfloat16" for the run's model, whatever "auto" would pick on this machine.
+    keras.config.set_dtype_policy("float32")
+    config = TinyConfig.smoke(
+        data_dir=shapes_dir,
+        output_dir=str(tmp_path / "run"),
+        val_split=0.5,
+        mixed_precision="mixed_bfloat16",
+    )
+    result = main(config)
+    assert result["model"].get_layer("predictions").dtype_policy.name == "float32"
+    assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in result["model"].layers)
+    assert keras.config.dtype_policy().name == "float32"

@@ -260,6 +260,15 @@ def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) ->
         takes raw inputs), "backbone", "history", "metrics" (per split), "class_names",
         "data" and "result" (the `TrainResult`).
     """
+    # The dtype policy `Distribution` sets is for this run's model: the caller's comes back.
+    previous_policy = keras.config.dtype_policy()
+    try:
+        return _run(config, build_data, build_model)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
     from tfxfer.data.datasets import make_datasets
     from tfxfer.distribute import Distribution
 
