@@ -43,7 +43,7 @@ from tfxfer.data.examples import LabelledData
 from tfxfer.errors import TfxferError
 from tfxfer.flags import parse_flags
 from tfxfer.rundir import RunDir
-from tfxfer.schedule import Stage, default_schedule, validate_schedule
+from tfxfer.schedule import REGULARIZERS, Stage, default_schedule, validate_schedule
 from tfxfer.train import TrainResult, run_schedule
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class RecipeConfig:
     finetune_learning_rate: float = 1e-4  # peak learning rate of stage 2
     unfreeze: str = "all"  # stage 2 trains "all" backbone layer groups, or the top K ("2")
     layerwise_lr_decay: float | None = None  # e.g. 0.8: each lower group learns 0.8x as fast
+    regularizer: str | None = None  # stage 2 keeps the backbone near its pretrained weights: l2sp
+    regularizer_weight: float = 0.0  # λ of the regularizer (0 is plain fine-tuning)
     lora_rank: int | None = (
         None  # stage 2 trains LoRA adapters of this rank instead of the backbone
     )
@@ -144,6 +146,12 @@ class RecipeConfig:
         check("val_split", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("layerwise_lr_decay", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]")
+        check("regularizer", lambda v: v in REGULARIZERS, f"one of {REGULARIZERS} or none")
+        check(
+            "regularizer_weight",
+            lambda v: _number(v) and math.isfinite(v) and v >= 0,
+            "a finite number >= 0",
+        )
         check(
             "unfreeze", lambda v: str(v) == "all" or str(v).isdigit(), "'all' or a number of groups"
         )
@@ -189,6 +197,10 @@ class RecipeConfig:
             layerwise_lr_decay=self.layerwise_lr_decay,
             head_patience=self.head_patience,
         )
+        for stage in stages:
+            if stage.name == "finetune":
+                stage.regularizer = self.regularizer
+                stage.regularizer_weight = self.regularizer_weight
         if self.lora_rank:
             for stage in stages:
                 if stage.name == "finetune":

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfxfer.backbones.base import LayerGroups
 from tfxfer.errors import TfxferError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
+# Forms of the source-task term L_S of the objective L_T + λ·L_S (`Stage.regularizer`).
+REGULARIZERS = ("l2sp",)
 DECAYS = ("cosine", "constant")
 
 
@@ -55,6 +58,14 @@ class Stage:
             statistics. Off by default: with the small batches of fine-tuning, batch statistics
             are noisy and undo what pretraining learned. Frozen groups' BatchNorm layers always
             run in inference mode. Defaults to `False`.
+        regularizer: str or None. Keep the backbone close to what it learned on its source
+            task, the joint objective L_T + λ·L_S. "l2sp": λ/2·‖θ − θ₀‖² over the backbone's
+            pretrained weights θ₀ (Li, Grandvalet & Davoine, ICML 2018), in place of weight
+            decay towards zero for those weights. With AdamW and Adam it is applied decoupled,
+            as AdamW applies weight decay: after each update, θ moves towards θ₀ by
+            min(1, lr·λ) of the way, so a large λ holds the backbone at θ₀. θ₀ is what the
+            backbone holds when `run_schedule` starts. Defaults to `None`.
+        regularizer_weight: float. λ, >= 0; 0 is plain fine-tuning. Defaults to `0.0`.
         patience: int or None. Train until convergence: end the stage once the monitored
             metric (`run_schedule`'s `monitor`, the validation loss by default) has not
             improved for this many epochs, and end it, early or not, on the weights of its best
@@ -75,6 +86,8 @@ class Stage:
     lora_rank: int | None = None
     train_batchnorm: bool = False
     patience: int | None = None
+    regularizer: str | None = None
+    regularizer_weight: float = 0.0
 
     def validate(self, groups: LayerGroups | Sequence[str] | None = None) -> None:
         problems = []
@@ -101,6 +114,17 @@ class Stage:
             or self.patience < 1
         ):
             problems.append(f"patience must be an int >= 1 or None, got {self.patience!r}")
+        if self.regularizer is not None and self.regularizer not in REGULARIZERS:
+            problems.append(
+                f"regularizer must be one of {REGULARIZERS} or None, got {self.regularizer!r}"
+            )
+        weight = self.regularizer_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            problems.append(f"regularizer_weight (λ) must be a number >= 0, got {weight!r}")
+        elif weight == float("inf"):
+            problems.append("regularizer_weight (λ) must be finite, got inf")
+        if self.regularizer and self.optimizer == "sgd":
+            problems.append(f"regularizer {self.regularizer!r} needs optimizer 'adamw' or 'adam'")
         if self.lora_rank is not None and int(self.lora_rank) < 1:
             problems.append(f"lora_rank must be >= 1, got {self.lora_rank}")
         if groups is not None:
@@ -409,10 +433,20 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
         **kwargs: passed to `keras.optimizers.AdamW`.
     """
 
-    def __init__(self, lr_multipliers: dict[str, float] | None = None, **kwargs):
+    def __init__(
+        self,
+        lr_multipliers: dict[str, float] | None = None,
+        anchors: dict[str, Any] | None = None,
+        anchor_weight: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.lr_multipliers = dict(lr_multipliers or {})
         self._multiplier_by_key: dict[Any, float] = {}
+        # L2-SP: variable path to its pretrained value θ₀, and λ.
+        self.anchors = dict(anchors or {}) if anchor_weight else {}
+        self.anchor_weight = float(anchor_weight)
+        self._anchor_by_key: dict[Any, Any] = {}
 
     def build(self, variables):
         super().build(variables)
@@ -421,6 +455,18 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
             for v in variables
             if v.path in self.lr_multipliers
         }
+        # θ₀ as optimizer variables: they sit on every replica and ride in the checkpoint.
+        # Made with their value, not assigned one: Keras builds an optimizer inside a
+        # stateless scope, where an assignment would be dropped.
+        for variable in variables:
+            if variable.path in self.anchors:
+                value = np.asarray(self.anchors[variable.path])
+                anchor = self.add_variable_from_reference(
+                    variable,
+                    "anchor",
+                    initializer=lambda shape, dtype, value=value: ops.cast(value, dtype),
+                )
+                self._anchor_by_key[self._var_key(variable)] = anchor
 
     def _use_weight_decay(self, variable) -> bool:
         return len(variable.shape) >= 2 and super()._use_weight_decay(variable)
@@ -430,17 +476,28 @@ class LayerwiseAdamW(keras.optimizers.AdamW):
         return
 
     def update_step(self, gradient, variable, learning_rate):
-        multiplier = self._multiplier_by_key.get(self._var_key(variable), 1.0)
+        key = self._var_key(variable)
+        multiplier = self._multiplier_by_key.get(key, 1.0)
         if multiplier != 1.0:
             learning_rate = learning_rate * multiplier
-        if self.weight_decay and self._use_weight_decay(variable):
+        anchor = self._anchor_by_key.get(key)
+        if anchor is None and self.weight_decay and self._use_weight_decay(variable):
             rate = ops.cast(learning_rate, variable.dtype) * ops.cast(
                 self.weight_decay, variable.dtype
             )
             variable.assign(variable - variable * rate)
-        return super().update_step(gradient, variable, learning_rate)
+        super().update_step(gradient, variable, learning_rate)
+        if anchor is not None:
+            # Decoupled L2-SP: towards θ₀ by min(1, lr·λ) of the way (θ₀ itself for large λ).
+            pull = ops.minimum(
+                ops.cast(learning_rate, variable.dtype)
+                * ops.cast(self.anchor_weight, variable.dtype),
+                ops.cast(1.0, variable.dtype),
+            )
+            variable.assign(variable - (variable - anchor) * pull)
 
     def get_config(self):
+        # θ₀ is state, not config: a reloaded optimizer starts without it.
         return {**super().get_config(), "lr_multipliers": self.lr_multipliers}
 
 
@@ -449,6 +506,7 @@ def make_optimizer(
     steps_per_epoch: int,
     multipliers: dict[str, float] | None = None,
     lr_scale: float = 1.0,
+    anchors: dict[str, Any] | None = None,
 ) -> keras.optimizers.Optimizer:
     """The optimizer for a stage, with its warmup + decay schedule over the stage's steps.
 
@@ -465,9 +523,15 @@ def make_optimizer(
     )
     if stage.optimizer == "sgd":
         return keras.optimizers.SGD(schedule, momentum=0.9, name="sgd")
-    if stage.optimizer == "adam" and not multipliers:
+    l2sp = stage.regularizer == "l2sp" and stage.regularizer_weight > 0
+    if stage.optimizer == "adam" and not multipliers and not l2sp:
         return keras.optimizers.Adam(schedule, name="adam")
     weight_decay = stage.weight_decay if stage.optimizer == "adamw" else 0.0
     return LayerwiseAdamW(
-        lr_multipliers=multipliers, learning_rate=schedule, weight_decay=weight_decay, name="adamw"
+        lr_multipliers=multipliers,
+        anchors=anchors if l2sp else None,
+        anchor_weight=stage.regularizer_weight if l2sp else 0.0,
+        learning_rate=schedule,
+        weight_decay=weight_decay,
+        name="adamw",
     )

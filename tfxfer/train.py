@@ -568,6 +568,18 @@ def run_schedule(
     # model was made in.
     with strategy.scope():
         split = split_at_head(model) if cache_features else None
+    # θ₀ of an L2-SP stage: the backbone as it is now, before a resume restores anything (a
+    # resumed run is built from the same pretrained weights).
+    anchors = (
+        {
+            variable.path: variable.numpy()
+            for layers in groups.groups.values()
+            for layer in layers
+            for variable in layer.weights
+        }
+        if any(s.regularizer and s.regularizer_weight for s in stages)
+        else None
+    )
     loaded = False
     stage_start = 0
     with preemption_notice(listen) as notice:
@@ -583,7 +595,9 @@ def run_schedule(
                 continue
             with strategy.scope():
                 multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
-                optimizer = make_optimizer(stage, train_data.steps_per_epoch, multipliers, lr_scale)
+                optimizer = make_optimizer(
+                    stage, train_data.steps_per_epoch, multipliers, lr_scale, anchors
+                )
                 compiled = {"optimizer": optimizer, "loss": loss, "jit_compile": jit_compile}
                 model.compile(metrics=fresh_metrics(metrics), **compiled)
                 if state is not None and stage_start <= done_epochs:
