@@ -41,7 +41,7 @@ class Config(RecipeConfig):
     multi_label: bool = False  # labels separated by label_separator, sigmoid outputs
     label_separator: str = "|"
     output_dir: str = "runs/bert_text_classifier"
-    backbone: str = "minilm-l6"  # a name, a keras-hub preset, a local directory, or hub:<handle>
+    backbone: str = "minilm-l6"  # a name, keras-hub preset, local directory, hub:<handle>; or a,b
     pretrained: bool = True  # False: same architecture, randomly initialised
     sequence_length: int = 128  # max tokens per text; each batch is padded only to its longest text
     val_split: float = 0.1
@@ -52,6 +52,7 @@ class Config(RecipeConfig):
     dropout: float = 0.1
 
     SMOKE: ClassVar[dict] = {"sequence_length": 16}
+    MODALITY: ClassVar[str] = "text"
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -61,9 +62,10 @@ class Config(RecipeConfig):
 
     def input_paths(self) -> list[str]:
         paths = [p for p in (self.train, self.val, self.test) if p]
-        local = self.backbone.removeprefix("hub:")
-        if os.path.isdir(os.path.expanduser(local)):
-            paths.append(local)  # a local preset, Hugging Face or SavedModel directory
+        for name in self.backbone_names():
+            local = name.removeprefix("hub:")
+            if os.path.isdir(os.path.expanduser(local)):
+                paths.append(local)  # a local preset, Hugging Face or SavedModel directory
         return paths
 
 
@@ -86,19 +88,19 @@ def build_data(config: Config) -> tfxfer.LabelledData:
     )
 
 
-def build_model(config: Config, data: tfxfer.LabelledData):
-    if config.backbone.startswith("hub:"):
+def build_backbone(config: Config, name: str) -> tfxfer.Backbone:
+    if name.startswith("hub:"):
         # A TF-Hub text model takes raw strings and tokenizes inside itself.
-        backbone = tfxfer.build_backbone(config.backbone, input_kind="text")
-    else:
-        backbone = tfxfer.build_backbone(
-            config.backbone, sequence_length=config.sequence_length, weights=config.pretrained
-        )
-    head = tfxfer.HeadConfig(
-        pooling=config.pooling, hidden_units=list(config.hidden_units), dropout=config.dropout
+        return tfxfer.build_backbone(name, input_kind="text")
+    return tfxfer.build_backbone(
+        name, sequence_length=config.sequence_length, weights=config.pretrained
     )
+
+
+def build_model(config: Config, data: tfxfer.LabelledData):
+    backbones = [build_backbone(config, name) for name in config.backbone_names()]
     task = "multi_label" if data.multi_label else "single_label"
-    return backbone, tfxfer.build_model(backbone, len(data.class_names), task=task, head=head)
+    return config.classifier(backbones, len(data.class_names), task)
 
 
 def main(config: Config) -> dict:

@@ -10,6 +10,8 @@ Run:
     python -m recipes.resnet50_image_classifier --data-dir photos/ --output-dir runs/photos
     python -m recipes.resnet50_image_classifier --data-dir photos/ --test-dir photos_test/ \
         --backbone efficientnetv2b0 --image-size 224
+    python -m recipes.resnet50_image_classifier --data-dir photos/ \
+        --backbone resnet50,efficientnetv2b0 --fusion gated   # one model over both
 
 Offline, pass a local weights file (`--weights path/to/..._notop.h5`) or `--weights none`.
 Without `--data-dir` it draws a small shapes dataset and trains from scratch (`--weights
@@ -38,12 +40,29 @@ class Config(RecipeConfig):
     val_dir: str | None = None  # a validation folder with the same classes; else val_split
     test_dir: str | None = None  # a held-out test folder, scored into metrics.json
     output_dir: str = "runs/resnet50_image_classifier"
-    backbone: str = "resnet50"  # any image backbone (`tfxfer backbones`) or hub:<handle>
-    weights: str | None = "imagenet"  # "imagenet", "none", or a local .h5 weights file
+    backbone: str = "resnet50"  # an image backbone (`tfxfer backbones`), hub:<handle>, or a,b
+    weights: str | None = "imagenet"  # "imagenet", "none", a local .h5 file; a,b per backbone
     image_size: int = 224  # side of the square the backbone sees
     augment: bool = True  # flips, small rotations, zoom, contrast (training only)
 
     SMOKE: ClassVar[dict] = {"weights": "none", "image_size": 32, "augment": False}
+    MODALITY: ClassVar[str] = "image"
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        weights, names = self.weights_list(), self.backbone_names()
+        if len(weights) not in (1, len(names)):
+            found.append(
+                f"weights={self.weights!r} (expected one value for every backbone, or one per "
+                f"backbone of {self.backbone!r})"
+            )
+        return found
+
+    def weights_list(self) -> list[str | None]:
+        """The weights of each backbone: one value for all, or `a,b` in backbone order."""
+        if self.weights is None:
+            return [None]
+        return [w.strip() for w in str(self.weights).split(",")]
 
     def augmentation(self) -> Augmentation | None:
         return Augmentation() if self.augment else None
@@ -51,8 +70,9 @@ class Config(RecipeConfig):
     def input_paths(self) -> list[str]:
         # The demo shapes (no data_dir) go to output_dir + "-data", a sibling: not an input.
         paths = [p for p in (self.data_dir, self.val_dir, self.test_dir) if p]
-        if self.weights and str(self.weights).lower() not in ("imagenet", "none", "random"):
-            paths.append(self.weights)  # a local weights file
+        for weights in self.weights_list():
+            if weights and weights.lower() not in ("imagenet", "none", "random"):
+                paths.append(weights)  # a local weights file
         return paths
 
 
@@ -75,13 +95,14 @@ def build_data(config: Config) -> tfxfer.LabelledData:
 
 
 def build_model(config: Config, data: tfxfer.LabelledData):
-    backbone = tfxfer.build_backbone(
-        config.backbone, weights=config.weights, image_size=config.image_size
-    )
-    head = tfxfer.HeadConfig(
-        pooling=config.pooling, hidden_units=list(config.hidden_units), dropout=config.dropout
-    )
-    return backbone, tfxfer.build_model(backbone, len(data.class_names), head=head)
+    names, weights = config.backbone_names(), config.weights_list()
+    backbones = [
+        tfxfer.build_backbone(name, weights=w, image_size=config.image_size)
+        for name, w in zip(
+            names, weights * len(names) if len(weights) == 1 else weights, strict=True
+        )
+    ]
+    return config.classifier(backbones, len(data.class_names))
 
 
 def main(config: Config) -> dict:

@@ -5,6 +5,7 @@ import tfxfer
 PUBLIC = {
     # Backbones, heads, models.
     "Backbone", "build_backbone", "known_backbones", "HeadConfig", "build_model",
+    "build_fusion_model",
     # Data, for images and text alike.
     "LabelledData", "load_images", "load_texts", "make_datasets",
     # Schedules and training.

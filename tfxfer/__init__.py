@@ -30,6 +30,7 @@ from tfxfer.data.images import load_images  # noqa: E402
 from tfxfer.data.text import load_texts  # noqa: E402
 from tfxfer.errors import TfxferError  # noqa: E402
 from tfxfer.export import export_saved_model, load_model  # noqa: E402
+from tfxfer.fusion import build_fusion_model  # noqa: E402
 from tfxfer.heads import HeadConfig  # noqa: E402
 from tfxfer.model import build_model  # noqa: E402
 from tfxfer.rundir import RunDir  # noqa: E402
@@ -46,6 +47,7 @@ __all__ = [
     "Stage",
     "TfxferError",
     "build_backbone",
+    "build_fusion_model",
     "build_model",
     "default_schedule",
     "export_saved_model",

@@ -26,9 +26,11 @@ import tensorflow as tf
 
 # Importing the layer modules registers tfxfer's serializable layers for `load_model`.
 import tfxfer.backbones.vision  # noqa: F401
+import tfxfer.fusion  # noqa: F401
 import tfxfer.heads  # noqa: F401
 import tfxfer.schedule  # noqa: F401
 from tfxfer import fs
+from tfxfer.data.datasets import data_backbone
 from tfxfer.errors import TfxferError
 from tfxfer.rundir import TMP_PREFIX, listed_in_run_manifest
 
@@ -267,8 +269,10 @@ def serving_model(model: keras.Model, backbone) -> keras.Model:
 
     Args:
         model: keras.Model. As trained (a text model takes token dicts).
-        backbone: Backbone. What the model was built from.
+        backbone: Backbone, or the list of a fusion model's Backbones (they share one
+            tokenizer; the one the data pipelines used is the one the model serves with).
     """
+    backbone = data_backbone(backbone)
     if backbone.input_kind == "text" and backbone.preprocessor is not None:
         return RawTextModel(backbone.preprocessor, model, name="tfxfer_text_classifier")
     return model

@@ -99,19 +99,23 @@ class MaskedSequencePooling(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def pool_features(features, output_kind: str, pooling: str | None):
-    """Applies the pooling a `HeadConfig` asks for to a backbone's output."""
+def pool_features(features, output_kind: str, pooling: str | None, prefix: str = ""):
+    """Applies the pooling a `HeadConfig` asks for to a backbone's output.
+
+    `prefix` goes before the pooling layers' names, so that several backbones' poolings can
+    live in one model (`tfxfer.build_fusion_model`).
+    """
     if output_kind == "vector":
         return features
     if output_kind == "spatial":
         if pooling == "avg":
-            return keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
+            return keras.layers.GlobalAveragePooling2D(name=f"{prefix}avg_pool")(features)
         if pooling == "max":
-            return keras.layers.GlobalMaxPooling2D(name="max_pool")(features)
-        return keras.layers.Concatenate(name="avg_max_pool")(
+            return keras.layers.GlobalMaxPooling2D(name=f"{prefix}max_pool")(features)
+        return keras.layers.Concatenate(name=f"{prefix}avg_max_pool")(
             [
-                keras.layers.GlobalAveragePooling2D(name="avg_pool")(features),
-                keras.layers.GlobalMaxPooling2D(name="max_pool")(features),
+                keras.layers.GlobalAveragePooling2D(name=f"{prefix}avg_pool")(features),
+                keras.layers.GlobalMaxPooling2D(name=f"{prefix}max_pool")(features),
             ]
         )
     # A token sequence: a dict with sequence_output, padding_mask and maybe pooled_output.
@@ -119,7 +123,7 @@ def pool_features(features, output_kind: str, pooling: str | None):
         if "pooled_output" in features:
             return features["pooled_output"]
         return features["sequence_output"][:, 0, :]
-    return MaskedSequencePooling(pooling, name=f"masked_{pooling}_pool")(
+    return MaskedSequencePooling(pooling, name=f"{prefix}masked_{pooling}_pool")(
         features["sequence_output"], features["padding_mask"]
     )
 
@@ -144,9 +148,20 @@ def build_head(features, output_kind: str, config: HeadConfig, num_outputs: int,
         raise TfxferError(f"Expected at least one output. Received: num_outputs={num_outputs}")
     config.validate(output_kind)
     x = pool_features(features, output_kind, config.resolved_pooling(output_kind))
-    # Marks where the head begins: what is below it is a fixed function of the input while
-    # the backbone is frozen, so a head-only stage can train on cached features.
-    x = keras.layers.Identity(name="head_features")(x)
+    return dense_head(mark_head_features(x), config, num_outputs, task)
+
+
+def mark_head_features(pooled):
+    """Marks where the head begins (the layer `tfxfer.features` cuts the model at).
+
+    What is below it is a fixed function of the input while the backbone is frozen, so a
+    head-only stage can train on cached features.
+    """
+    return keras.layers.Identity(name="head_features")(pooled)
+
+
+def dense_head(x, config: HeadConfig, num_outputs: int, task: Task):
+    """The dense stack with dropout and the output layer, on pooled features `x`."""
     for i, units in enumerate(config.hidden_units):
         if config.dropout:
             x = keras.layers.Dropout(config.dropout, name=f"head_dropout_{i}")(x)

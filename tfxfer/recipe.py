@@ -38,10 +38,14 @@ import keras
 import tensorflow as tf
 
 from tfxfer import export, report
+from tfxfer.backbones import modality_of
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.data.examples import LabelledData
 from tfxfer.errors import TfxferError
 from tfxfer.flags import parse_flags
+from tfxfer.fusion import FUSIONS, build_fusion_model, fusion_summary
+from tfxfer.heads import HeadConfig
+from tfxfer.model import build_model
 from tfxfer.rundir import RunDir
 from tfxfer.schedule import REGULARIZERS, Stage, default_schedule, validate_schedule
 from tfxfer.train import TrainResult, run_schedule
@@ -72,6 +76,8 @@ class RecipeConfig:
 
     output_dir: str = "runs/tfxfer"  # where the run directory goes
     backbone: str = "resnet50"  # a backbone name, preset or local directory (`tfxfer backbones`)
+    fusion: str = "concat"  # with --backbone a,b: concat | sum | product | gated | attention
+    fusion_width: int | None = None  # projection width for sum/product/gated/attention fusion
     val_split: float = (
         0.2  # share of the training data held out for validation when no val set is given
     )
@@ -107,6 +113,8 @@ class RecipeConfig:
 
     # Recipe-specific fields of `smoke()`, on top of SMOKE_SETTINGS.
     SMOKE: ClassVar[dict[str, Any]] = {}
+    # What the recipe classifies ("image" or "text"); every backbone must take it.
+    MODALITY: ClassVar[str | None] = None
 
     @classmethod
     def smoke(cls, **fields: Any) -> RecipeConfig:
@@ -156,6 +164,9 @@ class RecipeConfig:
             "unfreeze", lambda v: str(v) == "all" or str(v).isdigit(), "'all' or a number of groups"
         )
         check("hidden_units", lambda v: all(_positive_int(u) for u in v), "positive integers")
+        check("fusion", lambda v: v in FUSIONS, f"one of {FUSIONS}")
+        check("fusion_width", _positive_int, "a positive integer")
+        found += self._backbone_problems()
         check("strategy", lambda v: v in STRATEGY_NAMES, f"one of {STRATEGY_NAMES}")
         modes = ("auto", *MIXED_PRECISION_POLICIES)
         check("mixed_precision", lambda v: v in modes, f"one of {modes}")
@@ -178,6 +189,54 @@ class RecipeConfig:
         if output_problem:
             found.append(output_problem)
         return found
+
+    def backbone_names(self) -> list[str]:
+        """The backbones `--backbone a,b` names: one, or several for a fusion model."""
+        return [name.strip() for name in str(self.backbone).split(",") if name.strip()]
+
+    def _backbone_problems(self) -> list[str]:
+        names = self.backbone_names()
+        if not names:
+            return [f"backbone={self.backbone!r} (expected a backbone name, or a,b to fuse)"]
+        found = []
+        if len(names) == 1 and (self.fusion != "concat" or self.fusion_width is not None):
+            found.append(
+                f"fusion={self.fusion!r} with one backbone (fusion joins several: --backbone a,b)"
+            )
+        if len(names) != len(set(names)):
+            found.append(f"backbone={self.backbone!r} (names a backbone twice)")
+        if self.MODALITY is not None:
+            other = {name: modality_of(name) for name in names}
+            other = {n: kind for n, kind in other.items() if kind not in (None, self.MODALITY)}
+            if other:
+                found.append(
+                    f"backbone={self.backbone!r} ({', '.join(other)} takes "
+                    f"{'images' if self.MODALITY == 'text' else 'text'}, and this recipe "
+                    f"classifies {'text' if self.MODALITY == 'text' else 'images'}: fuse "
+                    "backbones of one modality)"
+                )
+        return found
+
+    def head(self) -> HeadConfig:
+        """The head these fields describe."""
+        return HeadConfig(
+            pooling=self.pooling, hidden_units=list(self.hidden_units), dropout=self.dropout
+        )
+
+    def classifier(self, backbones: list[Backbone], num_outputs: int, task: str = "single_label"):
+        """`(backbone, model)` for one backbone, `(backbones, fused model)` for several."""
+        if len(backbones) == 1:
+            model = build_model(backbones[0], num_outputs, task=task, head=self.head())
+            return backbones[0], model
+        model = build_fusion_model(
+            backbones,
+            num_outputs,
+            fusion=self.fusion,
+            width=self.fusion_width or "auto",
+            task=task,
+            head=self.head(),
+        )
+        return backbones, model
 
     def validate(self) -> RecipeConfig:
         """Raises `TfxferError` naming every invalid field at once; returns the config."""
@@ -441,6 +500,10 @@ def finish_run(
         print("[tfxfer] " + report.summary_line(split, metrics[split]), flush=True)
     if not write:
         return metrics
+    fused = fusion_summary(model)
+    if fused:
+        metrics["fusion"] = fused
+        print(f"[tfxfer] fusion: {fused}", flush=True)
     run_dir.write_json("metrics.json", metrics)
     run_dir.write_json("class_names.json", class_names)
     if result.best:

@@ -30,6 +30,21 @@ def known_backbones() -> dict[str, list[str]]:
     return {"image": sorted(VISION_BACKBONES), "text": sorted(_text_table())}
 
 
+def modality_of(name: str) -> str | None:
+    """ "image" or "text" for a name `build_backbone` knows the kind of without building it.
+
+    None for a TF-Hub handle (its kind is known once loaded) and for an unknown name.
+    """
+    key = name.lower()
+    if key in VISION_BACKBONES:
+        return "image"
+    if name.startswith(HUB_PREFIX):
+        return None
+    if key in _text_table() or key.startswith("bert_") or os.path.isdir(os.path.expanduser(name)):
+        return "text"
+    return None
+
+
 def build_backbone(name: str, **kwargs: Any) -> Backbone:
     """Builds a backbone from a table name, a keras-hub preset, a local directory or a hub handle.
 

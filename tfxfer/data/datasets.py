@@ -10,6 +10,7 @@ sentence before anything is decoded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import tensorflow as tf
@@ -47,7 +48,7 @@ class Datasets(NamedTuple):
 
 def make_datasets(
     data: LabelledData,
-    backbone: Backbone,
+    backbone: Backbone | Sequence[Backbone],
     *,
     batch_size: int,
     seed: int = 0,
@@ -65,7 +66,9 @@ def make_datasets(
 
     Args:
         data: LabelledData. What `load_images` or `load_texts` returned.
-        backbone: Backbone. The backbone the model is built on.
+        backbone: Backbone, or the list of Backbones of a fusion model (images are then
+            resized to the largest backbone's size, each backbone resizing on inside the
+            model; texts are tokenized once with the shortest sequence length).
         batch_size: int. The global batch size.
         seed: int. Seed of the per-epoch shuffle and of the augmentation. Defaults to `0`.
         augmentation: Augmentation or None. Random changes to training images; images only.
@@ -93,6 +96,7 @@ def make_datasets(
     train, val, test = make_datasets(data, backbone, batch_size=32, augmentation=Augmentation())
     ```
     """
+    backbone = data_backbone(backbone)
     if data.kind != backbone.input_kind:
         data_kind = _KIND_PLURAL.get(data.kind, data.kind)
         backbone_kind = _KIND_PLURAL.get(backbone.input_kind, backbone.input_kind)
@@ -155,6 +159,30 @@ def make_datasets(
         for split, name in ((data.val, "val"), (data.test, "test"))
     )
     return Datasets(train, val, test)
+
+
+def data_backbone(backbones: Backbone | Sequence[Backbone]) -> Backbone:
+    """The one of several backbones (a fusion's) whose input the data pipelines prepare.
+
+    Images: the largest image size (the others resize inside the model, so no backbone sees
+    an image upscaled from a smaller one). Text: the shortest sequence length (the fused
+    backbones share a tokenizer; the model reads one set of token ids).
+    """
+    if not isinstance(backbones, Sequence):
+        return backbones
+    if not backbones:
+        raise TfxferError("Expected a Backbone or a non-empty list of Backbones. Received: []")
+    if backbones[0].input_kind == "image":
+
+        def area(backbone: Backbone) -> int:
+            size = backbone_image_size(backbone)
+            return size * size if isinstance(size, int) else int(size[0]) * int(size[1])
+
+        return max(backbones, key=area)
+    return min(
+        backbones,
+        key=lambda b: getattr(b.preprocessor, "sequence_length", None) or float("inf"),
+    )
 
 
 def backbone_image_size(backbone: Backbone) -> ImageSize:
