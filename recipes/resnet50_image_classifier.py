@@ -97,7 +97,13 @@ def build_data(config: Config) -> tfxfer.LabelledData:
 def build_model(config: Config, data: tfxfer.LabelledData):
     names, weights = config.backbone_names(), config.weights_list()
     backbones = [
-        tfxfer.build_backbone(name, weights=w, image_size=config.image_size)
+        tfxfer.build_backbone(
+            name,
+            weights=w,
+            image_size=config.image_size,
+            # Learning without Forgetting keeps the ImageNet classifier's predictions.
+            source_head=config.regularizer == "source_task" and config.regularizer_weight > 0,
+        )
         for name, w in zip(
             names, weights * len(names) if len(weights) == 1 else weights, strict=True
         )

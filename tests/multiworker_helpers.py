@@ -414,7 +414,98 @@ def _two_stage(argv: Sequence[str]) -> None:
     print("[worker] TFXFER_DONE", flush=True)
 
 
-PROGRAMS: dict[str, Callable[[Sequence[str]], None]] = {"two_stage": _two_stage}
+def _regularized(argv: Sequence[str]) -> None:
+    """Fine-tunes a tiny dense backbone with each regularizer through `run_schedule`.
+
+    Writes `<out>/<regularizer>.npz` (final weights) per regularizer, for comparing a
+    strategy's result with one process's.
+    """
+    parser = argparse.ArgumentParser(prog="regularized")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--strategy", default="cpu")
+    parser.add_argument("--logical-cpus", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import tensorflow as tf
+
+    if args.logical_cpus > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus
+        )
+
+    import keras
+
+    import tfxfer
+    from tfxfer import distribute
+    from tfxfer.backbones import split_into_groups
+    from tfxfer.backbones.base import SourceHead
+    from tfxfer.data.pipeline import epoch_batches
+    from tfxfer.heads import build_head
+
+    strategy = distribute.get_strategy(args.strategy)
+    x, y = example_data()
+    labels = y[:, 0].astype("int32")
+    for kind in ("l2sp", "features", "source_task"):
+        rng = np.random.RandomState(1)
+        with strategy.scope():
+            inputs = keras.Input((NUM_FEATURES,))
+            hidden = keras.layers.Dense(8, activation="tanh", name="low_dense")(inputs)
+            top = keras.layers.Dense(6, activation="tanh", name="top_dense")(hidden)
+            network = keras.Model(inputs, top, name="dense_network")
+            source = keras.layers.Dense(4, activation="softmax", name="source")
+            source.build((None, 6))
+            backbone = tfxfer.Backbone(
+                name="dense",
+                network=network,
+                preprocessor=None,
+                output_kind="vector",
+                input_kind="image",
+                layer_groups=split_into_groups(network.layers, [("low", "low_"), ("top", "top_")]),
+            )
+            backbone.source_heads = {"toy": SourceHead(source, None, 4)}
+            head = tfxfer.HeadConfig(dropout=0.0)
+            model_inputs = keras.Input((NUM_FEATURES,))
+            model = keras.Model(
+                model_inputs,
+                build_head(backbone.network(model_inputs), "vector", head, 2, "single_label"),
+            )
+        backbone.head_pooling = None
+        for variable in [*model.weights, *source.weights]:
+            variable.assign(rng.randn(*variable.shape).astype("float32") * 0.5)
+        train = epoch_batches(
+            tf.data.Dataset.from_tensor_slices((x, labels)),
+            num_examples=len(x),
+            batch_size=16,
+            seed=0,
+        )
+        tfxfer.run_schedule(
+            model,
+            backbone,
+            [
+                tfxfer.Stage("head", 1, learning_rate=1e-2),
+                tfxfer.Stage(
+                    "finetune",
+                    2,
+                    train="all",
+                    learning_rate=1e-2,
+                    regularizer=kind,
+                    regularizer_weight=5.0,
+                ),
+            ],
+            train,
+            strategy=strategy,
+            verbose=0,
+        )
+        np.savez(args.out / f"{kind}.npz", *[np.asarray(w) for w in model.get_weights()])
+    print("[worker] TFXFER_DONE", flush=True)
+
+
+PROGRAMS: dict[str, Callable[[Sequence[str]], None]] = {
+    "two_stage": _two_stage,
+    "regularized": _regularized,
+}
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from tfxfer.flags import parse_flags
 from tfxfer.fusion import FUSIONS, build_fusion_model, fusion_summary
 from tfxfer.heads import HeadConfig
 from tfxfer.model import build_model
+from tfxfer.regularizers import check_regularizers
 from tfxfer.rundir import RunDir
 from tfxfer.schedule import REGULARIZERS, Stage, default_schedule, validate_schedule
 from tfxfer.train import TrainResult, run_schedule
@@ -89,7 +90,9 @@ class RecipeConfig:
     finetune_learning_rate: float = 1e-4  # peak learning rate of stage 2
     unfreeze: str = "all"  # stage 2 trains "all" backbone layer groups, or the top K ("2")
     layerwise_lr_decay: float | None = None  # e.g. 0.8: each lower group learns 0.8x as fast
-    regularizer: str | None = None  # stage 2 keeps the backbone near its pretrained weights: l2sp
+    regularizer: str | None = (
+        None  # stage 2 stays near the pretrained model: l2sp|features|source_task
+    )
     regularizer_weight: float = 0.0  # λ of the regularizer (0 is plain fine-tuning)
     lora_rank: int | None = (
         None  # stage 2 trains LoRA adapters of this rank instead of the backbone
@@ -360,6 +363,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         print("[tfxfer] the backbone is randomly initialised, not pretrained.", flush=True)
     stages = config.schedule()
     validate_schedule(stages, LayerGroups.of(backbone))
+    check_regularizers(stages, backbone)
     # Only now, with every setting checked, is the run directory written: a typo in a flag
     # must not leave a half-started run that the next attempt refuses to overwrite.
     run_dir = open_run(

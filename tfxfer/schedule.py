@@ -24,7 +24,7 @@ from tfxfer.errors import TfxferError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 # Forms of the source-task term L_S of the objective L_T + λ·L_S (`Stage.regularizer`).
-REGULARIZERS = ("l2sp",)
+REGULARIZERS = ("l2sp", "features", "source_task")
 DECAYS = ("cosine", "constant")
 
 
@@ -64,7 +64,16 @@ class Stage:
             decay towards zero for those weights. With AdamW and Adam it is applied decoupled,
             as AdamW applies weight decay: after each update, θ moves towards θ₀ by
             min(1, lr·λ) of the way, so a large λ holds the backbone at θ₀. θ₀ is what the
-            backbone holds when `run_schedule` starts. Defaults to `None`.
+            backbone holds when `run_schedule` starts. "features": λ times the mean squared
+            distance between the pooled features the head reads and those of a frozen copy
+            of the backbone at θ₀, on the same batch (feature-map regularisation in the
+            spirit of DELTA, Li et al., ICLR 2019); the copy costs one more backbone's
+            weights in memory and one more forward pass per step. "source_task": λ times
+            the KL divergence (temperature 2) between the source task's predictions, through
+            the head the checkpoint came with (ImageNet's classifier), of the model and of
+            the frozen copy (Learning without Forgetting, Li & Hoiem 2016); it needs a
+            backbone built with its source head (`Backbone.source_heads`).
+            `tfxfer.regularizers` has the details. Defaults to `None`.
         regularizer_weight: float. λ, >= 0; 0 is plain fine-tuning. Defaults to `0.0`.
         patience: int or None. Train until convergence: end the stage once the monitored
             metric (`run_schedule`'s `monitor`, the validation loss by default) has not
@@ -123,7 +132,7 @@ class Stage:
             problems.append(f"regularizer_weight (λ) must be a number >= 0, got {weight!r}")
         elif weight == float("inf"):
             problems.append("regularizer_weight (λ) must be finite, got inf")
-        if self.regularizer and self.optimizer == "sgd":
+        if self.regularizer == "l2sp" and self.optimizer == "sgd":
             problems.append(f"regularizer {self.regularizer!r} needs optimizer 'adamw' or 'adam'")
         if self.lora_rank is not None and int(self.lora_rank) < 1:
             problems.append(f"lora_rank must be >= 1, got {self.lora_rank}")

@@ -49,6 +49,7 @@ from tfxfer.errors import Preempted, RunDirError, TfxferError
 from tfxfer.features import HeadSplit, cached_stage, split_at_head, why_not_cached
 from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.preemption import StopOnPreemption, answers_preemption, preemption_notice
+from tfxfer.regularizers import build_reference, needs_reference
 from tfxfer.rundir import RunDir, atomic_write_text
 from tfxfer.schedule import (
     Stage,
@@ -577,9 +578,13 @@ def run_schedule(
             for layer in layers
             for variable in layer.weights
         }
-        if any(s.regularizer and s.regularizer_weight for s in stages)
+        if any(s.regularizer == "l2sp" and s.regularizer_weight for s in stages)
         else None
     )
+    # The frozen copy a "features" or "source_task" stage compares with, also at θ₀.
+    kinds = needs_reference(stages)
+    with strategy.scope():
+        reference = build_reference(model, backbones, kinds) if kinds else None
     loaded = False
     stage_start = 0
     with preemption_notice(listen) as notice:
@@ -622,6 +627,18 @@ def run_schedule(
                         else 1
                     )
                     fit_model.compile(metrics=fresh_metrics(metrics), **compiled)
+                elif reference is not None and stage.regularizer_weight:
+                    if stage.regularizer in reference.kinds:
+                        # λ·L_S joins the loss: the same layers, with the frozen copy beside.
+                        fit_model = reference.objective(
+                            model, stage.regularizer, stage.regularizer_weight
+                        )
+                        fit_model.compile(metrics=fresh_metrics(metrics), **compiled)
+                        trainer.stages[stage.name].update(
+                            regularizer=stage.regularizer,
+                            regularizer_weight=stage.regularizer_weight,
+                            reference_bytes=reference.bytes,
+                        )
                 trainer.stages[stage.name].update(
                     steps_per_execution=compiled.get("steps_per_execution", 1),
                     jit_compile=bool(fit_model.jit_compile),

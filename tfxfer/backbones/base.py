@@ -31,6 +31,25 @@ DEFAULT_POOLING = {"spatial": "avg", "sequence": "cls", "vector": None}
 
 
 @dataclass
+class SourceHead:
+    """The head a checkpoint was trained with on its source task (ImageNet's classifier).
+
+    Kept so that fine-tuning can be asked to keep the source task's predictions
+    (`Stage(regularizer="source_task")`, Learning without Forgetting).
+
+    Args:
+        layer: keras.layers.Layer. Takes the backbone's features pooled by `pooling` and
+            returns the source task's probabilities.
+        pooling: str. The pooling it reads ("avg" for keras.applications classifiers).
+        classes: int. Number of source classes.
+    """
+
+    layer: keras.layers.Layer
+    pooling: str
+    classes: int
+
+
+@dataclass
 class Backbone:
     """A pretrained network ready to have a head put on it.
 
@@ -63,6 +82,8 @@ class Backbone:
             group gets no gradient, so it never trains and no schedule counts it.
         head_pooling: str or None. The pooling of the head on this backbone; set by
             `tfxfer.build_model`. Defaults to `default_pooling` until then.
+        source_heads: dict[str, SourceHead]. The checkpoint's own heads for its source task,
+            by name ("imagenet"), where it was built with them. Defaults to none.
     """
 
     name: str
@@ -77,6 +98,7 @@ class Backbone:
     default_pooling: str | None = None
     pooling_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     head_pooling: str | None = None
+    source_heads: dict[str, SourceHead] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.namespace = self.namespace or self.name

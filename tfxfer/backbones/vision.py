@@ -14,7 +14,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from tfxfer.backbones.base import Backbone, split_into_groups
+from tfxfer.backbones.base import Backbone, SourceHead, split_into_groups
 from tfxfer.errors import TfxferError, WeightsError
 
 # Per-channel constants of the two common ImageNet conventions.
@@ -30,6 +30,7 @@ _TORCH_STD = (0.229, 0.224, 0.225)
 # `groups` are (group name, prefix of the group's first layer), input side first.
 VISION_BACKBONES: dict[str, dict[str, Any]] = {
     "resnet50": {
+        "source_head": True,  # its ImageNet top is pooling + one dense layer
         "constructor": "ResNet50",
         "preprocessing": "caffe",
         "min_image_size": 32,
@@ -43,6 +44,7 @@ VISION_BACKBONES: dict[str, dict[str, Any]] = {
         ],
     },
     "resnet101": {
+        "source_head": True,  # its ImageNet top is pooling + one dense layer
         "constructor": "ResNet101",
         "preprocessing": "caffe",
         "min_image_size": 32,
@@ -56,6 +58,7 @@ VISION_BACKBONES: dict[str, dict[str, Any]] = {
         ],
     },
     "resnet50v2": {
+        "source_head": True,  # its ImageNet top is pooling + one dense layer
         "constructor": "ResNet50V2",
         "preprocessing": "tf",
         "min_image_size": 32,
@@ -69,6 +72,7 @@ VISION_BACKBONES: dict[str, dict[str, Any]] = {
         ],
     },
     "efficientnetv2b0": {
+        "source_head": True,  # its ImageNet top is pooling + one dense layer
         "constructor": "EfficientNetV2B0",
         "preprocessing": "none",
         "min_image_size": 32,
@@ -192,7 +196,11 @@ def _load_local_weights(network: keras.Model, path: str, key: str, constructor: 
 
 
 def build_vision_backbone(
-    name: str = "resnet50", *, weights: str | None = "imagenet", image_size: int | None = None
+    name: str = "resnet50",
+    *,
+    weights: str | None = "imagenet",
+    image_size: int | None = None,
+    source_head: bool = False,
 ) -> Backbone:
     """Builds a `keras.applications` backbone from its table row.
 
@@ -205,6 +213,11 @@ def build_vision_backbone(
             Defaults to "imagenet".
         image_size: int. Side of the square the network sees. Defaults to the row's
             `default_image_size`.
+        source_head: bool. Also keep the checkpoint's ImageNet classifier (average pooling +
+            its 1000-way dense layer) as `source_heads["imagenet"]`, for
+            `Stage(regularizer="source_task")`. It needs weights with the top: "imagenet", or
+            a local weights file of the whole classifier (`include_top=True`). Defaults to
+            `False`.
 
     Returns:
         A `Backbone` whose network takes preprocessed float images of `image_size` and returns
@@ -247,7 +260,10 @@ def build_vision_backbone(
                 "weights='path/to/file.h5'), or train from scratch with --weights none."
             ) from None
         raise
-    if resolved not in (None, "imagenet"):
+    heads = {}
+    if source_head:
+        heads["imagenet"] = _imagenet_head(key, row, constructor, resolved, network)
+    elif resolved not in (None, "imagenet"):
         _load_local_weights(network, resolved, key, row["constructor"])
     return Backbone(
         name=key,
@@ -261,6 +277,56 @@ def build_vision_backbone(
             "weights": weights if resolved != "imagenet" else "imagenet",
             "image_size": size,
             "preprocessing": row["preprocessing"],
+            **({"source_heads": ["imagenet"]} if heads else {}),
         },
         namespace=key,
+        source_heads=heads,
     )
+
+
+def _imagenet_head(key: str, row: dict, constructor, resolved: str | None, network) -> SourceHead:
+    """The pretrained ImageNet classifier of `key`, as a source head on avg-pooled features.
+
+    With a local file of the whole classifier, `network` (built without its top) takes that
+    file's weights too, layer by layer.
+    """
+    supported = sorted(k for k, r in VISION_BACKBONES.items() if r.get("source_head"))
+    if not row.get("source_head"):
+        raise TfxferError(
+            f"{key} keeps no source head: its ImageNet top is not pooling + one dense layer. "
+            f"Backbones with one: {supported}. Use regularizer 'l2sp' or 'features' instead."
+        )
+    if resolved is None:
+        raise WeightsError(
+            f"source_head=True keeps {key}'s pretrained ImageNet classifier, and randomly "
+            "initialised weights (--weights none) have none. Use weights='imagenet' or a "
+            "weights file of the whole classifier (include_top=True)."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras warns per layer before it raises
+        try:
+            full = constructor(include_top=True, weights=resolved, **row.get("kwargs", {}))
+        except ValueError as error:
+            raise WeightsError(
+                f"source_head=True needs the whole {key} classifier, and {resolved!r} does not "
+                f"hold it ({str(error).strip().splitlines()[0][:200]}). Pass a weights file "
+                f"saved from keras.applications.{row['constructor']}(include_top=True), or "
+                "leave source_head off."
+            ) from None
+        except Exception as error:  # Keras raises a bare Exception for a failed download.
+            if "URL fetch failure" in str(error):
+                raise WeightsError(
+                    f"Could not download {key}'s ImageNet classifier (source_head=True): this "
+                    "machine seems to be offline. Pass a local weights file of the whole "
+                    "classifier (include_top=True) as weights."
+                ) from None
+            raise
+    if resolved != "imagenet":
+        for layer in network.layers:
+            if layer.weights:
+                layer.set_weights(full.get_layer(layer.name).get_weights())
+    top = full.get_layer("predictions")
+    dense = keras.layers.Dense(top.units, activation="softmax", name=f"{key}_imagenet_top")
+    dense.build((None, int(top.kernel.shape[0])))
+    dense.set_weights(top.get_weights())
+    return SourceHead(dense, "avg", int(top.units))
