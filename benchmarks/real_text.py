@@ -266,8 +266,14 @@ def _words(rows: list[dict[str, str]]) -> str:
     )
 
 
-def build(seed: int, data_root: Path, refresh: bool = False) -> Path:
-    """Writes `train.csv`, `test.csv` and `manifest.json` for one seed; returns their folder."""
+def build(
+    seed: int, data_root: Path, refresh: bool = False, train_per_class: int = TRAIN_PER_CLASS
+) -> Path:
+    """Writes `train.csv`, `test.csv` and `manifest.json` for one seed; returns their folder.
+
+    The folder is `seed-N`, or `seed-N-trainK` for another number K of training texts per
+    class (the test texts are then drawn with them, so they differ from `seed-N`'s).
+    """
     apt_dir = data_root / "apt"
     fetch_lists(apt_dir, refresh)
     records, digests = read_packages(apt_dir)
@@ -275,18 +281,22 @@ def build(seed: int, data_root: Path, refresh: bool = False) -> Path:
     rng = random.Random(seed)
     train, test = [], []
     for section in SECTIONS:
-        needed = TRAIN_PER_CLASS + TEST_PER_CLASS
+        needed = train_per_class + TEST_PER_CLASS
         if len(pool[section]) < needed:
             raise RuntimeError(
                 f"Section {section!r} has {len(pool[section])} usable packages; expected at "
                 f"least {needed}."
             )
         drawn = rng.sample(pool[section], needed)
-        train += [{**r, "label": section} for r in drawn[:TRAIN_PER_CLASS]]
-        test += [{**r, "label": section} for r in drawn[TRAIN_PER_CLASS:]]
+        train += [{**r, "label": section} for r in drawn[:train_per_class]]
+        test += [{**r, "label": section} for r in drawn[train_per_class:]]
     rng.shuffle(train)
     rng.shuffle(test)
-    out = data_root / f"seed-{seed}"
+    out = data_root / (
+        f"seed-{seed}"
+        if train_per_class == TRAIN_PER_CLASS
+        else f"seed-{seed}-train{train_per_class}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("test", test)):
         with open(out / f"{name}.csv", "w", encoding="utf-8", newline="") as handle:
