@@ -17,7 +17,8 @@ online), any keras-hub BERT preset name, a local keras-hub preset directory, a l
 Face BERT directory (config.json + model.safetensors + vocab.txt), or `hub:<handle>`. Several,
 comma-separated, make one model over all of them (`--backbone minilm-l6,bert-base --fusion
 gated`; they must share a tokenizer). `--regularizer l2sp|features --regularizer-weight λ`
-keeps fine-tuning close to the pretrained backbone.
+keeps fine-tuning close to the pretrained backbone; `--regularizer source_task` adds the
+checkpoint's own masked-LM loss (a keras-hub preset saved from a BertMaskedLM).
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ def build_backbone(config: Config, name: str) -> tfxfer.Backbone:
         # A TF-Hub text model takes raw strings and tokenizes inside itself.
         return tfxfer.build_backbone(name, input_kind="text")
     return tfxfer.build_backbone(
-        name, sequence_length=config.sequence_length, weights=config.pretrained
+        name,
+        sequence_length=config.sequence_length,
+        weights=config.pretrained,
+        # The checkpoint's masked-LM head, for an auxiliary masked-LM loss.
+        source_head=config.regularizer == "source_task" and config.regularizer_weight > 0,
     )
 
 

@@ -84,3 +84,14 @@ def write_keras_preset(directory: Path) -> keras.Model:
     bert.save_to_preset(str(directory))
     keras_hub.models.BertTokenizer(vocabulary=VOCAB).save_to_preset(str(directory))
     return bert
+
+
+def write_masked_lm_preset(directory: Path) -> keras.Model:
+    """Saves a random tiny BertMaskedLM (backbone, masked-LM head, tokenizer) as a preset."""
+    keras.utils.set_random_seed(0)
+    bert = keras_hub.models.BertBackbone(vocabulary_size=len(VOCAB), **TINY)
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCAB)
+    preprocessor = keras_hub.models.BertMaskedLMPreprocessor(tokenizer, sequence_length=16)
+    task = keras_hub.models.BertMaskedLM(bert, preprocessor=preprocessor)
+    task.save_to_preset(str(directory))
+    return task

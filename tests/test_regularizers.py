@@ -339,3 +339,95 @@ def test_the_image_recipe_runs_learning_without_forgetting_on_the_imagenet_head(
     assert info["regularizer"] == "source_task"
     # The frozen copy holds the network and the 1000-way head: EfficientNetV2-B0 is 7.2 M.
     assert 25e6 < info["reference_bytes"] < 35e6
+
+
+# === "source_task" on BERT: the checkpoint's own masked-LM loss ===
+
+
+def _masked_lm_loss(backbone, texts) -> float:
+    """The masked-LM loss on `texts`, each real token masked in turn (pseudo-likelihood)."""
+    import tensorflow as tf
+
+    tokens = {k: np.asarray(v) for k, v in backbone.preprocessor(tf.constant(texts)).items()}
+    head = backbone.source_heads["masked_lm"]
+    losses = []
+    for row in range(len(texts)):
+        length = int(tokens["padding_mask"][row].sum())
+        for position in range(1, length - 1):  # not [CLS] or [SEP]
+            masked = {k: v[row : row + 1].copy() for k, v in tokens.items()}
+            target = int(masked["token_ids"][0, position])
+            masked["token_ids"][0, position] = head.masking["mask_token_id"]
+            sequence = backbone.network(masked)["sequence_output"]
+            logits = head.layer(sequence, mask_positions=np.array([[position]], "int32"))
+            losses.append(
+                float(
+                    keras.losses.sparse_categorical_crossentropy(
+                        np.array([[target]]), logits, True
+                    )[0, 0]
+                )
+            )
+    return float(np.mean(losses))
+
+
+@pytest.fixture(scope="module")
+def masked_lm_preset(tmp_path_factory):
+    from bert_helpers import write_masked_lm_preset
+
+    path = tmp_path_factory.mktemp("mlm") / "preset"
+    write_masked_lm_preset(path)
+    return str(path)
+
+
+TEXTS = ["the movie was great fun", "i hated the awful plot", "good acting", "a boring film"]
+
+
+def _text_finetune(preset, weight):
+    from tfxfer.data.examples import Examples
+    from tfxfer.data.text import text_train_data
+
+    keras.utils.set_random_seed(0)
+    backbone = tfxfer.build_backbone(preset, sequence_length=16, source_head=True)
+    model = tfxfer.build_model(backbone, 2, head=tfxfer.HeadConfig(dropout=0.0))
+    extra = {"regularizer": "source_task", "regularizer_weight": weight} if weight else {}
+    train = text_train_data(
+        Examples(TEXTS * 12, np.array([1, 0, 1, 0] * 12, "int32"), ["neg", "pos"], "text"),
+        backbone.preprocessor,
+        batch_size=4,
+    )  # fmt: skip
+    result = tfxfer.run_schedule(
+        model,
+        backbone,
+        [tfxfer.Stage("finetune", 8, train="all", learning_rate=1e-2, **extra)],
+        train,
+        verbose=0,
+    )
+    return backbone, result
+
+
+def test_a_bert_preset_saved_from_a_masked_lm_keeps_its_head(masked_lm_preset):
+    import keras_hub
+
+    backbone = tfxfer.build_backbone(masked_lm_preset, sequence_length=16, source_head=True)
+    head = backbone.source_heads["masked_lm"]
+    assert head.kind == "masked_lm" and head.classes == backbone.info["vocab_size"]
+    saved = keras_hub.models.BertMaskedLM.from_preset(masked_lm_preset, preprocessor=None)
+    for mine, theirs in zip(head.layer.weights, saved.masked_lm_head.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy(), err_msg=mine.path)
+    assert backbone.info["source_heads"] == ["masked_lm"]
+
+
+def test_the_masked_lm_loss_joins_fine_tuning_and_keeps_the_source_task(masked_lm_preset):
+    plain, _ = _text_finetune(masked_lm_preset, None)
+    kept, result = _text_finetune(masked_lm_preset, 20.0)
+    # Fine-tuning with the masked-LM loss beside learns the source task on these texts too.
+    assert _masked_lm_loss(kept, TEXTS) < _masked_lm_loss(plain, TEXTS) - 0.1
+    info = result.stages["finetune"]
+    assert (info["regularizer"], info["reference_bytes"]) == ("source_task", 0)
+
+
+def test_a_bert_checkpoint_without_a_masked_lm_head_says_it_has_none(tmp_path):
+    from bert_helpers import write_hf_checkpoint
+
+    write_hf_checkpoint(tmp_path / "bert")
+    with pytest.raises(TfxferError, match=r"carries no source-task head \(heads it has: none\)"):
+        tfxfer.build_backbone(str(tmp_path / "bert"), sequence_length=8, source_head=True)

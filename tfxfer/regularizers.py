@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import ops
 
 from tfxfer.backbones.base import Backbone, SourceHead
@@ -54,21 +55,29 @@ class Reference:
 
     Args:
         live: dict. Regularizer to the symbolic tensor of the model being trained.
-        frozen: keras.Model. Inputs to the same tensors (in `kinds` order) from a copy of
-            the backbone at θ₀; never trained, always run in inference mode.
+        frozen: keras.Model or None. Inputs to the same tensors (in `kinds` order) from a
+            copy of the backbone at θ₀; never trained, always run in inference mode. None
+            when no regularizer needs it (a masked-LM source task needs no copy).
         kinds: list[str]. The regularizers covered.
         bytes: int. Memory of the frozen copy's weights.
+        masked_lm: the backbone and its masked-LM head, when "source_task" means the
+            checkpoint's masked-LM loss.
     """
 
     live: dict
-    frozen: keras.Model
+    frozen: keras.Model | None
     kinds: list[str]
     bytes: int
+    masked_lm: tuple[Backbone, SourceHead] | None = None
 
-    def objective(self, model: keras.Model, kind: str, weight: float) -> JointObjective:
+    def objective(self, model: keras.Model, kind: str, weight: float) -> keras.Model:
         """`model` with λ·L_S added to its training loss (the same layers, not a copy)."""
+        if kind == "source_task" and self.masked_lm is not None:
+            backbone, head = self.masked_lm
+            return MaskedLMObjective(model, backbone, head, weight)
         trunk = keras.Model(model.input, [model.outputs[0], self.live[kind]])
-        return JointObjective(trunk, self.frozen, self.kinds.index(kind), kind, weight)
+        index = [k for k in self.kinds if k in self.live].index(kind)
+        return JointObjective(trunk, self.frozen, index, kind, weight)
 
 
 def build_reference(
@@ -80,17 +89,25 @@ def build_reference(
         TfxferError: "source_task" on a backbone without a source head, or with a head
             pooling other than the one the source head reads.
     """
-    live = {}
+    live, masked_lm = {}, None
     if "features" in kinds:
         live["features"] = model.get_layer("head_features").output
     if "source_task" in kinds:
-        live["source_task"] = _source_predictions(model, backbones)
-    source = keras.Model(model.input, [live[kind] for kind in kinds])
+        backbone, head = source_head_of(backbones)
+        if head.kind == "masked_lm":
+            # The source task's own loss on the training texts: no frozen copy needed.
+            masked_lm = (backbone, head)
+        else:
+            live["source_task"] = _source_predictions(model, backbones)
+    cloned = [kind for kind in kinds if kind in live]
+    if not cloned:
+        return Reference(live, None, list(kinds), 0, masked_lm)
+    source = keras.Model(model.input, [live[kind] for kind in cloned])
     frozen = keras.models.clone_model(source)
     frozen.set_weights(source.get_weights())
     frozen.trainable = False
     size = sum(int(ops.size(v)) * _itemsize(v.dtype) for v in frozen.weights)
-    return Reference(live, frozen, list(kinds), size)
+    return Reference(live, frozen, list(kinds), size, masked_lm)
 
 
 def _itemsize(dtype) -> int:
@@ -117,8 +134,9 @@ def source_head_of(backbones: Backbone | Sequence[Backbone]) -> tuple[Backbone, 
             f"{names} carries no source-task head (heads it has: none). keras.applications "
             "backbones keep ImageNet's classifier when built with "
             "`build_backbone(name, weights='imagenet' or a weights file with the top, "
-            "source_head=True)`; BERT checkpoints without a classification head have none. "
-            "Use regularizer 'l2sp' or 'features' instead."
+            "source_head=True)`, and BERT its masked-LM head from a keras-hub preset saved "
+            "from a BertMaskedLM (`source_head=True`, recipe --regularizer source_task); a "
+            "checkpoint without such a head has none. Use regularizer 'l2sp' or 'features'."
         )
     if len(with_heads) > 1:
         raise TfxferError(
@@ -140,7 +158,7 @@ def _source_predictions(model: keras.Model, backbones: Backbone | Sequence[Backb
 
 
 def _check_pooling(backbone: Backbone, name: str, head: SourceHead) -> None:
-    if backbone.head_pooling != head.pooling:
+    if head.kind == "classifier" and backbone.head_pooling != head.pooling:
         raise TfxferError(
             f"{backbone.name!r}'s source head {name!r} reads {head.pooling!r}-pooled features, "
             f"but the model pools with {backbone.head_pooling!r}. Build the model with "
@@ -191,3 +209,46 @@ class JointObjective(keras.Model):
         log_q = ops.log_softmax(ops.log(ops.maximum(frozen, 1e-7)) / TEMPERATURE, axis=-1)
         kl = ops.sum(ops.exp(log_q) * (log_q - log_p), axis=-1)
         return ops.mean(kl) * TEMPERATURE**2
+
+
+class MaskedLMObjective(keras.Model):
+    """A text model with λ times the source task's own masked-LM loss added in training.
+
+    Each training step masks 15% of each text's tokens (never padding, [CLS] or [SEP]; of
+    those, 80% become [MASK], 10% a random token, 10% stay: BERT's rule) and runs the
+    backbone once more, on the masked texts, through the checkpoint's masked-LM head, which
+    stays frozen (its output matrix is the token embedding, which trains with the backbone).
+    The classifier itself sees the unmasked texts.
+    """
+
+    def __init__(self, classifier, backbone: Backbone, head: SourceHead, weight, **kwargs):
+        import keras_hub
+
+        super().__init__(name=f"{classifier.name}_with_masked_lm", **kwargs)
+        self.classifier = classifier
+        self.network = backbone.network
+        self.head = head.layer
+        self.head.trainable = False
+        self.weight = float(weight)
+        length = int(getattr(backbone.preprocessor, "sequence_length", 128))
+        self.generator = keras_hub.layers.MaskedLMMaskGenerator(
+            vocabulary_size=head.classes,
+            mask_selection_rate=0.15,
+            mask_token_id=head.masking["mask_token_id"],
+            mask_selection_length=max(1, int(np.ceil(0.15 * length))),
+            unselectable_token_ids=head.masking["unselectable_token_ids"],
+        )
+
+    def call(self, inputs, training=False):
+        predictions = self.classifier(inputs, training=training)
+        if training:
+            masked = self.generator(inputs["token_ids"])
+            features = self.network({**inputs, "token_ids": masked["token_ids"]}, training=True)
+            logits = self.head(features["sequence_output"], mask_positions=masked["mask_positions"])
+            losses = keras.losses.sparse_categorical_crossentropy(
+                masked["mask_ids"], ops.cast(logits, "float32"), from_logits=True
+            )
+            weights = ops.cast(masked["mask_weights"], "float32")
+            loss = ops.sum(losses * weights) / ops.maximum(ops.sum(weights), 1.0)
+            self.add_loss(self.weight * loss)
+        return predictions

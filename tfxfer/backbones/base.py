@@ -40,13 +40,21 @@ class SourceHead:
     Args:
         layer: keras.layers.Layer. Takes the backbone's features pooled by `pooling` and
             returns the source task's probabilities.
-        pooling: str. The pooling it reads ("avg" for keras.applications classifiers).
-        classes: int. Number of source classes.
+        pooling: str or None. The pooling it reads ("avg" for keras.applications
+            classifiers); None for a masked-LM head, which reads tokens.
+        classes: int. Number of source classes (the vocabulary size for a masked-LM head).
+        kind: str. "classifier" (pooled features in, probabilities out) or "masked_lm"
+            (keras-hub's `MaskedLMHead`: token features and mask positions in, logits over
+            the vocabulary out). Defaults to "classifier".
+        masking: dict. For "masked_lm": `mask_token_id` and `unselectable_token_ids` (padding,
+            [CLS], [SEP]) of the tokenizer.
     """
 
     layer: keras.layers.Layer
-    pooling: str
+    pooling: str | None
     classes: int
+    kind: str = "classifier"
+    masking: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

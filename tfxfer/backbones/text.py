@@ -32,7 +32,7 @@ from typing import Any
 import keras
 from safetensors import SafetensorError
 
-from tfxfer.backbones.base import Backbone, split_into_groups
+from tfxfer.backbones.base import Backbone, SourceHead, split_into_groups
 from tfxfer.errors import TfxferError, WeightsError
 
 # One row per name a user can type. Rows are plain data: `preset` is a keras-hub BertBackbone
@@ -73,6 +73,7 @@ def build_bert_backbone(
     weights: bool = True,
     expected_sha256: str | None = None,
     allow_download: bool = True,
+    source_head: bool = False,
 ) -> Backbone:
     """Builds a BERT backbone and its tokenizer from a name, a preset or a local directory.
 
@@ -97,6 +98,11 @@ def build_bert_backbone(
             `model.safetensors` must have; a mismatch raises `WeightsError`. Defaults to `None`.
         allow_download: bool. `False` never touches the network: a preset that is not in the
             kagglehub cache fails at once. Defaults to `True`.
+        source_head: bool. Also keep the checkpoint's masked-LM head as
+            `source_heads["masked_lm"]`, for `Stage(regularizer="source_task")` (an auxiliary
+            masked-LM loss on the training texts). It needs a keras-hub preset directory saved
+            from a `BertMaskedLM` (its `task.json`); other checkpoints carry no head. Defaults
+            to `False`.
 
     Returns:
         A `Backbone` with `output_kind="sequence"`, `input_kind="text"`, a network taking
@@ -154,9 +160,14 @@ def build_bert_backbone(
 
     import keras_hub  # heavy (TF Text, all models): only when a backbone is built
 
+    task = _masked_lm_task(kind, location, source, weights) if source_head else None
     try:
-        bert = keras_hub.models.BertBackbone.from_preset(
-            location, load_weights=weights, name="bert_backbone"
+        bert = (
+            task.backbone
+            if task is not None
+            else keras_hub.models.BertBackbone.from_preset(
+                location, load_weights=weights, name="bert_backbone"
+            )
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise WeightsError(
@@ -185,6 +196,20 @@ def build_bert_backbone(
         vocab_size=bert.vocabulary_size,
         lowercase=bool(tokenizer.lowercase),
     )
+    heads = {}
+    if task is not None:
+        info["source_heads"] = ["masked_lm"]
+        special = (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        heads["masked_lm"] = SourceHead(
+            task.masked_lm_head,
+            None,
+            bert.vocabulary_size,
+            kind="masked_lm",
+            masking={
+                "mask_token_id": int(tokenizer.mask_token_id),
+                "unselectable_token_ids": [int(i) for i in special],
+            },
+        )
     return Backbone(
         name=source,
         network=_with_mask_passthrough(bert),
@@ -198,7 +223,38 @@ def build_bert_backbone(
         default_pooling=info["pooling"],
         # Only CLS pooling reads BERT's pooler; under mean or max pooling it gets no gradient.
         pooling_groups={"pooler": ("cls",)},
+        source_heads=heads,
     )
+
+
+def _masked_lm_task(kind: str, location: str, source: str, weights: bool):
+    """The keras-hub `BertMaskedLM` saved in a preset directory, or a `TfxferError`."""
+    import keras_hub
+
+    task_file = Path(location) / "task.json" if kind == "keras_hub_preset_dir" else None
+    registered = ""
+    if task_file is not None and task_file.is_file():
+        registered = str(_read_json(task_file).get("registered_name", ""))
+    if not registered.endswith("MaskedLM"):
+        raise TfxferError(
+            f"regularizer='source_task' on text keeps the checkpoint's masked-LM loss, but "
+            f"{source!r} carries no source-task head (heads it has: "
+            f"{registered.rpartition('>')[2] or 'none'}). A keras-hub preset directory saved "
+            "from a BertMaskedLM (`masked_lm.save_to_preset(dir)`) has one; Hugging Face "
+            "BertModel checkpoints such as MiniLM have none. Use regularizer 'l2sp' or "
+            "'features' instead."
+        )
+    try:
+        task = keras_hub.models.BertMaskedLM.from_preset(
+            location, preprocessor=None, load_weights=weights
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise WeightsError(
+            f"keras-hub could not load the BertMaskedLM saved in {location!r}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    task.backbone.name = "bert_backbone"
+    return task
 
 
 def bert_lora_targets(bert: keras.Model) -> list[keras.layers.Layer]:
