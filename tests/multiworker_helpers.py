@@ -304,6 +304,18 @@ def example_data() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _split_cpu(logical_cpus: int) -> None:
+    """Splits the CPU into logical devices, before anything initialises TensorFlow's devices
+    (getting a strategy does)."""
+    import tensorflow as tf
+
+    if logical_cpus > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus
+        )
+
+
 def _two_stage(argv: Sequence[str]) -> None:
     """Trains a tiny model in two stages and writes what it learned; see the module doc."""
     parser = argparse.ArgumentParser(prog="two_stage")
@@ -319,12 +331,7 @@ def _two_stage(argv: Sequence[str]) -> None:
 
     import tensorflow as tf
 
-    if args.logical_cpus > 1:
-        # Before anything initialises TensorFlow's devices (get_strategy does).
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus
-        )
+    _split_cpu(args.logical_cpus)
 
     import keras
 
@@ -429,11 +436,7 @@ def _regularized(argv: Sequence[str]) -> None:
 
     import tensorflow as tf
 
-    if args.logical_cpus > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus
-        )
+    _split_cpu(args.logical_cpus)
 
     import keras
 

@@ -22,11 +22,19 @@ from tfxfer.errors import TfxferError, WeightsError
 from tfxfer.regularizers import build_reference, check_regularizers
 
 
-def _finetune(weight: float | None, *, run_dir=None, resume=False, callbacks=None, seed=0):
-    backbone, model = tiny_model(seed=0 if not resume else seed)
+def _run(kind, weight, *, run_dir=None, resume=False, callbacks=None, seed=0):
+    """Fine-tunes the tiny model (with a toy source head) under `kind` at λ = `weight`.
+
+    `weight=None` is plain fine-tuning. Returns the model, its backbone, the backbone's weights
+    before training, the result, and how far the features and the source predictions moved.
+    """
+    backbone, model = tiny_model(seed=seed)
     pretrained = layer_weights(backbone_layers(backbone))
+    source = _with_source_head(backbone)
     images, labels = tiny_arrays(n=18)
-    extra = {"regularizer": "l2sp", "regularizer_weight": weight} if weight is not None else {}
+    features = keras.Model(model.input, model.get_layer("head_features").output)
+    before = features.predict(images, verbose=0)
+    extra = {"regularizer": kind, "regularizer_weight": weight} if weight is not None else {}
     result = tfxfer.run_schedule(
         model,
         backbone,
@@ -39,7 +47,21 @@ def _finetune(weight: float | None, *, run_dir=None, resume=False, callbacks=Non
         callbacks=callbacks,
         verbose=0,
     )
-    return model, backbone, pretrained, result
+    after = features.predict(images, verbose=0)
+    moved = {
+        "features": float(np.mean((after - before) ** 2)),
+        "source_task": float(np.abs(source(after) - source(before)).sum(-1).mean()),
+    }
+    return model, backbone, pretrained, result, moved
+
+
+def _finetune(weight: float | None, **kwargs):
+    return _run("l2sp", weight, **kwargs)[:4]
+
+
+def _forward_regularized(kind, weight, **kwargs):
+    model, _, _, result, moved = _run(kind, weight, **kwargs)
+    return model, result, moved
 
 
 def _distance(backbone, pretrained) -> float:
@@ -76,7 +98,7 @@ def test_a_resume_in_the_middle_of_a_regularised_stage_ends_as_the_whole_run(tmp
     with pytest.raises(KeyboardInterrupt):
         _finetune(20.0, run_dir=tmp_path / "cut", callbacks=[InterruptAfterEpoch(3)])
     # A fresh process builds the model from the same pretrained weights (θ₀), then resumes.
-    resumed, *_ = _finetune(20.0, run_dir=tmp_path / "cut", resume=True, seed=0)
+    resumed, *_ = _finetune(20.0, run_dir=tmp_path / "cut", resume=True)
     for a, b in zip(whole.weights, resumed.weights, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
@@ -121,34 +143,6 @@ def _with_source_head(backbone):
     dense.build((None, 8))
     backbone.source_heads = {"toy": SourceHead(dense, "avg", 5)}
     return dense
-
-
-def _forward_regularized(kind, weight, *, run_dir=None, resume=False, callbacks=None):
-    """Fine-tunes the tiny model with `kind` at λ = `weight` (None: plain fine-tuning)."""
-    backbone, model = tiny_model(seed=0)
-    source = _with_source_head(backbone)
-    images, labels = tiny_arrays(n=18)
-    features = keras.Model(model.input, model.get_layer("head_features").output)
-    before = features.predict(images, verbose=0)
-    extra = {"regularizer": kind, "regularizer_weight": weight} if weight is not None else {}
-    result = tfxfer.run_schedule(
-        model,
-        backbone,
-        [
-            tfxfer.Stage("head", 1, learning_rate=1e-2),
-            tfxfer.Stage("finetune", 3, train="all", learning_rate=5e-3, **extra),
-        ],
-        tiny_train_data(images, labels, batch_size=6),
-        run_dir=tfxfer.RunDir(str(run_dir), resume=resume) if run_dir else None,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    after = features.predict(images, verbose=0)
-    moved = {
-        "features": float(np.mean((after - before) ** 2)),
-        "source_task": float(np.abs(source(after) - source(before)).sum(-1).mean()),
-    }
-    return model, result, moved
 
 
 @pytest.mark.parametrize("kind", ["features", "source_task"])
