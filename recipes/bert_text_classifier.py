@@ -40,10 +40,10 @@ class Config(RecipeConfig):
     train: str | None = None  # CSV/TSV/JSONL file or class-folder; None uses the demo dataset
     val: str | None = None  # optional validation file or folder; else val_split of train
     test: str | None = None  # optional held-out test file or folder
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = "text"  # the CSV/JSONL column (or key) that holds the text
+    label_column: str = "label"  # the column that holds the label (or labels, multi-label)
     multi_label: bool = False  # labels separated by label_separator, sigmoid outputs
-    label_separator: str = "|"
+    label_separator: str = "|"  # splits a multi-label cell into its labels
     output_dir: str = "runs/bert_text_classifier"
     backbone: str = "minilm-l6"  # a name, keras-hub preset, local directory, hub:<handle>; or a,b
     pretrained: bool = True  # False: same architecture, randomly initialised

@@ -85,3 +85,14 @@ def test_flags_parse_into_typed_fields():
     )
     assert config.batch_size == 4 and config.hidden_units == [64, 32]
     assert config.pretrained is False and config.layerwise_lr_decay == 0.8 and config.lora_rank == 4
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_flag_has_help_from_its_field_comment(name):
+    """A field whose comment a formatter wrapped onto another line loses its --help text."""
+    from tfxfer.flags import field_comments
+
+    config_cls = importlib.import_module(f"recipes.{name}").Config
+    comments = field_comments(config_cls)
+    missing = [f.name for f in dataclasses.fields(config_cls) if not comments.get(f.name)]
+    assert not missing, f"fields without a one-line comment: {missing}"

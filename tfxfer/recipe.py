@@ -79,9 +79,7 @@ class RecipeConfig:
     backbone: str = "resnet50"  # a backbone name, preset or local directory (`tfxfer backbones`)
     fusion: str = "concat"  # with --backbone a,b: concat | sum | product | gated | attention
     fusion_width: int | None = None  # projection width for sum/product/gated/attention fusion
-    val_split: float = (
-        0.2  # share of the training data held out for validation when no val set is given
-    )
+    val_split: float = 0.2  # share of the training data held out when no val set is given
     batch_size: int = 32  # per replica; the global batch is this times the replicas
     head_epochs: int = 3  # stage 1: the head only, backbone frozen (the most, with head_patience)
     head_patience: int | None = None  # e.g. 3: stage 1 ends once val loss stalls this many epochs
@@ -90,19 +88,11 @@ class RecipeConfig:
     finetune_learning_rate: float = 1e-4  # peak learning rate of stage 2
     unfreeze: str = "all"  # stage 2 trains "all" backbone layer groups, or the top K ("2")
     layerwise_lr_decay: float | None = None  # e.g. 0.8: each lower group learns 0.8x as fast
-    regularizer: str | None = (
-        None  # stage 2 stays near the pretrained model: l2sp|features|source_task
-    )
+    regularizer: str | None = None  # l2sp | features | source_task: stage 2 stays near pretrained
     regularizer_weight: float = 0.0  # λ of the regularizer (0 is plain fine-tuning)
-    lora_rank: int | None = (
-        None  # stage 2 trains LoRA adapters of this rank instead of the backbone
-    )
-    pooling: str | None = (
-        None  # head pooling; default: the backbone's (avg for images, cls or mean for text)
-    )
-    hidden_units: list[int] = field(
-        default_factory=list
-    )  # widths of dense layers in the head, e.g. 256,128
+    lora_rank: int | None = None  # stage 2 trains LoRA adapters of this rank, not the backbone
+    pooling: str | None = None  # head pooling; default: the backbone's (avg; text: cls or mean)
+    hidden_units: list[int] = field(default_factory=list)  # head's dense widths, e.g. 256,128
     dropout: float = 0.2  # dropout before each dense layer of the head
     seed: int = 0  # seeds the split, the head's initialisation, dropout and shuffling
     strategy: str = "auto"  # auto | cpu | one_device | mirrored | multi_worker | tpu
