@@ -33,6 +33,7 @@ import keras
 from safetensors import SafetensorError
 
 from tfxfer.backbones.base import Backbone, SourceHead, split_into_groups
+from tfxfer.backbones.from_run import is_run_dir, text_parts_from_run
 from tfxfer.errors import TfxferError, WeightsError
 
 # One row per name a user can type. Rows are plain data: `preset` is a keras-hub BertBackbone
@@ -87,7 +88,8 @@ def build_bert_backbone(
             `tokenizer.json`, `model.weights.h5`, `assets/tokenizer/vocabulary.txt`); or a
             local Hugging Face BERT directory (`config.json` with `"model_type": "bert"`,
             `model.safetensors`, `vocab.txt`, optionally `tokenizer_config.json`, whose
-            `do_lower_case` defaults to `True`).
+            `do_lower_case` defaults to `True`); or the directory of a finished tfxfer text
+            run, whose fine-tuned backbone and tokenizer it takes (its head stays behind).
         sequence_length: int. Maximum tokens per text, `[CLS]` and `[SEP]` included: the
             preprocessor truncates longer texts and pads shorter ones to it, and the network
             takes token dicts of any length up to it (batches trimmed to their longest text).
@@ -161,14 +163,19 @@ def build_bert_backbone(
     import keras_hub  # heavy (TF Text, all models): only when a backbone is built
 
     task = _masked_lm_task(kind, location, source, weights) if source_head else None
+    run_tokenizer = None
     try:
-        bert = (
-            task.backbone
-            if task is not None
-            else keras_hub.models.BertBackbone.from_preset(
+        if kind == "tfxfer_run":
+            bert, run_tokenizer = text_parts_from_run(location)
+            if not weights:
+                bert = keras_hub.models.BertBackbone.from_config(bert.get_config())
+            bert.name = "bert_backbone"
+        elif task is not None:
+            bert = task.backbone
+        else:
+            bert = keras_hub.models.BertBackbone.from_preset(
                 location, load_weights=weights, name="bert_backbone"
             )
-        )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
         raise WeightsError(
             f"keras-hub could not build a BertBackbone from {location!r} (source {source!r}): "
@@ -176,7 +183,7 @@ def build_bert_backbone(
             "uncorrupted BERT checkpoint, or pass `weights=False` to build it untrained."
         ) from error
     _check_sequence_length(sequence_length, bert.max_sequence_length, source)
-    tokenizer = _build_tokenizer(kind, location, source)
+    tokenizer = run_tokenizer or _build_tokenizer(kind, location, source)
     if tokenizer.vocabulary_size() > bert.vocabulary_size:
         raise WeightsError(
             f"The vocabulary of {source!r} has {tokenizer.vocabulary_size()} tokens but the "
@@ -299,6 +306,9 @@ def _resolve_source(
 ) -> dict[str, Any]:
     """Finds what `source` names and checks its files; returns `kind`, `path` and digest facts."""
     path = Path(source).expanduser()
+    if path.is_dir() and is_run_dir(path):
+        # An earlier tfxfer run: its backbone, trained on that run's labels.
+        return {"kind": "tfxfer_run", "path": str(path), "sha256": None, "sha256_verified": False}
     if path.exists():
         return _check_local_dir(path, source, weights=weights, expected_sha256=expected_sha256)
     if expected_sha256 is not None:

@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from tfxfer.backbones.base import Backbone, SourceHead, split_into_groups
+from tfxfer.backbones.from_run import image_network_from_run, is_run_dir, load_network_weights
 from tfxfer.errors import TfxferError, WeightsError
 
 # Per-channel constants of the two common ImageNet conventions.
@@ -163,11 +164,20 @@ def _resolve_weights(weights: str | None) -> str | None:
     if str(weights).lower() == "imagenet":
         return "imagenet"
     path = os.path.expanduser(str(weights))
+    if os.path.isdir(path) and is_run_dir(path):
+        return path  # an earlier tfxfer run: its trained backbone
+    if os.path.isdir(path):
+        raise WeightsError(
+            f"{path!r} is a directory but not a tfxfer run (no config.json with backbone_info), "
+            "so it has no backbone in it. Pass a run directory, a weights file, 'imagenet' or "
+            "none."
+        )
     if not os.path.isfile(path):
         raise WeightsError(
             f"Weights file not found: {path!r}. Pass weights='imagenet' (downloaded by Keras "
-            "when online), weights=None for random initialisation, or the path of an existing "
-            "`.weights.h5` / `.h5` file saved from the same architecture."
+            "when online), weights=None for random initialisation, the path of an existing "
+            "`.weights.h5` / `.h5` file saved from the same architecture, or the directory of "
+            "a finished tfxfer run of it."
         )
     if not path.endswith(".h5"):
         raise WeightsError(
@@ -207,9 +217,11 @@ def build_vision_backbone(
     Args:
         name: str. A key of `VISION_BACKBONES` (case-insensitive). Defaults to "resnet50".
         weights: str or None. "imagenet" (downloaded and cached by Keras when online), None
-            for random initialisation, or the path of a local weights file for the same
+            for random initialisation, the path of a local weights file for the same
             architecture without its top
-            (e.g. `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`).
+            (e.g. `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`), or the directory
+            of a finished tfxfer run of the same backbone (its trained network; the head
+            stays behind).
             Defaults to "imagenet".
         image_size: int. Side of the square the network sees. Defaults to the row's
             `default_image_size`.
@@ -263,6 +275,8 @@ def build_vision_backbone(
     heads = {}
     if source_head:
         heads["imagenet"] = _imagenet_head(key, row, constructor, resolved, network)
+    elif resolved is not None and os.path.isdir(resolved):
+        load_network_weights(network, image_network_from_run(resolved, key), resolved)
     elif resolved not in (None, "imagenet"):
         _load_local_weights(network, resolved, key, row["constructor"])
     return Backbone(
@@ -295,6 +309,11 @@ def _imagenet_head(key: str, row: dict, constructor, resolved: str | None, netwo
         raise TfxferError(
             f"{key} keeps no source head: its ImageNet top is not pooling + one dense layer. "
             f"Backbones with one: {supported}. Use regularizer 'l2sp' or 'features' instead."
+        )
+    if resolved is not None and os.path.isdir(resolved):
+        raise WeightsError(
+            f"source_head=True keeps {key}'s ImageNet classifier, and a tfxfer run's backbone "
+            f"({resolved!r}) carries none: its head was trained for that run's own classes."
         )
     if resolved is None:
         raise WeightsError(

@@ -1,0 +1,141 @@
+"""A finished run as the next run's backbone: `--weights runs/a/` (images), `--backbone runs/a/`
+(text). Its trained network comes along, its head stays behind, and a mismatch is named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bert_helpers import write_hf_checkpoint
+
+import tfxfer
+from tests.helpers import write_image_folder
+from tfxfer.errors import TfxferError, WeightsError
+
+pytestmark = pytest.mark.slow  # each module runs a recipe or two
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    from recipes.resnet50_image_classifier import Config, main
+
+    root = tmp_path_factory.mktemp("image")
+    data = write_image_folder(str(root / "data"), {"a": 5, "b": 5}, size=32)
+    result = main(
+        Config.smoke(data_dir=data, output_dir=str(root / "run"), backbone="mobilenetv3small")
+    )
+    return result, data
+
+
+def _network(model):
+    return next(layer for layer in model.layers if layer.__class__.__name__ == "Functional")
+
+
+def test_an_image_run_gives_its_trained_network_to_the_next_run(image_run):
+    result, data = image_run
+    backbone = tfxfer.build_backbone("mobilenetv3small", weights=result["run_dir"], image_size=48)
+    trained = _network(result["model"])
+    for layer in (layer for layer in backbone.network.layers if layer.weights):
+        for mine, theirs in zip(layer.weights, trained.get_layer(layer.name).weights, strict=True):
+            np.testing.assert_array_equal(mine.numpy(), theirs.numpy(), err_msg=mine.path)
+    assert backbone.info["weights"] == result["run_dir"]
+    assert backbone.info["image_size"] == 48  # the new run's size; the weights do not care
+
+
+def test_the_image_recipe_fine_tunes_from_an_earlier_run(image_run, tmp_path):
+    from recipes.resnet50_image_classifier import Config, main
+
+    result, data = image_run
+    second = main(
+        Config.smoke(
+            data_dir=data, output_dir=str(tmp_path / "b"), backbone="mobilenetv3small",
+            weights=result["run_dir"],
+        )
+    )  # fmt: skip
+    config = json.loads((Path(second["run_dir"]) / "config.json").read_text())
+    assert config["backbone_info"]["weights"] == result["run_dir"]
+
+
+def test_an_image_run_of_another_architecture_is_named(image_run):
+    result, _ = image_run
+    with pytest.raises(WeightsError, match="holds a 'mobilenetv3small' backbone, not 'resnet50'"):
+        tfxfer.build_backbone("resnet50", weights=result["run_dir"], image_size=32)
+
+
+def test_a_run_that_has_not_finished_has_no_backbone(image_run, tmp_path):
+    result, _ = image_run
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(Path(result["run_dir"]) / "config.json", unfinished / "config.json")
+    with pytest.raises(WeightsError, match="no model.keras, so no backbone in it.*--resume"):
+        tfxfer.build_backbone("mobilenetv3small", weights=str(unfinished), image_size=32)
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(WeightsError, match="not a tfxfer run .*no backbone in it"):
+        tfxfer.build_backbone("mobilenetv3small", weights=str(tmp_path), image_size=32)
+
+
+def test_a_fusion_run_is_refused_with_its_backbones(image_run, tmp_path):
+    result, _ = image_run
+    fused = tmp_path / "fused"
+    shutil.copytree(result["run_dir"], fused)
+    config = json.loads((fused / "config.json").read_text())
+    config["backbone_info"] = {"backbones": [{"name": "resnet50"}, {"name": "mobilenetv3small"}]}
+    (fused / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TfxferError, match=r"fusion run over \['resnet50', 'mobilenetv3small'\]"):
+        tfxfer.build_backbone("mobilenetv3small", weights=str(fused), image_size=32)
+
+
+# === Text ===
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    from recipes.bert_text_classifier import Config, main
+
+    root = tmp_path_factory.mktemp("text")
+    write_hf_checkpoint(root / "bert")
+    rows = [("the movie was great fun", "pos"), ("i hated the awful plot", "neg")] * 10
+    train = root / "a.csv"
+    train.write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in rows) + "\n")
+    return main(
+        Config.smoke(train=str(train), backbone=str(root / "bert"), output_dir=str(root / "a"))
+    )
+
+
+def test_a_text_run_gives_its_fine_tuned_bert_and_tokenizer_to_the_next_task(text_run, tmp_path):
+    from recipes.bert_text_classifier import Config, main
+
+    backbone = tfxfer.build_backbone(text_run["run_dir"], sequence_length=16)
+    trained = text_run["backbone"].network
+    for mine, theirs in zip(backbone.network.weights, trained.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy(), err_msg=mine.path)
+    vocabulary = text_run["backbone"].preprocessor.tokenizer.get_vocabulary()
+    assert backbone.preprocessor.tokenizer.get_vocabulary() == vocabulary
+    assert backbone.info["kind"] == "tfxfer_run"
+    # Task B: other labels, from task A's backbone.
+    rows = [("good acting", "yes"), ("boring film", "no"), ("fun plot", "yes")] * 6
+    train = tmp_path / "b.csv"
+    train.write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in rows) + "\n")
+    second = main(
+        Config.smoke(train=str(train), backbone=text_run["run_dir"], output_dir=str(tmp_path / "b"))
+    )
+    assert second["class_names"] == ["no", "yes"]
+
+
+def test_untrained_from_a_text_run_is_its_architecture_at_random(text_run):
+    backbone = tfxfer.build_backbone(text_run["run_dir"], sequence_length=16, weights=False)
+    trained = text_run["backbone"].network
+    assert [w.shape for w in backbone.network.weights] == [w.shape for w in trained.weights]
+    assert not np.array_equal(backbone.network.weights[0].numpy(), trained.weights[0].numpy())
+
+
+def test_a_text_run_is_not_an_image_backbone_and_back(text_run, image_run):
+    with pytest.raises(WeightsError, match="holds a text backbone.*takes images"):
+        tfxfer.build_backbone("mobilenetv3small", weights=text_run["run_dir"], image_size=32)
+    with pytest.raises(WeightsError, match="holds an image backbone .*not a BERT one"):
+        tfxfer.build_backbone(image_run[0]["run_dir"], sequence_length=16)

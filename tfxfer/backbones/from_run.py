@@ -1,0 +1,125 @@
+"""A finished tfxfer run as the next run's backbone: supervised transfer from task A to task B.
+
+A run directory holds the whole trained model (`model.keras`) and what it was built from
+(`config.json`'s `backbone_info`). `--weights runs/a/` (images) and `--backbone runs/a/`
+(text) take the backbone out of it, leave its head behind, and check first that it is the
+architecture asked for, so the next run starts from what run A learned on its own labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from tfxfer.errors import TfxferError, WeightsError
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True for a directory a tfxfer run wrote (its `config.json` has `backbone_info`)."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        content = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and "backbone_info" in content
+
+
+def run_backbone_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The `backbone_info` of a finished single-backbone run; a clear error otherwise."""
+    run = Path(path).expanduser()
+    info = json.loads((run / "config.json").read_text(encoding="utf-8"))["backbone_info"]
+    if "backbones" in info:
+        names = [b.get("name") for b in info["backbones"]]
+        raise TfxferError(
+            f"{str(path)!r} is a fusion run over {names}: it holds several backbones, and a "
+            "backbone is taken from a run over one. Take it from a single-backbone run."
+        )
+    if not (run / "model.keras").is_file():
+        raise WeightsError(
+            f"{str(path)!r} is a tfxfer run with no model.keras, so no backbone in it: the run "
+            "has not finished. Finish it (rerun it with --resume) and try again."
+        )
+    return info
+
+
+def _load(path: str | os.PathLike) -> keras.Model:
+    from tfxfer.export import load_model
+
+    return load_model(str(Path(path).expanduser() / "model.keras"))
+
+
+def image_network_from_run(path: str | os.PathLike, name: str) -> keras.Model:
+    """The trained image network (no head) of the run at `path`, built from backbone `name`."""
+    info = run_backbone_info(path)
+    if "vocab_size" in info or "sequence_length" in info:
+        raise WeightsError(
+            f"{str(path)!r} holds a text backbone ({info.get('name')!r}), and {name} takes "
+            "images. Pass it as a text recipe's --backbone, or an image run here."
+        )
+    if info.get("name") != name:
+        raise WeightsError(
+            f"{str(path)!r} holds a {info.get('name')!r} backbone, not {name!r}: the weights "
+            f"fit that architecture only. Pass --backbone {info.get('name')}, or a run of {name}."
+        )
+    model = _load(path)
+    networks = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if len(networks) != 1:
+        raise WeightsError(
+            f"Cannot find the backbone network in {str(path)!r}'s model.keras: expected one "
+            f"nested network, found {[n.name for n in networks]}."
+        )
+    return networks[0]
+
+
+def load_network_weights(network: keras.Model, trained: keras.Model, source: str) -> None:
+    """Copies `trained`'s weights into `network`, layer by layer, by name; checks shapes."""
+    for layer in network.layers:
+        if not layer.weights:
+            continue
+        try:
+            other = trained.get_layer(layer.name)
+        except ValueError:
+            raise WeightsError(
+                f"The backbone in {source!r} has no layer {layer.name!r}: it is another "
+                "architecture than the one requested."
+            ) from None
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if shapes != [tuple(w.shape) for w in other.weights]:
+            raise WeightsError(
+                f"Layer {layer.name!r} of the backbone in {source!r} has weights of shapes "
+                f"{[tuple(w.shape) for w in other.weights]}, expected {shapes}: another "
+                "architecture (or width) than the one requested."
+            )
+        layer.set_weights(other.get_weights())
+
+
+def text_parts_from_run(path: str | os.PathLike):
+    """The trained BERT backbone and the tokenizer of the text run at `path`."""
+    import keras_hub
+
+    info = run_backbone_info(path)
+    if "vocab_size" not in info:
+        raise WeightsError(
+            f"{str(path)!r} holds an image backbone ({info.get('name')!r}), not a BERT one. "
+            "Pass it as an image recipe's --weights, or a text run here."
+        )
+    model = _load(path)
+    berts = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras_hub.models.BertBackbone)
+    ]
+    tokenizer = getattr(getattr(model, "preprocessor", None), "tokenizer", None)
+    if len(berts) != 1 or tokenizer is None:
+        raise WeightsError(
+            f"{str(path)!r}'s model.keras holds {len(berts)} BERT backbones and "
+            f"{'a' if tokenizer is not None else 'no'} tokenizer; expected one of each (a text "
+            "run of a BERT backbone, saved with its tokenizer)."
+        )
+    return berts[0], tokenizer
