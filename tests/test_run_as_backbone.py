@@ -45,18 +45,19 @@ def test_an_image_run_gives_its_trained_network_to_the_next_run(image_run):
     assert backbone.info["image_size"] == 48  # the new run's size; the weights do not care
 
 
-def test_the_image_recipe_fine_tunes_from_an_earlier_run(image_run, tmp_path):
+def test_the_image_recipe_reads_an_earlier_run_and_never_writes_into_it(image_run, tmp_path):
     from recipes.resnet50_image_classifier import Config, main
 
     result, data = image_run
-    second = main(
-        Config.smoke(
-            data_dir=data, output_dir=str(tmp_path / "b"), backbone="mobilenetv3small",
-            weights=result["run_dir"],
-        )
+    config = Config.smoke(
+        data_dir=data, output_dir=str(Path(result["run_dir"]) / "b"), backbone="mobilenetv3small",
+        weights=result["run_dir"],
     )  # fmt: skip
-    config = json.loads((Path(second["run_dir"]) / "config.json").read_text())
-    assert config["backbone_info"]["weights"] == result["run_dir"]
+    assert result["run_dir"] in config.input_paths()
+    # An output inside run A (the input) is refused before anything is written.
+    with pytest.raises(TfxferError, match="lies inside the input path"):
+        main(config)
+    assert not (Path(result["run_dir"]) / "b").exists()
 
 
 def test_an_image_run_of_another_architecture_is_named(image_run):
