@@ -30,6 +30,30 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return isinstance(content, dict) and "backbone_info" in content
 
 
+def pretraining_output(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What a pretraining run at `path` wrote for the fine-tuning recipes, or None.
+
+    A pretraining run (`tfxfer.pretrain`) records its objective, modality and output entry
+    in `config.json["pretraining"]`; the returned dict has those plus "path", the output's
+    absolute path. None for a fine-tuning run, which holds a `model.keras` instead.
+
+    Raises:
+        WeightsError: the pretraining run has not written its output yet.
+    """
+    run = Path(path).expanduser()
+    facts = json.loads((run / "config.json").read_text(encoding="utf-8")).get("pretraining")
+    if not isinstance(facts, dict) or "output" not in facts:
+        return None
+    output = run / str(facts["output"])
+    if not output.exists():
+        raise WeightsError(
+            f"{str(path)!r} is a {facts.get('objective', '')} pretraining run with no "
+            f"{facts['output']}, so no backbone in it: the run has not finished. Finish it "
+            "(rerun it with --resume) and try again."
+        )
+    return {**facts, "path": str(output.resolve())}
+
+
 def run_backbone_info(path: str | os.PathLike) -> dict[str, Any]:
     """The `backbone_info` of a finished single-backbone run; a clear error otherwise."""
     run = Path(path).expanduser()

@@ -33,7 +33,7 @@ import keras
 from safetensors import SafetensorError
 
 from tfxfer.backbones.base import Backbone, SourceHead, split_into_groups
-from tfxfer.backbones.from_run import is_run_dir, text_parts_from_run
+from tfxfer.backbones.from_run import is_run_dir, pretraining_output, text_parts_from_run
 from tfxfer.errors import TfxferError, WeightsError
 
 # One row per name a user can type. Rows are plain data: `preset` is a keras-hub BertBackbone
@@ -150,6 +150,10 @@ def build_bert_backbone(
         )
     )
     kind, location = info["kind"], info["path"]
+    facts_file = Path(location) / "tfxfer.json"
+    if kind == "keras_hub_preset_dir" and info["pooling"] is None and facts_file.is_file():
+        # A preset tfxfer pretrained keeps the pooling its starting checkpoint was made for.
+        info["pooling"] = _read_json(facts_file).get("pooling")
 
     if kind == "hf_checkpoint":
         config = _read_json(Path(location) / "config.json")
@@ -234,6 +238,32 @@ def build_bert_backbone(
     )
 
 
+def has_masked_lm_head(source: str) -> bool:
+    """Whether `source` resolves to a keras-hub preset saved from a `BertMaskedLM`.
+
+    Such a preset (a masked-LM pretraining run's, or `masked_lm.save_to_preset(dir)`) carries
+    the checkpoint's masked-LM head; names, Hugging Face directories and fine-tuning runs do
+    not. Reads only small JSON files; never loads weights or touches the network.
+    """
+    path = Path(str(source)).expanduser()
+    if path.is_dir() and is_run_dir(path):
+        try:
+            pretrained = pretraining_output(path)
+        except TfxferError:
+            return False
+        if pretrained is None:
+            return False
+        path = Path(pretrained["path"])
+    task_file = path / "task.json"
+    if not task_file.is_file():
+        return False
+    try:
+        registered = str(_read_json(task_file).get("registered_name", ""))
+    except WeightsError:
+        return False
+    return registered.endswith("MaskedLM")
+
+
 def _masked_lm_task(kind: str, location: str, source: str, weights: bool):
     """The keras-hub `BertMaskedLM` saved in a preset directory, or a `TfxferError`."""
     import keras_hub
@@ -307,8 +337,23 @@ def _resolve_source(
     """Finds what `source` names and checks its files; returns `kind`, `path` and digest facts."""
     path = Path(source).expanduser()
     if path.is_dir() and is_run_dir(path):
-        # An earlier tfxfer run: its backbone, trained on that run's labels.
-        return {"kind": "tfxfer_run", "path": str(path), "sha256": None, "sha256_verified": False}
+        pretrained = pretraining_output(path)
+        if pretrained is None:
+            # An earlier tfxfer run: its backbone, trained on that run's labels.
+            return {
+                "kind": "tfxfer_run",
+                "path": str(path),
+                "sha256": None,
+                "sha256_verified": False,
+            }
+        if pretrained.get("modality") != "text":
+            raise WeightsError(
+                f"{source!r} is a {pretrained.get('objective')} pretraining run of an image "
+                "backbone; a text backbone cannot be taken from it. Pass it to the image "
+                "recipe's --weights, or pass a text pretraining run here."
+            )
+        # A masked-LM pretraining run: the keras-hub preset it wrote.
+        path = Path(pretrained["path"])
     if path.exists():
         return _check_local_dir(path, source, weights=weights, expected_sha256=expected_sha256)
     if expected_sha256 is not None:

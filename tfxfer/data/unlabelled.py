@@ -1,0 +1,69 @@
+"""Unlabelled texts for pretraining: a .txt of one text per line, a table column, or a folder.
+
+Pretraining reads text without labels, in the forms people keep it in: a plain `.txt` file
+with one text per line (a corpus dump), the text column of the same CSV/TSV/JSONL files the
+text recipe reads (labels, if any, are ignored), or a folder of `.txt` files (one text per
+file, read recursively, so a labelled class folder works too). Blank texts are skipped; a
+corpus with no text left is an error, since pretraining on nothing would "succeed" silently.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tfxfer import fs
+from tfxfer.data.text import TEXT_FILE_SUFFIXES, _decode_utf8, _normalized, _read_table
+from tfxfer.errors import DataError
+
+
+def read_unlabelled_texts(source: str, *, text_column: str = "text") -> list[str]:
+    """The non-blank texts of a corpus, in file order.
+
+    Args:
+        source: str. A `.txt` file (one text per line), a `.csv` / `.tsv` / `.jsonl` file (its
+            `text_column`), or a folder (every visible `.txt` file under it, one text each).
+        text_column: str. The column (JSON key) that holds the text in a table. Defaults to
+            `"text"`.
+
+    Returns:
+        The texts, stripped of surrounding whitespace, blank ones left out.
+
+    Raises:
+        DataError: the source does not exist, is of another kind, lacks the column, or holds
+            no text that is not blank.
+
+    Example:
+
+    ```python
+    texts = read_unlabelled_texts("abstracts.txt")
+    ```
+    """
+    path = _normalized(str(source))
+    if fs.isdir(path):
+        files, _ = fs.visible_files(path)
+        files = [f for f in files if f.lower().endswith(".txt")]
+        if not files:
+            raise DataError(
+                f"The folder {str(source)!r} holds no .txt files. Expected a folder of .txt "
+                "files (one text each), a .txt file with one text per line, or a CSV/JSONL file."
+            )
+        texts = [_decode_utf8(f) for f in files]
+    elif not fs.exists(path):
+        raise DataError(f"The unlabelled corpus {str(source)!r} does not exist. Check the path.")
+    elif os.path.splitext(path)[1].lower() == ".txt":
+        texts = _decode_utf8(path).splitlines()
+    elif os.path.splitext(path)[1].lower() in TEXT_FILE_SUFFIXES:
+        # The text column alone: any label column is irrelevant to pretraining.
+        texts = [text or "" for _, text, _ in _read_table(path, text_column, text_column)]
+    else:
+        raise DataError(
+            f"Expected a .txt file, one of {TEXT_FILE_SUFFIXES} or a folder of .txt files. "
+            f"Received: {str(source)!r}"
+        )
+    kept = [text.strip() for text in texts if text and text.strip()]
+    if not kept:
+        raise DataError(
+            f"The unlabelled corpus {str(source)!r} is empty: every text in it is blank. "
+            "Pretraining needs at least a few texts; check the file (and --text-column)."
+        )
+    return kept
