@@ -7,6 +7,7 @@ backbone is adding a row: the builder below is the same for all of them.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from typing import Any
@@ -15,7 +16,12 @@ import keras
 from keras import ops
 
 from tfxfer.backbones.base import Backbone, SourceHead, split_into_groups
-from tfxfer.backbones.from_run import image_network_from_run, is_run_dir, load_network_weights
+from tfxfer.backbones.from_run import (
+    image_network_from_run,
+    is_run_dir,
+    load_network_weights,
+    pretraining_output,
+)
 from tfxfer.errors import TfxferError, WeightsError
 
 # Per-channel constants of the two common ImageNet conventions.
@@ -187,6 +193,31 @@ def _resolve_weights(weights: str | None) -> str | None:
     return path
 
 
+def _pretrained_weights_file(run: str, key: str) -> str | None:
+    """The weights file a pretraining run at `run` wrote for `key`, or None for another run.
+
+    A pretraining run (`tfxfer.pretrain.contrastive`) leaves a weights file, not a
+    `model.keras`; it must be an image run of the same architecture.
+    """
+    output = pretraining_output(run)
+    if output is None:
+        return None  # a fine-tuning run: its model.keras holds the backbone
+    if output.get("modality") != "image":
+        raise WeightsError(
+            f"{run!r} is a {output.get('objective', '')} pretraining run of a "
+            f"{output.get('modality')} backbone, and {key} takes images. Pass it as a text "
+            "recipe's --backbone, or an image pretraining run here."
+        )
+    with open(os.path.join(run, "config.json"), encoding="utf-8") as handle:
+        trained = json.load(handle).get("backbone_info", {}).get("name")
+    if trained != key:
+        raise WeightsError(
+            f"{run!r} pretrained a {trained!r} backbone, not {key!r}: its weights fit that "
+            f"architecture only. Pass --backbone {trained}, or a pretraining run of {key}."
+        )
+    return output["path"]
+
+
 def _load_local_weights(network: keras.Model, path: str, key: str, constructor: str) -> None:
     """Loads a local weights file, turning a mismatch into one readable sentence."""
     with warnings.catch_warnings():
@@ -221,7 +252,8 @@ def build_vision_backbone(
             architecture without its top
             (e.g. `resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5`), or the directory
             of a finished tfxfer run of the same backbone (its trained network; the head
-            stays behind).
+            stays behind), or of a finished image pretraining run of it
+            (`recipes.contrastive_image_pretrain`: the weights file it wrote).
             Defaults to "imagenet".
         image_size: int. Side of the square the network sees. Defaults to the row's
             `default_image_size`.
@@ -255,6 +287,12 @@ def build_vision_backbone(
             f"the image to nothing). Pass --image-size {row['min_image_size']} or more."
         )
     resolved = _resolve_weights(weights)
+    # A pretraining run is checked before minutes go into building the network.
+    pretrained = (
+        _pretrained_weights_file(resolved, key)
+        if resolved is not None and os.path.isdir(resolved)
+        else None
+    )
     constructor = getattr(keras.applications, row["constructor"])
     try:
         network = constructor(
@@ -275,6 +313,8 @@ def build_vision_backbone(
     heads = {}
     if source_head:
         heads["imagenet"] = _imagenet_head(key, row, constructor, resolved, network)
+    elif pretrained is not None:
+        _load_local_weights(network, pretrained, key, row["constructor"])
     elif resolved is not None and os.path.isdir(resolved):
         load_network_weights(network, image_network_from_run(resolved, key), resolved)
     elif resolved not in (None, "imagenet"):
