@@ -62,7 +62,6 @@ class Config(PretrainConfig):
     sequence_length: int = 128  # max tokens per text; each batch is padded only to its longest
     mask_rate: float = MASK_RATE  # share of each text's tokens masked (BERT: 0.15)
     batch_size: int = 16
-    learning_rate: float = 5e-5
 
     SMOKE: ClassVar[dict[str, Any]] = {"sequence_length": 16}
 

@@ -505,9 +505,44 @@ def _regularized(argv: Sequence[str]) -> None:
     print("[worker] TFXFER_DONE", flush=True)
 
 
+def _masked_lm(argv: Sequence[str]) -> None:
+    """Masked-LM pretraining of a tiny BERT with the recipe, under a strategy and a precision.
+
+    Writes the run into `<out>/run` (its preset included).
+    """
+    parser = argparse.ArgumentParser(prog="masked_lm")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--strategy", default="cpu")
+    parser.add_argument("--mixed-precision", default="float32")
+    parser.add_argument("--logical-cpus", type=int, default=0)
+    args = parser.parse_args(argv)
+    _split_cpu(args.logical_cpus)
+
+    from bert_helpers import write_hf_checkpoint
+
+    from recipes.bert_mlm_pretrain import Config, main
+
+    write_hf_checkpoint(args.out / "bert")
+    corpus = args.out / "corpus.txt"
+    corpus.write_text("the movie was great fun\ni hated the awful plot\n" * 12, encoding="utf-8")
+    main(
+        Config.smoke(
+            corpus=str(corpus),
+            backbone=str(args.out / "bert"),
+            output_dir=str(args.out / "run"),
+            strategy=args.strategy,
+            mixed_precision=args.mixed_precision,
+            epochs=2,
+            learning_rate=1e-3,
+        )
+    )
+    print("[worker] TFXFER_DONE", flush=True)
+
+
 PROGRAMS: dict[str, Callable[[Sequence[str]], None]] = {
     "two_stage": _two_stage,
     "regularized": _regularized,
+    "masked_lm": _masked_lm,
 }
 
 

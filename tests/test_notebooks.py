@@ -23,6 +23,14 @@ TINY = {
         "FUSE_WITH": "mobilenetv3small",
     },
     "text_quickstart.ipynb": {"HEAD_EPOCHS": 1, "FINETUNE_EPOCHS": 0, "MAX_TRAIN_EXAMPLES": 40},
+    "pretrain_then_finetune.ipynb": {
+        "SEQUENCE_LENGTH": 16,
+        "PRETRAIN_EPOCHS": 1,
+        "MAX_UNLABELLED": 40,
+        "LABELS_PER_CLASS": 4,
+        "HEAD_EPOCHS": 1,
+        "FINETUNE_EPOCHS": 0,
+    },
 }
 
 

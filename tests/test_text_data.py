@@ -407,6 +407,14 @@ def test_make_text_dataset_tokenizes_in_tf_data_in_file_order(preprocessor):
     assert isinstance(ds.element_spec[0], dict)
 
 
+def test_token_batches_hold_no_booleans_for_a_distribution_strategy(preprocessor):
+    # MirroredStrategy's first step averages a batch over the replicas; booleans fail it.
+    ds = make_text_dataset(["the movie", "a film"], [0, 1], preprocessor, batch_size=2)
+    x, _ = next(iter(ds))
+    assert {name: t.dtype for name, t in x.items()} == dict.fromkeys(x, tf.int32)
+    np.testing.assert_array_equal(x["padding_mask"][0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
 def test_make_text_dataset_shuffles_reproducibly_and_reshuffles_each_epoch(preprocessor, tmp_path):
     texts = [f"the film {'great' if i % 2 else 'bad'}" for i in range(40)]
     labels = np.arange(40, dtype=np.int32)

@@ -325,11 +325,23 @@ def _tokenized(
         ds = (
             ds.batch(_TOKENIZE_CHUNK)
             .map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .map(_without_booleans)
             .unbatch()
             # Unbatching hides the size; Keras warns "ran out of data" on datasets of unknown size.
             .apply(tf.data.experimental.assert_cardinality(len(texts)))
         )
     return maybe_cache(ds, cache)
+
+
+def _without_booleans(x: Any, y: Any) -> tuple[Any, Any]:
+    """Boolean token tensors (the padding mask) as int32, which BERT's inputs declare.
+
+    Keras' `fit` under a distribution strategy first averages one batch over the replicas to
+    build the model, and booleans cannot be summed: a boolean padding mask fails every
+    MirroredStrategy run at its first step.
+    """
+    x = tf.nest.map_structure(lambda t: tf.cast(t, tf.int32) if t.dtype == tf.bool else t, x)
+    return x, y
 
 
 def _normalized(path: str) -> str:

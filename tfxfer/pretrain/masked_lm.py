@@ -225,11 +225,31 @@ class MaskedTokenAccuracy(keras.metrics.Mean):
         return super().update_state(correct, sample_weight=used)
 
 
+class MaskedLMLoss(keras.losses.Loss):
+    """Cross-entropy over masked tokens only, averaged over them (unused slots count nothing).
+
+    Keras' `ignore_class` does the same through a boolean mask that the distributed train
+    step cannot sum across replicas (an `AddN` of booleans under MirroredStrategy), so this
+    loss weights each slot itself: a used slot by (slots / used slots), an unused one by 0,
+    so that Keras' mean over the batch's slots is the mean over its masked tokens.
+    """
+
+    def __init__(self, name: str = "masked_lm_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, "int32")
+        used = ops.cast(ops.not_equal(y_true, UNUSED_SLOT), "float32")
+        losses = keras.losses.sparse_categorical_crossentropy(
+            ops.maximum(y_true, 0), ops.cast(y_pred, "float32"), from_logits=True
+        )
+        share = ops.cast(ops.size(used), "float32") / ops.maximum(ops.sum(used), 1.0)
+        return losses * used * share
+
+
 def masked_lm_loss() -> keras.losses.Loss:
-    """Cross-entropy over masked tokens only, averaged over them (unused slots are ignored)."""
-    return keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, ignore_class=UNUSED_SLOT, name="masked_lm_loss"
-    )
+    """The masked-LM loss the pretraining stage compiles with."""
+    return MaskedLMLoss()
 
 
 def build_masked_lm(backbone: Backbone, sequence_length: int):
@@ -253,6 +273,11 @@ def build_masked_lm(backbone: Backbone, sequence_length: int):
         tokenizer=backbone.preprocessor.tokenizer, sequence_length=sequence_length
     )
     task = keras_hub.models.BertMaskedLM(backbone=bert, preprocessor=preprocessor)
+    if task.masked_lm_head.compute_dtype != "float32" and _replicas() > 1:
+        # Under a multi-replica strategy Keras first runs the model outside its mixed-precision
+        # autocast, where the head's last step (bfloat16 logits + a float32 bias) fails: the
+        # head's own arithmetic runs in float32 there (its dense layers keep the policy).
+        task.masked_lm_head.dtype_policy = "float32"
     source = backbone.source_heads.get("masked_lm")
     if source is not None:
         task.masked_lm_head.set_weights(source.layer.get_weights())
@@ -263,6 +288,10 @@ def build_masked_lm(backbone: Backbone, sequence_length: int):
     # metrics of its own that read sample weights this pipeline does not make.
     model = keras.Model(task.inputs, task.outputs, name="masked_lm")
     return task, model
+
+
+def _replicas() -> int:
+    return int(tf.distribute.get_strategy().num_replicas_in_sync)
 
 
 def held_out_scores(model: keras.Model, held_out: tf.data.Dataset | None) -> dict[str, Any]:
