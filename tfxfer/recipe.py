@@ -24,6 +24,7 @@ comment after each field (`tfxfer.flags`), so flags, defaults and help never dri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -178,7 +179,7 @@ class RecipeConfig:
             lambda v: not _int(v) or v <= MAX_IMAGE_SIZE,
             f"at most {MAX_IMAGE_SIZE}; larger images need more memory than a batch can have",
         )
-        output_problem = _output_dir_problem(str(self.output_dir))
+        output_problem = output_dir_problem(str(self.output_dir))
         if output_problem:
             found.append(output_problem)
         return found
@@ -287,7 +288,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _output_dir_problem(path: str) -> str | None:
+def output_dir_problem(path: str) -> str | None:
     """Why the run could not create or write `path`, found before minutes go into training."""
     if not path.strip() or "://" in path:
         return None  # reported as an empty value, or by RunDir.check
@@ -324,27 +325,42 @@ def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) ->
         takes raw inputs), "backbone", "history", "metrics" (per split), "class_names",
         "data" and "result" (the `TrainResult`).
     """
-    # The dtype policy `Distribution` sets is for this run's model: the caller's comes back.
+    with keeping_dtype_policy():
+        return _run(config, build_data, build_model)
+
+
+@contextlib.contextmanager
+def keeping_dtype_policy():
+    """Gives the caller's global dtype policy back: the one `Distribution` sets is the run's."""
     previous_policy = keras.config.dtype_policy()
     try:
-        return _run(config, build_data, build_model)
+        yield
     finally:
         keras.config.set_dtype_policy(previous_policy)
 
 
-def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
-    from tfxfer.data.datasets import make_datasets
+def start_run(config: Any):
+    """Checks the config and the output directory, seeds, and returns the `Distribution`.
+
+    Shared by every recipe, fine-tuning or pretraining (`config` has their common fields):
+    a forgotten --overwrite or a bad value is reported before minutes go into a backbone.
+    """
     from tfxfer.distribute import Distribution
 
     config.validate()
-    # A forgotten --overwrite is reported before minutes go into loading a backbone.
     RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
     RunDir.check_inputs(config.output_dir, config.input_paths())
     # Head initialisation, dropout and shuffles follow config.seed: a run repeats exactly.
     keras.utils.set_random_seed(config.seed)
-    distribution = Distribution(
+    return Distribution(
         config.strategy, config.mixed_precision, config.batch_size, config.scale_learning_rate
     )
+
+
+def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
+    from tfxfer.data.datasets import make_datasets
+
+    distribution = start_run(config)
     data = build_data(config)
     print(f"[tfxfer] data: {data.summary()}", flush=True)
     with distribution.scope():

@@ -34,7 +34,13 @@ from tfxfer.backbones.base import Backbone
 from tfxfer.data.pipeline import TrainData
 from tfxfer.errors import TfxferError
 from tfxfer.flags import parse_flags
-from tfxfer.recipe import _output_dir_problem, backbone_info, open_run
+from tfxfer.recipe import (
+    backbone_info,
+    keeping_dtype_policy,
+    open_run,
+    output_dir_problem,
+    start_run,
+)
 from tfxfer.rundir import RunDir
 from tfxfer.schedule import Stage
 from tfxfer.train import TrainResult, run_schedule
@@ -117,7 +123,7 @@ class PretrainConfig:
         if not str(self.output_dir).strip():
             found.append("output_dir='' (expected a directory)")
         else:
-            problem = _output_dir_problem(str(self.output_dir))
+            problem = output_dir_problem(str(self.output_dir))
             if problem:
                 found.append(problem)
         return found
@@ -193,23 +199,12 @@ def run_pretraining(
         A dict with "run_dir", "model" (what trained), "backbone", "history", "metrics",
         "output" (the path of what was written for the fine-tuning recipes) and "result".
     """
-    previous_policy = keras.config.dtype_policy()
-    try:
+    with keeping_dtype_policy():
         return _run(config, build_data, build_task)
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
 
 
 def _run(config: PretrainConfig, build_data: BuildData, build_task: BuildTask) -> dict[str, Any]:
-    from tfxfer.distribute import Distribution
-
-    config.validate()
-    RunDir.check(config.output_dir, overwrite=config.overwrite, resume=config.resume)
-    RunDir.check_inputs(config.output_dir, config.input_paths())
-    keras.utils.set_random_seed(config.seed)
-    distribution = Distribution(
-        config.strategy, config.mixed_precision, config.batch_size, config.scale_learning_rate
-    )
+    distribution = start_run(config)
     data = build_data(config)
     with distribution.scope():
         task = build_task(config, data, distribution)
