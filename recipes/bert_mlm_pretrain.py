@@ -47,6 +47,7 @@ from tfxfer.pretrain.masked_lm import (
 )
 from tfxfer.pretrain.skeleton import PretrainConfig, PretrainTask, run_pretraining
 from tfxfer.recipe import command_line
+from tfxfer.schedule import Stage
 
 
 @dataclass
@@ -62,8 +63,10 @@ class Config(PretrainConfig):
     sequence_length: int = 128  # max tokens per text; each batch is padded only to its longest
     mask_rate: float = MASK_RATE  # share of each text's tokens masked (BERT: 0.15)
     batch_size: int = 16
+    head_epochs: int | None = None  # epochs of a new masked-LM head alone first (None: auto)
+    head_learning_rate: float = 1e-3  # peak learning rate of that head-only stage
 
-    SMOKE: ClassVar[dict[str, Any]] = {"sequence_length": 16}
+    SMOKE: ClassVar[dict[str, Any]] = {"sequence_length": 16, "head_epochs": 0}
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -71,10 +74,34 @@ class Config(PretrainConfig):
             check_mask_rate(self.mask_rate)
         except tfxfer.TfxferError:
             found.append(f"mask_rate={self.mask_rate!r} (expected a number in (0, 1), e.g. 0.15)")
+        if self.head_epochs is not None and (
+            isinstance(self.head_epochs, bool)
+            or not isinstance(self.head_epochs, int)
+            or self.head_epochs < 0
+        ):
+            found.append(f"head_epochs={self.head_epochs!r} (expected an integer >= 0, or none)")
+        rate = self.head_learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 1e3:
+            found.append(f"head_learning_rate={rate!r} (expected a number > 0)")
         length = self.sequence_length
         if isinstance(length, bool) or not isinstance(length, int) or length < 3:
             found.append(f"sequence_length={length!r} (expected an integer >= 3)")
         return found
+
+    def stages(self) -> list[Stage]:
+        """A new masked-LM head first trains alone, then everything trains together.
+
+        A checkpoint without its masked-LM head (Hugging Face `BertModel`s such as MiniLM) gets
+        a fresh one; its first, random gradients would otherwise flow into the pretrained
+        layers, the reason fine-tuning trains a new head on a frozen backbone first. By
+        default (`head_epochs=None`) that is one epoch when the head is new and none when the
+        checkpoint brings its own.
+        """
+        epochs = self.head_epochs
+        if epochs is None:
+            epochs = 0 if has_masked_lm_head(self.backbone) else 1
+        head = Stage("head", epochs, train="head", learning_rate=self.head_learning_rate)
+        return [head, self.stage()] if epochs else [self.stage()]
 
     def input_paths(self) -> list[str]:
         import os

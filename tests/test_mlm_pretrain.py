@@ -114,6 +114,27 @@ def test_training_batches_and_their_masks_replay_from_any_step(tmp_path):
     assert not all(np.array_equal(a[1], b[1]) for a, b in zip(whole[:3], whole[5:8], strict=True))
 
 
+def test_a_new_masked_lm_head_trains_alone_first_by_default(tmp_path):
+    from bert_helpers import write_masked_lm_preset
+
+    from recipes.bert_mlm_pretrain import Config
+
+    write_hf_checkpoint(tmp_path / "hf")  # a BertModel: no masked-LM head
+    write_masked_lm_preset(tmp_path / "preset")  # a BertMaskedLM: its own head
+    new_head = Config(backbone=str(tmp_path / "hf"), epochs=2).stages()
+    assert [(s.name, s.epochs, s.train) for s in new_head] == [
+        ("head", 1, "head"),
+        ("pretrain", 2, "all"),
+    ]
+    assert [s.name for s in Config(backbone=str(tmp_path / "preset")).stages()] == ["pretrain"]
+    assert [s.name for s in Config(backbone=str(tmp_path / "hf"), head_epochs=0).stages()] == [
+        "pretrain"
+    ]
+    problems = Config(head_epochs=-1, head_learning_rate=0.0).problems()
+    assert "head_epochs=-1 (expected an integer >= 0, or none)" in problems
+    assert "head_learning_rate=0.0 (expected a number > 0)" in problems
+
+
 # === Reading unlabelled texts ===
 
 
@@ -187,6 +208,7 @@ def pretraining(tmp_path_factory):
         corpus=str(root / "corpus.txt"),
         backbone=str(root / "bert"),
         output_dir=str(root / "run"),
+        head_epochs=1,
         epochs=2,
         learning_rate=1e-3,
     )
@@ -203,8 +225,9 @@ def test_pretraining_writes_a_preset_the_text_recipe_fine_tunes_from(pretraining
     held_out = metrics["held_out"]
     assert held_out["masked_tokens"] > 0 and 0 <= held_out["masked_accuracy"] <= 1
     assert np.isfinite(held_out["perplexity"]) and held_out["perplexity"] > 1
-    assert [row["epoch"] for row in result["history"]] == [1, 2]
-    assert result["history"][1]["loss"] < result["history"][0]["loss"]
+    # The new masked-LM head trains alone for an epoch, then with the whole backbone.
+    assert [row["stage"] for row in result["history"]] == ["head", "pretrain", "pretrain"]
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
     assert result["output"] == str(run / "preset")
     pretrained = result["backbone"].network.get_layer("bert_backbone")
     # The run directory and the preset inside it are both backbones, with the masked-LM head.
@@ -258,7 +281,7 @@ def test_a_killed_pretraining_run_resumes_to_the_uninterrupted_weights(
         tfxfer.build_backbone(run_dir, sequence_length=16)
     monkeypatch.setattr(train._EpochEnd, "on_epoch_end", original)
     resumed = main(type(config)(**{**config.__dict__, "output_dir": run_dir, "resume": True}))
-    assert [row["epoch"] for row in resumed["history"]] == [1, 2]
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
     for mine, theirs in zip(resumed["model"].weights, result["model"].weights, strict=True):
         np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=1e-6, err_msg=mine.path)
 

@@ -146,6 +146,10 @@ class PretrainConfig:
             warmup_fraction=self.warmup_fraction,
         )
 
+    def stages(self) -> list[Stage]:
+        """The schedule: `stage()`; a recipe may put a stage before it (a new head's warm-up)."""
+        return [self.stage()]
+
     def input_paths(self) -> list[str]:
         """The local paths the run reads; the output directory may not overlap them."""
         return []
@@ -225,7 +229,7 @@ def _run(config: PretrainConfig, build_data: BuildData, build_task: BuildTask) -
     result: TrainResult = run_schedule(
         task.model,
         task.backbone,
-        [config.stage()],
+        config.stages(),
         task.train,
         task.val,
         loss=task.loss,
