@@ -236,8 +236,7 @@ def _compare(args) -> int:
     print("\n" + body + "\n", flush=True)
     if not args.no_readme:
         wall = time.perf_counter() - started
-        heading = "## Contrastive image pretraining (issue 11)\n\n"
-        replace_section(args.section, heading + facts_markdown(facts, wall) + "\n\n" + body)
+        replace_section(args.section, facts_markdown(facts, wall) + "\n\n" + body)
     return 0
 
 

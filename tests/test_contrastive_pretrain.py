@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 from pathlib import Path
 
@@ -333,4 +332,3 @@ def test_the_recipe_reads_its_inputs_and_not_its_output(tmp_path):
     )
     assert config.input_paths() == [str(tmp_path / p) for p in ("a", "b", "w")]
     assert Config.smoke().input_paths() == []
-    shutil.rmtree(tmp_path, ignore_errors=True)
