@@ -47,7 +47,6 @@ from tfxfer.pretrain.contrastive import (
 )
 from tfxfer.pretrain.skeleton import PretrainConfig, PretrainTask, run_pretraining
 from tfxfer.recipe import command_line
-from tfxfer.schedule import Stage
 
 
 @dataclass
@@ -74,6 +73,8 @@ class Config(PretrainConfig):
     probe_labels_per_class: int = 10  # probe trains on this many per class, tests on the rest
 
     SMOKE: ClassVar[dict] = {"image_size": 32, "projection_dim": 16, "projection_hidden": 32}
+    # SimCLR trains BatchNorm: from random weights there are no statistics to keep.
+    TRAIN_BATCHNORM: ClassVar[bool] = True
 
     def views(self) -> ViewAugmentation:
         return ViewAugmentation(self.min_crop_area, self.flip, self.color_jitter, self.grayscale)
@@ -106,12 +107,6 @@ class Config(PretrainConfig):
             if not smallest <= self.image_size <= 1024:
                 found.append(f"image_size={self.image_size} (expected {smallest} to 1024)")
         return found + self.views().problems()
-
-    def stage(self) -> Stage:
-        stage = super().stage()
-        # SimCLR trains BatchNorm: from random weights there are no statistics to keep.
-        stage.train_batchnorm = True
-        return stage
 
     def input_paths(self) -> list[str]:
         paths = [p for p in (self.data_dir, self.probe_dir) if p]

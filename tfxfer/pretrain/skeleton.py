@@ -71,11 +71,19 @@ class PretrainConfig:
 
     # Recipe-specific fields of `smoke()`, on top of SMOKE_SETTINGS.
     SMOKE: ClassVar[dict[str, Any]] = {}
+    # Whether BatchNormalization layers update their statistics while pretraining (a
+    # backbone pretrained from random weights has none worth keeping).
+    TRAIN_BATCHNORM: ClassVar[bool] = False
 
     @classmethod
     def smoke(cls, **fields: Any) -> PretrainConfig:
         """Tiny settings for tests: one epoch, small batches, silent."""
         return cls(**{**SMOKE_SETTINGS, **cls.SMOKE, **fields})
+
+    @classmethod
+    def from_flags(cls, argv: list[str] | None = None, description: str | None = None):
+        """Parses command-line flags (one per field, `--help` from field comments)."""
+        return cls.parse_flags(argv, description)[0]
 
     @classmethod
     def parse_flags(cls, argv=None, description=None, prog=None) -> tuple[PretrainConfig, bool]:
@@ -144,6 +152,7 @@ class PretrainConfig:
             learning_rate=self.learning_rate,
             weight_decay=self.weight_decay,
             warmup_fraction=self.warmup_fraction,
+            train_batchnorm=self.TRAIN_BATCHNORM,
         )
 
     def stages(self) -> list[Stage]:
