@@ -539,7 +539,37 @@ def _masked_lm(argv: Sequence[str]) -> None:
     print("[worker] TFXFER_DONE", flush=True)
 
 
+def _contrastive(argv: Sequence[str]) -> None:
+    """SimCLR pretraining of a small image backbone with the recipe, under a strategy.
+
+    Draws its own shapes into `<out>/data`, writes the run into `<out>/run`.
+    """
+    parser = argparse.ArgumentParser(prog="contrastive")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--strategy", default="cpu")
+    parser.add_argument("--mixed-precision", default="float32")
+    parser.add_argument("--logical-cpus", type=int, default=0)
+    args = parser.parse_args(argv)
+    _split_cpu(args.logical_cpus)
+
+    from recipes.contrastive_image_pretrain import Config, main
+    from tfxfer.data.synthetic import write_shapes_dataset
+
+    write_shapes_dataset(str(args.out / "data"), per_class=4, image_size=32)
+    main(
+        Config.smoke(
+            data_dir=str(args.out / "data"),
+            output_dir=str(args.out / "run"),
+            strategy=args.strategy,
+            mixed_precision=args.mixed_precision,
+            epochs=2,
+        )
+    )
+    print("[worker] TFXFER_DONE", flush=True)
+
+
 PROGRAMS: dict[str, Callable[[Sequence[str]], None]] = {
+    "contrastive": _contrastive,
     "two_stage": _two_stage,
     "regularized": _regularized,
     "masked_lm": _masked_lm,
