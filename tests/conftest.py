@@ -19,6 +19,30 @@ from tfxfer.data.synthetic import write_shapes_dataset  # noqa: E402
 
 UNREACHABLE_PROXY = "http://127.0.0.1:9"  # the discard port: connections fail at once
 
+# Test files that take minutes, longest first (`pytest --durations`, 2026-12-01). With one
+# pytest-xdist worker per core and each file's tests kept together (`--dist loadfile`),
+# files go to workers in collection order: started first, the long ones no longer leave the
+# suite's last minutes to one core while the other idles.
+HEAVY_FIRST = (
+    "test_notebooks.py",
+    "test_regularizers.py",
+    "test_fusion.py",
+    "test_multiworker_training.py",
+    "test_bad_input.py",
+    "test_text_recipe.py",
+    "test_contrastive_pretrain.py",
+    "test_mlm_pretrain.py",
+    "test_resume.py",
+    "test_image_recipe.py",
+    "test_preemption.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Puts the heavy files first; the sort is stable, so each file keeps its own order."""
+    rank = {name: index for index, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(autouse=True)
 def _restore_dtype_policy():

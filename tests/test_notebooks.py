@@ -30,6 +30,9 @@ TINY = {
         "LABELS_PER_CLASS": 4,
         "HEAD_EPOCHS": 1,
         "FINETUNE_EPOCHS": 0,
+        "IMAGE_SIZE": 32,
+        "IMAGES_PER_CLASS": 4,
+        "SIMCLR_EPOCHS": 1,
     },
 }
 

@@ -69,8 +69,8 @@ class TokenMasker:
 
     Args:
         mask_token_id: int. The tokenizer's [MASK] id.
-        vocabulary_size: int. Random replacement tokens are drawn from `[0, vocabulary_size)`
-            minus nothing: as in BERT, any token may be drawn.
+        vocabulary_size: int. Random replacement tokens are drawn from `[0, vocabulary_size)`:
+            as in BERT, any token may be drawn.
         unselectable_ids: list[int]. Tokens never masked (padding, [CLS], [SEP]).
         rate: float. Share of each text's selectable tokens to mask. Defaults to `0.15`.
 
