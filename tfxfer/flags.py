@@ -87,6 +87,36 @@ def parse_flags(
     return config, bool(getattr(args, "debug", False))
 
 
+class FlagConfig:
+    """What a recipe config base (`RecipeConfig`, `PretrainConfig`) gets from its fields.
+
+    `smoke()` (the base's `SMOKE_SETTINGS`, then the recipe's `SMOKE`, then the caller's),
+    and flags parsed into the config, with the base's own fields listed after the recipe's in
+    `--help`. The base is the class just before this one in the method resolution order.
+    """
+
+    # Tiny settings every recipe of the base uses in tests, and a recipe's own on top.
+    SMOKE_SETTINGS: typing.ClassVar[dict[str, Any]] = {}
+    SMOKE: typing.ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def smoke(cls, **fields: Any):
+        """Tiny settings for tests (`SMOKE_SETTINGS`, the recipe's `SMOKE`, then `fields`)."""
+        return cls(**{**cls.SMOKE_SETTINGS, **cls.SMOKE, **fields})
+
+    @classmethod
+    def from_flags(cls, argv: list[str] | None = None, description: str | None = None):
+        """Parses command-line flags (one per field, `--help` from field comments)."""
+        return cls.parse_flags(argv, description)[0]
+
+    @classmethod
+    def parse_flags(cls, argv=None, description=None, prog=None) -> tuple[Any, bool]:
+        """The config from command-line flags, and whether `--debug` was given."""
+        base = cls.__mro__[cls.__mro__.index(FlagConfig) - 1]
+        shared = [f.name for f in dataclasses.fields(base)]
+        return parse_flags(cls, argv, description, prog, shared_fields=shared)
+
+
 def _list_of_ints(text: str) -> list[int]:
     try:
         return [int(part) for part in text.replace(",", " ").split()]

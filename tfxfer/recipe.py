@@ -43,7 +43,7 @@ from tfxfer.backbones import modality_of
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.data.examples import LabelledData
 from tfxfer.errors import TfxferError
-from tfxfer.flags import parse_flags
+from tfxfer.flags import FlagConfig
 from tfxfer.fusion import FUSIONS, build_fusion_model, fusion_summary
 from tfxfer.heads import HeadConfig
 from tfxfer.model import build_model
@@ -69,7 +69,7 @@ SMOKE_SETTINGS = {
 
 
 @dataclass
-class RecipeConfig:
+class RecipeConfig(FlagConfig):
     """The fields every recipe shares; a recipe's `Config` subclasses it and adds its own.
 
     A recipe may redeclare a field to change its default (the text recipe trains with a
@@ -105,26 +105,9 @@ class RecipeConfig:
     resume: bool = False  # continue the run in output_dir from its last complete epoch
     verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
 
-    # Recipe-specific fields of `smoke()`, on top of SMOKE_SETTINGS.
-    SMOKE: ClassVar[dict[str, Any]] = {}
+    SMOKE_SETTINGS: ClassVar[dict[str, Any]] = SMOKE_SETTINGS
     # What the recipe classifies ("image" or "text"); every backbone must take it.
     MODALITY: ClassVar[str | None] = None
-
-    @classmethod
-    def smoke(cls, **fields: Any) -> RecipeConfig:
-        """Tiny settings for tests: one epoch per stage, small batches, no export."""
-        return cls(**{**SMOKE_SETTINGS, **cls.SMOKE, **fields})
-
-    @classmethod
-    def from_flags(cls, argv: list[str] | None = None, description: str | None = None):
-        """Parses command-line flags (one per field, `--help` from field comments)."""
-        return cls.parse_flags(argv, description)[0]
-
-    @classmethod
-    def parse_flags(cls, argv=None, description=None, prog=None) -> tuple[RecipeConfig, bool]:
-        """The config from command-line flags, and whether `--debug` was given."""
-        shared = [f.name for f in dataclasses.fields(RecipeConfig)]
-        return parse_flags(cls, argv, description, prog, shared_fields=shared)
 
     def problems(self) -> list[str]:
         """Every invalid value, as "name=value (expected ...)"; a recipe extends the list."""

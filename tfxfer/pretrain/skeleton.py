@@ -33,7 +33,7 @@ from tfxfer import report
 from tfxfer.backbones.base import Backbone
 from tfxfer.data.pipeline import TrainData
 from tfxfer.errors import TfxferError
-from tfxfer.flags import parse_flags
+from tfxfer.flags import FlagConfig
 from tfxfer.recipe import (
     backbone_info,
     keeping_dtype_policy,
@@ -50,7 +50,7 @@ SMOKE_SETTINGS = {"batch_size": 4, "epochs": 1, "verbose": 0}
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(FlagConfig):
     """The fields every pretraining recipe shares; a recipe's `Config` adds its own."""
 
     output_dir: str = "runs/pretrain"  # the run directory; what the recipe writes goes inside it
@@ -69,27 +69,10 @@ class PretrainConfig:
     resume: bool = False  # continue the run in output_dir from its last complete epoch
     verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
 
-    # Recipe-specific fields of `smoke()`, on top of SMOKE_SETTINGS.
-    SMOKE: ClassVar[dict[str, Any]] = {}
+    SMOKE_SETTINGS: ClassVar[dict[str, Any]] = SMOKE_SETTINGS
     # Whether BatchNormalization layers update their statistics while pretraining (a
     # backbone pretrained from random weights has none worth keeping).
     TRAIN_BATCHNORM: ClassVar[bool] = False
-
-    @classmethod
-    def smoke(cls, **fields: Any) -> PretrainConfig:
-        """Tiny settings for tests: one epoch, small batches, silent."""
-        return cls(**{**SMOKE_SETTINGS, **cls.SMOKE, **fields})
-
-    @classmethod
-    def from_flags(cls, argv: list[str] | None = None, description: str | None = None):
-        """Parses command-line flags (one per field, `--help` from field comments)."""
-        return cls.parse_flags(argv, description)[0]
-
-    @classmethod
-    def parse_flags(cls, argv=None, description=None, prog=None) -> tuple[PretrainConfig, bool]:
-        """The config from command-line flags, and whether `--debug` was given."""
-        shared = [f.name for f in dataclasses.fields(PretrainConfig)]
-        return parse_flags(cls, argv, description, prog, shared_fields=shared)
 
     def problems(self) -> list[str]:
         """Every invalid value, as "name=value (expected ...)"; a recipe extends the list."""
