@@ -231,7 +231,10 @@ class MaskedLMLoss(keras.losses.Loss):
     Keras' `ignore_class` does the same through a boolean mask that the distributed train
     step cannot sum across replicas (an `AddN` of booleans under MirroredStrategy), so this
     loss weights each slot itself: a used slot by (slots / used slots), an unused one by 0,
-    so that Keras' mean over the batch's slots is the mean over its masked tokens.
+    so that Keras' mean over the batch's slots is the mean over its masked tokens. Under a
+    strategy with several replicas each replica averages over its own masked tokens and the
+    replicas' losses are averaged: a replica whose texts hold fewer masked tokens weighs the
+    same as the others.
     """
 
     def __init__(self, name: str = "masked_lm_loss", **kwargs):
