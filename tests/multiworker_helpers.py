@@ -505,74 +505,66 @@ def _regularized(argv: Sequence[str]) -> None:
     print("[worker] TFXFER_DONE", flush=True)
 
 
-def _masked_lm(argv: Sequence[str]) -> None:
-    """Masked-LM pretraining of a tiny BERT with the recipe, under a strategy and a precision.
+def _pretraining(argv: Sequence[str]) -> None:
+    """Runs a pretraining recipe on tiny data it writes, under a strategy and a precision.
 
-    Writes the run into `<out>/run` (its preset included).
+    `masked_lm`: a tiny random BERT on two sentences; `contrastive`: SimCLR on drawn shapes.
+    Writes the run into `<out>/run` (its preset or weights file included).
     """
-    parser = argparse.ArgumentParser(prog="masked_lm")
+    parser = argparse.ArgumentParser(prog="pretraining")
+    parser.add_argument("recipe", choices=("masked_lm", "contrastive"))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--strategy", default="cpu")
     parser.add_argument("--mixed-precision", default="float32")
     parser.add_argument("--logical-cpus", type=int, default=0)
     args = parser.parse_args(argv)
     _split_cpu(args.logical_cpus)
+    run = {
+        "output_dir": str(args.out / "run"),
+        "strategy": args.strategy,
+        "mixed_precision": args.mixed_precision,
+        "epochs": 2,
+    }
+    if args.recipe == "masked_lm":
+        from bert_helpers import write_hf_checkpoint
 
-    from bert_helpers import write_hf_checkpoint
+        from recipes.bert_mlm_pretrain import Config, main
 
-    from recipes.bert_mlm_pretrain import Config, main
+        write_hf_checkpoint(args.out / "bert")
+        corpus = args.out / "corpus.txt"
+        corpus.write_text("the movie was great fun\ni hated the awful plot\n" * 12, "utf-8")
+        fields = {"corpus": str(corpus), "backbone": str(args.out / "bert"), "learning_rate": 1e-3}
+    else:
+        from recipes.contrastive_image_pretrain import Config, main
+        from tfxfer.data.synthetic import write_shapes_dataset
 
-    write_hf_checkpoint(args.out / "bert")
-    corpus = args.out / "corpus.txt"
-    corpus.write_text("the movie was great fun\ni hated the awful plot\n" * 12, encoding="utf-8")
-    main(
-        Config.smoke(
-            corpus=str(corpus),
-            backbone=str(args.out / "bert"),
-            output_dir=str(args.out / "run"),
-            strategy=args.strategy,
-            mixed_precision=args.mixed_precision,
-            epochs=2,
-            learning_rate=1e-3,
-        )
-    )
+        write_shapes_dataset(str(args.out / "data"), per_class=4, image_size=32)
+        fields = {"data_dir": str(args.out / "data")}
+    main(Config.smoke(**run, **fields))
     print("[worker] TFXFER_DONE", flush=True)
 
 
-def _contrastive(argv: Sequence[str]) -> None:
-    """SimCLR pretraining of a small image backbone with the recipe, under a strategy.
+def run_pretraining_under_mirrored(recipe: str, out: Path) -> dict:
+    """Runs `_pretraining` under MirroredStrategy over 2 logical CPUs in bfloat16.
 
-    Draws its own shapes into `<out>/data`, writes the run into `<out>/run`.
+    Checks that it finished, trained two epochs and recorded its strategy and precision;
+    returns the run's `config.json`.
     """
-    parser = argparse.ArgumentParser(prog="contrastive")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--strategy", default="cpu")
-    parser.add_argument("--mixed-precision", default="float32")
-    parser.add_argument("--logical-cpus", type=int, default=0)
-    args = parser.parse_args(argv)
-    _split_cpu(args.logical_cpus)
-
-    from recipes.contrastive_image_pretrain import Config, main
-    from tfxfer.data.synthetic import write_shapes_dataset
-
-    write_shapes_dataset(str(args.out / "data"), per_class=4, image_size=32)
-    main(
-        Config.smoke(
-            data_dir=str(args.out / "data"),
-            output_dir=str(args.out / "run"),
-            strategy=args.strategy,
-            mixed_precision=args.mixed_precision,
-            epochs=2,
-        )
-    )
-    print("[worker] TFXFER_DONE", flush=True)
+    args = ["pretraining", recipe, "--out", str(out), "--strategy", "mirrored"]
+    args += ["--logical-cpus", "2", "--mixed-precision", "mixed_bfloat16"]
+    result = run_single(str(THIS_FILE), args, log_dir=out / "logs", timeout=240)
+    assert result.ok, describe_results([result])
+    config = json.loads((out / "run" / "config.json").read_text())
+    assert config["distribution"]["num_replicas"] == 2
+    assert config["distribution"]["mixed_precision"] == "mixed_bfloat16"
+    assert len((out / "run" / "history.csv").read_text().splitlines()) == 3  # header, 2 epochs
+    return config
 
 
 PROGRAMS: dict[str, Callable[[Sequence[str]], None]] = {
-    "contrastive": _contrastive,
+    "pretraining": _pretraining,
     "two_stage": _two_stage,
     "regularized": _regularized,
-    "masked_lm": _masked_lm,
 }
 
 
