@@ -19,9 +19,7 @@ small shapes dataset and pretrains (and probes) on it, which shows the pipeline 
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +27,7 @@ import numpy as np
 
 from tfxfer.backbones.vision import VISION_BACKBONES, build_vision_backbone
 from tfxfer.data.images import scan_image_folder
-from tfxfer.data.synthetic import write_shapes_dataset
+from tfxfer.data.synthetic import demo_shapes_dir
 from tfxfer.errors import DataError
 from tfxfer.pretrain.contrastive import (
     OBJECTIVE,
@@ -132,12 +130,7 @@ class UnlabelledImages:
 def build_data(config: Config) -> UnlabelledImages:
     data_dir, probe_dir = config.data_dir, config.probe_dir
     if data_dir is None:
-        # Beside the run; for a cloud --output-dir, in a local temporary folder instead.
-        beside = config.output_dir + "-data" if "://" not in config.output_dir else None
-        data_dir = os.path.join(beside or tempfile.mkdtemp(prefix="tfxfer-shapes-"), "shapes")
-        if not os.path.isdir(data_dir):
-            print(f"[tfxfer] no --data-dir: drawing the demo shapes dataset into {data_dir}")
-            write_shapes_dataset(data_dir, per_class=60, image_size=64, seed=config.seed)
+        data_dir = demo_shapes_dir(config.output_dir, config.seed)
         probe_dir = probe_dir or data_dir
     paths = list_unlabelled_images(data_dir)
     order = np.random.default_rng(config.seed).permutation(len(paths))

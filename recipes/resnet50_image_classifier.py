@@ -20,15 +20,13 @@ none`), which shows the whole pipeline working but not what pretrained weights c
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import ClassVar
 
 import tfxfer
 from tfxfer.data.images import Augmentation
-from tfxfer.data.synthetic import write_shapes_dataset
+from tfxfer.data.synthetic import demo_shapes_dir
 from tfxfer.recipe import RecipeConfig, command_line, run
 
 
@@ -79,12 +77,7 @@ class Config(RecipeConfig):
 def build_data(config: Config) -> tfxfer.LabelledData:
     data_dir = config.data_dir
     if data_dir is None:
-        # Beside the run; for a cloud --output-dir, in a local temporary folder instead.
-        beside = config.output_dir + "-data" if "://" not in config.output_dir else None
-        data_dir = os.path.join(beside or tempfile.mkdtemp(prefix="tfxfer-shapes-"), "shapes")
-        if not os.path.isdir(data_dir):
-            print(f"[tfxfer] no --data-dir: drawing the demo shapes dataset into {data_dir}")
-            write_shapes_dataset(data_dir, per_class=60, image_size=64, seed=config.seed)
+        data_dir = demo_shapes_dir(config.output_dir, config.seed)
     return tfxfer.load_images(
         data_dir,
         val_directory=config.val_dir,

@@ -58,3 +58,19 @@ def write_shapes_dataset(
                 os.path.join(directory, shape, f"{shape}_{i:04d}.png")
             )
     return directory
+
+
+def demo_shapes_dir(output_dir: str, seed: int = 0) -> str:
+    """The demo shapes folder an image recipe uses without `--data-dir`, drawn on first use.
+
+    It lies beside the run (`<output_dir>-data/shapes`), or for a cloud `output_dir` in a
+    local temporary folder, and is drawn (60 images of 64 px per shape) only if missing.
+    """
+    import tempfile
+
+    beside = output_dir + "-data" if "://" not in output_dir else None
+    directory = os.path.join(beside or tempfile.mkdtemp(prefix="tfxfer-shapes-"), "shapes")
+    if not os.path.isdir(directory):
+        print(f"[tfxfer] no --data-dir: drawing the demo shapes dataset into {directory}")
+        write_shapes_dataset(directory, per_class=60, image_size=64, seed=seed)
+    return directory
