@@ -310,3 +310,20 @@ def test_pretraining_runs_under_mirrored_strategy_in_bfloat16(tmp_path):
     assert preset["config"]["dtype"]["config"]["name"] == "float32"
     backbone = tfxfer.build_backbone(str(run), sequence_length=16)
     assert backbone.info["kind"] == "keras_hub_preset_dir"
+
+
+def test_saving_a_preset_never_replaces_a_folder_tfxfer_did_not_write(tmp_path):
+    from bert_helpers import write_masked_lm_preset
+
+    from tfxfer.pretrain.masked_lm import save_masked_lm_preset
+
+    task = write_masked_lm_preset(tmp_path / "source")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(TfxferError, match="is not a preset tfxfer wrote"):
+        save_masked_lm_preset(task, str(mine))
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "source"]
+    saved = save_masked_lm_preset(task, str(tmp_path / "out"), {"pooling": "mean"})
+    assert save_masked_lm_preset(task, saved) == saved  # its own earlier save is replaced

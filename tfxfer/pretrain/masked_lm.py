@@ -353,7 +353,13 @@ def save_masked_lm_preset(task, path: str, facts: dict[str, Any] | None = None) 
     copy.save_to_preset(temporary)
     with open(os.path.join(temporary, PRESET_FACTS), "w", encoding="utf-8") as file:
         json.dump(facts or {}, file, indent=2)
-    if os.path.isdir(path):
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, PRESET_FACTS)):
+            shutil.rmtree(temporary)
+            raise TfxferError(
+                f"{path!r} exists and is not a preset tfxfer wrote (it has no {PRESET_FACTS}); "
+                "tfxfer never replaces what it did not write. Save the preset elsewhere."
+            )
         shutil.rmtree(path)  # an earlier save of this run's own preset (a resumed run)
     os.replace(temporary, path)
     return path
