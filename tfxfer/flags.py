@@ -99,6 +99,17 @@ class FlagConfig:
     SMOKE_SETTINGS: typing.ClassVar[dict[str, Any]] = {}
     SMOKE: typing.ClassVar[dict[str, Any]] = {}
 
+    def checker(self, found: list[str]) -> Callable[[str, Callable[[Any], bool], str], None]:
+        """`check(name, ok, expected)`: appends "name=value (expected ...)" to `found` when a
+        set field's value is not `ok`; what every config's `problems()` is made of."""
+
+        def check(name: str, ok: Callable[[Any], bool], expected: str) -> None:
+            value = getattr(self, name, None)
+            if value is not None and not ok(value):
+                found.append(f"{name}={value!r} (expected {expected})")
+
+        return check
+
     @classmethod
     def smoke(cls, **fields: Any):
         """Tiny settings for tests (`SMOKE_SETTINGS`, the recipe's `SMOKE`, then `fields`)."""

@@ -113,12 +113,8 @@ class RecipeConfig(FlagConfig):
         """Every invalid value, as "name=value (expected ...)"; a recipe extends the list."""
         from tfxfer.distribute import MIXED_PRECISION_POLICIES, STRATEGY_NAMES
 
-        found = []
-
-        def check(name: str, ok: Callable[[Any], bool], expected: str) -> None:
-            value = getattr(self, name, None)
-            if value is not None and not ok(value):
-                found.append(f"{name}={value!r} (expected {expected})")
+        found: list[str] = []
+        check = self.checker(found)
 
         # Recipes name their input sizes alike, so a recipe's own size fields are checked here.
         for name in ("batch_size", "lora_rank", "image_size", "sequence_length", "head_patience"):

@@ -78,12 +78,8 @@ class PretrainConfig(FlagConfig):
         """Every invalid value, as "name=value (expected ...)"; a recipe extends the list."""
         from tfxfer.distribute import MIXED_PRECISION_POLICIES, STRATEGY_NAMES
 
-        found = []
-
-        def check(name: str, ok: Callable[[Any], bool], expected: str) -> None:
-            value = getattr(self, name, None)
-            if value is not None and not ok(value):
-                found.append(f"{name}={value!r} (expected {expected})")
+        found: list[str] = []
+        check = self.checker(found)
 
         def positive_int(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value > 0
