@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import inspect
 import io
+import sys
 import textwrap
 import tokenize
 import typing
@@ -27,6 +28,7 @@ def parse_flags(
     description: str | None = None,
     prog: str | None = None,
     shared_fields: typing.Collection[str] = (),
+    defaults: Any = None,
 ) -> tuple[Any, bool]:
     """Parses `argv` into a `config_cls`, one flag per field, the field's comment as help.
 
@@ -37,6 +39,8 @@ def parse_flags(
             Defaults to the class docstring.
         prog: str or None. The program name in usage lines.
         shared_fields: the fields every recipe has; listed after the class's own in `--help`.
+        defaults: a `config_cls` whose values are the flags' defaults (a config file's).
+            Defaults to `config_cls()`.
 
     Returns:
         The config, and whether `--debug` was given.
@@ -51,7 +55,7 @@ def parse_flags(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints = typing.get_type_hints(config_cls)
-    defaults = config_cls()
+    defaults = config_cls() if defaults is None else defaults
     comments = field_comments(config_cls)
     shared = set(shared_fields)
     own = parser.add_argument_group("recipe options")
@@ -69,6 +73,10 @@ def parse_flags(
                 action=argparse.BooleanOptionalAction,
                 default=default,
                 help=comments.get(item.name),
+            )
+        elif dict in [typing.get_args(k)[0] for k in kinds if typing.get_origin(k) is list]:
+            group.add_argument(
+                flag, type=_json_stages, default=default, metavar="JSON", help=help_text
             )
         elif typing.get_origin(hint) is list:
             group.add_argument(
@@ -110,6 +118,17 @@ class FlagConfig:
 
         return check
 
+    def fit_verbosity(self) -> int:
+        """Keras `fit`'s verbose: 0 when quiet; unset, a progress bar with ETA on a terminal
+        and one line per epoch otherwise (a log file has no use for a redrawn bar)."""
+        if getattr(self, "quiet", False):
+            return 0
+        verbose = getattr(self, "verbose", None)
+        if verbose is not None:
+            return int(verbose)
+        isatty = getattr(sys.stdout, "isatty", None)
+        return 1 if isatty is not None and isatty() else 2
+
     @classmethod
     def smoke(cls, **fields: Any):
         """Tiny settings for tests (`SMOKE_SETTINGS`, the recipe's `SMOKE`, then `fields`)."""
@@ -121,11 +140,12 @@ class FlagConfig:
         return cls.parse_flags(argv, description)[0]
 
     @classmethod
-    def parse_flags(cls, argv=None, description=None, prog=None) -> tuple[Any, bool]:
-        """The config from command-line flags, and whether `--debug` was given."""
+    def parse_flags(cls, argv=None, description=None, prog=None, defaults=None) -> tuple[Any, bool]:
+        """The config from command-line flags (on top of `defaults`), and whether `--debug`
+        was given."""
         base = cls.__mro__[cls.__mro__.index(FlagConfig) - 1]
         shared = [f.name for f in dataclasses.fields(base)]
-        return parse_flags(cls, argv, description, prog, shared_fields=shared)
+        return parse_flags(cls, argv, description, prog, shared_fields=shared, defaults=defaults)
 
 
 def _list_of_ints(text: str) -> list[int]:
@@ -135,6 +155,21 @@ def _list_of_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
+
+
+def _json_stages(text: str) -> list[dict] | None:
+    """`--stages '[{"name": "head", "epochs": 3}, ...]'` (JSON or YAML; "none" for none)."""
+    import yaml
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = yaml.safe_load(text)  # YAML reads JSON too
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"expected a JSON list of stages, got {text!r}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of stages, got {text!r}")
+    return value
 
 
 def _optional(kind: type, hint: Any) -> Callable[[str], Any]:

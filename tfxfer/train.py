@@ -469,6 +469,7 @@ def run_schedule(
     verbose: int | str = "auto",
     cache_features: bool = True,
     jit_compile: bool | str = "auto",
+    class_weight: dict[int, float] | None = None,
 ) -> TrainResult:
     """Trains `model` through `stages`, resuming from `run_dir` when it was opened to resume.
 
@@ -506,6 +507,9 @@ def run_schedule(
             faster, and slower to trace). A step XLA cannot compile (an op it does not know)
             falls back to plain TensorFlow with a warning, and `TrainResult.stages` records it.
             Defaults to `"auto"`.
+        class_weight: dict or None. `{class id: weight}` for the training loss of every
+            stage (Keras' `class_weight`; `tfxfer.data.balance.class_weights` makes one from
+            label frequencies). Validation metrics stay unweighted. Defaults to `None`.
 
     Returns:
         TrainResult with the trained model and the history of every stage.
@@ -650,7 +654,8 @@ def run_schedule(
                 print(
                     f"[tfxfer] stage {stage_index + 1}/{len(stages)} {stage.name!r}: epochs "
                     f"{initial_epoch + 1}-{stage_end}{part if first_step else ''}"
-                    f", training {trainable or 'head only'}"
+                    f", training {trainable or 'head only'} at peak learning rate "
+                    f"{stage.learning_rate * lr_scale:.3g}"
                     f"{f', LoRA rank {stage.lora_rank}' if stage.lora_rank else ''}",
                     flush=True,
                 )
@@ -707,6 +712,7 @@ def run_schedule(
                         ),
                     ],
                     shuffle=False,  # the data shuffles itself, per epoch, replayably
+                    class_weight=class_weight,
                     verbose=verbose,
                 )
             stage_start = trainer.stages[stage.name].get("ended_after", stage_end)

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from tfxfer import report
 from tfxfer.backbones.base import Backbone
+from tfxfer.configfile import to_document
 from tfxfer.data.pipeline import TrainData
 from tfxfer.errors import TfxferError
 from tfxfer.flags import FlagConfig
@@ -67,7 +68,8 @@ class PretrainConfig(FlagConfig):
     scale_learning_rate: bool = False  # multiply the learning rate by the number of replicas
     overwrite: bool = False  # replace the files an earlier run wrote in output_dir
     resume: bool = False  # continue the run in output_dir from its last complete epoch
-    verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
+    verbose: int | None = None  # 0 silent, 1 bar, 2 a line per epoch; none: a bar on a terminal
+    quiet: bool = False  # only warnings, errors and the end-of-run summary
 
     SMOKE_SETTINGS: ClassVar[dict[str, Any]] = SMOKE_SETTINGS
     # Whether BatchNormalization layers update their statistics while pretraining (a
@@ -204,7 +206,7 @@ def _run(config: PretrainConfig, build_data: BuildData, build_task: BuildTask) -
         print("[tfxfer] pretraining starts from random weights.", flush=True)
     run_dir = open_run(
         config.output_dir,
-        dataclasses.asdict(config),
+        to_document(config),
         overwrite=config.overwrite,
         resume=config.resume,
         write=distribution.is_chief,
@@ -225,7 +227,7 @@ def _run(config: PretrainConfig, build_data: BuildData, build_task: BuildTask) -
         run_dir=run_dir,
         strategy=distribution.strategy,
         lr_scale=distribution.lr_scale,
-        verbose=config.verbose,
+        verbose=config.fit_verbosity(),
         cache_features=False,  # every layer trains: there is nothing frozen to cache
         config={**dataclasses.asdict(config), "global_batch_size": distribution.global_batch_size},
     )
@@ -238,7 +240,13 @@ def _run(config: PretrainConfig, build_data: BuildData, build_task: BuildTask) -
         if result.stages:
             run_dir.write_json("stages.json", result.stages)
         if result.history:
-            report.plot_history(result.history, run_dir.file("curves.png"))
+            # Both objectives name their metric "accuracy"; the plot says which it is.
+            measured = {"masked_lm": "masked-token accuracy", "simclr": "contrastive accuracy"}
+            report.plot_training_curves(
+                result.history,
+                run_dir.file("training_curves.png"),
+                accuracy_label=measured.get(task.info.get("objective"), "accuracy"),
+            )
         print(f"[tfxfer] pretrained backbone written to {output}", flush=True)
     return {
         "run_dir": run_dir.path,
