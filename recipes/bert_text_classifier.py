@@ -51,8 +51,8 @@ class Config(RecipeConfig):
     val_split: float = 0.1
     batch_size: int = 16
     head_epochs: int = 4
-    head_learning_rate: float = 3e-3
-    finetune_learning_rate: float = 5e-5
+    head_learning_rate: float | str = 3e-3
+    finetune_learning_rate: float | str = 5e-5
     dropout: float = 0.1
 
     SMOKE: ClassVar[dict] = {"sequence_length": 16}

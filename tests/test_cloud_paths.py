@@ -104,7 +104,7 @@ def test_image_recipe_writes_its_run_to_ram():
             data_dir=data_dir, output_dir=output_dir, export=True, backbone="mobilenetv3small"
         )
     )
-    for name in ("model.keras", "metrics.json", "curves.png", "export/saved_model.pb"):
+    for name in ("model.keras", "metrics.json", "training_curves.png", "export/saved_model.pb"):
         assert fs.isfile(fs.join(output_dir, name)), name
     assert tfxfer.export.is_tfxfer_export(fs.join(output_dir, "export"))
     images, _ = tiny_arrays(n=4, seed=1)

@@ -185,6 +185,7 @@ def test_a_run_writes_the_backbone_and_measures_it(pretrain_run):
     assert probe["train_examples"] == 6 and probe["test_examples"] == 6
     assert {"loss", "accuracy"} <= set(pretrain_run["history"][-1])
     assert len(pretrain_run["history"]) == 2
+    assert (run / "training_curves.png").is_file()
     assert not any(name.startswith(".tmp-") for name in os.listdir(run))
     info = tfxfer.backbones.from_run.pretraining_output(run)
     assert info["path"] == str((run / WEIGHTS_FILE).resolve())

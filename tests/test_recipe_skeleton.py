@@ -72,7 +72,11 @@ def test_a_recipe_of_three_functions_leaves_a_complete_run(tiny_run):
         "best.json",
         "checkpoints",
         "model.keras",
-        "curves.png",
+        "training_curves.png",
+        "confusion_matrix.png",
+        "per_class.csv",
+        "top_losses.csv",
+        "tensorboard",
     } <= files
     assert "export" not in files  # smoke(): export=False
     assert set(result["metrics"]) == {"val", "test"}

@@ -123,10 +123,10 @@ def test_a_refusal_names_three_foreign_entries_and_counts_the_rest(real_run, tmp
 def test_a_run_never_writes_over_an_entry_it_did_not_write(tmp_path):
     path = str(tmp_path / "run")
     run_dir = RunDir(path)
-    mine = _write(os.path.join(path, "curves.png"), "my own plot")
+    mine = _write(os.path.join(path, "training_curves.png"), "my own plot")
     before = snapshot_files(path)
-    with pytest.raises(RunDirError, match="curves.png.*tfxfer did not write it"):
-        run_dir.file("curves.png")
+    with pytest.raises(RunDirError, match="training_curves.png.*tfxfer did not write it"):
+        run_dir.file("training_curves.png")
     assert snapshot_files(path) == before and open(mine).read() == "my own plot"
     for outside in ("../escape.json", "/tmp/elsewhere.json", "."):
         with pytest.raises(RunDirError, match="Expected a path"):

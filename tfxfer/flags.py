@@ -82,6 +82,8 @@ def parse_flags(
             group.add_argument(
                 flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text
             )
+        elif float in kinds and str in kinds:  # a number, or a word such as "auto"
+            group.add_argument(flag, type=_number_or_word, default=default, help=help_text)
         elif int in kinds:
             group.add_argument(flag, type=_optional(int, hint), default=default, help=help_text)
         elif float in kinds:
@@ -155,6 +157,13 @@ def _list_of_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
+
+
+def _number_or_word(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
 
 
 def _json_stages(text: str) -> list[dict] | None:

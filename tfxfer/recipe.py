@@ -41,11 +41,14 @@ import tensorflow as tf
 from tfxfer import export, report
 from tfxfer.backbones import modality_of
 from tfxfer.backbones.base import Backbone, LayerGroups
-from tfxfer.data.examples import LabelledData
+from tfxfer.configfile import recipe_name, to_document
+from tfxfer.data.balance import BALANCE_MODES, balance_data, imbalance_warning
+from tfxfer.data.examples import Examples, LabelledData
 from tfxfer.errors import TfxferError
 from tfxfer.flags import FlagConfig
 from tfxfer.fusion import FUSIONS, build_fusion_model, fusion_summary
 from tfxfer.heads import HeadConfig
+from tfxfer.lr_find import AUTO
 from tfxfer.model import build_model
 from tfxfer.regularizers import check_regularizers
 from tfxfer.rundir import RunDir
@@ -85,16 +88,18 @@ class RecipeConfig(FlagConfig):
     head_epochs: int = 3  # stage 1: the head only, backbone frozen (the most, with head_patience)
     head_patience: int | None = None  # e.g. 3: stage 1 ends once val loss stalls this many epochs
     finetune_epochs: int = 3  # stage 2: fine-tune the backbone (0 skips it)
-    head_learning_rate: float = 1e-3  # peak learning rate of stage 1
-    finetune_learning_rate: float = 1e-4  # peak learning rate of stage 2
+    head_learning_rate: float | str = 1e-3  # peak learning rate of stage 1 (auto: range test)
+    finetune_learning_rate: float | str = 1e-4  # peak learning rate of stage 2 (auto: range test)
     unfreeze: str = "all"  # stage 2 trains "all" backbone layer groups, or the top K ("2")
     layerwise_lr_decay: float | None = None  # e.g. 0.8: each lower group learns 0.8x as fast
     regularizer: str | None = None  # l2sp | features | source_task: stage 2 stays near pretrained
     regularizer_weight: float = 0.0  # λ of the regularizer (0 is plain fine-tuning)
     lora_rank: int | None = None  # stage 2 trains LoRA adapters of this rank, not the backbone
+    stages: list[dict] | None = None  # JSON list of Stage fields; replaces head_* and finetune_*
     pooling: str | None = None  # head pooling; default: the backbone's (avg; text: cls or mean)
     hidden_units: list[int] = field(default_factory=list)  # head's dense widths, e.g. 256,128
     dropout: float = 0.2  # dropout before each dense layer of the head
+    balance: str | None = None  # weights | sampling: for imbalanced classes (warned about if unset)
     seed: int = 0  # seeds the split, the head's initialisation, dropout and shuffling
     strategy: str = "auto"  # auto | cpu | one_device | mirrored | multi_worker | tpu
     mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
@@ -103,7 +108,8 @@ class RecipeConfig(FlagConfig):
     export: bool = True  # also write a SavedModel that takes raw inputs
     overwrite: bool = False  # replace the files an earlier run wrote in output_dir
     resume: bool = False  # continue the run in output_dir from its last complete epoch
-    verbose: int = 2  # Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch
+    verbose: int | None = None  # 0 silent, 1 bar, 2 a line per epoch; none: a bar on a terminal
+    quiet: bool = False  # only warnings, errors and the end-of-run summary
 
     SMOKE_SETTINGS: ClassVar[dict[str, Any]] = SMOKE_SETTINGS
     # What the recipe classifies ("image" or "text"); every backbone must take it.
@@ -123,7 +129,11 @@ class RecipeConfig(FlagConfig):
             check(name, lambda v: _int(v) and v >= 0, "an integer >= 0")
         for name in ("head_learning_rate", "finetune_learning_rate"):
             # inf or nan would train to NaN and fail only after the first epoch.
-            check(name, lambda v: _number(v) and math.isfinite(v) and v > 0, "a finite number > 0")
+            check(
+                name,
+                lambda v: v == AUTO or _number(v) and math.isfinite(v) and v > 0,
+                "a finite number > 0, or auto (the learning-rate range test finds one)",
+            )
         check("val_split", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("dropout", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("layerwise_lr_decay", lambda v: _number(v) and 0 < v <= 1, "in (0, 1]")
@@ -137,13 +147,19 @@ class RecipeConfig(FlagConfig):
             "unfreeze", lambda v: str(v) == "all" or str(v).isdigit(), "'all' or a number of groups"
         )
         check("hidden_units", lambda v: all(_positive_int(u) for u in v), "positive integers")
+        check("balance", lambda v: v in BALANCE_MODES, f"one of {BALANCE_MODES} or none")
         check("fusion", lambda v: v in FUSIONS, f"one of {FUSIONS}")
         check("fusion_width", _positive_int, "a positive integer")
         found += self._backbone_problems()
         check("strategy", lambda v: v in STRATEGY_NAMES, f"one of {STRATEGY_NAMES}")
+        check("verbose", lambda v: _int(v) and v in (0, 1, 2), "0, 1 or 2, or none (automatic)")
         modes = ("auto", *MIXED_PRECISION_POLICIES)
         check("mixed_precision", lambda v: v in modes, f"one of {modes}")
-        if self.head_epochs == 0 and self.finetune_epochs == 0:
+        if self.stages is not None:
+            from tfxfer.configfile import stage_problems
+
+            found += stage_problems(self.stages)
+        elif self.head_epochs == 0 and self.finetune_epochs == 0:
             found.append("head_epochs and finetune_epochs are both 0 (nothing would train)")
         if self.overwrite and self.resume:
             found.append("overwrite and resume are both set (pick one)")
@@ -219,7 +235,12 @@ class RecipeConfig(FlagConfig):
         return self
 
     def schedule(self) -> list[Stage]:
-        """The two-stage schedule these fields describe."""
+        """The schedule: `stages` when given, else the two stages the head_*/finetune_* fields
+        describe."""
+        if self.stages is not None:
+            from tfxfer.configfile import stage_documents_to_stages
+
+            return stage_documents_to_stages(self.stages)
         stages = default_schedule(
             self.head_epochs,
             self.finetune_epochs,
@@ -238,7 +259,8 @@ class RecipeConfig(FlagConfig):
                 if stage.name == "finetune":
                     # Adapters start from zero, so they need a higher rate than full weights.
                     stage.lora_rank = self.lora_rank
-                    stage.learning_rate = self.head_learning_rate / 3
+                    head = self.head_learning_rate
+                    stage.learning_rate = head if head == AUTO else head / 3
         return stages
 
     def augmentation(self):
@@ -341,7 +363,21 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
 
     distribution = start_run(config)
     data = build_data(config)
-    print(f"[tfxfer] data: {data.summary()}", flush=True)
+    if not config.quiet:
+        print(f"[tfxfer] data: {data.summary()}", flush=True)
+    data, class_weight = balance_data(data, config.balance, config.seed)
+    if config.balance == "sampling" and not config.quiet:
+        print(
+            f"[tfxfer] balance: the training split is oversampled to {len(data.train)} examples, "
+            f"{data.train.counts()}",
+            flush=True,
+        )
+    notes = []
+    if config.balance is None:
+        warning = imbalance_warning(data.train)
+        if warning:
+            log.warning("%s", warning)
+            notes.append(warning)
     with distribution.scope():
         backbone, model = build_model(config, data)
     if str(backbone_info(backbone).get("weights")) in ("None", "none", "random"):
@@ -353,7 +389,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
     # must not leave a half-started run that the next attempt refuses to overwrite.
     run_dir = open_run(
         config.output_dir,
-        dataclasses.asdict(config),
+        to_document(config),
         overwrite=config.overwrite,
         resume=config.resume,
         write=distribution.is_chief,
@@ -379,10 +415,12 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         run_dir=run_dir,
         strategy=distribution.strategy,
         lr_scale=distribution.lr_scale,
-        verbose=config.verbose,
+        verbose=config.fit_verbosity(),
         cache_features=config.cache_features,
+        class_weight=class_weight,
         # Resuming on another number of replicas would change every batch.
         config={**dataclasses.asdict(config), "global_batch_size": distribution.global_batch_size},
+        callbacks=report.tensorboard_callbacks(run_dir, write=distribution.is_chief),
     )
     serving = export.serving_model(model, backbone)
     metrics = finish_run(
@@ -391,6 +429,8 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         result,
         data.class_names,
         {"val": datasets.val, "test": datasets.test},
+        examples={"val": data.val, "test": data.test},
+        notes=notes,
         multi_label=data.multi_label,
         serving_model=serving,
         export_saved_model=config.export,
@@ -407,6 +447,138 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         "data": data,
         "result": result,
     }
+
+
+def find_learning_rate(
+    config: RecipeConfig,
+    build_data: BuildData,
+    build_model: BuildModel,
+    *,
+    stage: str | None = None,
+    steps: int | None = None,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """`tfxfer lr-find`: the learning-rate range test for one stage of a recipe's schedule.
+
+    The stages before it train first (as the run would train them, without a run directory),
+    so the test sees the model the stage would start from: the fine-tuning stage's test
+    starts from a trained head. Writes `lr_find.png` and `lr_find.json` to `output_dir`
+    (default: the config's output_dir + "-lr-find"), a run directory of its own, so the run
+    itself can go to `output_dir` afterwards.
+
+    Args:
+        stage: str or None. The stage's name; default: the first with learning_rate auto,
+            else the last stage (the fine-tuning one).
+        steps: int or None. Steps of the test (default: 5 epochs' worth, 20 to 100).
+
+    Returns:
+        A dict with "stage", "suggestion", "finding" (`LRFinding`), "flag" (what to pass) and
+        "output_dir".
+    """
+    from tfxfer.data.datasets import make_datasets
+    from tfxfer.distribute import Distribution
+    from tfxfer.train import find_learning_rate as range_test_of_stage
+
+    with keeping_dtype_policy():
+        config.validate()
+        output_dir = output_dir or str(config.output_dir).rstrip("/") + "-lr-find"
+        RunDir.check(output_dir, overwrite=overwrite, resume=False)
+        RunDir.check_inputs(output_dir, config.input_paths())
+        stages = config.schedule()
+        names = [s.name for s in stages]
+        if stage is None:
+            autos = [s.name for s in stages if s.learning_rate == AUTO]
+            stage = autos[0] if autos else names[-1]
+        if stage not in names:
+            raise TfxferError(
+                f"--stage {stage!r} is not a stage of this schedule; its stages are {names}."
+            )
+        index = names.index(stage)
+        keras.utils.set_random_seed(config.seed)
+        distribution = Distribution(
+            config.strategy, config.mixed_precision, config.batch_size, config.scale_learning_rate
+        )
+        data = build_data(config)
+        data, class_weight = balance_data(data, config.balance, config.seed)
+        with distribution.scope():
+            backbone, model = build_model(config, data)
+        validate_schedule(stages, LayerGroups.of(backbone))
+        datasets = make_datasets(
+            data,
+            backbone,
+            batch_size=distribution.global_batch_size,
+            seed=config.seed,
+            augmentation=config.augmentation(),
+        )
+        earlier = [s for s in stages[:index] if s.epochs]
+        for s in earlier:
+            if s.learning_rate == AUTO:
+                raise TfxferError(
+                    f"Stage {s.name!r} comes before {stage!r} and has learning_rate auto: find "
+                    f"its rate first (--stage {s.name}), set it, then find {stage!r}'s."
+                )
+        if earlier:
+            print(f"[tfxfer] lr-find: training {[s.name for s in earlier]} first", flush=True)
+            run_schedule(
+                model,
+                backbone,
+                earlier,
+                datasets.train,
+                datasets.val,
+                strategy=distribution.strategy,
+                lr_scale=distribution.lr_scale,
+                verbose=config.fit_verbosity(),
+                cache_features=config.cache_features,
+                class_weight=class_weight,
+            )
+        finding = range_test_of_stage(
+            model,
+            backbone,
+            stages[index],
+            datasets.train,
+            strategy=distribution.strategy,
+            cache_features=config.cache_features,
+            class_weight=class_weight,
+            steps=steps,
+        )
+        run_dir = RunDir(output_dir, overwrite=overwrite, resume=False, write=distribution.is_chief)
+        flag = {"head": "head_learning_rate", "finetune": "finetune_learning_rate"}.get(stage)
+        hint = (
+            f"--{flag.replace('_', '-')} {finding.suggestion:.2g}"
+            if flag and config.stages is None
+            else f"--set stages.{index}.learning_rate={finding.suggestion:.2g}"
+        )
+        if distribution.is_chief:
+            from tfxfer.lr_find import plot_finding
+
+            run_dir.write_json("lr_find.json", {"stage": stage, "flag": hint, **finding.to_json()})
+            plot_finding(
+                finding,
+                run_dir.file("lr_find.png"),
+                f"stage {stage!r} of {recipe_name(type(config))}: suggested "
+                f"{finding.suggestion:.2g}",
+            )
+        diverged = "; the loss diverged before the end" if finding.stopped_early else ""
+        if not finding.fell:
+            diverged += (
+                "; the loss did not fall anywhere, so this is tfxfer's usual rate for such a "
+                "stage, not a measurement"
+            )
+        print(
+            f"[tfxfer] lr-find: stage {stage!r}: suggested learning rate "
+            f"{finding.suggestion:.3g} (loss lowest at {finding.minimum:.3g}, falling fastest at "
+            f"{finding.steepest:.3g}{diverged}). Train with {hint}. Plot: "
+            f"{run_dir.path}/lr_find.png",
+            flush=True,
+        )
+        return {
+            "stage": stage,
+            "suggestion": finding.suggestion,
+            "finding": finding,
+            "flag": hint,
+            "output_dir": run_dir.path,
+        }
 
 
 def backbone_info(backbone: Backbone | list[Backbone]) -> dict[str, Any]:
@@ -455,12 +627,17 @@ def finish_run(
     class_names: list[str],
     eval_sets: dict[str, tf.data.Dataset | None],
     *,
+    examples: dict[str, Examples | None] | None = None,
     multi_label: bool = False,
     serving_model: keras.Model | None = None,
     export_saved_model: bool = True,
     write: bool = True,
+    notes: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluates every split, then saves the model, the export, the class names and the plots.
+    """Evaluates every split; saves the model, the export, the class names and the reports.
+
+    The reports (`tfxfer.report.write_reports`): training curves, confusion matrix,
+    per-class table, top losses; then a few lines of summary in the terminal.
 
     Args:
         run_dir: RunDir. Where everything goes.
@@ -469,26 +646,40 @@ def finish_run(
         class_names: list[str]. Output order.
         eval_sets: dict. Split name to batched `(x, y)` dataset or None, e.g.
             {"val": ..., "test": ...}.
+        examples: dict or None. Split name to the `Examples` its dataset was made from, in
+            the same order (`make_datasets` keeps file order), for `top_losses.csv`.
+            Defaults to none (no top-losses table).
         multi_label: bool. Threshold outputs instead of argmax.
         serving_model: keras.Model or None. What to save and export if it differs from
             `model` (a text model wrapped with its tokenizer). Defaults to `model`.
         export_saved_model: bool. Write `export/`. Defaults to `True`.
         write: bool. False on non-chief workers of a multi-worker run: evaluate, write nothing.
+        notes: list[str] or None. Lines for the summary (a class-imbalance warning).
 
     Returns:
         The metrics per split, as written to `metrics.json`.
     """
-    metrics = {}
+    metrics, predictions = {}, {}
     for split, dataset in eval_sets.items():
         if dataset is None:
             continue
-        labels, probabilities = report.collect(model, dataset)
+        predictions[split] = report.collect(model, dataset)
         metrics[split] = report.classification_metrics(
-            labels, probabilities, class_names, multi_label
+            *predictions[split], class_names, multi_label
         )
-        print("[tfxfer] " + report.summary_line(split, metrics[split]), flush=True)
     if not write:
+        for split, values in metrics.items():
+            print("[tfxfer] " + report.summary_line(split, values), flush=True)
         return metrics
+    written = report.write_reports(
+        run_dir,
+        result.history,
+        metrics,
+        predictions,
+        class_names,
+        examples,
+        multi_label=multi_label,
+    )
     fused = fusion_summary(model)
     if fused:
         metrics["fusion"] = fused
@@ -503,13 +694,18 @@ def finish_run(
     export.save_model(to_save, run_dir.file("model.keras"))
     if export_saved_model:
         export.export_saved_model(to_save, run_dir.file("export"))
-    if result.history:
-        report.plot_history(result.history, run_dir.file("curves.png"))
-    print(f"[tfxfer] run saved to {run_dir.path}/", flush=True)
+    for line in report.run_summary(metrics, result.best, run_dir.path, written, notes or []):
+        print(line, flush=True)
     return metrics
 
 
 # === Command line ===
+
+
+def cli_logging() -> None:
+    """Logging for a command-line run: tfxfer's INFO lines, other libraries' from WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
+    logging.getLogger("tfxfer").setLevel(logging.INFO)
 
 
 def command_line(
@@ -521,9 +717,7 @@ def command_line(
     """Runs a recipe from the command line: exit 0 on success, 2 with one line on bad input."""
     from tfxfer.cli import error_boundary
 
-    # tfxfer's own INFO lines (skipped files, resume points); other libraries' from WARNING.
-    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
-    logging.getLogger("tfxfer").setLevel(logging.INFO)
+    cli_logging()
     # Under `python -m recipes.x`, say so in usage lines rather than the file's path.
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     prog = f"python -m {spec.name}" if spec is not None and argv is None else None

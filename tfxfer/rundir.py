@@ -12,7 +12,10 @@ Layout::
     checkpoints/       best.weights.h5 and per-epoch resume states
     model.keras        the final model; reloads and predicts identically
     export/            a SavedModel that takes raw inputs
-    curves.png         the training curves
+    training_curves.png  loss, accuracy and learning rate per epoch, stages marked
+    confusion_matrix.png, per_class.csv, top_losses.csv, top_losses.png   the reports
+    tensorboard/       TensorBoard event files (train/, validation/)
+    lr_find_<stage>.png  the range test of a stage whose learning rate is "auto"
 
 A run deletes or changes only what it wrote itself. Every path a run writes goes through
 `RunDir.file` (or `write_json`), which records the path's top-level entry in the manifest
@@ -59,7 +62,12 @@ RUN_ENTRIES = (
     "checkpoints",
     "model.keras",
     "export",
-    "curves.png",
+    "curves.png",  # what runs before the reports wrote
+    "training_curves.png",
+    "confusion_matrix.png",
+    "per_class.csv",
+    "top_losses.csv",
+    "top_losses.png",
     "tensorboard",
 )
 # Atomic writes go through hidden temporary names with this prefix (see `atomic_write_text`).

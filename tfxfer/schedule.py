@@ -39,7 +39,9 @@ class Stage:
             frozen), "all" (every backbone group), an int k (the top k layer groups of each
             backbone), or a list of group names ("conv5", or "resnet50/conv5" in a model
             over several backbones). Defaults to `"head"`.
-        learning_rate: float. Peak learning rate. Defaults to `1e-3`.
+        learning_rate: float or "auto". Peak learning rate; "auto" runs the learning-rate
+            range test (`tfxfer.lr_find`) when the stage starts and trains at the rate it
+            suggests. Defaults to `1e-3`.
         optimizer: str. "adamw", "adam" or "sgd" (with momentum 0.9). Defaults to `"adamw"`.
         weight_decay: float. Decoupled weight decay for "adamw", at each variable's own
             (layer-wise) rate; biases and normalisation weights are never decayed. Defaults
@@ -85,7 +87,7 @@ class Stage:
     name: str
     epochs: int
     train: str | int | list[str] = "head"
-    learning_rate: float = 1e-3
+    learning_rate: float | str = 1e-3
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.1
@@ -102,7 +104,10 @@ class Stage:
         problems = []
         if int(self.epochs) < 0:
             problems.append(f"epochs must be >= 0, got {self.epochs}")
-        if not self.learning_rate > 0:
+        rate = self.learning_rate
+        if rate == "auto":
+            pass  # found by the learning-rate range test when the stage starts (tfxfer.lr_find)
+        elif isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
             problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")

@@ -20,11 +20,13 @@ cover only the batches after the resume, since a metric's partial state is not s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.saving import saving_lib
 
-from tfxfer import fs
+from tfxfer import fs, lr_find
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.checkpoints import Checkpointer, checkpoint_name
 from tfxfer.compiling import (
@@ -62,7 +64,7 @@ from tfxfer.schedule import (
 log = logging.getLogger(__name__)
 
 # Config keys that may differ between a run and its resumption.
-RESUME_IGNORED_KEYS = ("resume", "overwrite", "output_dir", "verbose")
+RESUME_IGNORED_KEYS = ("resume", "overwrite", "output_dir", "verbose", "quiet")
 # Whether a larger value of a metric is better, for `monitor_mode="auto"`; "val_" is ignored.
 MONITOR_MODES = {
     "loss": "min",
@@ -450,6 +452,144 @@ def _cached_or_whole(
     return split.head, cached.train, cached.val
 
 
+def _range_test(
+    model: keras.Model,
+    split: HeadSplit | None,
+    stage: Stage,
+    trainable: list[str],
+    train_data: TrainData,
+    cache_features: bool,
+    trainer: Any,
+    loss: Any,
+    class_weight: dict[int, float] | None,
+    steps: int | None = None,
+) -> lr_find.LRFinding:
+    """The range test on what the stage fits (its head on cached features where it can)."""
+    fit_model, fit_train, _ = _cached_or_whole(
+        model, split, stage, trainable, train_data, None, cache_features, trainer
+    )
+    finding = lr_find.range_test(
+        fit_model,
+        fit_train.build(0),
+        loss=loss,
+        optimizer=stage.optimizer,
+        weight_decay=stage.weight_decay,
+        steps=steps or min(lr_find.DEFAULT_STEPS, max(5 * train_data.steps_per_epoch, 20)),
+        class_weight=class_weight,
+        # A flat curve tells nothing: the usual rate of a head, or of fine-tuning.
+        fallback=lr_find.FALLBACK_HEAD if not trainable else lr_find.FALLBACK_FINETUNE,
+    )
+    if not finding.fell:
+        log.warning(
+            "Stage %r: the loss did not fall anywhere in the learning-rate range test (a "
+            "frozen or randomly initialised network can give a flat curve); using %.3g.",
+            stage.name,
+            finding.suggestion,
+        )
+    return finding
+
+
+def _with_found_rate(
+    model: keras.Model,
+    split: HeadSplit | None,
+    stage: Stage,
+    trainable: list[str],
+    train_data: TrainData,
+    cache_features: bool,
+    trainer: _Trainer,
+    loss: Any,
+    lr_scale: float,
+    class_weight: dict[int, float] | None,
+    restore_from: dict[str, Any] | None,
+) -> Stage:
+    """`stage` with the learning rate the range test finds (`learning_rate="auto"`).
+
+    The rate found is recorded in `stages.json` (with the test's minimum and steepest
+    points) and, on a resume, read back rather than measured again. The plot goes to
+    `lr_find_<stage>.png` in the run directory.
+    """
+    info = trainer.stages.setdefault(stage.name, {})
+    found = info.get("found_learning_rate")
+    if found is None:
+        if restore_from is not None:
+            Checkpointer.restore(model, restore_from, with_optimizer=False)
+        finding = _range_test(
+            model, split, stage, trainable, train_data, cache_features, trainer, loss, class_weight
+        )
+        found = finding.suggestion
+        info.update(
+            found_learning_rate=found,
+            lr_find={
+                "minimum": finding.minimum,
+                "steepest": finding.steepest,
+                "steps": len(finding.losses),
+            },
+        )
+        if trainer.run_dir is not None and trainer.checkpointer.write:
+            lr_find.plot_finding(
+                finding,
+                trainer.run_dir.file(f"lr_find_{stage.name}.png"),
+                f"stage {stage.name!r}: range test, suggested {found:.2g}",
+            )
+        log.info(
+            "Stage %r: the learning-rate range test suggests %.3g (loss lowest at %.3g).",
+            stage.name,
+            found,
+            finding.minimum,
+        )
+    # `make_optimizer` multiplies by lr_scale; the rate found is already the one to train at.
+    return dataclasses.replace(stage, learning_rate=float(found) / lr_scale)
+
+
+def find_learning_rate(
+    model: keras.Model,
+    backbones: Backbone | list[Backbone] | LayerGroups,
+    stage: Stage,
+    train_data: TrainData,
+    *,
+    loss: Any = None,
+    strategy: tf.distribute.Strategy | None = None,
+    cache_features: bool = True,
+    class_weight: dict[int, float] | None = None,
+    steps: int | None = None,
+) -> lr_find.LRFinding:
+    """The learning-rate range test for `stage`, from the model's weights as they are.
+
+    Sets the stage's trainable layers, trains a throwaway optimizer on the stage's batches
+    with an exponentially growing rate, and puts every weight back (`tfxfer.lr_find`).
+
+    Args:
+        model, backbones, train_data, loss, strategy, cache_features, class_weight: as for
+            `run_schedule`.
+        stage: Stage. Which layers train, and the optimizer kind; its rate is not used.
+        steps: int or None. Steps of the test; defaults to 5 epochs' worth, 20 to 100.
+
+    Returns:
+        The `LRFinding`: `suggestion` is the rate to train the stage at.
+    """
+    groups = LayerGroups.of(backbones)
+    stage.validate(groups)
+    if loss is None:
+        loss, _ = loss_and_metrics(task_of(model), int(model.outputs[0].shape[-1]))
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        trainable = apply_stage(model, groups, stage)
+        split = split_at_head(model) if cache_features else None
+        shim = types.SimpleNamespace(stages={})  # what _cached_or_whole records, unused
+        return _range_test(
+            model,
+            split,
+            stage,
+            trainable,
+            train_data,
+            cache_features,
+            shim,
+            loss,
+            class_weight,
+            steps,
+        )
+
+
 def run_schedule(
     model: keras.Model,
     backbones: Backbone | list[Backbone] | LayerGroups,
@@ -602,6 +742,22 @@ def run_schedule(
             if stage.epochs == 0 or stage_end <= done_epochs:
                 stage_start = stage_end  # finished before the interruption
                 continue
+            if stage.learning_rate == lr_find.AUTO:
+                with strategy.scope():
+                    stage = _with_found_rate(
+                        model,
+                        split,
+                        stage,
+                        trainable,
+                        train_data,
+                        cache_features,
+                        trainer,
+                        loss,
+                        lr_scale,
+                        class_weight,
+                        # A resume at this stage's start: the test runs on the restored weights.
+                        state if state is not None and stage_start <= done_epochs else None,
+                    )
             with strategy.scope():
                 multipliers = layerwise_multipliers(groups, trainable, stage.layerwise_lr_decay)
                 optimizer = make_optimizer(
