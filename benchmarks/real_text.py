@@ -389,6 +389,12 @@ def child_recipe(spec: dict[str, Any]) -> dict[str, Any]:
         "train_s": timing.get("train_s"),
         "train_examples": len(result["data"].train),
         "settings": {k: getattr(config, k) for k in settings} | spec["recipe_set"],
+        # Stages whose learning rate was "auto": the rate the range test found.
+        "found_learning_rates": {
+            name: info["found_learning_rate"]
+            for name, info in result["result"].stages.items()
+            if "found_learning_rate" in info
+        },
     }
 
 
