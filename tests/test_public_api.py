@@ -10,6 +10,8 @@ PUBLIC = {
     "LabelledData", "load_images", "load_texts", "make_datasets",
     # Schedules and training.
     "Stage", "default_schedule", "gradual_unfreezing", "run_schedule", "RunDir",
+    # The common case in one object: from data and a backbone to predictions.
+    "Classifier",
     # Using the result.
     "load_model", "export_saved_model",
     "TfxferError",

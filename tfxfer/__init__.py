@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from tfxfer.backbones import Backbone, build_backbone, known_backbones  # noqa: E402
+from tfxfer.classifier import Classifier  # noqa: E402
 from tfxfer.data.datasets import make_datasets  # noqa: E402
 from tfxfer.data.examples import LabelledData  # noqa: E402
 from tfxfer.data.images import load_images  # noqa: E402
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backbone",
+    "Classifier",
     "HeadConfig",
     "LabelledData",
     "RunDir",
