@@ -220,7 +220,6 @@ def tiny_text_config(tmp_path_factory):
             "sequence_length: 16",
             "batch_size: 8",
             "export: false",
-            "verbose: 0",
             "stages:",
             "  - {name: head, epochs: 1, learning_rate: 3.0e-3}",
             "  - {name: top, epochs: 1, train: 1, learning_rate: 1.0e-4}",
@@ -230,9 +229,13 @@ def tiny_text_config(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_runs_the_config_and_its_config_json_repeats_the_run(tiny_text_config):
+def test_train_runs_the_config_and_its_config_json_repeats_the_run(tiny_text_config, capsys):
     root, path = tiny_text_config
     assert cli.main(["train", path, "--quiet"]) == 0
+    # --quiet: no progress, no data or stage lines; the end-of-run summary stays.
+    out = capsys.readouterr().out
+    assert "Epoch" not in out and "[tfxfer] data:" not in out and "stage 1/2" not in out
+    assert "[tfxfer] val: accuracy=" in out and "run saved to" in out
     history = (root / "run" / "history.csv").read_text()
     assert [line.split(",")[1] for line in history.splitlines()[1:]] == ["head", "top"]
     saved = json.loads((root / "run" / "config.json").read_text())
