@@ -23,6 +23,11 @@ import os
 # Keras 3 picks its backend at first import; tfxfer is built on TensorFlow's.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+# TensorFlow's start-up lines about missing CUDA drivers are noise on a CPU (`--debug` shows them).
+from tfxfer.startup import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()
+
 from tfxfer.backbones import Backbone, build_backbone, known_backbones  # noqa: E402
 from tfxfer.classifier import Classifier  # noqa: E402
 from tfxfer.data.datasets import make_datasets  # noqa: E402
