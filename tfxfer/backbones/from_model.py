@@ -130,7 +130,7 @@ def fresh_copy(model: keras.Model) -> keras.Model:
 
 
 def _bert_backbone(bert, preprocessor, sequence_length: int, groups: GroupsSpec, name):
-    from tfxfer.backbones.text import _with_mask_passthrough, bert_layer_groups, bert_lora_targets
+    from tfxfer.backbones.text import with_mask_passthrough, bert_layer_groups, bert_lora_targets
 
     if preprocessor is None:
         raise TfxferError(
@@ -147,7 +147,7 @@ def _bert_backbone(bert, preprocessor, sequence_length: int, groups: GroupsSpec,
     inferred = bert_layer_groups(bert)
     return Backbone(
         name=name or f"custom_{bert.name}",
-        network=_with_mask_passthrough(bert),
+        network=with_mask_passthrough(bert),
         preprocessor=preprocessor,
         output_kind="sequence",
         input_kind="text",

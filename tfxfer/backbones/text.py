@@ -223,7 +223,7 @@ def build_bert_backbone(
         )
     return Backbone(
         name=source,
-        network=_with_mask_passthrough(bert),
+        network=with_mask_passthrough(bert),
         preprocessor=preprocessor,
         output_kind="sequence",
         input_kind="text",
@@ -315,7 +315,7 @@ def bert_layer_groups(bert: keras.Model) -> dict[str, list[keras.layers.Layer]]:
     return split_into_groups(bert.layers, boundaries)
 
 
-def _with_mask_passthrough(bert: keras.Model) -> keras.Model:
+def with_mask_passthrough(bert: keras.Model) -> keras.Model:
     """Wraps a BertBackbone so its outputs carry the padding mask a masked-pooling head needs.
 
     The inputs take any length: BERT slices its position embedding to the length it gets, so a
