@@ -130,7 +130,7 @@ def fresh_copy(model: keras.Model) -> keras.Model:
 
 
 def _bert_backbone(bert, preprocessor, sequence_length: int, groups: GroupsSpec, name):
-    from tfxfer.backbones.text import with_mask_passthrough, bert_layer_groups, bert_lora_targets
+    from tfxfer.backbones.text import bert_layer_groups, bert_lora_targets, with_mask_passthrough
 
     if preprocessor is None:
         raise TfxferError(
