@@ -12,6 +12,10 @@ new one is complete); an export is written to a local temporary directory, the o
 export at the target (and only one tfxfer wrote) is deleted, and the new tree is copied up.
 An interrupted URL export can therefore leave a partial `export/`; exporting again replaces
 it, since its marker file is written first.
+
+A TFLite export (`export_tflite`) is one flatbuffer file plus a `.tflite.json` sidecar that
+says what the file takes and gives; the sidecar is written first and is what marks the file
+as tfxfer's to replace.
 """
 
 from __future__ import annotations
