@@ -148,3 +148,20 @@ def test_a_run_gives_back_the_callers_dtype_policy(shapes_dir, tmp_path):
     assert result["model"].get_layer("predictions").dtype_policy.name == "float32"
     assert any(layer.dtype_policy.name == "mixed_bfloat16" for layer in result["model"].layers)
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_a_split_too_small_to_share_over_the_replicas_is_named_before_training():
+    from tfxfer.data.examples import Examples
+    from tfxfer.recipe import uneven_first_batch
+
+    def split(n):
+        return Examples([f"t{i}" for i in range(n)], [i % 2 for i in range(n)], ["a", "b"], "text")
+
+    # 3 validation examples, a global batch of 8 on 2 replicas: shares of 2 and 1.
+    message = uneven_first_batch("val", split(3), 8, 2)
+    assert "val split has 3 examples" in message and "--batch-size of at most 1" in message
+    # One replica, an even share, or a first batch that is full are all fine.
+    assert uneven_first_batch("val", split(3), 8, 1) is None
+    assert uneven_first_batch("val", split(4), 8, 2) is None
+    assert uneven_first_batch("train", split(15), 8, 2) is None
+    assert uneven_first_batch("val", None, 8, 2) is None

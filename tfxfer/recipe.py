@@ -372,6 +372,13 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
             f"{data.train.counts()}",
             flush=True,
         )
+    replicas = int(distribution.strategy.num_replicas_in_sync)
+    for split in ("train", "val"):
+        problem = uneven_first_batch(
+            split, getattr(data, split), distribution.global_batch_size, replicas
+        )
+        if problem:
+            raise TfxferError(problem)
     notes = []
     if config.balance is None:
         warning = imbalance_warning(data.train)
@@ -579,6 +586,34 @@ def find_learning_rate(
             "flag": hint,
             "output_dir": run_dir.path,
         }
+
+
+def uneven_first_batch(
+    split: str, examples: Examples | None, global_batch: int, replicas: int
+) -> str | None:
+    """Why a split's first batch cannot be split evenly over the replicas, or None.
+
+    Keras builds a model under a multi-replica strategy from its first batch averaged over
+    the replicas, which fails (deep in TensorFlow, "AddN ... must have the same size") when
+    the replicas got different shares: a split smaller than one global batch whose size is
+    not a multiple of the replicas. Later partial batches are fine.
+    """
+    if examples is None or replicas < 2:
+        return None
+    first = min(len(examples), global_batch)
+    if first == 0 or first % replicas == 0:
+        return None
+    more = {
+        "train": "more training examples",
+        "val": "more validation examples (a larger --val-split, or --val-dir / --val)",
+    }[split]
+    return (
+        f"The {split} split has {len(examples)} examples: fewer than one global batch "
+        f"({global_batch}) and not a multiple of the {replicas} replicas, so its first batch "
+        f"cannot be shared evenly, and Keras cannot build the model from it. Use {more}, a "
+        f"--batch-size of at most {max(len(examples) // replicas, 1)} per replica, or a "
+        "strategy with fewer replicas."
+    )
 
 
 def backbone_info(backbone: Backbone | list[Backbone]) -> dict[str, Any]:
