@@ -167,6 +167,18 @@ def test_the_old_model_flags_still_work(image_run, capsys):
     assert (row["input"], row["label"]) == (path, IMAGE_CLASSES[int(probabilities.argmax())])
 
 
+def test_evaluate_takes_the_run_dir_too(image_run, tmp_path, capsys):
+    from helpers import write_image_folder
+
+    data = write_image_folder(str(tmp_path / "eval"), {name: 2 for name in IMAGE_CLASSES})
+    assert cli.main(["evaluate", image_run["run"], "--images-dir", data]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    paths = sorted(str(p) for p in (tmp_path / "eval").rglob("*.png"))  # classes sorted too
+    labels = np.repeat(np.arange(len(IMAGE_CLASSES)), 2)
+    predicted = _expected(image_run["model"], paths).argmax(1)
+    assert metrics["accuracy"] == pytest.approx(float(np.mean(predicted == labels)))
+
+
 # === Bad input: one line, exit 2 ===
 
 
