@@ -268,7 +268,7 @@ CASES = [
          lambda d, t: image_run(d, t, "--image-size", "0"), "image_size=0", in_process=True),
     Case("head-learning-rate-inf",
          lambda d, t: image_run(d, t, "--head-learning-rate", "inf"),
-         "head_learning_rate=inf (expected a finite number > 0)", in_process=True),
+         "head_learning_rate=inf (expected a finite number > 0, or auto", in_process=True),
     Case("finetune-learning-rate-nan",
          lambda d, t: image_run(d, t, "--finetune-learning-rate", "nan"),
          "finetune_learning_rate=nan", in_process=True),

@@ -113,7 +113,9 @@ def test_a_bad_value_is_refused_before_anything_is_written(shapes_dir, tmp_path)
     with pytest.raises(TfxferError, match=r"Invalid stage 'finetune'.*train=7 top groups"):
         main(config)
     assert not output.exists()
-    with pytest.raises(TfxferError, match=r"learning_rate=0 \(expected a finite number > 0\)"):
+    with pytest.raises(
+        TfxferError, match=r"learning_rate=0 \(expected a finite number > 0, or auto"
+    ):
         main(TinyConfig.smoke(data_dir=shapes_dir, output_dir=str(output), head_learning_rate=0))
     assert not output.exists()
 

@@ -358,10 +358,32 @@ def start_run(config: Any):
     )
 
 
-def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
-    from tfxfer.data.datasets import make_datasets
+@dataclass
+class _Prepared:
+    """A run's data (balanced as asked), its model, and what it warned about."""
 
-    distribution = start_run(config)
+    config: Any
+    distribution: Any
+    data: LabelledData
+    class_weight: dict[int, float] | None
+    notes: list[str]
+    backbone: Backbone | list[Backbone]
+    model: keras.Model
+
+    def datasets(self):
+        from tfxfer.data.datasets import make_datasets
+
+        return make_datasets(
+            self.data,
+            self.backbone,
+            batch_size=self.distribution.global_batch_size,
+            seed=self.config.seed,
+            augmentation=self.config.augmentation(),
+        )
+
+
+def _prepare(config: RecipeConfig, build_data: BuildData, build_model: BuildModel, distribution):
+    """Loads the data, balances it, checks it against the replicas, builds the model."""
     data = build_data(config)
     if not config.quiet:
         print(f"[tfxfer] data: {data.summary()}", flush=True)
@@ -389,6 +411,14 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         backbone, model = build_model(config, data)
     if str(backbone_info(backbone).get("weights")) in ("None", "none", "random"):
         print("[tfxfer] the backbone is randomly initialised, not pretrained.", flush=True)
+    return _Prepared(config, distribution, data, class_weight, notes, backbone, model)
+
+
+def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
+    distribution = start_run(config)
+    prepared = _prepare(config, build_data, build_model, distribution)
+    data, backbone, model = prepared.data, prepared.backbone, prepared.model
+    class_weight, notes = prepared.class_weight, prepared.notes
     stages = config.schedule()
     validate_schedule(stages, LayerGroups.of(backbone))
     check_regularizers(stages, backbone)
@@ -406,13 +436,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
             **distribution.describe(),
         },
     )
-    datasets = make_datasets(
-        data,
-        backbone,
-        batch_size=distribution.global_batch_size,
-        seed=config.seed,
-        augmentation=config.augmentation(),
-    )
+    datasets = prepared.datasets()
     result = run_schedule(
         model,
         backbone,
@@ -483,7 +507,6 @@ def find_learning_rate(
         A dict with "stage", "suggestion", "finding" (`LRFinding`), "flag" (what to pass) and
         "output_dir".
     """
-    from tfxfer.data.datasets import make_datasets
     from tfxfer.distribute import Distribution
     from tfxfer.train import find_learning_rate as range_test_of_stage
 
@@ -506,18 +529,10 @@ def find_learning_rate(
         distribution = Distribution(
             config.strategy, config.mixed_precision, config.batch_size, config.scale_learning_rate
         )
-        data = build_data(config)
-        data, class_weight = balance_data(data, config.balance, config.seed)
-        with distribution.scope():
-            backbone, model = build_model(config, data)
+        prepared = _prepare(config, build_data, build_model, distribution)
+        backbone, model, class_weight = prepared.backbone, prepared.model, prepared.class_weight
         validate_schedule(stages, LayerGroups.of(backbone))
-        datasets = make_datasets(
-            data,
-            backbone,
-            batch_size=distribution.global_batch_size,
-            seed=config.seed,
-            augmentation=config.augmentation(),
-        )
+        datasets = prepared.datasets()
         earlier = [s for s in stages[:index] if s.epochs]
         for s in earlier:
             if s.learning_rate == AUTO:
