@@ -35,16 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from tfxfer import fs
+from tfxfer import fs, prediction
 from tfxfer.backbones import build_backbone, modality_of
 from tfxfer.backbones.from_model import backbone_from_model, fresh_copy, network_of
 from tfxfer.data.examples import LabelledData
-from tfxfer.errors import DataError, TfxferError
+from tfxfer.errors import TfxferError
 from tfxfer.recipe import RecipeConfig, run
 from tfxfer.rundir import RunDir
 
 EXPORT_FORMATS = ("savedmodel", "tflite")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
 @dataclass
@@ -353,15 +352,18 @@ class Classifier:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise TfxferError(f"Expected `top_k` to be a positive integer. Received: {top_k!r}")
         names, batch = self._prepare(inputs)
-        probabilities = np.asarray(model.predict(batch, batch_size=batch_size, verbose=0))
-        results = []
-        for name, row in zip(names, probabilities, strict=True):
-            order = np.argsort(-row)[: min(top_k, len(row))]
-            ranked = [(self.class_names[i], float(row[i])) for i in order]
-            results.append(
-                {"input": name, "label": ranked[0][0], "probability": ranked[0][1], "top_k": ranked}
+        if isinstance(batch, np.ndarray):  # images given as arrays
+            probabilities = np.asarray(model.predict(batch, batch_size=batch_size, verbose=0))
+        else:
+            probabilities = prediction.predict_all(
+                model, self.kind, batch, batch_size=batch_size, image_size=self._image_size()
             )
-        return results
+        return [
+            {"input": name, "label": ranked[0][0], "probability": ranked[0][1], "top_k": ranked}
+            for name, ranked in zip(
+                names, prediction.top_k(probabilities, self.class_names, top_k), strict=True
+            )
+        ]
 
     def export(self, path: str, *, format: str = "savedmodel", quantize: str | None = None,
                representative_data: Any = None) -> str:  # fmt: skip
@@ -458,7 +460,8 @@ class Classifier:
         )
 
     def _prepare(self, inputs: Any) -> tuple[list[Any], Any]:
-        """(names, batch) for `predict`: strings for text, a uint8 array of images."""
+        """(names, what to predict) for `predict`: the texts, the image paths (files, and
+        folders read recursively, as `tfxfer predict` reads them), or a uint8 image array."""
         if self.kind == "text":
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             if not texts or not all(isinstance(t, str) for t in texts):
@@ -466,7 +469,7 @@ class Classifier:
                     "This classifier takes text: pass a string or a list of strings. Received: "
                     f"{type(inputs).__name__}"
                 )
-            return texts, np.array(texts)
+            return texts, texts
         if isinstance(inputs, np.ndarray):
             images = inputs[None] if inputs.ndim == 3 else inputs
             if images.ndim != 4 or images.shape[-1] != 3:
@@ -475,33 +478,14 @@ class Classifier:
                     f"Received: {inputs.shape}"
                 )
             return list(range(len(images))), images
-        paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-        if len(paths) == 1 and fs.isdir(str(paths[0])):
-            folder = str(paths[0])
-            paths = sorted(
-                fs.join(folder, n) for n in fs.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES)
-            )
-        if not paths or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        given = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        if not given or not all(isinstance(p, (str, os.PathLike)) for p in given):
             raise TfxferError(
                 "This classifier takes images: pass image paths, a folder of images, or uint8 "
                 f"arrays. Received: {type(inputs).__name__}"
             )
-        return [str(p) for p in paths], np.stack([self._read_image(str(p)) for p in paths])
-
-    def _read_image(self, path: str) -> np.ndarray:
-        import tensorflow as tf
-
-        from tfxfer.data.images import decode_and_resize
-
-        if not fs.isfile(path):
-            raise DataError(f"Image not found: {path!r}.")
-        try:
-            return decode_and_resize(tf.constant(path), self._image_size()).numpy()
-        except tf.errors.OpError as error:
-            raise DataError(
-                f"Cannot read {path!r} as an image ({error.message.splitlines()[0]}). Pass a "
-                "JPEG, PNG, BMP or GIF file."
-            ) from None
+        paths = prediction.gather_inputs([str(p) for p in given], "image")
+        return paths, paths
 
 
 def _read_json(path: str) -> Any:
