@@ -13,7 +13,7 @@ PUBLIC = {
     # The common case in one object: from data and a backbone to predictions.
     "Classifier",
     # Using the result.
-    "load_model", "export_saved_model",
+    "load_model", "export_saved_model", "export_tflite",
     "TfxferError",
 }  # fmt: skip
 

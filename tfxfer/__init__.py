@@ -35,7 +35,7 @@ from tfxfer.data.examples import LabelledData  # noqa: E402
 from tfxfer.data.images import load_images  # noqa: E402
 from tfxfer.data.text import load_texts  # noqa: E402
 from tfxfer.errors import TfxferError  # noqa: E402
-from tfxfer.export import export_saved_model, load_model  # noqa: E402
+from tfxfer.export import export_saved_model, export_tflite, load_model  # noqa: E402
 from tfxfer.fusion import build_fusion_model  # noqa: E402
 from tfxfer.heads import HeadConfig  # noqa: E402
 from tfxfer.model import build_model  # noqa: E402
@@ -58,6 +58,7 @@ __all__ = [
     "build_model",
     "default_schedule",
     "export_saved_model",
+    "export_tflite",
     "gradual_unfreezing",
     "known_backbones",
     "load_images",
