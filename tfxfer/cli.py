@@ -629,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         "Runs a recipe (a name in recipes/, e.g. bert_text_classifier) or a config file whose "
         "`recipe:` key names one (recipes/configs/ has one per recipe; a run's config.json is "
         "one too). Keys are the recipe's fields; the recipe's own flags (--data-dir ...) may "
-        "follow and win over the file."
+        "follow and win over the file. `tfxfer train NAME --print-config` lists a recipe's "
+        "keys with their help; `python -m recipes.NAME --help` its flags."
     )
     train.add_argument("target", metavar="RECIPE_OR_CONFIG", help="recipe name or config file")
     train.add_argument(
