@@ -327,10 +327,14 @@ def test_the_image_recipe_runs_learning_without_forgetting_on_the_imagenet_head(
     config = Config.smoke(
         data_dir=data, output_dir=str(tmp_path / "run"), backbone="efficientnetv2b0",
         weights=path, regularizer="source_task", regularizer_weight=1.0,
+        # The top group fine-tunes under the regularizer; the frozen copy is the whole network
+        # and head whatever trains, without tracing EfficientNetV2-B0's whole backward pass.
+        unfreeze="1",
     )  # fmt: skip
     result = main(config)
     info = result["result"].stages["finetune"]
     assert info["regularizer"] == "source_task"
+    assert info["cached_features"] is False  # the regularized stage trained the backbone
     # The frozen copy holds the network and the 1000-way head: EfficientNetV2-B0 is 7.2 M.
     assert 25e6 < info["reference_bytes"] < 35e6
 
