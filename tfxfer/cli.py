@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key"
     )
     lr.add_argument("--stage", help="the stage's name (default: the last stage, fine-tuning)")
-    lr.add_argument("--steps", type=int, help="steps of the test (default: 5 epochs, 20-100)")
+    lr.add_argument("--steps", type=int, help="steps of the test (default: 100)")
     lr.add_argument("--output", help="folder for lr_find.png / lr_find.json")
     lr.add_argument(
         "--overwrite", action="store_true", help="replace an earlier lr-find output folder"

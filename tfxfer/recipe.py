@@ -501,7 +501,7 @@ def find_learning_rate(
     Args:
         stage: str or None. The stage's name; default: the first with learning_rate auto,
             else the last stage (the fine-tuning one).
-        steps: int or None. Steps of the test (default: 5 epochs' worth, 20 to 100).
+        steps: int or None. Steps of the test (default: 100).
 
     Returns:
         A dict with "stage", "suggestion", "finding" (`LRFinding`), "flag" (what to pass) and

@@ -474,7 +474,7 @@ def _range_test(
         loss=loss,
         optimizer=stage.optimizer,
         weight_decay=stage.weight_decay,
-        steps=steps or min(lr_find.DEFAULT_STEPS, max(5 * train_data.steps_per_epoch, 20)),
+        steps=steps or lr_find.DEFAULT_STEPS,
         class_weight=class_weight,
         # A flat curve tells nothing: the usual rate of a head, or of fine-tuning.
         fallback=lr_find.FALLBACK_HEAD if not trainable else lr_find.FALLBACK_FINETUNE,
@@ -562,7 +562,8 @@ def find_learning_rate(
         model, backbones, train_data, loss, strategy, cache_features, class_weight: as for
             `run_schedule`.
         stage: Stage. Which layers train, and the optimizer kind; its rate is not used.
-        steps: int or None. Steps of the test; defaults to 5 epochs' worth, 20 to 100.
+        steps: int or None. Steps of the test. Defaults to `lr_find.DEFAULT_STEPS` (100):
+            fewer spread the eight decades of rates too thinly to see where the loss falls.
 
     Returns:
         The `LRFinding`: `suggestion` is the rate to train the stage at.
