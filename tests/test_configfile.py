@@ -112,7 +112,6 @@ def test_values_are_typed_like_the_fields():
         (["head_epochs=three"], "head_epochs: expected an integer, got 'three'"),
         (["dropout=[1]"], "dropout: expected a number, got [1]"),
         (["stages.1.epoch=3"], "stages.1: unknown stage key 'epoch' (did you mean 'epochs'?)"),
-        (["stages.1.learning_rate=fast"], "stages.1.learning_rate: expected a number"),
         (["stages.4.epochs=1"], "'4' is not an index of stages, which has 2 item(s)"),
         (["stages=[{epochs: 1}]"], "stages.0: a stage needs 'name'"),
         (["hidden_units=[8,x]"], "hidden_units.1: expected an integer, got 'x'"),
@@ -147,6 +146,10 @@ def test_invalid_stage_values_are_named_by_validate():
         "resnet50_image_classifier", ["stages=[{name: a, epochs: 1, optimizer: lion}]"]
     )
     with pytest.raises(TfxferError, match=r"stages\.0: .*optimizer must be one of"):
+        config.validate()
+    # A stage's rate is a number or "auto"; another word is named by the stage's check.
+    _, config = resolve("resnet50_image_classifier", ["stages.1.learning_rate=fast"])
+    with pytest.raises(TfxferError, match=r"stages\.1: .*learning_rate must be > 0, got fast"):
         config.validate()
 
 

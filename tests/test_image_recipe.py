@@ -221,7 +221,6 @@ def _json_lines(text):
 
 
 def test_predict_on_a_saved_run(image_recipe_run, tmp_path, capsys):
-    import tensorflow as tf
 
     run_dir = image_recipe_run["run_dir"]
     paths = [
@@ -231,6 +230,7 @@ def test_predict_on_a_saved_run(image_recipe_run, tmp_path, capsys):
     status = tfxfer_command(
         [
             "predict",
+            "--json",
             "--model",
             os.path.join(run_dir, "model.keras"),
             "--class-names",
@@ -244,17 +244,26 @@ def test_predict_on_a_saved_run(image_recipe_run, tmp_path, capsys):
     assert [p["input"] for p in predictions] == paths
 
     class_names = image_recipe_run["class_names"]
+    from tfxfer.data.images import decode_and_resize
+
+    size = image_recipe_run["config"].image_size
     for prediction, path in zip(predictions, paths, strict=True):
-        # TensorFlow's JPEG decoder, like the command's (PIL's rounds differently).
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3)[None]
+        # Decoded and resized as training read the images (TensorFlow's decoder; PIL's
+        # rounds differently), then the model.
+        image = decode_and_resize(path, size).numpy()[None]
         probabilities = image_recipe_run["model"].predict(image, verbose=0)[0]
         assert prediction["label"] == class_names[int(probabilities.argmax())]
         assert prediction["probability"] == pytest.approx(float(probabilities.max()), rel=1e-4)
 
 
 def test_predict_without_class_names_prints_the_index(image_recipe_run, tmp_path, capsys):
+    import shutil
+
     path = write_image(str(tmp_path / "c.png"), 32, 32)
-    model_path = os.path.join(image_recipe_run["run_dir"], "model.keras")
-    assert tfxfer_command(["predict", "--model", model_path, "--images", path]) == 0
+    # A model.keras alone, without the class_names.json a run keeps beside it.
+    model_path = shutil.copy(
+        os.path.join(image_recipe_run["run_dir"], "model.keras"), str(tmp_path / "model.keras")
+    )
+    assert tfxfer_command(["predict", "--json", "--model", model_path, "--images", path]) == 0
     (prediction,) = _json_lines(capsys.readouterr().out)
     assert prediction["label"] in (0, 1, 2)

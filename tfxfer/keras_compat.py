@@ -53,7 +53,8 @@ def _trainer_module() -> Any:
     return trainer
 
 
-def _in_multi_worker_mode(strategy: Any) -> bool:
+def in_multi_worker_mode(strategy: Any) -> bool:
+    """Whether `strategy` is a MultiWorkerMirroredStrategy over several workers."""
     import tensorflow as tf
 
     return (
@@ -72,7 +73,7 @@ def _patch_symbolic_build(trainer: Any) -> None:
 
     def _maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> Any:
         strategy = self._distribute_strategy
-        if iterator is not None and strategy is not None and _in_multi_worker_mode(strategy):
+        if iterator is not None and strategy is not None and in_multi_worker_mode(strategy):
             for _, _, distributed_iterator in iterator:
                 batch = next(distributed_iterator)
                 data_batch = tree.map_structure(
@@ -100,7 +101,7 @@ def _patch_metric_reduce(trainer: Any) -> None:
     def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
         # "auto" means "mean" on every strategy but TPUStrategy; "concat" (predict) and
         # "sum" work in multi-worker mode and keep the original code.
-        if reduction in ("auto", "mean") and _in_multi_worker_mode(strategy):
+        if reduction in ("auto", "mean") and in_multi_worker_mode(strategy):
             return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
         return original(values, strategy, reduction)
 

@@ -171,9 +171,13 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def _shown(text: str) -> str:
+    """`text` on one line, cut to the table's width: a path keeps its end (the file name),
+    a text its beginning."""
     text = " ".join(str(text).split())
     if len(text) <= _TABLE_INPUT_WIDTH:
         return text
+    if os.sep in text and " " not in text:
+        return "..." + text[-(_TABLE_INPUT_WIDTH - 3) :]
     return text[: _TABLE_INPUT_WIDTH - 3] + "..."
 
 

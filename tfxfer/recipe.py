@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import keras
 import tensorflow as tf
 
-from tfxfer import export, report
+from tfxfer import export, keras_compat, report
 from tfxfer.backbones import modality_of
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.configfile import recipe_name, to_document
@@ -395,6 +395,8 @@ def _prepare(config: RecipeConfig, build_data: BuildData, build_model: BuildMode
             flush=True,
         )
     replicas = int(distribution.strategy.num_replicas_in_sync)
+    if keras_compat.is_patched() and keras_compat.in_multi_worker_mode(distribution.strategy):
+        replicas = 1  # the patched build reads one local replica's batch, whatever its share
     for split in ("train", "val"):
         problem = uneven_first_batch(
             split, getattr(data, split), distribution.global_batch_size, replicas
