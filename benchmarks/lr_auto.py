@@ -39,7 +39,7 @@ from common import (
 )
 from real_text import DEFAULT_DATA_ROOT, build
 from real_text import SCRIPT as REAL_TEXT
-from regularizers import POOL_PER_CLASS, subsample
+from regularizers import POOL_PER_CLASS, _mean_range, subsample
 
 SCRIPT = str(Path(__file__).resolve())
 SECTION = "lr_auto"
@@ -72,11 +72,6 @@ def child(spec: dict[str, Any]) -> None:
             "cpu_s": cpu,
         }
     )
-
-
-def _mean_range(values: list[float], digits: int = 1, unit: str = "%") -> str:
-    spread = f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.{digits}f}{unit}{spread}"
 
 
 def parent(args: argparse.Namespace) -> int:
