@@ -50,7 +50,6 @@ class Config(RecipeConfig):
     sequence_length: int = 128  # max tokens per text; each batch is padded only to its longest text
     val_split: float = 0.1
     batch_size: int = 16
-    head_epochs: int = 4
     head_learning_rate: float | str = 3e-3
     finetune_learning_rate: float | str = 5e-5
     dropout: float = 0.1

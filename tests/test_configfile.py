@@ -78,7 +78,7 @@ def test_set_edits_one_stage_of_the_default_schedule():
     )
     # The flat fields became the schedule, with the one key changed.
     assert [(s.name, s.epochs, s.learning_rate) for s in edited.schedule()] == [
-        ("head", 3, 1e-3),
+        ("head", None, 1e-3),  # none: the head is solved (Stage.solver)
         ("finetune", 7, 2e-5),
     ]
     assert [s.train for s in edited.schedule()] == [s.train for s in config.schedule()]

@@ -218,6 +218,9 @@ class CachedStage:
     train: TrainData
     val: tf.data.Dataset | None
     info: dict[str, Any]
+    # The training split's features and labels as arrays, for a full-batch solver.
+    features: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
 
 def cached_stage(
@@ -247,7 +250,7 @@ def cached_stage(
         "extract_seconds": round(time.perf_counter() - started, 3),
         "skipped_augmentation": bool(train.augmented),
     }
-    return CachedStage(cached_train, cached_val, info)
+    return CachedStage(cached_train, cached_val, info, features, labels)
 
 
 def _first_batch_size(dataset: tf.data.Dataset) -> int:

@@ -41,6 +41,7 @@ import tensorflow as tf
 from tfxfer import export, keras_compat, report
 from tfxfer.backbones import modality_of
 from tfxfer.backbones.base import Backbone, LayerGroups
+from tfxfer.batchnorm import has_batchnorm, recompute_batchnorm_statistics
 from tfxfer.configfile import recipe_name, to_document
 from tfxfer.data.balance import BALANCE_MODES, balance_data, imbalance_warning
 from tfxfer.data.examples import Examples, LabelledData
@@ -85,9 +86,14 @@ class RecipeConfig(FlagConfig):
     fusion_width: int | None = None  # projection width for sum/product/gated/attention fusion
     val_split: float = 0.2  # share of the training data held out when no val set is given
     batch_size: int = 32  # per replica; the global batch is this times the replicas
-    head_epochs: int = 3  # stage 1: the head only, backbone frozen (the most, with head_patience)
+    # stage 1, the head only on the frozen backbone: none fits a linear head to convergence
+    # (L-BFGS, L2 by cross-validation), else epochs (the most, with head_patience); 0 skips it
+    head_epochs: int | None = None
     head_patience: int | None = None  # e.g. 3: stage 1 ends once val loss stalls this many epochs
-    finetune_epochs: int = 3  # stage 2: fine-tune the backbone (0 skips it)
+    # stage 2, fine-tune the backbone: none sizes it by steps (>= 100 steps and 3 epochs, <= 20
+    # epochs), else epochs; 0 skips it
+    finetune_epochs: int | None = None
+    keep_better: bool = True  # end on the stage-1 model if fine-tuning made validation worse
     head_learning_rate: float | str = 1e-3  # peak learning rate of stage 1 (auto: range test)
     finetune_learning_rate: float | str = 1e-4  # peak learning rate of stage 2 (auto: range test)
     unfreeze: str = "all"  # stage 2 trains "all" backbone layer groups, or the top K ("2")
@@ -125,8 +131,9 @@ class RecipeConfig(FlagConfig):
         # Recipes name their input sizes alike, so a recipe's own size fields are checked here.
         for name in ("batch_size", "lora_rank", "image_size", "sequence_length", "head_patience"):
             check(name, _positive_int, "a positive integer")
-        for name in ("head_epochs", "finetune_epochs", "seed"):
-            check(name, lambda v: _int(v) and v >= 0, "an integer >= 0")
+        for name in ("head_epochs", "finetune_epochs"):
+            check(name, lambda v: _int(v) and v >= 0, "an integer >= 0, or none (automatic)")
+        check("seed", lambda v: _int(v) and v >= 0, "an integer >= 0")
         for name in ("head_learning_rate", "finetune_learning_rate"):
             # inf or nan would train to NaN and fail only after the first epoch.
             check(
@@ -439,6 +446,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         },
     )
     datasets = prepared.datasets()
+    stages = _from_scratch(stages, backbone, model, datasets, distribution, config.quiet)
     result = run_schedule(
         model,
         backbone,
@@ -454,6 +462,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         # Resuming on another number of replicas would change every batch.
         config={**dataclasses.asdict(config), "global_batch_size": distribution.global_batch_size},
         callbacks=report.tensorboard_callbacks(run_dir, write=distribution.is_chief),
+        keep_better=config.keep_better,
     )
     serving = export.serving_model(model, backbone)
     metrics = finish_run(
@@ -480,6 +489,43 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         "data": data,
         "result": result,
     }
+
+
+def randomly_initialised(backbone: Backbone | list[Backbone]) -> bool:
+    """Whether any backbone starts from random weights (`--weights none`, `--no-pretrained`)."""
+    backbones = backbone if isinstance(backbone, list) else [backbone]
+    return any(
+        str(backbone_info(b).get("weights")) in ("None", "none", "random", "False")
+        for b in backbones
+    )
+
+
+def _from_scratch(stages, backbone, model, datasets, distribution, quiet: bool) -> list[Stage]:
+    """A randomly initialised backbone's BatchNorm statistics, made to fit the data.
+
+    Frozen BatchNorm runs in inference mode with its moving statistics, which at random
+    initialisation are zero means and unit variances, whatever the data: the activations
+    then shrink or blow up layer by layer, and the pooled features barely depend on the
+    input (a head on them stays at chance). So before training, the statistics are
+    recomputed from the training data (`tfxfer.batchnorm`), and every stage that trains the
+    backbone also updates them (`Stage.train_batchnorm`): the weights are new, so are their
+    statistics. Pretrained backbones keep theirs.
+    """
+    if not randomly_initialised(backbone) or not has_batchnorm(model):
+        return stages
+    with distribution.scope():
+        info = recompute_batchnorm_statistics(model, datasets.train.build(0))
+    if not quiet:
+        print(
+            f"[tfxfer] BatchNorm statistics of the random backbone recomputed from "
+            f"{info['examples']} training examples ({info['layers']} layers); stages that "
+            "train the backbone update them.",
+            flush=True,
+        )
+    return [
+        stage if stage.train == "head" else dataclasses.replace(stage, train_batchnorm=True)
+        for stage in stages
+    ]
 
 
 def find_learning_rate(
@@ -535,7 +581,7 @@ def find_learning_rate(
         backbone, model, class_weight = prepared.backbone, prepared.model, prepared.class_weight
         validate_schedule(stages, LayerGroups.of(backbone))
         datasets = prepared.datasets()
-        earlier = [s for s in stages[:index] if s.epochs]
+        earlier = [s for s in stages[:index] if s.epochs != 0]
         for s in earlier:
             if s.learning_rate == AUTO:
                 raise TfxferError(
@@ -732,6 +778,8 @@ def finish_run(
         examples,
         multi_label=multi_label,
     )
+    if result.selection:
+        metrics["selection"] = result.selection
     fused = fusion_summary(model)
     if fused:
         metrics["fusion"] = fused

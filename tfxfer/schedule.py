@@ -26,6 +26,11 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 # Forms of the source-task term L_S of the objective L_T + λ·L_S (`Stage.regularizer`).
 REGULARIZERS = ("l2sp", "features", "source_task")
 DECAYS = ("cosine", "constant")
+# Ways to fit a head-only stage without epochs (`Stage.solver`).
+SOLVERS = ("lbfgs",)
+# How a fine-tuning stage with `epochs=None` is sized: 56 texts at batch 16 get 20 epochs
+# (60 steps), 4,000 get 3 (750 steps).
+FINETUNE_STEPS = {"min_steps": 100, "min_epochs": 3, "max_epochs": 20}
 
 
 @dataclass
@@ -34,7 +39,10 @@ class Stage:
 
     Args:
         name: str. Shown in logs and recorded in the history (e.g. "head", "finetune").
-        epochs: int. Epochs this stage trains.
+        epochs: int or None. Epochs this stage trains. None sizes the stage by optimizer
+            steps rather than epochs (`epochs_for`): at least `min_steps` steps and
+            `min_epochs` epochs, at most `max_epochs` epochs, so 56 and 56,000 examples both
+            get a sensible schedule. An explicit number always wins.
         train: str, int or list[str]. What trains besides the head: "head" (the backbone is
             frozen), "all" (every backbone group), an int k (the top k layer groups of each
             backbone), or a list of group names ("conv5", or "resnet50/conv5" in a model
@@ -77,6 +85,16 @@ class Stage:
             backbone built with its source head (`Backbone.source_heads`).
             `tfxfer.regularizers` has the details. Defaults to `None`.
         regularizer_weight: float. λ, >= 0; 0 is plain fine-tuning. Defaults to `0.0`.
+        min_steps: int. With `epochs=None`: the fewest optimizer steps. Defaults to `100`.
+        min_epochs: int. With `epochs=None`: the fewest epochs. Defaults to `3`.
+        max_epochs: int. With `epochs=None`: the most epochs. Defaults to `20`.
+        solver: str or None. "lbfgs": a head-only stage whose head is linear (one softmax,
+            sigmoid or linear output layer on the pooled features) and trains on cached
+            features is fit to convergence, full batch, by L-BFGS (`tfxfer.solver`), with
+            its L2 strength chosen by k-fold cross-validation on the training features; the
+            stage then counts as one epoch, checkpointed once at its end. A stage the solver
+            cannot fit (a hidden layer, augmentation that must run, LoRA, no cache) trains
+            with Keras epochs as usual. Defaults to `None`.
         patience: int or None. Train until convergence: end the stage once the monitored
             metric (`run_schedule`'s `monitor`, the validation loss by default) has not
             improved for this many epochs, and end it, early or not, on the weights of its best
@@ -85,7 +103,7 @@ class Stage:
     """
 
     name: str
-    epochs: int
+    epochs: int | None
     train: str | int | list[str] = "head"
     learning_rate: float | str = 1e-3
     optimizer: str = "adamw"
@@ -99,11 +117,33 @@ class Stage:
     patience: int | None = None
     regularizer: str | None = None
     regularizer_weight: float = 0.0
+    min_steps: int = 100
+    min_epochs: int = 3
+    max_epochs: int = 20
+    solver: str | None = None
 
     def validate(self, groups: LayerGroups | Sequence[str] | None = None) -> None:
         problems = []
-        if int(self.epochs) < 0:
-            problems.append(f"epochs must be >= 0, got {self.epochs}")
+        if self.epochs is not None and (not _count(self.epochs) or self.epochs < 0):
+            problems.append(
+                f"epochs must be >= 0 (an int, or None: sized by steps), got {self.epochs!r}"
+            )
+        for key in ("min_steps", "min_epochs", "max_epochs"):
+            value = getattr(self, key)
+            if not _count(value) or value < (0 if key == "min_steps" else 1):
+                problems.append(
+                    f"{key} must be an int >= {0 if key == 'min_steps' else 1}, got {value!r}"
+                )
+        if (
+            _count(self.min_epochs)
+            and _count(self.max_epochs)
+            and self.min_epochs > self.max_epochs
+        ):
+            problems.append(
+                f"min_epochs ({self.min_epochs}) is above max_epochs ({self.max_epochs})"
+            )
+        if self.solver is not None and self.solver not in SOLVERS:
+            problems.append(f"solver must be one of {SOLVERS} or None, got {self.solver!r}")
         rate = self.learning_rate
         if rate == "auto":
             pass  # found by the learning-rate range test when the stage starts (tfxfer.lr_find)
@@ -149,6 +189,17 @@ class Stage:
         if problems:
             raise TfxferError(f"Invalid stage {self.name!r}: " + "; ".join(problems) + ".")
 
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """The epochs this stage trains when each epoch has `steps_per_epoch` steps.
+
+        `epochs` when it is set; else enough epochs for `min_steps` optimizer steps, at least
+        `min_epochs` and at most `max_epochs`.
+        """
+        if self.epochs is not None:
+            return int(self.epochs)
+        by_steps = math.ceil(int(self.min_steps) / max(int(steps_per_epoch), 1))
+        return int(min(self.max_epochs, max(self.min_epochs, by_steps)))
+
     def trainable_groups(self, groups: LayerGroups | Sequence[str]) -> list[str]:
         """The backbone groups this stage trains, in model order."""
         groups = _as_layer_groups(groups)
@@ -174,39 +225,52 @@ class Stage:
         )
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _as_layer_groups(groups: LayerGroups | Sequence[str]) -> LayerGroups:
     return groups if isinstance(groups, LayerGroups) else LayerGroups.from_names(list(groups))
 
 
 def default_schedule(
-    head_epochs: int = 3,
-    finetune_epochs: int = 3,
+    head_epochs: int | None = None,
+    finetune_epochs: int | None = None,
     *,
-    head_learning_rate: float = 1e-3,
-    finetune_learning_rate: float = 1e-4,
+    head_learning_rate: float | str = 1e-3,
+    finetune_learning_rate: float | str = 1e-4,
     unfreeze: str | int | list[str] = "all",
     layerwise_lr_decay: float | None = None,
     head_patience: int | None = None,
 ) -> list[Stage]:
-    """The two-stage schedule: train the head on a frozen backbone, then fine-tune.
+    """The two-stage schedule: fit the head on a frozen backbone, then fine-tune (LP-FT).
+
+    Fine-tuning from a converged linear probe distorts the pretrained features less than
+    fine-tuning from a random head (Kumar et al., "Fine-Tuning can Distort Pretrained
+    Features and Underperform Out-of-Distribution", ICLR 2022). So by default the head is
+    not trained for a few epochs but fit to convergence: on cached features a linear head is
+    solved by L-BFGS with its L2 strength chosen by cross-validation (`Stage.solver`), in
+    seconds; and both stages are sized by optimizer steps, not epochs (`Stage.epochs_for`).
 
     Args:
-        head_epochs: int. Epochs of the first stage. Defaults to `3`.
-        finetune_epochs: int. Epochs of the second stage; 0 skips it. Defaults to `3`.
-        head_learning_rate: float. Defaults to `1e-3`.
+        head_epochs: int or None. Epochs of the first stage; 0 skips it. None: the solver,
+            where the head is linear and its features cached, else epochs sized by steps.
+            Defaults to `None`.
+        finetune_epochs: int or None. Epochs of the second stage; 0 skips it. None: sized
+            by steps (at least 100 optimizer steps and 3 epochs, at most 20 epochs).
+            Defaults to `None`.
+        head_learning_rate: float. Of a head stage trained by epochs. Defaults to `1e-3`.
         finetune_learning_rate: float. Lower than the head's, so pretrained weights move
             gently. Defaults to `1e-4`.
         unfreeze: "all", an int (top k groups) or group names for the second stage.
         layerwise_lr_decay: float or None. Discriminative learning rates in the second stage.
-        head_patience: int or None. Train the head until convergence (the linear probe before
-            fine-tuning, which then distorts the pretrained features less: Kumar et al.,
-            "Fine-Tuning can Distort Pretrained Features", ICLR 2022): the first stage ends
-            once the validation loss has not improved for this many epochs, on its best
-            epoch, with `head_epochs` the most; its learning rate is then constant. Defaults
-            to `None` (exactly `head_epochs`, warmup and cosine decay).
+        head_patience: int or None. Train the head by epochs until convergence: the first
+            stage ends once the validation loss has not improved for this many epochs, on
+            its best epoch, with `head_epochs` the most; its learning rate is then constant.
+            Defaults to `None`.
     """
     stages = []
-    if head_epochs:
+    if head_epochs != 0:
         converge = {"decay": "constant", "warmup_fraction": 0.0} if head_patience else {}
         stages.append(
             Stage(
@@ -215,10 +279,11 @@ def default_schedule(
                 train="head",
                 learning_rate=head_learning_rate,
                 patience=head_patience,
+                solver="lbfgs" if head_epochs is None and not head_patience else None,
                 **converge,
             )
         )
-    if finetune_epochs:
+    if finetune_epochs != 0:
         stages.append(
             Stage(
                 "finetune",
@@ -226,6 +291,7 @@ def default_schedule(
                 train=unfreeze,
                 learning_rate=finetune_learning_rate,
                 layerwise_lr_decay=layerwise_lr_decay,
+                **FINETUNE_STEPS,
             )
         )
     if not stages:
@@ -527,7 +593,7 @@ def make_optimizer(
     Optimizers get fixed names: Keras would otherwise number them per process ("adam_w_3"),
     and that number ends up in the optimizer variables' paths a resume checkpoint compares.
     """
-    total = max(int(stage.epochs) * int(steps_per_epoch), 1)
+    total = max(stage.epochs_for(steps_per_epoch) * int(steps_per_epoch), 1)
     schedule = WarmupCosine(
         stage.learning_rate * lr_scale,
         total,

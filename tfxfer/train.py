@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from keras.src.saving import saving_lib
 
-from tfxfer import fs, lr_find
+from tfxfer import fs, lr_find, selection
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.checkpoints import Checkpointer, checkpoint_name
 from tfxfer.compiling import (
@@ -49,6 +49,7 @@ from tfxfer.data.pipeline import TrainData
 from tfxfer.distribute import broadcast_from_chief, count_workers_where, describe, is_chief
 from tfxfer.errors import Preempted, RunDirError, TfxferError
 from tfxfer.features import HeadSplit, cached_stage, split_at_head, why_not_cached
+from tfxfer.head_solver import linear_output_layer, solve_head
 from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.preemption import StopOnPreemption, answers_preemption, preemption_notice
 from tfxfer.regularizers import build_reference, needs_reference
@@ -112,6 +113,8 @@ class TrainResult:
     resumed_from_step: int = 0
     # Per stage name, how it trained: on cached features or not, and what that took.
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # With `keep_better`: whether the run ended on the fine-tuned model or the linear probe.
+    selection: dict[str, Any] | None = None
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -264,6 +267,8 @@ class _Trainer:
         self.checkpointer = Checkpointer(directory, write=chief) if directory else _NoCheckpoints()
         # (global epoch, step) of the newest checkpoint, written or resumed from.
         self.position: tuple[int, int] | None = None
+        # The features of the cached stage in progress (`tfxfer.features.CachedStage`).
+        self.cached = None
 
     def checkpoint(
         self, model: keras.Model, stage_index: int, stage: Stage, global_epoch: int, step: int = 0
@@ -449,6 +454,7 @@ def _cached_or_whole(
         return model, train_data, val_data
     cached = cached_stage(split, train_data, val_data)
     trainer.stages.setdefault(stage.name, {}).update(cached.info)
+    trainer.cached = cached  # the arrays, for a solved stage
     return split.head, cached.train, cached.val
 
 
@@ -591,6 +597,90 @@ def find_learning_rate(
         )
 
 
+def _solver_layer(
+    model: keras.Model,
+    split: HeadSplit | None,
+    stage: Stage,
+    trainable: list[str],
+    train_data: TrainData,
+    cache_features: bool,
+) -> keras.layers.Dense | None:
+    """The output layer a `solver` stage fits, or None when the stage trains by epochs.
+
+    The solver fits a stage that trains only a linear head, on cached features; anything
+    else (a hidden layer, LoRA, no cache, weights below the head) trains by epochs.
+    """
+    if stage.solver is None or trainable or stage.lora_rank or not cache_features:
+        return None
+    if why_not_cached(model, split, train_data) is not None:
+        return None
+    return linear_output_layer(split)
+
+
+def _solve_stage(
+    trainer: _Trainer,
+    stage_index: int,
+    stage_count: int,
+    stage: Stage,
+    stage_start: int,
+    model: keras.Model,
+    head: keras.Model,
+    layer: keras.layers.Dense,
+    cached_train: TrainData,
+    cached_val: tf.data.Dataset | None,
+    class_weight: dict[int, float] | None,
+    callbacks: list[keras.callbacks.Callback],
+    verbose: int | str,
+) -> None:
+    """Fits a head-only stage by the solver; records it as one epoch, checkpointed once.
+
+    A resume after it finds its checkpoint; an interruption during it (seconds) refits.
+    """
+    cached = trainer.cached
+    info = trainer.stages[stage.name]
+    if verbose:
+        print(
+            f"[tfxfer] stage {stage_index + 1}/{stage_count} {stage.name!r}: fits the linear "
+            f"head to convergence (L-BFGS, L2 chosen by cross-validation) on cached features "
+            f"{info['feature_shape']} of {info['train_examples']} examples "
+            + (
+                "(found from an earlier extraction)"
+                if info["found_in_cache"]
+                else f"(extracted in {info['extract_seconds']:.1f} s)"
+            ),
+            flush=True,
+        )
+    task = task_of(model)
+    fitted = solve_head(
+        layer,
+        cached.features,
+        cached.labels,
+        task,
+        class_weight=class_weight,
+        seed=int(trainer.config.get("seed", 0) or 0),
+    )
+    info.update(solver=fitted)
+    logs = head.evaluate(
+        cached_train.build(stage_start),
+        steps=cached_train.steps_per_epoch,
+        return_dict=True,
+        verbose=0,
+    )
+    if cached_val is not None:
+        val_logs = head.evaluate(cached_val, return_dict=True, verbose=0)
+        logs.update({f"val_{key}": value for key, value in val_logs.items()})
+    if verbose:
+        shown = ", ".join(f"{key} {float(value):.4g}" for key, value in logs.items())
+        print(
+            f"[tfxfer] stage {stage.name!r}: C={fitted['C']:.3g} ({fitted['folds']}-fold), "
+            f"{fitted['iterations']} iterations in {fitted['seconds']:.2f} s; {shown}",
+            flush=True,
+        )
+    for callback in [_EpochEnd(trainer, stage_index, stage, stage_start, model), *callbacks]:
+        callback.set_model(head)
+        callback.on_epoch_end(stage_start, logs)
+
+
 def run_schedule(
     model: keras.Model,
     backbones: Backbone | list[Backbone] | LayerGroups,
@@ -611,6 +701,7 @@ def run_schedule(
     cache_features: bool = True,
     jit_compile: bool | str = "auto",
     class_weight: dict[int, float] | None = None,
+    keep_better: bool = False,
 ) -> TrainResult:
     """Trains `model` through `stages`, resuming from `run_dir` when it was opened to resume.
 
@@ -651,6 +742,11 @@ def run_schedule(
         class_weight: dict or None. `{class id: weight}` for the training loss of every
             stage (Keras' `class_weight`; `tfxfer.data.balance.class_weights` makes one from
             label frequencies). Validation metrics stay unweighted. Defaults to `None`.
+        keep_better: bool. LP-FT that never makes things worse: end on the weights of the
+            last head-only stage (the linear probe) instead of the fine-tuned ones when
+            fine-tuning raised the validation loss and did not raise the validation accuracy
+            (`tfxfer.selection`); `TrainResult.selection` says which was kept and why.
+            Defaults to `False`.
 
     Returns:
         TrainResult with the trained model and the history of every stage.
@@ -732,18 +828,35 @@ def run_schedule(
         reference = build_reference(model, backbones, kinds) if kinds else None
     loaded = False
     stage_start = 0
+    # The linear probe, which `keep_better` may go back to: the model when fine-tuning starts.
+    probe_index = (
+        selection.probe_stage_index(stages, [bool(s.trainable_groups(groups)) for s in stages])
+        if keep_better
+        else None
+    )
+    snapshot = selection.ProbeSnapshot(
+        run_dir.checkpoints if run_dir else None, trainer.checkpointer.write
+    )
     with preemption_notice(listen) as notice:
         for stage_index, stage in enumerate(stages):
+            with strategy.scope():
+                trainable = apply_stage(model, groups, stage)
+            solver_layer = _solver_layer(model, split, stage, trainable, train_data, cache_features)
+            # A solved stage is one epoch of the run; else epochs (or sized by steps).
+            stage = dataclasses.replace(
+                stage,
+                epochs=1
+                if solver_layer is not None
+                else stage.epochs_for(train_data.steps_per_epoch),
+            )
             # A stage with `patience` may have ended early, before an interruption.
             stage_end = trainer.stages.get(stage.name, {}).get(
                 "ended_after", stage_start + int(stage.epochs)
             )
-            with strategy.scope():
-                trainable = apply_stage(model, groups, stage)
             if stage.epochs == 0 or stage_end <= done_epochs:
                 stage_start = stage_end  # finished before the interruption
                 continue
-            if stage.learning_rate == lr_find.AUTO:
+            if stage.learning_rate == lr_find.AUTO and solver_layer is None:
                 with strategy.scope():
                     stage = _with_found_rate(
                         model,
@@ -804,8 +917,30 @@ def run_schedule(
                     steps_per_execution=compiled.get("steps_per_execution", 1),
                     jit_compile=bool(fit_model.jit_compile),
                 )
+            if solver_layer is not None:
+                with strategy.scope():
+                    _solve_stage(
+                        trainer,
+                        stage_index,
+                        len(stages),
+                        stage,
+                        stage_start,
+                        model,
+                        fit_model,
+                        solver_layer,
+                        fit_train,
+                        fit_val,
+                        class_weight,
+                        [*(callbacks or [])],
+                        verbose,
+                    )
+                stage_start = stage_end
+                continue
             initial_epoch = max(stage_start, done_epochs)
             first_step = done_step if initial_epoch == done_epochs else 0
+            if probe_index is not None and stage_index == probe_index + 1:
+                if initial_epoch == stage_start and not first_step:
+                    snapshot.take(model)  # the probe's weights (restored, on a resume)
             if verbose:
                 part = f" (epoch {initial_epoch + 1} from step {first_step + 1})"
                 print(
@@ -881,6 +1016,27 @@ def run_schedule(
         # Every stage had finished: the checkpoint holds the final weights.
         with strategy.scope():
             Checkpointer.restore(model, state, with_optimizer=False)
+    chosen = None
+    if probe_index is not None:
+        chosen = selection.choose(trainer.history, stages[probe_index].name)
+        if chosen["kept"] == "probe":
+            if snapshot.load():
+                with strategy.scope():
+                    snapshot.restore(model)
+            else:
+                chosen = {
+                    **chosen,
+                    "kept": "finetuned",
+                    "reason": chosen["reason"]
+                    + ", but the probe's weights were not kept (no run directory)",
+                }
+        log.info("Kept the %s model: %s.", chosen["kept"], chosen["reason"])
     return TrainResult(
-        model, trainer.history, done_epochs, trainer.best, done_step, dict(trainer.stages)
+        model,
+        trainer.history,
+        done_epochs,
+        trainer.best,
+        done_step,
+        dict(trainer.stages),
+        chosen,
     )

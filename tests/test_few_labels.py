@@ -1,0 +1,211 @@
+"""Few labels: the solved head stage, schedules sized by steps, LP-FT that keeps the better.
+
+Every run here uses the tiny backbone (`tests.helpers`), so each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tfxfer
+from tests.helpers import (
+    InterruptAfterEpoch,
+    tiny_arrays,
+    tiny_backbone,
+    tiny_model,
+    tiny_train_data,
+    tiny_val_data,
+)
+from tfxfer import features as feature_cache
+from tfxfer.features import split_at_head
+from tfxfer.head_solver import linear_output_layer
+from tfxfer.schedule import FINETUNE_STEPS, Stage
+from tfxfer.solver import fit_linear_head
+
+
+@pytest.fixture(autouse=True)
+def _empty_store():
+    feature_cache.STORE.clear()
+    yield
+    feature_cache.STORE.clear()
+
+
+def _data(n: int = 24, batch_size: int = 6):
+    images, labels = tiny_arrays(n=n)
+    return (
+        tiny_train_data(images, labels, batch_size=batch_size, seed=3),
+        tiny_val_data(images[: n // 2], labels[: n // 2], batch_size=4),
+        images,
+        labels,
+    )
+
+
+# === Stages sized by steps ===
+
+
+@pytest.mark.parametrize(
+    ("steps_per_epoch", "expected"),
+    [(3, 20), (10, 10), (34, 3), (1000, 3)],  # capped at 20; 100 steps; at least 3 epochs
+)
+def test_a_finetune_stage_without_epochs_is_sized_by_optimizer_steps(steps_per_epoch, expected):
+    stage = Stage("finetune", None, train="all", **FINETUNE_STEPS)
+    assert stage.epochs_for(steps_per_epoch) == expected
+    assert Stage("finetune", 7, train="all").epochs_for(steps_per_epoch) == 7  # explicit wins
+
+
+def test_stage_length_fields_are_checked():
+    with pytest.raises(tfxfer.TfxferError, match="min_epochs .* above max_epochs"):
+        Stage("s", None, min_epochs=5, max_epochs=2).validate()
+    with pytest.raises(tfxfer.TfxferError, match=r"epochs must be >= 0 \(an int, or None"):
+        Stage("s", 1.5).validate()
+    with pytest.raises(tfxfer.TfxferError, match="solver must be one of"):
+        Stage("s", None, solver="newton").validate()
+
+
+def test_the_default_schedule_solves_the_head_and_sizes_finetuning_by_steps():
+    head, finetune = tfxfer.default_schedule()
+    assert (head.epochs, head.solver) == (None, "lbfgs")
+    assert finetune.epochs is None and finetune.epochs_for(3) == 20
+    head, finetune = tfxfer.default_schedule(4, 2)
+    assert (head.epochs, head.solver, finetune.epochs) == (4, None, 2)
+
+
+def test_an_auto_sized_stage_trains_that_many_epochs_and_its_schedule_spans_them():
+    backbone, model = tiny_model()
+    train, val, _, _ = _data(n=12, batch_size=6)  # 2 steps an epoch
+    stage = Stage("head", None, learning_rate=1e-2, min_steps=7, min_epochs=1, max_epochs=9)
+    result = tfxfer.run_schedule(model, backbone, [stage], train, val, verbose=0)
+    assert len(result.history) == 4  # ceil(7 / 2)
+    # Cosine decay reaches its end at the stage's last step, not before or after it.
+    assert result.history[-1]["learning_rate"] == pytest.approx(0.0, abs=1e-3 * 1e-2)
+
+
+# === The solved head ===
+
+
+def test_a_solver_stage_sets_the_head_to_the_cross_validated_solution_in_one_epoch():
+    backbone, model = tiny_model()
+    train, val, images, labels = _data()
+    split = split_at_head(model)
+    features = split.features.predict(images, verbose=0)
+    expected = fit_linear_head(features, labels, "single_label", num_outputs=3)
+    result = tfxfer.run_schedule(
+        model, backbone, [Stage("head", None, solver="lbfgs")], train, val, verbose=0
+    )
+    layer = linear_output_layer(split)
+    # The training split's order differs from `images` (it is shuffled): same problem.
+    np.testing.assert_allclose(layer.kernel.numpy(), expected.kernel, atol=2e-3)
+    np.testing.assert_allclose(layer.bias.numpy(), expected.bias, atol=2e-3)
+    assert len(result.history) == 1 and result.history[0]["stage"] == "head"
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(result.history[0])
+    info = result.stages["head"]
+    assert info["cached_features"] is True and info["solver"]["C"] == expected.C
+    assert result.history[0]["accuracy"] > 0.9  # the colour-channel task is separable
+
+
+def test_a_head_with_a_hidden_layer_trains_by_epochs_instead():
+    backbone = tiny_backbone()
+    model = tfxfer.build_model(backbone, 3, head=tfxfer.HeadConfig(hidden_units=[4]))
+    assert linear_output_layer(split_at_head(model)) is None
+    train, val, _, _ = _data()
+    stage = Stage("head", None, solver="lbfgs", min_steps=8, min_epochs=1, max_epochs=3)
+    result = tfxfer.run_schedule(model, backbone, [stage], train, val, verbose=0)
+    assert len(result.history) == 2  # 4 steps an epoch, 8 steps
+    assert "solver" not in result.stages["head"]
+
+
+def test_a_resumed_run_after_a_solved_head_ends_as_the_uninterrupted_one(tmp_path):
+    def run(directory, resume=False, callbacks=None, seed=0):
+        backbone, model = tiny_model(seed=seed)
+        train, val, _, _ = _data()
+        result = tfxfer.run_schedule(
+            model,
+            backbone,
+            [Stage("head", None, solver="lbfgs"), Stage("finetune", 2, train="all")],
+            train,
+            val,
+            run_dir=tfxfer.RunDir(str(directory), resume=resume),
+            callbacks=callbacks,
+            verbose=0,
+        )
+        return model, result
+
+    whole, whole_result = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", callbacks=[InterruptAfterEpoch(1)])  # right after the solve
+    feature_cache.STORE.clear()
+    resumed, result = run(tmp_path / "cut", resume=True, seed=7)
+    assert result.resumed_from_epoch == 1
+    for a, b in zip(whole.weights, resumed.weights, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert [r["val_loss"] for r in whole_result.history] == pytest.approx(
+        [r["val_loss"] for r in result.history], rel=1e-5
+    )
+    stages = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())
+    assert stages["checkpoint"]
+
+
+# === LP-FT: keep the better ===
+
+
+def _lpft(finetune: Stage, tmp_path=None):
+    backbone, model = tiny_model()
+    train, val, _, _ = _data()
+    result = tfxfer.run_schedule(
+        model,
+        backbone,
+        [Stage("head", None, solver="lbfgs"), finetune],
+        train,
+        val,
+        run_dir=tfxfer.RunDir(str(tmp_path)) if tmp_path else None,
+        keep_better=True,
+        verbose=0,
+    )
+    return model, result
+
+
+def test_fine_tuning_that_hurts_is_undone_and_the_probe_kept(tmp_path):
+    # Adam at a rate of 0.3 wrecks the backbone: validation loss and accuracy both get worse.
+    wreck = Stage("finetune", 2, train="all", optimizer="adam", learning_rate=0.3, decay="constant")
+    model, result = _lpft(wreck, tmp_path)
+    probe_row = [r for r in result.history if r["stage"] == "head"][-1]
+    assert result.history[-1]["val_loss"] > probe_row["val_loss"]
+    assert result.selection["kept"] == "probe", result.selection
+    assert "raised the validation loss" in result.selection["reason"]
+    # The model is the probe again: its validation loss is the probe's.
+    _, val, _, _ = _data()
+    model.compile(loss="sparse_categorical_crossentropy")
+    loss = model.evaluate(val, verbose=0, return_dict=True)["loss"]
+    assert loss == pytest.approx(probe_row["val_loss"], rel=1e-4)
+    assert (tmp_path / "checkpoints" / "linear_probe.npz").exists()
+
+
+def test_fine_tuning_that_helps_or_ties_is_kept():
+    gentle = Stage("finetune", 2, train="all", learning_rate=1e-3)
+    _, result = _lpft(gentle)
+    assert result.selection["kept"] == "finetuned", result.selection
+    assert set(result.selection["compared"]) == {"val_loss", "val_accuracy"}
+
+
+def test_the_selection_rule_needs_both_measures_worse():
+    from tfxfer.selection import choose
+
+    def history(probe, final):
+        return [{"stage": "head", **probe}, {"stage": "finetune", **final}]
+
+    worse_loss_better_acc = history(
+        {"val_loss": 0.5, "val_accuracy": 0.6}, {"val_loss": 0.7, "val_accuracy": 0.8}
+    )
+    assert choose(worse_loss_better_acc, "head")["kept"] == "finetuned"
+    both_worse = history(
+        {"val_loss": 0.5, "val_accuracy": 0.8}, {"val_loss": 0.7, "val_accuracy": 0.8}
+    )
+    assert choose(both_worse, "head")["kept"] == "probe"
+    no_val = history({"loss": 0.5}, {"loss": 0.7})
+    assert choose(no_val, "head") == {
+        "kept": "finetuned",
+        "reason": "no validation data to choose by",
+    }

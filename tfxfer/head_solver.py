@@ -1,0 +1,76 @@
+"""A head-only stage fit to convergence by a full-batch solver, on cached features.
+
+A linear head on frozen features is a logistic (or ridge) regression: a convex problem with
+one answer. Training it with a few epochs of AdamW leaves it wherever the epochs ran out (80
+images at batch 32 give it 9 updates), and its quality then depends on the data's size. So
+when a stage trains only the head, the head is linear and its features are cached, the stage
+is solved instead (`tfxfer.solver`: L-BFGS, its L2 strength chosen by k-fold
+cross-validation on the training features, not on a handful of validation examples), and
+the solution goes into the model's own output layer. It takes seconds; the stage counts as
+one epoch of the run and is checkpointed once, at its end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from tfxfer.features import HeadSplit
+from tfxfer.solver import fit_linear_head
+
+# Layers that may sit between the cached features and the output layer of a linear head:
+# they change nothing at inference.
+_PASS_THROUGH = (keras.layers.Dropout, keras.layers.InputLayer, keras.layers.Identity)
+OUTPUT_LAYER = "predictions"
+
+
+def linear_output_layer(split: HeadSplit | None) -> keras.layers.Dense | None:
+    """The head's output layer when the head is linear on the cached features, else None.
+
+    Linear: the only layer with weights above the cut is the `predictions` Dense layer, with
+    at most dropout between it and the features (a `hidden_units` head, or a fusion or
+    regularizer layer above the cut, is not).
+    """
+    if split is None or len(split.head.inputs) != 1:
+        return None
+    output = None
+    for layer in split.head.layers:
+        if layer.name == OUTPUT_LAYER and isinstance(layer, keras.layers.Dense):
+            output = layer
+        elif layer.weights or not isinstance(layer, _PASS_THROUGH):
+            return None
+    if output is None or int(output.kernel.shape[0]) != int(split.head.inputs[0].shape[-1]):
+        return None
+    return output
+
+
+def solve_head(
+    layer: keras.layers.Dense,
+    features: np.ndarray,
+    labels: np.ndarray,
+    task: str,
+    *,
+    class_weight: dict[int, float] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fits `layer` (the linear head) to convergence on `features`; returns what it did."""
+    features = np.asarray(features).reshape(len(features), -1)
+    num_outputs = int(layer.kernel.shape[-1])
+    sample_weight = None
+    if class_weight and task == "single_label":
+        ids = np.asarray(labels).astype(int).reshape(-1)
+        sample_weight = np.array([class_weight.get(int(i), 1.0) for i in ids], dtype=np.float64)
+    fit = fit_linear_head(
+        features,
+        labels,
+        task,
+        num_outputs=num_outputs,
+        sample_weight=sample_weight,
+        seed=seed,
+    )
+    layer.kernel.assign(fit.kernel.astype(layer.kernel.dtype))
+    if layer.bias is not None:
+        layer.bias.assign(fit.bias.astype(layer.bias.dtype))
+    return fit.info()

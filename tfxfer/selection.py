@@ -1,0 +1,129 @@
+"""LP-FT that never makes things worse: keep the linear probe when fine-tuning hurt.
+
+Fine-tuning starts from the head fit on the frozen backbone (the linear probe, LP), and
+usually improves on it. With few labels, a high learning rate or a backbone that does not
+suit the data, it can also make things worse, and then the run should end on the probe.
+
+The rule, made for validation sets of a handful of examples, where one metric alone is
+noise: the fine-tuned model is kept unless it is worse on validation by **both** measures,
+a higher validation loss **and** a validation accuracy no higher than the probe's (where
+the run measures accuracy; the loss alone otherwise). The metrics compared are those of the
+last epoch of the probe's stage and of the run. Without validation data the fine-tuned model
+is kept: there is nothing to choose by. What was kept, and why, is `TrainResult.selection`
+and `metrics.json`'s `selection`.
+
+The probe's weights are kept in memory when fine-tuning starts, and in
+`checkpoints/linear_probe.npz` so that a resumed run can still go back to them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from tfxfer import fs
+from tfxfer.schedule import Stage
+
+SNAPSHOT_FILE = "linear_probe.npz"
+
+
+def probe_stage_index(stages: Sequence[Stage], trains_backbone: Sequence[bool]) -> int | None:
+    """The last head-only stage that a backbone-training stage follows, or None."""
+    probe = None
+    for index, (stage, backbone) in enumerate(zip(stages, trains_backbone, strict=True)):
+        if stage.epochs == 0:
+            continue
+        if not backbone:
+            probe = index
+        elif probe is not None:
+            return probe
+    return None
+
+
+class ProbeSnapshot:
+    """The model's variables at the end of the probe stage, in memory and on disk."""
+
+    def __init__(self, directory: str | None, write: bool):
+        self.path = fs.join(directory, SNAPSHOT_FILE) if directory else None
+        self.write = write
+        self.values: dict[str, np.ndarray] | None = None
+
+    def take(self, model: keras.Model) -> None:
+        self.values = {v.path: np.array(v.numpy()) for v in model.variables}
+        if self.path and self.write:
+            buffer = io.BytesIO()
+            np.savez(
+                buffer,
+                **{_key(i): value for i, value in enumerate(self.values.values())},
+                paths=np.array(list(self.values)),
+            )
+            tmp = self.path + ".tmp"
+            fs.write_bytes(tmp, buffer.getvalue())
+            fs.rename(tmp, self.path)
+
+    def load(self) -> bool:
+        """Reads the snapshot a run wrote before it was interrupted; False if there is none."""
+        if self.values is not None:
+            return True
+        if not self.path or not fs.exists(self.path):
+            return False
+        with np.load(io.BytesIO(fs.read_bytes(self.path))) as arrays:
+            paths = [str(p) for p in arrays["paths"]]
+            self.values = {path: arrays[_key(i)] for i, path in enumerate(paths)}
+        return True
+
+    def restore(self, model: keras.Model) -> None:
+        for variable in model.variables:
+            if variable.path in self.values:
+                variable.assign(self.values[variable.path])
+
+
+def _key(index: int) -> str:
+    return f"v{index:05d}"
+
+
+def choose(history: list[dict[str, Any]], probe_stage: str) -> dict[str, Any]:
+    """Whether to keep the fine-tuned model or go back to the probe, and why."""
+    probe_rows = [row for row in history if row.get("stage") == probe_stage]
+    if not probe_rows or not history:
+        return {"kept": "finetuned", "reason": "the probe stage left no history"}
+    probe, final = probe_rows[-1], history[-1]
+    compared = {
+        key: {"probe": _number(probe.get(key)), "finetuned": _number(final.get(key))}
+        for key in ("val_loss", "val_accuracy")
+        if _number(probe.get(key)) is not None and _number(final.get(key)) is not None
+    }
+    if "val_loss" not in compared:
+        return {"kept": "finetuned", "reason": "no validation data to choose by"}
+    loss, accuracy = compared["val_loss"], compared.get("val_accuracy")
+    worse_loss = loss["finetuned"] > loss["probe"]
+    no_better_accuracy = accuracy is None or accuracy["finetuned"] <= accuracy["probe"]
+    if worse_loss and no_better_accuracy:
+        kept, reason = (
+            "probe",
+            (
+                "fine-tuning raised the validation loss"
+                + (" and did not raise the validation accuracy" if accuracy else "")
+            ),
+        )
+    else:
+        kept = "finetuned"
+        reason = (
+            "fine-tuning lowered the validation loss"
+            if not worse_loss
+            else "fine-tuning raised the validation accuracy"
+        )
+    return {"kept": kept, "reason": reason, "probe_stage": probe_stage, "compared": compared}
+
+
+def _number(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
