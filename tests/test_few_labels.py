@@ -48,7 +48,7 @@ def _data(n: int = 24, batch_size: int = 6):
 
 @pytest.mark.parametrize(
     ("steps_per_epoch", "expected"),
-    [(3, 20), (10, 10), (34, 3), (1000, 3)],  # capped at 20; 100 steps; at least 3 epochs
+    [(3, 10), (6, 9), (34, 3), (1000, 3)],  # capped at 10; 50 steps; at least 3 epochs
 )
 def test_a_finetune_stage_without_epochs_is_sized_by_optimizer_steps(steps_per_epoch, expected):
     stage = Stage("finetune", None, train="all", **FINETUNE_STEPS)
@@ -68,7 +68,7 @@ def test_stage_length_fields_are_checked():
 def test_the_default_schedule_solves_the_head_and_sizes_finetuning_by_steps():
     head, finetune = tfxfer.default_schedule()
     assert (head.epochs, head.solver) == (None, "lbfgs")
-    assert finetune.epochs is None and finetune.epochs_for(3) == 20
+    assert finetune.epochs is None and finetune.epochs_for(3) == 10
     head, finetune = tfxfer.default_schedule(4, 2)
     assert (head.epochs, head.solver, finetune.epochs) == (4, None, 2)
 

@@ -60,6 +60,7 @@ def test_run_directory_holds_everything(image_recipe_run):
 
     with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as handle:
         metrics = json.load(handle)
+    assert metrics.pop("selection")["kept"] in ("probe", "finetuned")  # keep_better
     assert set(metrics) == {"val", "test"}
     assert metrics["test"]["num_examples"] == 18
     val = metrics["val"]

@@ -79,7 +79,8 @@ def test_a_recipe_of_three_functions_leaves_a_complete_run(tiny_run):
         "tensorboard",
     } <= files
     assert "export" not in files  # smoke(): export=False
-    assert set(result["metrics"]) == {"val", "test"}
+    assert set(result["metrics"]) == {"val", "test", "selection"}
+    assert result["metrics"]["selection"]["kept"] in ("probe", "finetuned")
     assert result["metrics"]["test"]["num_examples"] == 18
     assert [row["stage"] for row in result["history"]] == ["head", "finetune"]
     # unfreeze=1 trained the top group only, as the backbone counts its groups: the lower

@@ -114,6 +114,9 @@ def test_run_directory_holds_every_artifact(finished_run):
     ):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
+    # Which of the probe and the fine-tuned model the run ended on, and why (keep_better).
+    selection = metrics.pop("selection")
+    assert selection["kept"] in ("probe", "finetuned") and selection["reason"]
     assert set(metrics) == {"val", "test"}
     for split in metrics.values():
         assert {"accuracy", "loss", "macro_f1", "per_class", "confusion_matrix"} <= set(split)

@@ -86,13 +86,9 @@ class RecipeConfig(FlagConfig):
     fusion_width: int | None = None  # projection width for sum/product/gated/attention fusion
     val_split: float = 0.2  # share of the training data held out when no val set is given
     batch_size: int = 32  # per replica; the global batch is this times the replicas
-    # stage 1, the head only on the frozen backbone: none fits a linear head to convergence
-    # (L-BFGS, L2 by cross-validation), else epochs (the most, with head_patience); 0 skips it
-    head_epochs: int | None = None
+    head_epochs: int | None = None  # stage 1 (head only): none solves a linear head; N epochs
     head_patience: int | None = None  # e.g. 3: stage 1 ends once val loss stalls this many epochs
-    # stage 2, fine-tune the backbone: none sizes it by steps (>= 100 steps and 3 epochs, <= 20
-    # epochs), else epochs; 0 skips it
-    finetune_epochs: int | None = None
+    finetune_epochs: int | None = None  # stage 2: none sizes it by steps (>=50, 3-10 epochs)
     keep_better: bool = True  # end on the stage-1 model if fine-tuning made validation worse
     head_learning_rate: float | str = 1e-3  # peak learning rate of stage 1 (auto: range test)
     finetune_learning_rate: float | str = 1e-4  # peak learning rate of stage 2 (auto: range test)

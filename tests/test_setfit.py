@@ -1,0 +1,152 @@
+"""SetFit-style contrastive fine-tuning: pairs of labelled texts pull one class together."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfxfer
+from tfxfer.features import split_at_head
+from tfxfer.setfit import contrastive_finetune, make_pairs
+
+# Each class's texts mix its own words with words every class uses.
+CLASS_WORDS = [["great", "good", "loved", "fun"], ["bad", "awful", "boring", "hated"]]
+SHARED_WORDS = ["the", "a", "movie", "film", "plot", "acting", "it", "was"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from bert_helpers import write_hf_checkpoint
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path_factory.mktemp("bert") / "hf_bert"
+    write_hf_checkpoint(path)
+    # Word embeddings 5x the helper's: at its scale every text's mean-pooled embedding
+    # points the same way (cosine 0.95), leaving same-class pairs no room to grow closer.
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["embeddings.word_embeddings.weight"] *= 5
+    save_file(tensors, str(path / "model.safetensors"))
+    return str(path)
+
+
+def _texts(per_class: list[int], seed: int = 0) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for label, count in enumerate(per_class):
+        own = CLASS_WORDS[label % len(CLASS_WORDS)]
+        for _ in range(count):
+            words = [*rng.choice(own, 3), *rng.choice(SHARED_WORDS, int(rng.integers(2, 12)))]
+            texts.append(" ".join(rng.permutation(words)))
+            labels.append(label)
+    return texts, np.asarray(labels, np.int32)
+
+
+def _encoder(bert_path: str, classes: int = 2):
+    keras.utils.set_random_seed(0)
+    backbone = tfxfer.build_backbone(bert_path, sequence_length=64)
+    model = tfxfer.build_model(backbone, classes, head=tfxfer.HeadConfig(pooling="mean"))
+    return backbone, model, split_at_head(model).features
+
+
+def _tokens(backbone, texts):
+    return {k: np.asarray(v) for k, v in backbone.preprocessor(tf.constant(texts)).items()}
+
+
+def _run(bert_path, per_class=(6, 6), **kwargs):
+    backbone, model, features = _encoder(bert_path, len(per_class))
+    texts, labels = _texts(list(per_class))
+    inputs = _tokens(backbone, texts)
+    kwargs = {"pairs_per_example": 4, "learning_rate": 3e-3, "batch_size": 8, **kwargs}
+    info = contrastive_finetune(features, inputs, labels, **kwargs)
+    return model, features, info
+
+
+def test_same_class_pairs_grow_closer_and_different_class_pairs_apart(tiny_bert):
+    _, _, info = _run(tiny_bert, epochs=2)
+    assert info["positive_cosine_after"] > info["positive_cosine_before"]
+    assert info["negative_cosine_after"] < info["negative_cosine_before"]
+    assert info["positive_cosine_after"] - info["negative_cosine_after"] > 0.1
+    assert info["pairs"] == 12 * 4 * 2 and info["positive_pairs"] == 48
+    assert info["steps"] == 2 * 12 and len(info["epoch_losses"]) == 2
+    assert "note" not in info
+    json.dumps(info)  # the run records it as is
+
+
+def test_the_backbone_trains_in_place_and_trainable_flags_come_back(tiny_bert):
+    backbone, model, features = _encoder(tiny_bert)
+    # A head stage's flags: the backbone frozen, one head weight frozen inside a trainable layer.
+    backbone.network.trainable = False
+    output = model.layers[-1]
+    output.kernel.trainable = False
+    flags = [(layer.name, layer.trainable) for layer in model._flatten_layers()]
+    weights = {v.path: v.trainable for v in model.weights}
+    before = {v.path: np.array(v.numpy()) for v in backbone.network.weights}
+    head_before = [np.array(v.numpy()) for v in output.weights]
+
+    texts, labels = _texts([5, 5])
+    contrastive_finetune(
+        features, _tokens(backbone, texts), labels, pairs_per_example=2, learning_rate=1e-3
+    )
+    changed = [p for p, w in before.items() if not np.allclose(w, _weight(backbone, p))]
+    assert len(changed) > len(before) // 2  # the encoder itself trained, frozen or not
+    for old, variable in zip(head_before, output.weights, strict=True):
+        np.testing.assert_array_equal(old, variable.numpy())  # the head took no part
+    assert [(layer.name, layer.trainable) for layer in model._flatten_layers()] == flags
+    assert {v.path: v.trainable for v in model.weights} == weights
+
+
+def _weight(backbone, path):
+    return next(v.numpy() for v in backbone.network.weights if v.path == path)
+
+
+def test_the_same_seed_gives_the_same_weights_and_another_seed_does_not(tiny_bert):
+    runs = [_run(tiny_bert, per_class=(4, 4), seed=s) for s in (0, 0, 1)]
+    a, b, c = ([v.numpy() for v in run[1].weights] for run in runs)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, z) for x, z in zip(a, c, strict=True))
+    assert runs[0][2]["final_loss"] == runs[1][2]["final_loss"]
+
+
+def test_a_class_with_one_example_gets_no_same_class_pairs_and_says_so(tiny_bert):
+    _, _, info = _run(tiny_bert, per_class=(4, 1, 4), pairs_per_example=3)
+    assert "class ids 1" in info["note"]
+    assert info["positive_pairs"] == 8 * 3 and info["negative_pairs"] == 9 * 3
+
+
+def test_partners_go_through_their_pool_before_repeating():
+    labels = np.asarray([0, 0, 0, 1, 1, 2])
+    first, second, targets, note = make_pairs(labels, 5, np.random.default_rng(0))
+    assert "class ids 2" in note
+    assert not np.any(first == second)
+    assert np.array_equal(targets == 1, labels[first] == labels[second])
+    for i in range(len(labels)):
+        others = second[(first == i) & (targets == 0)]
+        assert len(set(others.tolist())) == min(5, int(np.sum(labels != labels[i])))
+    # Same inputs, same seed: the same pairs.
+    again = make_pairs(labels, 5, np.random.default_rng(0))
+    assert all(
+        np.array_equal(x, y) for x, y in zip((first, second, targets), again[:3], strict=True)
+    )
+
+
+def test_a_labelled_dataset_can_stand_in_for_arrays(tiny_bert):
+    backbone, _, features = _encoder(tiny_bert)
+    texts, labels = _texts([3, 3])
+    tokens = backbone.preprocessor(tf.constant(texts))
+    examples = tf.data.Dataset.from_tensor_slices((dict(tokens), labels))
+    info = contrastive_finetune(features, examples, pairs_per_example=1)
+    assert info["pairs"] == 12
+
+
+def test_bad_labels_are_refused_with_what_was_received(tiny_bert):
+    backbone, _, features = _encoder(tiny_bert)
+    texts, labels = _texts([3, 3])
+    with pytest.raises(tfxfer.TfxferError, match="Received: shape=\\(5,\\)"):
+        contrastive_finetune(features, _tokens(backbone, texts), labels[:5])
+    with pytest.raises(tfxfer.TfxferError, match="pairs_per_example=0"):
+        contrastive_finetune(features, _tokens(backbone, texts), labels, pairs_per_example=0)
