@@ -122,6 +122,19 @@ def _logistic_regression(seed: int):
     return LogisticRegression(max_iter=LR_MAX_ITER, random_state=seed)
 
 
+def _recipe_result(result: dict[str, Any]) -> dict[str, Any]:
+    """What a tfxfer recipe run scored, and how it ended (which model LP-FT kept)."""
+    test = result["metrics"]["test"]
+    return {
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test.get("macro_f1"),
+        "train_examples": len(result["data"].train),
+        "val_examples": len(result["data"].val) if result["data"].val is not None else 0,
+        "epochs": len(result["history"]) if result.get("history") is not None else None,
+        "kept": (result["metrics"].get("selection") or {}).get("kept"),
+    }
+
+
 def child_tfxfer_text(spec: dict[str, Any]) -> dict[str, Any]:
     from recipes.bert_text_classifier import Config, main
 
@@ -137,15 +150,7 @@ def child_tfxfer_text(spec: dict[str, Any]) -> dict[str, Any]:
             quiet=True,
             seed=spec["seed"],
         )
-        result = main(config)
-    test = result["metrics"]["test"]
-    return {
-        "test_accuracy": test["accuracy"],
-        "test_macro_f1": test.get("macro_f1"),
-        "train_examples": len(result["data"].train),
-        "val_examples": len(result["data"].val) if result["data"].val is not None else 0,
-        "epochs": len(result["history"]) if result.get("history") is not None else None,
-    }
+        return _recipe_result(main(config))
 
 
 def child_tfxfer_image(spec: dict[str, Any]) -> dict[str, Any]:
@@ -162,15 +167,7 @@ def child_tfxfer_image(spec: dict[str, Any]) -> dict[str, Any]:
             seed=spec["seed"],
             **spec["image"],
         )
-        result = main(config)
-    test = result["metrics"]["test"]
-    return {
-        "test_accuracy": test["accuracy"],
-        "test_macro_f1": test.get("macro_f1"),
-        "train_examples": len(result["data"].train),
-        "val_examples": len(result["data"].val) if result["data"].val is not None else 0,
-        "epochs": len(result["history"]) if result.get("history") is not None else None,
-    }
+        return _recipe_result(main(config))
 
 
 def child_keras_hub(spec: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Config(RecipeConfig):
     head_learning_rate: float | str = 3e-3
     finetune_learning_rate: float | str = 5e-5
     dropout: float = 0.1
+    contrastive_pairs: int = 0  # e.g. 20: SetFit pairs per example before the head (few labels)
 
     SMOKE: ClassVar[dict] = {"sequence_length": 16}
     MODALITY: ClassVar[str] = "text"

@@ -86,12 +86,12 @@ def test_an_auto_sized_stage_trains_that_many_epochs_and_its_schedule_spans_them
 # === The solved head ===
 
 
-def test_a_solver_stage_sets_the_head_to_the_cross_validated_solution_in_one_epoch():
+def test_a_solver_stage_sets_the_head_to_the_solution_in_one_epoch():
     backbone, model = tiny_model()
     train, val, images, labels = _data()
     split = split_at_head(model)
     features = split.features.predict(images, verbose=0)
-    expected = fit_linear_head(features, labels, "single_label", num_outputs=3)
+    expected = fit_linear_head(features, labels, "single_label", num_outputs=3, standardize=False)
     result = tfxfer.run_schedule(
         model, backbone, [Stage("head", None, solver="lbfgs")], train, val, verbose=0
     )
@@ -103,6 +103,7 @@ def test_a_solver_stage_sets_the_head_to_the_cross_validated_solution_in_one_epo
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(result.history[0])
     info = result.stages["head"]
     assert info["cached_features"] is True and info["solver"]["C"] == expected.C
+    assert info["solver"]["folds"] == 5
     assert result.history[0]["accuracy"] > 0.9  # the colour-channel task is separable
 
 

@@ -428,3 +428,20 @@ def test_a_run_saved_before_the_rename_still_loads(finished_run, tmp_path):
         tfxfer.load_model(str(saved)).predict(texts, verbose=0),
         atol=1e-6,
     )
+
+
+def test_contrastive_pairs_train_the_encoder_before_the_solved_head(bert_dir, text_files, tmp_path):
+    """SetFit as a recipe option: pairs first (recorded), then the default solved head."""
+    config = Config.smoke(
+        train=text_files[0],
+        output_dir=str(tmp_path / "run"),
+        backbone=bert_dir,
+        contrastive_pairs=2,
+        head_epochs=None,
+        finetune_epochs=0,
+    )
+    result = main(config)
+    info = json.loads((tmp_path / "run" / "contrastive.json").read_text())
+    assert info["pairs"] > 0 and info["steps"] > 0
+    assert result["result"].stages["head"]["solver"]["folds"] >= 2
+    assert [row["stage"] for row in result["history"]] == ["head"]

@@ -443,6 +443,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
     )
     datasets = prepared.datasets()
     stages = _from_scratch(stages, backbone, model, datasets, distribution, config.quiet)
+    _contrastive_first(config, model, datasets, distribution, run_dir)
     result = run_schedule(
         model,
         backbone,
@@ -522,6 +523,42 @@ def _from_scratch(stages, backbone, model, datasets, distribution, quiet: bool) 
         stage if stage.train == "head" else dataclasses.replace(stage, train_batchnorm=True)
         for stage in stages
     ]
+
+
+def _contrastive_first(config, model, datasets, distribution, run_dir: RunDir) -> None:
+    """SetFit before the schedule, where the config asks for it (`contrastive_pairs`).
+
+    The text encoder is trained on pairs of labelled examples (same class or not,
+    `tfxfer.setfit`), then the schedule fits the head on its new features. A resumed run
+    whose checkpoint exists skips it: the checkpoint holds the weights it trained.
+    """
+    pairs = int(getattr(config, "contrastive_pairs", 0) or 0)
+    if not pairs:
+        return
+    from tfxfer.checkpoints import Checkpointer
+    from tfxfer.features import split_at_head
+    from tfxfer.setfit import contrastive_finetune
+
+    if config.resume and Checkpointer(run_dir.checkpoints, write=False).latest() is not None:
+        return
+    with distribution.scope():
+        info = contrastive_finetune(
+            split_at_head(model).features,
+            datasets.train.examples,
+            pairs_per_example=pairs,
+            seed=config.seed,
+            verbose=0,
+        )
+    if distribution.is_chief:
+        run_dir.write_json("contrastive.json", info)
+    if not config.quiet:
+        print(
+            f"[tfxfer] contrastive (SetFit): {info['pairs']} pairs, {info['steps']} steps in "
+            f"{info['seconds']:.0f} s; same-class cosine {info['positive_cosine_before']:.2f}"
+            f" -> {info['positive_cosine_after']:.2f}, other-class "
+            f"{info['negative_cosine_before']:.2f} -> {info['negative_cosine_after']:.2f}",
+            flush=True,
+        )
 
 
 def find_learning_rate(

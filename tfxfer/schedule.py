@@ -92,9 +92,10 @@ class Stage:
         max_epochs: int. With `epochs=None`: the most epochs. Defaults to `10`.
         solver: str or None. "lbfgs": a head-only stage whose head is linear (one softmax,
             sigmoid or linear output layer on the pooled features) and trains on cached
-            features is fit to convergence, full batch, by L-BFGS (`tfxfer.solver`), with
-            its L2 strength chosen by k-fold cross-validation on the training features; the
-            stage then counts as one epoch, checkpointed once at its end. A stage the solver
+            features is fit to convergence, full batch, by L-BFGS (`tfxfer.solver`), its L2
+            strength chosen by 5-fold cross-validation on the training features
+            (`tfxfer.head_solver` says how). The stage then counts as one epoch,
+            checkpointed once at its end. A stage the solver
             cannot fit (a hidden layer, augmentation that must run, LoRA, no cache) trains
             with Keras epochs as usual. Defaults to `None`.
         patience: int or None. Train until convergence: end the stage once the monitored

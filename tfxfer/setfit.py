@@ -33,8 +33,9 @@ from keras import ops
 from tfxfer.errors import TfxferError
 from tfxfer.features import _materialize, _token_lengths, extract
 
-# Pairs drawn per example and kind (same class, other class), as measured on MiniLM-L6 at
-# 8 texts a class (see the module's tests and the benchmark notes in the README).
+# Pairs drawn per example and kind (same class, other class). With MiniLM-L6 at 8 texts a
+# class (fortunes, debian-sections, 2 seeds each), 20 scored 2.7 points above 5 on average
+# (3 runs of 4), at 4x the training time.
 DEFAULT_PAIRS_PER_EXAMPLE = 20
 # Batches sorted by length together: long enough that batches of similar lengths form, short
 # enough that the order stays shuffled.

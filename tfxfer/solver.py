@@ -196,8 +196,8 @@ def fit_linear_head(
             notes.append(f"{usable} folds, not {folds}: too few examples for more")
         fold_of = _fold_ids(targets[rows], usable, rng, stratify)
         data = (rotated[rows], targets[rows], weights[rows], task, k)
-        cv_loss, point = _cross_validate(*data, Cs, fold_of, max_iter)
-        Cs = [min(cv_loss, key=cv_loss.get)]
+        cv_loss, point, chosen = _cross_validate(*data, Cs, fold_of, max_iter)
+        Cs = [chosen]
         if Cs[0] in (candidates[0], candidates[-1]):
             notes.append(f"chosen C={Cs[0]:.4g} is at the edge of the candidates")
     W, c, *rest = _solve(rotated, targets, weights, task, k, Cs[0], point, tol, max_iter, basis)
@@ -214,11 +214,20 @@ def fit_linear_head(
 
 
 def _cross_validate(x, targets, weights, task, k, Cs, fold_of, max_iter):
-    """Mean held-out loss per candidate tried, and the folds' mean solution at the best."""
+    """Mean held-out loss per candidate tried, the folds' mean solution at the chosen C, and C.
+
+    The chosen C follows the one-standard-error rule, anchored at C=1 (scikit-learn's
+    default): of the candidates whose mean held-out loss is within one standard error (over
+    folds) of the lowest, the one nearest C=1 in log scale. With a handful of examples a fold
+    the lowest mean is mostly noise, and picking it chose worse strengths than C=1 on real
+    few-label text; a C far from 1 is chosen only where it is clearly better (features of a
+    very different scale).
+    """
     folds = fold_of.max() + 1
     paths, caches, losses = [[] for _ in range(folds)], [{} for _ in range(folds)], {}
+    per_fold: dict[float, list[float]] = {}
     for j, C in enumerate(Cs):
-        total = 0.0
+        total, held_losses = 0.0, []
         for fold, path in enumerate(paths):
             train, held = fold_of != fold, fold_of == fold
             point = path[-1] if path else None
@@ -228,13 +237,20 @@ def _cross_validate(x, targets, weights, task, k, Cs, fold_of, max_iter):
             args = (targets[train], weights[train], task, k, C, point, CV_TOL, max_iter)
             path.append(_solve(x[train], *args, cache=caches[fold])[:2])
             logits = x[held] @ path[-1][0] + path[-1][1]
-            total += _loss(logits, targets[held], weights[held], task) / folds
-        losses[C] = total
+            held_losses.append(_loss(logits, targets[held], weights[held], task))
+            total += held_losses[-1] / folds
+        losses[C], per_fold[C] = total, held_losses
         if j > 1 and min(list(losses.values())[-2:]) > min(losses.values()):
             break  # risen twice past the minimum: a larger C only over-fits more
-    best = list(losses).index(min(losses, key=losses.get))
-    return losses, tuple(
-        np.mean(part, axis=0) for part in zip(*(p[best] for p in paths), strict=True)
+    lowest = min(losses, key=losses.get)
+    error = float(np.std(per_fold[lowest]) / math.sqrt(max(folds - 1, 1)))
+    close = [C for C in losses if losses[C] <= losses[lowest] + error]
+    chosen = min(close, key=lambda C: (abs(math.log(C)), C))
+    index = list(losses).index(chosen)
+    return (
+        losses,
+        tuple(np.mean(part, axis=0) for part in zip(*(p[index] for p in paths), strict=True)),
+        chosen,
     )
 
 

@@ -641,7 +641,7 @@ def _solve_stage(
     if verbose:
         print(
             f"[tfxfer] stage {stage_index + 1}/{stage_count} {stage.name!r}: fits the linear "
-            f"head to convergence (L-BFGS, L2 chosen by cross-validation) on cached features "
+            f"head to convergence (L-BFGS, C by cross-validation) on cached features "
             f"{info['feature_shape']} of {info['train_examples']} examples "
             + (
                 "(found from an earlier extraction)"
@@ -658,6 +658,7 @@ def _solve_stage(
         task,
         class_weight=class_weight,
         seed=int(trainer.config.get("seed", 0) or 0),
+        solver=stage.solver,
     )
     info.update(solver=fitted)
     logs = head.evaluate(
