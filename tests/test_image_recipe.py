@@ -105,9 +105,10 @@ def test_export_serves_raw_uint8_images(image_recipe_run):
     np.testing.assert_allclose(served.sum(-1), 1.0, rtol=1e-5)
 
 
-def test_resnet50_batchnorm_statistics_never_moved(image_recipe_run):
-    # Random weights start every moving mean at 0 and variance at 1; both stages keep
-    # BatchNorm frozen, so after training they must still be exactly that.
+def test_random_resnet50_batchnorm_statistics_come_from_the_data(image_recipe_run):
+    # Random weights start every moving mean at 0 and variance at 1, whatever the data; the
+    # run recomputes them from the training images (tfxfer.batchnorm) and its stages that
+    # train the backbone update them, so they are no longer the initial values.
     backbone = image_recipe_run["backbone"]
     batchnorms = [
         layer
@@ -117,8 +118,9 @@ def test_resnet50_batchnorm_statistics_never_moved(image_recipe_run):
     ]
     assert len(batchnorms) == 53
     for layer in batchnorms:
-        np.testing.assert_array_equal(np.asarray(layer.moving_mean), 0.0)
-        np.testing.assert_array_equal(np.asarray(layer.moving_variance), 1.0)
+        mean, variance = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+        assert np.all(np.isfinite(mean)) and np.all(variance > 0), layer.name
+        assert not np.allclose(variance, 1.0), layer.name
 
 
 def test_best_checkpoint_loads_into_the_recipe_model(image_recipe_run, tmp_path):
