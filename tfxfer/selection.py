@@ -9,8 +9,11 @@ noise: the fine-tuned model is kept unless it is worse on validation by **both**
 a higher validation loss **and** a validation accuracy no higher than the probe's (where
 the run measures accuracy; the loss alone otherwise). The metrics compared are those of the
 last epoch of the probe's stage and of the run. Without validation data the fine-tuned model
-is kept: there is nothing to choose by. What was kept, and why, is `TrainResult.selection`
-and `metrics.json`'s `selection`.
+is kept: there is nothing to choose by. A solved probe that is kept is then fit again on the
+training and validation examples together (`selection["refit"]`): the validation split has
+done its job, and its labels are worth more in the head; the run's validation metrics are
+then no longer held out (the test split's are). What was kept, and why, is
+`TrainResult.selection` and `metrics.json`'s `selection`.
 
 The probe's weights are kept in memory when fine-tuning starts, and in
 `checkpoints/linear_probe.npz` so that a resumed run can still go back to them.

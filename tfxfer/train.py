@@ -48,7 +48,7 @@ from tfxfer.compiling import (
 from tfxfer.data.pipeline import TrainData
 from tfxfer.distribute import broadcast_from_chief, count_workers_where, describe, is_chief
 from tfxfer.errors import Preempted, RunDirError, TfxferError
-from tfxfer.features import HeadSplit, cached_stage, split_at_head, why_not_cached
+from tfxfer.features import STORE, HeadSplit, cached_stage, split_at_head, why_not_cached
 from tfxfer.head_solver import linear_output_layer, solve_head
 from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.preemption import StopOnPreemption, answers_preemption, preemption_notice
@@ -682,6 +682,41 @@ def _solve_stage(
         callback.on_epoch_end(stage_start, logs)
 
 
+def _refit_probe_on_all_labels(
+    model: keras.Model,
+    groups: LayerGroups,
+    split: HeadSplit | None,
+    stage: Stage,
+    train_data: TrainData,
+    val_data: tf.data.Dataset | None,
+    class_weight: dict[int, float] | None,
+    seed: int,
+) -> dict[str, Any] | None:
+    """When the run ends on a solved probe, its head fit again on train and val together.
+
+    The validation split was needed to choose between the probe and the fine-tuned model;
+    once the probe is chosen, the labels it held back (a tenth of 8 a class is most of one)
+    are worth more in the head than in a validation score. The head's strength is chosen by
+    cross-validation on all of them, as the stage chose it on the training split.
+    """
+    layer = linear_output_layer(split)
+    if layer is None or val_data is None:
+        return None
+    apply_stage(model, groups, stage)
+    train_x, train_y, _ = STORE.features(split.features, train_data.examples)
+    val_x, val_y, _ = STORE.features(split.features, val_data.unbatch())
+    info = solve_head(
+        layer,
+        np.concatenate([train_x, val_x]),
+        np.concatenate([train_y, val_y]),
+        task_of(model),
+        class_weight=class_weight,
+        seed=seed,
+        solver=stage.solver,
+    )
+    return {"examples": int(len(train_x) + len(val_x)), "C": info["C"], "folds": info["folds"]}
+
+
 def run_schedule(
     model: keras.Model,
     backbones: Backbone | list[Backbone] | LayerGroups,
@@ -1024,6 +1059,17 @@ def run_schedule(
             if snapshot.load():
                 with strategy.scope():
                     snapshot.restore(model)
+                    if "solver" in trainer.stages.get(stages[probe_index].name, {}):
+                        chosen["refit"] = _refit_probe_on_all_labels(
+                            model,
+                            groups,
+                            split,
+                            stages[probe_index],
+                            train_data,
+                            val_data,
+                            class_weight,
+                            int(config.get("seed", 0) or 0),
+                        )
             else:
                 chosen = {
                     **chosen,
