@@ -35,6 +35,7 @@ import tfxfer.fusion  # noqa: F401
 import tfxfer.heads  # noqa: F401
 import tfxfer.schedule  # noqa: F401
 from tfxfer import fs
+from tfxfer.batchnorm import batchnorm_layers
 from tfxfer.data.datasets import data_backbone
 from tfxfer.errors import TfxferError
 from tfxfer.rundir import TMP_PREFIX, listed_in_run_manifest
@@ -202,11 +203,7 @@ def _frozen_batchnorm(model: keras.Model):
     ResNet50's served probabilities 0.69 away from `predict`'s). Frozen, they serve with
     their moving statistics, as `predict` does.
     """
-    layers = [
-        layer
-        for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
+    layers = [layer for layer in batchnorm_layers(model) if layer.trainable]
     for layer in layers:
         layer.trainable = False
     try:

@@ -414,7 +414,7 @@ def _prepare(config: RecipeConfig, build_data: BuildData, build_model: BuildMode
             notes.append(warning)
     with distribution.scope():
         backbone, model = build_model(config, data)
-    if str(backbone_info(backbone).get("weights")) in ("None", "none", "random"):
+    if randomly_initialised(backbone):
         print("[tfxfer] the backbone is randomly initialised, not pretrained.", flush=True)
     return _Prepared(config, distribution, data, class_weight, notes, backbone, model)
 
