@@ -31,18 +31,18 @@ from tfxfer.data.synthetic import demo_shapes_dir
 from tfxfer.errors import DataError
 from tfxfer.pretrain.contrastive import (
     OBJECTIVE,
-    WEIGHTS_FILE,
     ContrastiveAccuracy,
     NTXentLoss,
-    Probe,
     ViewAugmentation,
     contrastive_model,
+)
+from tfxfer.pretrain.contrastive_data import (
     contrastive_train_data,
     contrastive_val_data,
     decoded_images,
     list_unlabelled_images,
-    make_finish,
 )
+from tfxfer.pretrain.contrastive_finish import WEIGHTS_FILE, Probe, make_finish
 from tfxfer.pretrain.skeleton import PretrainConfig, PretrainTask, run_pretraining
 from tfxfer.recipe import command_line
 

@@ -26,13 +26,13 @@ from recipes.contrastive_image_pretrain import Config, main
 from tfxfer.data.synthetic import write_shapes_dataset
 from tfxfer.errors import DataError, Preempted, TfxferError, WeightsError
 from tfxfer.pretrain.contrastive import (
-    WEIGHTS_FILE,
     NTXentLoss,
     ViewAugmentation,
     contrastive_accuracy,
-    contrastive_train_data,
     nt_xent,
 )
+from tfxfer.pretrain.contrastive_data import contrastive_train_data
+from tfxfer.pretrain.contrastive_finish import WEIGHTS_FILE
 from tfxfer.recipe import command_line
 
 # === The objective, on small examples ===

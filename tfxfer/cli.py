@@ -371,7 +371,7 @@ def _calibration_inputs(source: str, kind: str, run_dir: str, image_size):
 
     if kind == "image":
         from tfxfer.data.images import decode_and_resize
-        from tfxfer.pretrain.contrastive import list_unlabelled_images
+        from tfxfer.pretrain.contrastive_data import list_unlabelled_images
 
         if not os.path.isdir(source):
             raise TfxferError(

@@ -9,6 +9,7 @@ epoch, so a resumed run replays it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,16 @@ def length_grouped_batches(
 
     build = endless_epochs(one_epoch, steps, per_batch=gathered)
 
+    regroup = _regrouper(lengths, batch_size=batch_size, seed=seed)
+    return TrainData(build, steps, examples=examples, augmented=False, regroup=regroup)
+
+
+def _regrouper(
+    lengths: np.ndarray, *, batch_size: int, seed: int
+) -> Callable[[tf.data.Dataset], TrainData]:
+    """`TrainData.regroup`: other rows (features), one per text, in the texts' batches."""
+    num_examples = len(lengths)
+
     def regroup(other: tf.data.Dataset) -> TrainData:
         # The plan depends on the seed, the epoch and the text lengths only, so the same
         # lengths over other rows give the same batches.
@@ -103,7 +114,7 @@ def length_grouped_batches(
             buckets=None,
         )
 
-    return TrainData(build, steps, examples=examples, augmented=False, regroup=regroup)
+    return regroup
 
 
 def _epoch_plan(

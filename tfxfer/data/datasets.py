@@ -10,11 +10,12 @@ sentence before anything is decoded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from tfxfer.backbones.base import Backbone
 from tfxfer.data.examples import Examples, LabelledData
 from tfxfer.data.images import (
     Augmentation,
@@ -23,11 +24,8 @@ from tfxfer.data.images import (
     make_image_dataset,
 )
 from tfxfer.data.pipeline import TrainData
-from tfxfer.data.text import make_text_dataset, text_train_data
+from tfxfer.data.text_pipeline import make_text_dataset, text_train_data
 from tfxfer.errors import TfxferError
-
-if TYPE_CHECKING:
-    from tfxfer.backbones.base import Backbone
 
 _KIND_PLURAL = {"image": "images", "text": "text"}
 
@@ -78,7 +76,7 @@ def make_datasets(
             `<cache>.train`, `<cache>.val`, `<cache>.test`. Defaults to `True`.
         dynamic_padding: bool. Texts only: trim each batch of token ids to the bucket length
             that holds its longest text, and batch training texts of similar length together
-            (`tfxfer.data.text`). `False` pads every text to the preprocessor's length.
+            (`tfxfer.data.text_pipeline`). `False` pads every text to the preprocessor's length.
             Defaults to `True`.
 
     Returns:
@@ -97,6 +95,30 @@ def make_datasets(
     ```
     """
     backbone = data_backbone(backbone)
+    _check_request(data, backbone, batch_size=batch_size, augmentation=augmentation)
+    if data.kind == "image":
+        return _image_datasets(
+            data, backbone, batch_size=batch_size, seed=seed, augmentation=augmentation, cache=cache
+        )
+    return _text_datasets(
+        data,
+        backbone.preprocessor,  # None keeps raw strings (TF-Hub text)
+        batch_size=batch_size,
+        seed=seed,
+        cache=cache,
+        dynamic_padding=dynamic_padding,
+    )
+
+
+def _check_request(
+    data: LabelledData,
+    backbone: Backbone,
+    *,
+    batch_size: int,
+    augmentation: Augmentation | None,
+) -> None:
+    """Raises `TfxferError` unless the data are what the backbone takes (images or text), the
+    batch size is a positive int, and an augmentation is only asked of images."""
     if data.kind != backbone.input_kind:
         data_kind = _KIND_PLURAL.get(data.kind, data.kind)
         backbone_kind = _KIND_PLURAL.get(backbone.input_kind, backbone.input_kind)
@@ -108,57 +130,85 @@ def make_datasets(
         raise TfxferError(
             f"Expected `batch_size` to be a positive int. Received: batch_size={batch_size!r}"
         )
-
-    def split_cache(split: str) -> bool | str:
-        return f"{cache}.{split}" if isinstance(cache, str) else cache
-
-    if data.kind == "image":
-        image_size = backbone_image_size(backbone)
-        train = image_train_data(
-            data.train,
-            image_size=image_size,
-            batch_size=batch_size,
-            seed=seed,
-            augmentation=augmentation,
-            cache=split_cache("train"),
+    if data.kind != "image" and augmentation is not None:
+        raise TfxferError(
+            "Augmentation applies to images only, and the data are text. Received: "
+            f"augmentation={augmentation!r}; pass `augmentation=None`."
         )
 
-        def evaluation(split: Examples, name: str) -> tf.data.Dataset:
-            return make_image_dataset(
-                split, image_size=image_size, batch_size=batch_size, cache=split_cache(name)
-            )
 
-    else:
-        if augmentation is not None:
-            raise TfxferError(
-                "Augmentation applies to images only, and the data are text. Received: "
-                f"augmentation={augmentation!r}; pass `augmentation=None`."
-            )
-        preprocessor: Any = backbone.preprocessor  # None keeps raw strings (TF-Hub text)
-        train = text_train_data(
-            data.train,
+def _split_cache(cache: bool | str, split: str) -> bool | str:
+    """A split's cache: the same bool, or its own file `<cache>.<split>`."""
+    return f"{cache}.{split}" if isinstance(cache, str) else cache
+
+
+def _image_datasets(
+    data: LabelledData,
+    backbone: Backbone,
+    *,
+    batch_size: int,
+    seed: int,
+    augmentation: Augmentation | None,
+    cache: bool | str,
+) -> Datasets:
+    image_size = backbone_image_size(backbone)
+    train = image_train_data(
+        data.train,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+        augmentation=augmentation,
+        cache=_split_cache(cache, "train"),
+    )
+
+    def evaluation(split: Examples, name: str) -> tf.data.Dataset:
+        return make_image_dataset(
+            split, image_size=image_size, batch_size=batch_size, cache=_split_cache(cache, name)
+        )
+
+    return Datasets(train, *_evaluation_splits(data, evaluation))
+
+
+def _text_datasets(
+    data: LabelledData,
+    preprocessor: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    cache: bool | str,
+    dynamic_padding: bool,
+) -> Datasets:
+    train = text_train_data(
+        data.train,
+        preprocessor,
+        batch_size=batch_size,
+        seed=seed,
+        cache=_split_cache(cache, "train"),
+        dynamic_padding=dynamic_padding,
+    )
+
+    def evaluation(split: Examples, name: str) -> tf.data.Dataset:
+        return make_text_dataset(
+            split.inputs,
+            split.labels,
             preprocessor,
             batch_size=batch_size,
-            seed=seed,
-            cache=split_cache("train"),
+            cache=_split_cache(cache, name),
             dynamic_padding=dynamic_padding,
         )
 
-        def evaluation(split: Examples, name: str) -> tf.data.Dataset:
-            return make_text_dataset(
-                split.inputs,
-                split.labels,
-                preprocessor,
-                batch_size=batch_size,
-                cache=split_cache(name),
-                dynamic_padding=dynamic_padding,
-            )
+    return Datasets(train, *_evaluation_splits(data, evaluation))
 
+
+def _evaluation_splits(
+    data: LabelledData, evaluation: Callable[[Examples, str], tf.data.Dataset]
+) -> tuple[tf.data.Dataset | None, tf.data.Dataset | None]:
+    """The val and test pipelines, each None where `data` has no such split."""
     val, test = (
         evaluation(split, name) if split is not None else None
         for split, name in ((data.val, "val"), (data.test, "test"))
     )
-    return Datasets(train, val, test)
+    return val, test
 
 
 def data_backbone(backbones: Backbone | Sequence[Backbone]) -> Backbone:

@@ -91,8 +91,8 @@ class Examples:
             self.labels[index],
             list(self.class_names),
             self.kind,
-            self.multi_label,
-            self.source,
+            multi_label=self.multi_label,
+            source=self.source,
         )
 
 
@@ -188,26 +188,37 @@ def with_validation_split(
             f"Expected `val_split` to be a fraction in [0, 1). Received: val_split={val_split!r}"
         )
     for name, split in (("val", val), ("test", test)):
-        if split is None:
-            continue
-        if (split.kind, split.multi_label) != (train.kind, train.multi_label):
-            raise DataError(
-                f"Expected {name} examples of the training kind ({train.kind}, "
-                f"multi_label={train.multi_label}). Received: {split.kind}, "
-                f"multi_label={split.multi_label} from {split.source!r}."
-            )
-        if list(split.class_names) != list(train.class_names):
-            raise DataError(
-                f"Expected the {name} examples to use the training class names "
-                f"{train.class_names}. Received: {split.class_names} from {split.source!r}."
-            )
+        if split is not None:
+            _check_matches_train(name, split, train)
     if val is None and val_split > 0:
         train_idx, val_idx = stratified_split(_strata(train), val_split, seed)
         train_part = train.subset(train_idx)
         train_part.skipped, train_part.ignored = list(train.skipped), train.ignored
         val = train.subset(val_idx) if val_idx else None
         train = train_part
-    return LabelledData(train, val, test, list(train.class_names), train.kind, train.multi_label)
+    return LabelledData(
+        train,
+        val,
+        test,
+        class_names=list(train.class_names),
+        kind=train.kind,
+        multi_label=train.multi_label,
+    )
+
+
+def _check_matches_train(name: str, split: Examples, train: Examples) -> None:
+    """Raises `DataError` unless `split` has the training examples' kind and class names."""
+    if (split.kind, split.multi_label) != (train.kind, train.multi_label):
+        raise DataError(
+            f"Expected {name} examples of the training kind ({train.kind}, "
+            f"multi_label={train.multi_label}). Received: {split.kind}, "
+            f"multi_label={split.multi_label} from {split.source!r}."
+        )
+    if list(split.class_names) != list(train.class_names):
+        raise DataError(
+            f"Expected the {name} examples to use the training class names "
+            f"{train.class_names}. Received: {split.class_names} from {split.source!r}."
+        )
 
 
 def _strata(examples: Examples) -> np.ndarray:

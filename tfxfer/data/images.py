@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
-def _decodes(path: str) -> bool:
+def decodes(path: str) -> bool:
+    """Whether `path` decodes, with the decoder training uses, to an image of some size."""
     try:
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         return image.shape[0] > 0 and image.shape[1] > 0
@@ -63,6 +64,42 @@ def scan_image_folder(
         DataError: the folder is missing or has no class subfolders, a class folder has no
             images, fewer than two classes, or unknown classes in a validation or test folder.
     """
+    class_names = _checked_class_names(directory, _class_folders(directory), class_names)
+    paths: list[str] = []
+    labels: list[int] = []
+    skipped: list[str] = []
+    ignored = 0
+    for label, name in enumerate(class_names):
+        class_dir = fs.join(directory, name)
+        if not fs.isdir(class_dir):
+            continue  # a validation or test folder may lack a class
+        class_paths, class_skipped, class_ignored = _scan_class(class_dir, verify)
+        paths += class_paths
+        labels += [label] * len(class_paths)
+        skipped += class_skipped
+        ignored += class_ignored
+    if skipped:
+        log.warning(
+            "Skipped %d corrupt or unreadable image file(s) in %s, e.g. %s",
+            len(skipped),
+            directory,
+            skipped[:3],
+        )
+    if ignored:
+        log.info("Ignored %d hidden or non-image file(s) and folder(s) in %s", ignored, directory)
+    return Examples(
+        paths,
+        np.asarray(labels, np.int32),
+        list(class_names),
+        "image",
+        source=directory,
+        skipped=skipped,
+        ignored=ignored,
+    )
+
+
+def _class_folders(directory: str) -> list[str]:
+    """The sorted names of the visible subfolders of `directory`; at least one."""
     if not fs.isdir(directory):
         raise DataError(
             f"Data directory not found: {directory!r}. Pass a folder with one subfolder per "
@@ -84,64 +121,48 @@ def scan_image_folder(
             f"Data directory {directory!r} has no class subfolders. Put each class's images in "
             "a subfolder named after the class, e.g. photos/cat/*.jpg and photos/dog/*.jpg."
         )
+    return found
+
+
+def _checked_class_names(
+    directory: str, found: list[str], class_names: list[str] | None
+) -> list[str]:
+    """The class names: the subfolders found (at least two), or `class_names` covering them."""
     if class_names is None:
-        class_names = found
-        if len(class_names) < 2:
+        if len(found) < 2:
             raise DataError(
-                f"Data directory {directory!r} has only one class ({class_names[0]!r}). A "
+                f"Data directory {directory!r} has only one class ({found[0]!r}). A "
                 "classifier needs at least two class subfolders."
             )
-    else:
-        unknown = [name for name in found if name not in class_names]
-        if unknown:
-            raise DataError(
-                f"Folder {directory!r} has classes that the training data does not: {unknown}. "
-                f"Training classes: {class_names}."
-            )
-    paths: list[str] = []
-    labels: list[int] = []
-    skipped: list[str] = []
-    ignored = 0
-    for label, name in enumerate(class_names):
-        class_dir = fs.join(directory, name)
-        if not fs.isdir(class_dir):
-            continue  # a validation or test folder may lack a class
-        count = 0
-        files, hidden = fs.visible_files(class_dir)
-        ignored += hidden
-        for path in files:
-            if not path.lower().endswith(IMAGE_EXTENSIONS):
-                ignored += 1
-                continue
-            if verify and not _decodes(path):
-                skipped.append(path)
-                continue
-            paths.append(path)
-            labels.append(label)
-            count += 1
-        if count == 0:
-            raise DataError(
-                f"Class folder {class_dir!r} has no readable images (looked for "
-                f"{', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder."
-            )
-    if skipped:
-        log.warning(
-            "Skipped %d corrupt or unreadable image file(s) in %s, e.g. %s",
-            len(skipped),
-            directory,
-            skipped[:3],
+        return found
+    unknown = [name for name in found if name not in class_names]
+    if unknown:
+        raise DataError(
+            f"Folder {directory!r} has classes that the training data does not: {unknown}. "
+            f"Training classes: {class_names}."
         )
-    if ignored:
-        log.info("Ignored %d hidden or non-image file(s) and folder(s) in %s", ignored, directory)
-    return Examples(
-        paths,
-        np.asarray(labels, np.int32),
-        list(class_names),
-        "image",
-        source=directory,
-        skipped=skipped,
-        ignored=ignored,
-    )
+    return class_names
+
+
+def _scan_class(class_dir: str, verify: bool) -> tuple[list[str], list[str], int]:
+    """A class folder's images, the corrupt ones skipped, and the count of ignored files."""
+    paths: list[str] = []
+    skipped: list[str] = []
+    files, ignored = fs.visible_files(class_dir)
+    for path in files:
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            ignored += 1
+            continue
+        if verify and not decodes(path):
+            skipped.append(path)
+            continue
+        paths.append(path)
+    if not paths:
+        raise DataError(
+            f"Class folder {class_dir!r} has no readable images (looked for "
+            f"{', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder."
+        )
+    return paths, skipped, ignored
 
 
 def load_images(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from tfxfer import fs
-from tfxfer.data.text import TEXT_FILE_SUFFIXES, _decode_utf8, _normalized, _read_table
+from tfxfer.data.text_files import TEXT_FILE_SUFFIXES, decode_utf8, normalized_path, read_table
 from tfxfer.errors import DataError
 
 
@@ -38,7 +38,7 @@ def read_unlabelled_texts(source: str, *, text_column: str = "text") -> list[str
     texts = read_unlabelled_texts("abstracts.txt")
     ```
     """
-    path = _normalized(str(source))
+    path = normalized_path(str(source))
     if fs.isdir(path):
         files, _ = fs.visible_files(path)
         files = [f for f in files if f.lower().endswith(".txt")]
@@ -47,14 +47,14 @@ def read_unlabelled_texts(source: str, *, text_column: str = "text") -> list[str
                 f"The folder {str(source)!r} holds no .txt files. Expected a folder of .txt "
                 "files (one text each), a .txt file with one text per line, or a CSV/JSONL file."
             )
-        texts = [_decode_utf8(f) for f in files]
+        texts = [decode_utf8(f) for f in files]
     elif not fs.exists(path):
         raise DataError(f"The unlabelled corpus {str(source)!r} does not exist. Check the path.")
     elif os.path.splitext(path)[1].lower() == ".txt":
-        texts = _decode_utf8(path).splitlines()
+        texts = decode_utf8(path).splitlines()
     elif os.path.splitext(path)[1].lower() in TEXT_FILE_SUFFIXES:
         # The text column alone: any label column is irrelevant to pretraining.
-        texts = [text or "" for _, text, _ in _read_table(path, text_column, text_column)]
+        texts = [text or "" for _, text, _ in read_table(path, text_column, text_column)]
     else:
         raise DataError(
             f"Expected a .txt file, one of {TEXT_FILE_SUFFIXES} or a folder of .txt files. "

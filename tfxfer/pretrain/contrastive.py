@@ -23,35 +23,26 @@ with a momentum of 0.99 or 0.999, which a short pretraining never lets settle, s
 backbone is written its moving statistics are recomputed over the un-augmented training
 images (`recalibrate_batchnorm`): the fine-tuning recipes run frozen BatchNorm layers in
 inference mode, on exactly those statistics.
+
+This module holds the views, the objective and the model. The unlabelled images and their
+batches of two views are in `tfxfer.pretrain.contrastive_data`; what runs after training
+(recalibration, the weights file, the linear probe) is in `tfxfer.pretrain.contrastive_finish`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tfxfer import fs
 from tfxfer.backbones.base import Backbone
-from tfxfer.data.examples import Examples
-from tfxfer.data.images import IMAGE_EXTENSIONS, decode_and_resize
-from tfxfer.data.pipeline import TrainData, epoch_batches
-from tfxfer.errors import DataError, TfxferError
-from tfxfer.rundir import TMP_PREFIX, RunDir
+from tfxfer.errors import TfxferError
 
-# The entry of the run directory that holds the pretrained backbone.
-WEIGHTS_FILE = "backbone.weights.h5"
 # What `config.json["pretraining"]["objective"]` says.
 OBJECTIVE = "simclr"
-# The smallest batch of the eager passes after training (recalibration, probe features).
-MEASURE_BATCH_SIZE = 64
 # Stands in for -inf on the similarity matrix's diagonal (an image is not its own negative).
 _EXCLUDED = -1e9
 
@@ -148,104 +139,6 @@ def _per_image(values: tf.Tensor) -> tf.Tensor:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# === Data ===
-
-
-def list_unlabelled_images(directory: str) -> list[str]:
-    """Every image file anywhere under `directory`, sorted; class subfolders mean nothing.
-
-    Hidden files and folders are skipped, as the labelled loaders skip them; files that do
-    not decode are skipped too (an unlabelled folder is often a dump of mixed files).
-
-    Raises:
-        DataError: the folder is missing or holds no readable image.
-    """
-    from tfxfer.data.images import _decodes
-
-    if not fs.isdir(directory):
-        raise DataError(
-            f"Image folder not found: {directory!r}. Pass --data-dir, a folder of unlabelled "
-            "images (in subfolders or not)."
-        )
-    files, _ = fs.visible_files(directory)
-    paths = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS) and _decodes(p)]
-    if not paths:
-        raise DataError(
-            f"Image folder {directory!r} holds no readable images (looked for "
-            f"{', '.join(IMAGE_EXTENSIONS)} anywhere under it). Point --data-dir at the "
-            "folder your images are in."
-        )
-    return paths
-
-
-def decoded_images(paths: list[str], image_size: int) -> tf.data.Dataset:
-    """Unbatched uint8 images of `image_size`, in `paths` order, decoded once and cached."""
-    return (
-        tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
-        .map(lambda p: decode_and_resize(p, image_size), num_parallel_calls=tf.data.AUTOTUNE)
-        .cache()
-    )
-
-
-def contrastive_train_data(
-    images: tf.data.Dataset,
-    *,
-    num_examples: int,
-    batch_size: int,
-    seed: int,
-    views: ViewAugmentation,
-) -> TrainData:
-    """Training batches of two views each, replayable from any step of any epoch.
-
-    The batches replay through `epoch_batches` (a shuffle seeded by epoch); the views of the
-    batch at global step t are drawn from the seed `(seed, t)`, so `build(e, s)` starts with
-    exactly the views an uninterrupted run trained on at step `e * steps_per_epoch + s`.
-
-    Args:
-        images: tf.data.Dataset. Unbatched uint8 images (`decoded_images`).
-        num_examples: int. How many there are.
-        batch_size: int. The global batch size.
-        seed: int. Seeds the shuffle and the views.
-        views: ViewAugmentation. How a view is drawn.
-    """
-    inner = epoch_batches(images, num_examples=num_examples, batch_size=batch_size, seed=seed)
-    steps = inner.steps_per_epoch
-
-    def build(start_epoch: int, start_step: int = 0) -> tf.data.Dataset:
-        first = int(start_epoch) * steps + int(start_step)
-        batches = tf.data.Dataset.zip(inner.build(start_epoch, start_step), _steps_from(first))
-        ds = batches.map(
-            lambda batch, step: views.pair(batch, tf.stack([tf.constant(seed, tf.int64), step])),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_shard_by_data())
-
-    return TrainData(build, steps, augmented=True)
-
-
-def contrastive_val_data(
-    images: tf.data.Dataset, *, num_examples: int, batch_size: int, seed: int, views
-) -> tf.data.Dataset:
-    """Held-out batches of two views each, the same views in every epoch and every run."""
-    ds = images.batch(batch_size, drop_remainder=num_examples >= batch_size)
-    ds = tf.data.Dataset.zip(ds, _steps_from(0)).map(
-        # Views 2 and 3 of the seed: never those of a training step (0 and 1).
-        lambda batch, i: views.pair(batch, tf.stack([tf.constant(seed, tf.int64), i]), 2)
-    )
-    return ds.cache().prefetch(tf.data.AUTOTUNE).with_options(_shard_by_data())
-
-
-def _steps_from(first: int) -> tf.data.Dataset:
-    return tf.data.Dataset.range(first, 2**62)
-
-
-def _shard_by_data() -> tf.data.Options:
-    # As `endless_epochs`: the examples come from tensors, so workers share batches, not files.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return options
 
 
 # === Objective ===
@@ -362,208 +255,3 @@ def contrastive_model(
     x = keras.layers.Dense(hidden_units, activation="relu", name="projection_hidden")(x)
     x = keras.layers.Dense(projection_dim, dtype="float32", name="projection")(x)
     return keras.Model(views, x, name="simclr")
-
-
-# === Measuring and writing the result ===
-
-
-def pooled_features(backbone: Backbone, images: tf.data.Dataset, batch_size: int) -> np.ndarray:
-    """Average-pooled float32 features of unbatched uint8 `images`, in order."""
-    size = int(backbone.info["image_size"])
-    inputs = keras.Input((size, size, 3), dtype="uint8")
-    pooled = keras.layers.GlobalAveragePooling2D()(backbone.network(backbone.preprocessor(inputs)))
-    extractor = keras.Model(inputs, pooled)
-    batches = [extractor(batch, training=False) for batch in images.batch(batch_size)]
-    return np.concatenate([np.asarray(b, np.float32) for b in batches])
-
-
-def recalibrate_batchnorm(
-    network: keras.Model, preprocessor, images: tf.data.Dataset, batch_size: int
-) -> int:
-    """Sets every BatchNorm layer's moving statistics to their average over `images`.
-
-    Runs `network` in training mode over the batches with each layer's momentum at
-    k / (k + 1) for batch k, which makes the moving statistics the running mean of the
-    batches' statistics; the momentum and `trainable` come back afterwards.
-
-    Returns:
-        How many batches it averaged over.
-    """
-    norms = [
-        layer for layer in network.layers if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    saved = [(layer.momentum, layer.trainable) for layer in norms]
-    count = 0
-    try:
-        for layer in norms:
-            layer.trainable = True  # a frozen BatchNorm runs in inference mode
-        for count, batch in enumerate(images.batch(batch_size), start=1):
-            for layer in norms:
-                layer.momentum = (count - 1) / count
-            network(preprocessor(batch), training=True)
-    finally:
-        for layer, (momentum, trainable) in zip(norms, saved, strict=True):
-            layer.momentum, layer.trainable = momentum, trainable
-    return count
-
-
-def save_network_weights(network: keras.Model, path: str) -> str:
-    """Writes `network`'s weights to `path` (`*.weights.h5`) through a temporary name."""
-    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX) as local:
-        local_file = os.path.join(local, "backbone.weights.h5")
-        network.save_weights(local_file)
-        tmp = fs.join(fs.dirname(path), TMP_PREFIX + fs.basename(path))
-        tf.io.gfile.copy(local_file, tmp, overwrite=True)
-    fs.rename(tmp, path)
-    return path
-
-
-def linear_probe_accuracy(
-    train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
-    num_classes: int,
-    *,
-    steps: int = 300,
-    seed: int = 0,
-) -> float:
-    """Accuracy on `test` of a logistic regression trained on `train` (features, labels).
-
-    Features are standardised with the training part's statistics; the regression is a
-    Dense softmax layer trained full-batch with Adam for `steps` steps, in float32.
-    """
-    x_train, y_train = train
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    keras.utils.set_random_seed(seed)
-    probe = keras.Sequential(
-        [
-            keras.Input((x_train.shape[1],)),
-            keras.layers.Dense(
-                num_classes, kernel_regularizer=keras.regularizers.L2(1e-3), dtype="float32"
-            ),
-        ]
-    )
-    probe.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    full_batch = tf.data.Dataset.from_tensors(((x_train - mean) / std, y_train)).repeat(steps)
-    probe.fit(full_batch, epochs=1, verbose=0, shuffle=False)
-    logits = probe.predict((test[0] - mean) / std, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=1) == test[1]))
-
-
-@dataclass
-class Probe:
-    """A labelled image set for the linear probe, split into a few per class and the rest.
-
-    Args:
-        examples: Examples. Labelled images (`scan_image_folder`).
-        labels_per_class: int. Images per class the probe trains on; the rest test it.
-        seed: int. Picks which images train. Defaults to `0`.
-    """
-
-    examples: Examples
-    labels_per_class: int
-    seed: int = 0
-    train: list[int] = field(init=False)
-    test: list[int] = field(init=False)
-
-    def __post_init__(self):
-        rng = np.random.default_rng(self.seed)
-        labels = np.asarray(self.examples.labels)
-        self.train, self.test = [], []
-        for label, name in enumerate(self.examples.class_names):
-            idx = rng.permutation(np.flatnonzero(labels == label)).tolist()
-            if len(idx) <= self.labels_per_class:
-                raise DataError(
-                    f"Probe class {name!r} in {self.examples.source!r} has {len(idx)} images; "
-                    f"the linear probe trains on probe_labels_per_class={self.labels_per_class} "
-                    "per class and tests on the rest. Lower --probe-labels-per-class or add "
-                    "images."
-                )
-            self.train += idx[: self.labels_per_class]
-            self.test += idx[self.labels_per_class :]
-
-    def accuracy(self, backbone: Backbone, batch_size: int, steps: int = 300) -> float:
-        """Linear-probe accuracy of `backbone`'s frozen, average-pooled features."""
-        size = int(backbone.info["image_size"])
-        features = pooled_features(
-            backbone, decoded_images(list(self.examples.inputs), size), batch_size
-        )
-        labels = np.asarray(self.examples.labels)
-        return linear_probe_accuracy(
-            (features[self.train], labels[self.train]),
-            (features[self.test], labels[self.test]),
-            len(self.examples.class_names),
-            steps=steps,
-            seed=self.seed,
-        )
-
-
-def make_finish(
-    backbone: Backbone,
-    model: keras.Model,
-    *,
-    rebuild: Callable[[], Backbone],
-    train_images: tf.data.Dataset,
-    val: tf.data.Dataset | None,
-    batch_size: int,
-    probe: Probe | None = None,
-) -> Callable[[RunDir | None, bool], dict[str, Any]]:
-    """`PretrainTask.finish` for SimCLR: recalibrate, write the weights, measure.
-
-    The trained network is copied into `rebuild()` (a fresh backbone of the same
-    architecture, outside any strategy) before anything changes, so the trained model is left
-    as it trained; the copy's BatchNorm statistics are recalibrated on `train_images`
-    (un-augmented) and its weights written to `WEIGHTS_FILE`. The probe compares the copy with
-    the backbone exactly as pretraining started.
-
-    Args:
-        backbone: Backbone. The backbone being pretrained; its weights now are the start.
-        model: keras.Model. The compiled training model (for the held-out loss).
-        rebuild: callable. Returns a new `Backbone` of the same architecture and size.
-        train_images: tf.data.Dataset. Unbatched uint8 training images.
-        val: tf.data.Dataset or None. The held-out two-view batches.
-        batch_size: int. Batch size for recalibration and feature extraction (at least
-            `MEASURE_BATCH_SIZE`).
-        probe: Probe or None. Labelled images for the linear probe.
-    """
-    initial = [np.array(w) for w in backbone.network.get_weights()]
-    # Eager passes (recalibration, features) cost per call more than per image.
-    batch_size = max(int(batch_size), MEASURE_BATCH_SIZE)
-
-    def finish(run_dir: RunDir | None, write: bool) -> dict[str, Any]:
-        metrics: dict[str, Any] = {}
-        if val is not None:
-            metrics["val"] = {
-                k: float(v) for k, v in model.evaluate(val, verbose=0, return_dict=True).items()
-            }
-        copy = rebuild()
-        copy.network.set_weights(backbone.network.get_weights())
-        batches = recalibrate_batchnorm(copy.network, copy.preprocessor, train_images, batch_size)
-        metrics["batchnorm_recalibration_batches"] = batches
-        if write and run_dir is not None:
-            save_network_weights(copy.network, run_dir.file(WEIGHTS_FILE))
-        if probe is not None and write:
-            pretrained = probe.accuracy(copy, batch_size)
-            # The start exactly as it was. (Recalibrating a random network's BatchNorm
-            # statistics was measured to lower its probe accuracy on the digits: 35% vs 60%.)
-            copy.network.set_weights(initial)
-            start = probe.accuracy(copy, batch_size)
-            metrics["linear_probe"] = {
-                "pretrained_accuracy": pretrained,
-                "initial_accuracy": start,
-                "gain": pretrained - start,
-                "labels_per_class": probe.labels_per_class,
-                "train_examples": len(probe.train),
-                "test_examples": len(probe.test),
-                "initial_weights": str(backbone.info.get("weights")),
-            }
-            print(
-                f"[tfxfer] linear probe ({probe.labels_per_class} labels per class): "
-                f"{pretrained:.3f} pretrained, {start:.3f} as pretraining started",
-                flush=True,
-            )
-        return metrics
-
-    return finish

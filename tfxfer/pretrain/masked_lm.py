@@ -15,7 +15,7 @@ feeding `BertMaskedLMPreprocessor` into `fit`, both for the machinery fine-tunin
   so each epoch masks anew (dynamic masking, as RoBERTa found better than fixed masks) and a
   run resumed at any step sees exactly the masks the uninterrupted run saw. Held-out masks
   are fixed, so the held-out loss of one epoch compares with the next.
-- Batches are the text recipe's length-grouped, trimmed batches (`tfxfer.data.text`), so
+- Batches are the text recipe's length-grouped, trimmed batches (`tfxfer.data.text_pipeline`), so
   short texts do not pay for the maximum sequence length; the number of mask slots follows
   each batch's length (15% of it, rounded up).
 
@@ -40,7 +40,7 @@ from keras import ops
 from tfxfer.backbones.base import Backbone
 from tfxfer.data.examples import Examples
 from tfxfer.data.pipeline import TrainData
-from tfxfer.data.text import make_text_dataset, text_train_data
+from tfxfer.data.text_pipeline import make_text_dataset, text_train_data
 from tfxfer.errors import TfxferError
 
 # BERT's rule: the share of tokens chosen, and of those the shares replaced by [MASK] and by
