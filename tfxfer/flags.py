@@ -21,6 +21,10 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
+from tfxfer.boundary import DEBUG_HELP
+
 
 def parse_flags(
     config_cls: type,
@@ -45,8 +49,6 @@ def parse_flags(
     Returns:
         The config, and whether `--debug` was given.
     """
-    from tfxfer.cli import DEBUG_HELP
-
     summary, _, details = (description or config_cls.__doc__ or "").strip().partition("\n")
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -168,8 +170,6 @@ def _number_or_word(text: str) -> float | str:
 
 def _json_stages(text: str) -> list[dict] | None:
     """`--stages '[{"name": "head", "epochs": 3}, ...]'` (JSON or YAML; "none" for none)."""
-    import yaml
-
     if text.strip().lower() == "none":
         return None
     try:
