@@ -239,6 +239,11 @@ def coerce(value: Any, hint: Any, path: str) -> Any:
         if item is dict or typing.get_origin(item) is dict:
             return [_stage_like(v, f"{path}.{i}") for i, v in enumerate(value)]
         return [coerce(v, item, f"{path}.{i}") for i, v in enumerate(value)]
+    return _coerce_scalar(value, hint, path)
+
+
+def _coerce_scalar(value: Any, hint: Any, path: str) -> Any:
+    """`value` as a bool, int, float or str field takes it (any other type: as it is)."""
     if hint is bool:
         if isinstance(value, bool):
             return value

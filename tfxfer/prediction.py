@@ -26,7 +26,7 @@ from tfxfer.data.images import IMAGE_EXTENSIONS, decode_and_resize
 from tfxfer.data.unlabelled import read_unlabelled_texts
 from tfxfer.errors import DataError, TfxferError
 from tfxfer.export import CALIBRATION_EXAMPLES
-from tfxfer.rundir import atomic_write_text
+from tfxfer.fs import atomic_write_text
 
 # Files of texts: a table's text column, or a .txt file's lines.
 TEXT_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
