@@ -127,7 +127,8 @@ def _random_bn(path: str, train_dir: str, seed: int, image_size: int) -> dict[st
     import keras
 
     from tfxfer.backbones.vision import build_vision_backbone
-    from tfxfer.pretrain.contrastive_data import decoded_images, list_unlabelled_images
+    from tfxfer.data.unlabelled import list_unlabelled_images
+    from tfxfer.pretrain.contrastive_data import decoded_images
     from tfxfer.pretrain.contrastive_finish import recalibrate_batchnorm, save_network_weights
 
     keras.utils.set_random_seed(seed)

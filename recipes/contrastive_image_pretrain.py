@@ -28,6 +28,7 @@ import numpy as np
 from tfxfer.backbones.vision import VISION_BACKBONES, build_vision_backbone
 from tfxfer.data.images import scan_image_folder
 from tfxfer.data.synthetic import demo_shapes_dir
+from tfxfer.data.unlabelled import list_unlabelled_images
 from tfxfer.errors import DataError
 from tfxfer.pretrain.contrastive import (
     OBJECTIVE,
@@ -40,7 +41,6 @@ from tfxfer.pretrain.contrastive_data import (
     contrastive_train_data,
     contrastive_val_data,
     decoded_images,
-    list_unlabelled_images,
 )
 from tfxfer.pretrain.contrastive_finish import WEIGHTS_FILE, Probe, make_finish
 from tfxfer.pretrain.skeleton import PretrainConfig, PretrainTask, run_pretraining

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from recipes import resnet50_image_classifier as recipe
-from tfxfer import cli, report
+from tfxfer import cli, report, runs
 from tfxfer.errors import DataError, TfxferError
 from tfxfer.flags import field_comments
 from tfxfer.recipe import command_line
@@ -185,14 +185,14 @@ def test_library_calls_still_raise():
 def test_class_names_must_be_a_list_that_fits_the_model(tmp_path):
     names = tmp_path / "class_names.json"
     with pytest.raises(TfxferError, match="Class names not found"):
-        cli._read_class_names(str(names), 2)
+        runs.read_class_names(str(names), 2)
     names.write_text('{"0": "cat"}')
     with pytest.raises(TfxferError, match="not a list of names"):
-        cli._read_class_names(str(names), 2)
+        runs.read_class_names(str(names), 2)
     names.write_text('["cat", "dog", "eel"]')
     with pytest.raises(TfxferError, match="has 3 name"):
-        cli._read_class_names(str(names), 2)
-    assert cli._read_class_names(str(names), 3) == ["cat", "dog", "eel"]
+        runs.read_class_names(str(names), 2)
+    assert runs.read_class_names(str(names), 3) == ["cat", "dog", "eel"]
 
 
 # === The metrics `evaluate` prints and a run writes ===

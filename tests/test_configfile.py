@@ -178,6 +178,53 @@ def test_unknown_recipe_lists_the_known_ones():
         load_recipe("tfxfer.errors")
 
 
+@pytest.mark.parametrize("recipe", ["../tools/evil", "/tmp/x", ".hidden", "a..b", "3d"])
+def test_a_recipe_that_is_no_name_or_module_path_is_one_line_naming_the_known_ones(
+    recipe, tmp_path
+):
+    config = write(tmp_path / "bad.yaml", f"recipe: {recipe}\n")
+    with pytest.raises(TfxferError) as error:
+        resolve(config)
+    message = str(error.value)
+    assert "\n" not in message and f"Unknown recipe {recipe!r}" in message
+    assert all(name in message for name in known_recipes())
+    assert cli.main(["train", config]) == 2
+
+
+def test_recipes_come_from_entry_points_and_the_built_in_table(monkeypatch):
+    import configparser
+    import importlib.metadata
+
+    from tfxfer import recipe_index
+
+    # setup.cfg declares exactly the built-in table as entry points.
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    declared = dict(
+        line.split("=", 1)
+        for line in setup["options.entry_points"][recipe_index.ENTRY_POINT_GROUP].split("\n")
+        if line.strip()
+    )
+    declared = {k.strip(): v.strip() for k, v in declared.items()}
+    assert declared == recipe_index.BUILTIN_RECIPES
+    # Metadata without them (an install older than the declaration): the table still counts.
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [])
+    assert known_recipes() == sorted(recipe_index.BUILTIN_RECIPES)
+    assert load_recipe("bert_text_classifier").__name__ == "recipes.bert_text_classifier"
+    # Another package's entry point adds a recipe (never replacing a built-in one).
+    entries = [
+        importlib.metadata.EntryPoint("mine", "tfxfer.recipe_index:x", "tfxfer.recipes"),
+        importlib.metadata.EntryPoint("bert_text_classifier", "tfxfer.errors", "tfxfer.recipes"),
+    ]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: entries)
+    assert "mine" in known_recipes()
+    assert recipe_index.recipe_modules()["bert_text_classifier"] == "recipes.bert_text_classifier"
+    with pytest.raises(TfxferError, match="'tfxfer.recipe_index' is not a recipe"):
+        load_recipe("mine")
+    with pytest.raises(TfxferError, match="Unknown recipe 'mien'.*did you mean 'mine'"):
+        load_recipe("mien")
+
+
 def test_train_command_errors_are_one_line_and_exit_2(tmp_path, capsys):
     bad = write(tmp_path / "bad.yaml", "recipe: bert_text_classifier\nhead_epochs: lots\n")
     for argv in (["train", "no_such_recipe"], ["train", bad], ["train", bad, "--set", "x"]):

@@ -1,4 +1,4 @@
-"""Recipe configs as YAML or JSON files, `key=value` overrides, and finding a recipe by name.
+"""Recipe configs as YAML or JSON files, and `key=value` overrides.
 
 `tfxfer train RECIPE_OR_CONFIG [--set key=value ...]` goes through here. A config file is a
 mapping of a recipe's `Config` fields, plus `recipe:` (which recipe it configures):
@@ -16,28 +16,27 @@ Keys are checked against the fields before anything runs: an unknown key says wh
 one it resembles, a value of the wrong type names its key path (`stages.1.epochs`) and what
 the key takes. A run's own `config.json` is a valid config too (its facts, such as `data` and
 `versions`, are skipped), so `tfxfer train runs/a/config.json --set output_dir=runs/b`
-repeats run A. `to_yaml` writes a config back with each field's comment beside it.
+repeats run A. `to_yaml` writes a config back with each field's comment beside it. Which
+recipe a name or `recipe:` key means is `tfxfer.recipe_index`'s to say (`known_recipes`,
+`load_recipe` and `recipe_name` are importable from here too).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 import json
 import os
-import pkgutil
-import sys
 import types
 import typing
 from types import ModuleType
 from typing import Any
 
-from tfxfer.errors import TfxferError
+import yaml
 
-# The package `tfxfer train NAME` looks in; a dotted module path (`my_pkg.my_recipe`) with a
-# `Config` and a `main` works as well.
-RECIPE_PACKAGE = "recipes"
+from tfxfer.errors import TfxferError, did_you_mean
+from tfxfer.flags import field_comments
+from tfxfer.recipe_index import known_recipes, load_recipe, recipe_name
+from tfxfer.schedule import Stage
 
 # What a run adds to its `config.json` beside the config's fields: facts, not settings.
 RUN_FACTS = ("recipe", "data", "backbone_info", "distribution", "versions", "pretraining")
@@ -59,64 +58,6 @@ SCHEDULE_FIELDS = (
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
-# === Finding a recipe ===
-
-
-def known_recipes() -> list[str]:
-    """The recipe modules in the `recipes` package, by name."""
-    try:
-        package = importlib.import_module(RECIPE_PACKAGE)
-    except ImportError:
-        return []
-    return sorted(
-        info.name
-        for info in pkgutil.iter_modules(package.__path__)
-        if not info.name.startswith("_")
-    )
-
-
-def load_recipe(name: str) -> ModuleType:
-    """The recipe module `name` (a name in `recipes/`, or a dotted module path).
-
-    Raises:
-        TfxferError: no such recipe (the known ones are listed, the closest first), or the
-            module is not a recipe (it has no `Config` and `main`).
-    """
-    known = known_recipes()
-    module_name = f"{RECIPE_PACKAGE}.{name}" if name in known else name
-    if name not in known and "." not in name:
-        raise TfxferError(
-            f"Unknown recipe {name!r}{_did_you_mean(name, known)}. Known recipes: "
-            f"{', '.join(known) or 'none found'}; or pass a config file "
-            f"({'/'.join(CONFIG_SUFFIXES)}), or a module path such as my_package.my_recipe."
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name and module_name.startswith(error.name):
-            raise TfxferError(
-                f"Unknown recipe {name!r}: no module {module_name!r} can be imported. Known "
-                f"recipes: {', '.join(known)}."
-            ) from None
-        raise
-    if not (hasattr(module, "Config") and callable(getattr(module, "main", None))):
-        raise TfxferError(
-            f"{module_name!r} is not a recipe: a recipe module has a `Config` dataclass and a "
-            "`main(config)` function (see recipes/ and tfxfer.recipe)."
-        )
-    return module
-
-
-def recipe_name(config_cls: type) -> str:
-    """The name `tfxfer train` finds the recipe of `config_cls` by, as `config.json` records it."""
-    module = config_cls.__module__
-    if module == "__main__":  # `python -m recipes.x`: the module's real name is in its spec
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        module = spec.name if spec is not None else module
-    prefix = RECIPE_PACKAGE + "."
-    return module[len(prefix) :] if module.startswith(prefix) else module
-
-
 # === Reading a config document ===
 
 
@@ -127,8 +68,6 @@ def is_config_file(target: str) -> bool:
 
 def read_document(path: str) -> dict[str, Any]:
     """The mapping in a YAML or JSON file; a syntax error is reported with its line."""
-    import yaml
-
     if not os.path.exists(path):
         raise TfxferError(f"Config file not found: {path!r}.")
     if os.path.isdir(path):
@@ -168,8 +107,6 @@ def read_document(path: str) -> dict[str, Any]:
 
 def parse_assignment(text: str) -> tuple[list[str], Any]:
     """`"stages.1.epochs=3"` -> `(["stages", "1", "epochs"], 3)`; the value is read as YAML."""
-    import yaml
-
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise TfxferError(
@@ -250,7 +187,7 @@ def config_from_document(config_cls: type, document: dict[str, Any], source: str
         if key in RUN_FACTS:
             continue
         if key not in hints or key not in fields:
-            problems.append(f"unknown key {raw_key!r}{_did_you_mean(key, fields)}")
+            problems.append(f"unknown key {raw_key!r}{did_you_mean(key, fields)}")
             continue
         try:
             values[key] = coerce(value, hints[key], key)
@@ -302,6 +239,11 @@ def coerce(value: Any, hint: Any, path: str) -> Any:
         if item is dict or typing.get_origin(item) is dict:
             return [_stage_like(v, f"{path}.{i}") for i, v in enumerate(value)]
         return [coerce(v, item, f"{path}.{i}") for i, v in enumerate(value)]
+    return _coerce_scalar(value, hint, path)
+
+
+def _coerce_scalar(value: Any, hint: Any, path: str) -> Any:
+    """`value` as a bool, int, float or str field takes it (any other type: as it is)."""
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -341,8 +283,6 @@ def coerce(value: Any, hint: Any, path: str) -> Any:
 
 def _stage_like(value: Any, path: str) -> dict[str, Any]:
     """One entry of `stages`: a mapping of `tfxfer.Stage` fields, checked and typed."""
-    from tfxfer.schedule import Stage
-
     if not isinstance(value, dict):
         raise _WrongType(
             f"{path}: expected a stage mapping (e.g. {{name: head, epochs: 3}}), got {value!r}"
@@ -352,7 +292,7 @@ def _stage_like(value: Any, path: str) -> dict[str, Any]:
     for raw_key, item in value.items():
         key = str(raw_key).replace("-", "_")
         if key not in hints:
-            raise _WrongType(f"{path}: unknown stage key {raw_key!r}{_did_you_mean(key, hints)}")
+            raise _WrongType(f"{path}: unknown stage key {raw_key!r}{did_you_mean(key, hints)}")
         if key == "train":  # "head", "all", an int, or a list of group names
             if isinstance(item, bool) or not isinstance(item, (str, int, list)):
                 raise _WrongType(
@@ -382,11 +322,6 @@ def _describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 # === Writing a config ===
 
 
@@ -411,9 +346,6 @@ def to_document(config: Any) -> dict[str, Any]:
 
 def to_yaml(config: Any) -> str:
     """The config as YAML, each field's comment (its `--help`) beside it; loads back equal."""
-    import yaml
-
-    from tfxfer.flags import field_comments
 
     def dump(value: Any) -> str:
         return yaml.safe_dump(
@@ -477,8 +409,6 @@ def resolve(target: str, assignments: list[str] = ()) -> tuple[ModuleType, Any]:
 
 def stage_documents(config: Any) -> list[dict[str, Any]]:
     """The config's schedule as `stages` entries: each stage's fields that are not defaults."""
-    from tfxfer.schedule import Stage
-
     defaults = {f.name: f.default for f in dataclasses.fields(Stage)}
     return [
         {
@@ -492,8 +422,6 @@ def stage_documents(config: Any) -> list[dict[str, Any]]:
 
 def stage_problems(stages: Any) -> list[str]:
     """What is wrong with a config's `stages` list, each problem named by its key path."""
-    from tfxfer.schedule import Stage
-
     try:
         documents = coerce(stages, list[dict], "stages")
     except _WrongType as wrong:
@@ -514,6 +442,4 @@ def stage_problems(stages: Any) -> list[str]:
 
 def stage_documents_to_stages(stages: list[dict[str, Any]]) -> list:
     """`tfxfer.Stage` objects from checked `stages` entries."""
-    from tfxfer.schedule import Stage
-
     return [Stage(**document) for document in coerce(stages, list[dict], "stages")]

@@ -9,6 +9,9 @@ wrong. Anything else that escapes is a bug in tfxfer and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class TfxferError(ValueError):
     """A problem with the user's input, config or files, with a message that says how to fix it."""
@@ -50,3 +53,9 @@ class Preempted(Exception):
         self.epoch = epoch
         self.step = step
         self.checkpoint = checkpoint
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`" (did you mean 'x'?)"` for the choice closest to `word`, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

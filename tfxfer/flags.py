@@ -21,6 +21,10 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+
+from tfxfer.boundary import DEBUG_HELP
+
 
 def parse_flags(
     config_cls: type,
@@ -45,8 +49,6 @@ def parse_flags(
     Returns:
         The config, and whether `--debug` was given.
     """
-    from tfxfer.cli import DEBUG_HELP
-
     summary, _, details = (description or config_cls.__doc__ or "").strip().partition("\n")
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -62,39 +64,38 @@ def parse_flags(
     common = parser.add_argument_group("training and run options (every recipe)")
     fields = dataclasses.fields(config_cls)
     for item in sorted(fields, key=lambda f: f.name in shared):
-        group = common if item.name in shared else own
-        flag = "--" + item.name.replace("_", "-")
-        hint, default = hints[item.name], getattr(defaults, item.name)
-        kinds = typing.get_args(hint) or (hint,)
-        help_text = f"{comments.get(item.name, '')} (default: {default})".strip()
-        if hint is bool:
-            group.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=comments.get(item.name),
-            )
-        elif dict in [typing.get_args(k)[0] for k in kinds if typing.get_origin(k) is list]:
-            group.add_argument(
-                flag, type=_json_stages, default=default, metavar="JSON", help=help_text
-            )
-        elif typing.get_origin(hint) is list:
-            group.add_argument(
-                flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text
-            )
-        elif float in kinds and str in kinds:  # a number, or a word such as "auto"
-            group.add_argument(flag, type=_number_or_word, default=default, help=help_text)
-        elif int in kinds:
-            group.add_argument(flag, type=_optional(int, hint), default=default, help=help_text)
-        elif float in kinds:
-            group.add_argument(flag, type=_optional(float, hint), default=default, help=help_text)
-        else:
-            group.add_argument(flag, type=_optional(str, hint), default=default, help=help_text)
+        _add_field_flag(
+            common if item.name in shared else own,
+            item.name,
+            hint=hints[item.name],
+            default=getattr(defaults, item.name),
+            comment=comments.get(item.name),
+        )
     if "debug" not in {f.name for f in fields}:
         parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
     config = config_cls(**{f.name: getattr(args, f.name) for f in fields})
     return config, bool(getattr(args, "debug", False))
+
+
+def _add_field_flag(group, name: str, *, hint: Any, default: Any, comment: str | None) -> None:
+    """Adds the flag of the field `name` (`--image-size` for `image_size`) to `group`."""
+    flag = "--" + name.replace("_", "-")
+    kinds = typing.get_args(hint) or (hint,)
+    help_text = f"{comment or ''} (default: {default})".strip()
+    if hint is bool:
+        group.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=default, help=comment
+        )
+    elif dict in [typing.get_args(k)[0] for k in kinds if typing.get_origin(k) is list]:
+        group.add_argument(flag, type=_json_stages, default=default, metavar="JSON", help=help_text)
+    elif typing.get_origin(hint) is list:
+        group.add_argument(flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text)
+    elif float in kinds and str in kinds:  # a number, or a word such as "auto"
+        group.add_argument(flag, type=_number_or_word, default=default, help=help_text)
+    else:
+        kind = next((k for k in (int, float) if k in kinds), str)
+        group.add_argument(flag, type=_optional(kind, hint), default=default, help=help_text)
 
 
 class FlagConfig:
@@ -168,8 +169,6 @@ def _number_or_word(text: str) -> float | str:
 
 def _json_stages(text: str) -> list[dict] | None:
     """`--stages '[{"name": "head", "epochs": 3}, ...]'` (JSON or YAML; "none" for none)."""
-    import yaml
-
     if text.strip().lower() == "none":
         return None
     try:

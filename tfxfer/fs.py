@@ -16,11 +16,16 @@ an incomplete checkpoint; at worst it sees a half-copied `.tmp-` name, which not
 from __future__ import annotations
 
 import builtins
+import json
 import os
+import secrets
 import shutil
 from typing import IO, Any
 
 import tensorflow as tf
+
+# Atomic writes go through hidden temporary names with this prefix (see `atomic_write_text`).
+TMP_PREFIX = ".tmp-"
 
 
 def is_url(path: Any) -> bool:
@@ -182,3 +187,61 @@ def visible_files(directory: str) -> tuple[list[str], int]:
             else:
                 files.append(join(root, name))
     return files, left_out
+
+
+# === Atomic writes ===
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename.
+
+    The file gets the mode a plain `open(path, "w")` gives (0o666 less the umask), like the
+    model and checkpoints beside it; `tempfile.mkstemp` would make it readable by its owner
+    only, so a teammate could read `model.keras` but not the `config.json` it was made with.
+    """
+    if is_url(path):
+        # No fsync or O_EXCL on an object store; the temporary name and the rename keep a
+        # half-written object out from under the final name (see `tfxfer.fs`).
+        directory = dirname(path)
+        makedirs(directory)
+        tmp = join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            with open(tmp, "w") as handle:
+                handle.write(text)
+            rename(tmp, path)
+        except BaseException:
+            if exists(tmp):
+                remove(tmp)
+            raise
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = _create_temporary_file(directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _create_temporary_file(directory: str) -> tuple[int, str]:
+    """Creates a new hidden `.tmp-*` file in `directory`; returns its descriptor and path."""
+    for _ in range(100):
+        tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            # O_EXCL: never a file that is already there. 0o666: the umask then applies, as it
+            # does to open().
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"No free temporary file name in {directory!r}.")
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

@@ -19,10 +19,14 @@ import re
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
-from tfxfer import fs
-from tfxfer.data.images import IMAGE_EXTENSIONS
+from tfxfer import fs, runs
+from tfxfer.data.images import IMAGE_EXTENSIONS, decode_and_resize
+from tfxfer.data.unlabelled import list_unlabelled_images, read_unlabelled_texts
 from tfxfer.errors import DataError, TfxferError
+from tfxfer.export import CALIBRATION_EXAMPLES
+from tfxfer.fs import atomic_write_text
 
 # Files of texts: a table's text column, or a .txt file's lines.
 TEXT_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
@@ -78,8 +82,6 @@ def _image_inputs(item: str) -> list[str]:
 
 
 def _text_inputs(item: str, text_column: str) -> list[str]:
-    from tfxfer.data.unlabelled import read_unlabelled_texts
-
     lowered = item.lower()
     if fs.isdir(item) or (fs.isfile(item) and lowered.endswith(IMAGE_EXTENSIONS)):
         what = "a folder" if fs.isdir(item) else "an image"
@@ -119,10 +121,6 @@ def predict_all(
 
 
 def _read_image(path: str, image_size) -> np.ndarray:
-    import tensorflow as tf
-
-    from tfxfer.data.images import decode_and_resize
-
     try:
         return decode_and_resize(path, image_size).numpy()
     except tf.errors.OpError as error:
@@ -199,8 +197,6 @@ def check_output(path: str, *, overwrite: bool) -> None:
 
 def write_predictions(path: str, rows: list[dict[str, Any]]) -> None:
     """Writes `rows` as CSV (input, label, probability, label_2, probability_2, ...) or JSONL."""
-    from tfxfer.rundir import atomic_write_text
-
     if path.lower().endswith(".jsonl"):
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     else:
@@ -218,3 +214,60 @@ def write_predictions(path: str, rows: list[dict[str, Any]]) -> None:
             writer.writerow(cells)
         text = buffer.getvalue()
     atomic_write_text(os.fspath(path), text)
+
+
+# === Inputs for int8 calibration (tfxfer export --quantize int8) ===
+
+
+def calibration_source(calibration_data: str | None, run_dir: str) -> str:
+    """Where int8 calibration reads inputs: `calibration_data`, else the run's training data.
+
+    Args:
+        calibration_data: str or None. --calibration-data: a folder of images or a file
+            of texts.
+        run_dir: str. The run's folder, whose config.json names its training data.
+    """
+    if calibration_data:
+        if not os.path.exists(calibration_data):
+            raise TfxferError(
+                f"--calibration-data {calibration_data!r} does not exist. Pass a folder of "
+                "images (image runs) or a CSV/JSONL/TXT file of texts (text runs)."
+            )
+        return calibration_data
+    config = runs.read_config(run_dir)
+    source = config.get("data_dir") or config.get("train")
+    fix = (
+        "Pass --calibration-data DIR (images) or FILE (texts) with typical inputs, or use "
+        "--quantize dynamic, which needs none."
+    )
+    if not source:
+        raise TfxferError(
+            "--quantize int8 calibrates on representative inputs, and there are none: "
+            f"{os.path.join(run_dir, 'config.json')!r} names no training data (data_dir or "
+            f"train). {fix}"
+        )
+    if not os.path.exists(source):
+        raise TfxferError(
+            "--quantize int8 calibrates on the run's training data, and it cannot be read: "
+            f"config.json names {source!r}, which does not exist here. {fix}"
+        )
+    return source
+
+
+def calibration_inputs(source: str, kind: str, run_dir: str, image_size):
+    """Up to `CALIBRATION_EXAMPLES` inputs spread over `source` (images read lazily)."""
+    if kind == "image":
+        if not os.path.isdir(source):
+            raise TfxferError(
+                f"Calibration data {source!r} is a file; an image model calibrates on a folder "
+                "of images. Pass --calibration-data DIR."
+            )
+        inputs = list_unlabelled_images(source)
+    else:
+        column = runs.read_config(run_dir).get("text_column") or "text"
+        inputs = read_unlabelled_texts(source, text_column=column)
+    # Every k-th, so that each class of a sorted class folder takes part.
+    spread = inputs[:: max(1, len(inputs) // CALIBRATION_EXAMPLES)][:CALIBRATION_EXAMPLES]
+    if kind == "text":
+        return spread
+    return (decode_and_resize(path, image_size).numpy() for path in spread)

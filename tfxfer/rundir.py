@@ -35,13 +35,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from typing import Any
 
 import tensorflow as tf
 
 from tfxfer import fs
 from tfxfer.errors import RunDirError
+
+# The atomic writes live in tfxfer.fs; `atomic_write_text` is importable from here as before.
+from tfxfer.fs import TMP_PREFIX, atomic_write_json, atomic_write_text  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -70,65 +72,8 @@ RUN_ENTRIES = (
     "top_losses.png",
     "tensorboard",
 )
-# Atomic writes go through hidden temporary names with this prefix (see `atomic_write_text`).
-TMP_PREFIX = ".tmp-"
 # How many foreign entries an error message names before it says "and N more".
 _NAMED_IN_ERRORS = 3
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename.
-
-    The file gets the mode a plain `open(path, "w")` gives (0o666 less the umask), like the
-    model and checkpoints beside it; `tempfile.mkstemp` would make it readable by its owner
-    only, so a teammate could read `model.keras` but not the `config.json` it was made with.
-    """
-    if fs.is_url(path):
-        # No fsync or O_EXCL on an object store; the temporary name and the rename keep a
-        # half-written object out from under the final name (see `tfxfer.fs`).
-        directory = fs.dirname(path)
-        fs.makedirs(directory)
-        tmp = fs.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}")
-        try:
-            with fs.open(tmp, "w") as handle:
-                handle.write(text)
-            fs.rename(tmp, path)
-        except BaseException:
-            if fs.exists(tmp):
-                fs.remove(tmp)
-            raise
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = _create_temporary_file(directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _create_temporary_file(directory: str) -> tuple[int, str]:
-    """Creates a new hidden `.tmp-*` file in `directory`; returns its descriptor and path."""
-    for _ in range(100):
-        tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(8)}")
-        try:
-            # O_EXCL: never a file that is already there. 0o666: the umask then applies, as it
-            # does to open().
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"No free temporary file name in {directory!r}.")
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def listed_in_run_manifest(path: str) -> bool:
@@ -256,6 +201,31 @@ def _refuse_shared_locations(given: str, path: str) -> None:
             )
 
 
+def _foreign(names: list[str], entries: set[str] | None) -> list[str]:
+    """The names in a directory that tfxfer did not write (by its manifest, else its markers)."""
+    if entries is None:
+        return [n for n in names if n not in RUN_MARKERS]
+    return [n for n in names if n != MANIFEST and n not in entries and not n.startswith(TMP_PREFIX)]
+
+
+def _refuse_foreign(path: str, foreign: list[str], *, holds_run: bool) -> None:
+    """Refuses a directory holding files tfxfer did not write, beside a run or not."""
+    if foreign and holds_run:
+        raise RunDirError(
+            f"Refusing to overwrite {path!r}: beside the earlier run it holds "
+            f"{_some(foreign)}, which tfxfer did not write (not in {MANIFEST}). --overwrite "
+            "deletes only what the run wrote, and a directory shared with other files is "
+            "not the run's to replace. Move those out of it, or choose another --output-dir."
+        )
+    if foreign:
+        raise RunDirError(
+            f"Refusing to use {path!r} as the run directory: it holds {_some(foreign)}, "
+            "which tfxfer did not write. A run directory is the run's alone, so that "
+            "--overwrite can delete exactly what the run wrote. Move those out of it, or "
+            "choose a new or empty --output-dir."
+        )
+
+
 class RunDir:
     """A run's output directory, which knows which of its entries tfxfer wrote.
 
@@ -338,14 +308,7 @@ class RunDir:
         entries = _read_manifest(path)
         markers = [name for name in RUN_MARKERS if name in names]
         holds_run = entries is not None or bool(markers)
-        if entries is None:
-            foreign = [n for n in names if n not in RUN_MARKERS]
-        else:
-            foreign = [
-                n
-                for n in names
-                if n != MANIFEST and n not in entries and not n.startswith(TMP_PREFIX)
-            ]
+        foreign = _foreign(names, entries)
         if resume and holds_run:
             return True
         if not overwrite and _stopped_before_first_checkpoint(path):
@@ -368,20 +331,7 @@ class RunDir:
             )
             shown = ", ".join(markers) if markers else MANIFEST
             raise RunDirError(f"Output directory {path!r} already holds a run ({shown}). {fix}")
-        if foreign and holds_run:
-            raise RunDirError(
-                f"Refusing to overwrite {path!r}: beside the earlier run it holds "
-                f"{_some(foreign)}, which tfxfer did not write (not in {MANIFEST}). --overwrite "
-                "deletes only what the run wrote, and a directory shared with other files is "
-                "not the run's to replace. Move those out of it, or choose another --output-dir."
-            )
-        if foreign:
-            raise RunDirError(
-                f"Refusing to use {path!r} as the run directory: it holds {_some(foreign)}, "
-                "which tfxfer did not write. A run directory is the run's alone, so that "
-                "--overwrite can delete exactly what the run wrote. Move those out of it, or "
-                "choose a new or empty --output-dir."
-            )
+        _refuse_foreign(path, foreign, holds_run=holds_run)
         return False
 
     @classmethod

@@ -10,36 +10,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfxfer import fs
-from tfxfer.data.images import IMAGE_EXTENSIONS, decode_and_resize, decodes
+from tfxfer.data.images import decode_and_resize
 from tfxfer.data.pipeline import TrainData, epoch_batches
-from tfxfer.errors import DataError
 from tfxfer.pretrain.contrastive import ViewAugmentation
-
-
-def list_unlabelled_images(directory: str) -> list[str]:
-    """Every image file anywhere under `directory`, sorted; class subfolders mean nothing.
-
-    Hidden files and folders are skipped, as the labelled loaders skip them; files that do
-    not decode are skipped too (an unlabelled folder is often a dump of mixed files).
-
-    Raises:
-        DataError: the folder is missing or holds no readable image.
-    """
-    if not fs.isdir(directory):
-        raise DataError(
-            f"Image folder not found: {directory!r}. Pass --data-dir, a folder of unlabelled "
-            "images (in subfolders or not)."
-        )
-    files, _ = fs.visible_files(directory)
-    paths = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS) and decodes(p)]
-    if not paths:
-        raise DataError(
-            f"Image folder {directory!r} holds no readable images (looked for "
-            f"{', '.join(IMAGE_EXTENSIONS)} anywhere under it). Point --data-dir at the "
-            "folder your images are in."
-        )
-    return paths
 
 
 def decoded_images(paths: list[str], image_size: int) -> tf.data.Dataset:
