@@ -355,7 +355,7 @@ def _scores(labels, probabilities, class_names) -> dict[str, float]:
 
 def child_recipe(spec: dict[str, Any]) -> dict[str, Any]:
     from recipes.bert_text_classifier import Config, main
-    from tfxfer import recipe
+    from tfxfer.recipe import runner as recipe
 
     # Wrapping run_schedule (called by module attribute) times the training stages alone.
     timing: dict[str, float] = {}

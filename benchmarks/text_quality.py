@@ -97,7 +97,7 @@ def child_recipe(spec: dict[str, Any]) -> dict[str, Any]:
     import keras
 
     from recipes.bert_text_classifier import Config, main
-    from tfxfer import recipe
+    from tfxfer.recipe import runner as recipe
 
     keras.utils.set_random_seed(spec["seed"])
     # The recipe skeleton calls `run_schedule` by its module attribute, so wrapping it times

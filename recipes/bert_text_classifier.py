@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import tfxfer
 from tfxfer.demo_data import demo_text_paths
-from tfxfer.recipe import RecipeConfig, command_line, run
+from tfxfer.recipe import RecipeConfig, build_task_model, command_line, load_data, run
 
 
 @dataclass
@@ -79,36 +79,13 @@ def build_data(config: Config) -> tfxfer.LabelledData:
         paths = demo_text_paths()
         print(f"[tfxfer] no --train: using the demo dataset ({paths['train']})")
         train, test = str(paths["train"]), test or str(paths["test"])
-    return tfxfer.load_texts(
-        train,
-        val=config.val,
-        test=test,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        multi_label=config.multi_label,
-        label_separator=config.label_separator,
-        val_split=config.val_split,
-        seed=config.seed,
-    )
-
-
-def build_backbone(config: Config, name: str) -> tfxfer.Backbone:
-    if name.startswith("hub:"):
-        # A TF-Hub text model takes raw strings and tokenizes inside itself.
-        return tfxfer.build_backbone(name, input_kind="text")
-    return tfxfer.build_backbone(
-        name,
-        sequence_length=config.sequence_length,
-        weights=config.pretrained,
-        # The checkpoint's masked-LM head, for an auxiliary masked-LM loss.
-        source_head=config.regularizer == "source_task" and config.regularizer_weight > 0,
-    )
+    return load_data(config, train, val=config.val, test=test)
 
 
 def build_model(config: Config, data: tfxfer.LabelledData):
-    backbones = [build_backbone(config, name) for name in config.backbone_names()]
-    task = "multi_label" if data.multi_label else "single_label"
-    return config.classifier(backbones, len(data.class_names), task)
+    # One backbone, or several (a,b) fused under one head; with --regularizer source_task
+    # each keeps its checkpoint's masked-LM head, for an auxiliary masked-LM loss.
+    return build_task_model(config, data)
 
 
 def main(config: Config) -> dict:

@@ -148,7 +148,8 @@ def build_data(config: Config) -> UnlabelledImages:
     )
 
 
-def build_task(config: Config, data: UnlabelledImages, distribution) -> PretrainTask:
+def check_batches(data: UnlabelledImages, distribution) -> None:
+    """Every replica's batch needs two images at least: each is told apart from the others."""
     replicas = distribution.global_batch_size // distribution.per_replica_batch_size
     per_replica = min(len(data.train), distribution.global_batch_size) // replicas
     if per_replica < 2:
@@ -159,16 +160,9 @@ def build_task(config: Config, data: UnlabelledImages, distribution) -> Pretrain
             "images, lower --val-fraction, or use fewer replicas."
         )
 
-    def rebuild():
-        return build_vision_backbone(config.backbone, weights=None, image_size=config.image_size)
 
-    backbone = build_vision_backbone(
-        config.backbone, weights=config.weights, image_size=config.image_size
-    )
-    model = contrastive_model(
-        backbone, projection_dim=config.projection_dim, hidden_units=config.projection_hidden
-    )
-    batch = distribution.global_batch_size
+def build_pairs(config: Config, data: UnlabelledImages, batch: int):
+    """The decoded training images, and the two-view training (and validation) batches."""
     train_images = decoded_images(data.train, config.image_size)
     train = contrastive_train_data(
         train_images,
@@ -186,6 +180,23 @@ def build_task(config: Config, data: UnlabelledImages, distribution) -> Pretrain
             seed=config.seed,
             views=config.views(),
         )
+    return train_images, train, val
+
+
+def build_task(config: Config, data: UnlabelledImages, distribution) -> PretrainTask:
+    check_batches(data, distribution)
+
+    def rebuild():
+        return build_vision_backbone(config.backbone, weights=None, image_size=config.image_size)
+
+    backbone = build_vision_backbone(
+        config.backbone, weights=config.weights, image_size=config.image_size
+    )
+    model = contrastive_model(
+        backbone, projection_dim=config.projection_dim, hidden_units=config.projection_hidden
+    )
+    batch = distribution.global_batch_size
+    train_images, train, val = build_pairs(config, data, batch)
     finish = make_finish(
         backbone,
         model,

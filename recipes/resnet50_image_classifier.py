@@ -27,7 +27,7 @@ from typing import ClassVar
 import tfxfer
 from tfxfer.data.images import Augmentation
 from tfxfer.data.synthetic import demo_shapes_dir
-from tfxfer.recipe import RecipeConfig, command_line, run
+from tfxfer.recipe import RecipeConfig, build_task_model, command_line, load_data, run
 
 
 @dataclass
@@ -78,30 +78,13 @@ def build_data(config: Config) -> tfxfer.LabelledData:
     data_dir = config.data_dir
     if data_dir is None:
         data_dir = demo_shapes_dir(config.output_dir, config.seed)
-    return tfxfer.load_images(
-        data_dir,
-        val_directory=config.val_dir,
-        test_directory=config.test_dir,
-        val_split=config.val_split,
-        seed=config.seed,
-    )
+    return load_data(config, data_dir, val=config.val_dir, test=config.test_dir)
 
 
 def build_model(config: Config, data: tfxfer.LabelledData):
-    names, weights = config.backbone_names(), config.weights_list()
-    backbones = [
-        tfxfer.build_backbone(
-            name,
-            weights=w,
-            image_size=config.image_size,
-            # Learning without Forgetting keeps the ImageNet classifier's predictions.
-            source_head=config.regularizer == "source_task" and config.regularizer_weight > 0,
-        )
-        for name, w in zip(
-            names, weights * len(names) if len(weights) == 1 else weights, strict=True
-        )
-    ]
-    return config.classifier(backbones, len(data.class_names))
+    # One backbone, or several (a,b) fused under one head; with --regularizer source_task
+    # each keeps its ImageNet classifier (Learning without Forgetting).
+    return build_task_model(config, data)
 
 
 def main(config: Config) -> dict:

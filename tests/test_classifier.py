@@ -173,6 +173,27 @@ def test_text_run_from_a_local_bert(texts_csv, tmp_path):
     )
 
 
+def test_source_task_regularizer_keeps_the_checkpoints_masked_lm_head(texts_csv, tmp_path):
+    from bert_helpers import write_masked_lm_preset
+
+    # A preset saved from a BertMaskedLM: its masked-LM head is the source task's.
+    write_masked_lm_preset(tmp_path / "mlm")
+    clf = tfxfer.Classifier.from_file(
+        texts_csv,
+        backbone=str(tmp_path / "mlm"),
+        output_dir=str(tmp_path / "run"),
+        sequence_length=16,
+        regularizer="source_task",
+        regularizer_weight=0.5,
+        **{**TINY_RUN, "head_epochs": 0},
+    )
+    metrics = clf.fine_tune(epochs=1)
+    assert "masked_lm" in clf.backbone.source_heads
+    assert metrics["val"]["num_examples"] > 0
+    stages = json.loads(open(os.path.join(clf.run_dir, "config.json")).read())
+    assert stages["regularizer"] == "source_task"
+
+
 def _tiny_bert(module):
     from bert_helpers import TINY
 

@@ -130,6 +130,23 @@ def test_best_checkpoint_loads_into_the_recipe_model(image_recipe_run, tmp_path)
     assert model.predict(_raw_images(n=1), verbose=0).shape == (1, 3)
 
 
+def test_the_recipe_builds_a_tf_hub_backbone(shapes_dir, tmp_path):
+    from hub_helpers import ImageFeatures
+
+    handle = str(tmp_path / "hub_image")
+    tf.saved_model.save(ImageFeatures(), handle)
+    config = _smoke(
+        shapes_dir,
+        str(tmp_path / "run"),
+        backbone=f"hub:{handle}",
+        weights="imagenet",
+        image_size=16,
+    )
+    backbone, model = recipe.build_model(config, recipe.build_data(config))
+    assert backbone.group_names == ["hub"]
+    assert model.predict(_raw_images(n=2), verbose=0).shape == (2, 3)
+
+
 # === Bad input ===
 
 

@@ -40,7 +40,7 @@ from tfxfer.backbones import build_backbone, modality_of
 from tfxfer.backbones.from_model import backbone_from_model, fresh_copy, network_of
 from tfxfer.data.examples import LabelledData
 from tfxfer.errors import TfxferError
-from tfxfer.recipe import RecipeConfig, run
+from tfxfer.recipe import RecipeConfig, build_task_model, load_data, run
 from tfxfer.rundir import RunDir
 
 EXPORT_FORMATS = ("savedmodel", "tflite")
@@ -64,6 +64,9 @@ class ClassifierConfig(RecipeConfig):
     multi_label: bool = False  # text files: several labels per text, sigmoid outputs
     label_separator: str = "|"  # splits a multi-label cell into its labels
     augment: bool = True  # images: flips, small rotations, zoom, contrast (training only)
+
+    def data_kind(self) -> str:
+        return self.kind
 
     def augmentation(self):
         from tfxfer.data.images import Augmentation
@@ -228,7 +231,9 @@ class Classifier:
         )
 
     def _build_model(self, config: ClassifierConfig, data: LabelledData):
-        """`recipe.run`'s model builder; it runs in the run's strategy scope."""
+        """`recipe.run`'s model builder (the recipes' own task builder); it runs in the run's
+        strategy scope. A backbone object is copied there, so the object itself never changes."""
+        backbones = None
         if self._backbone_object is not None:
             backbones = [
                 backbone_from_model(
@@ -238,21 +243,8 @@ class Classifier:
                     **self._backbone_options,
                 )
             ]
-        elif config.kind == "image":
-            backbones = [
-                build_backbone(name, weights=config.weights, image_size=config.image_size)
-                for name in config.backbone_names()
-            ]
-        else:
-            backbones = [
-                build_backbone(
-                    name, sequence_length=config.sequence_length, weights=config.pretrained
-                )
-                for name in config.backbone_names()
-            ]
-        task = "multi_label" if data.multi_label else "single_label"
         # One backbone, or several ("a,b") under one head with `fusion=`.
-        return config.classifier(backbones, len(data.class_names), task)
+        return build_task_model(config, data, backbones)
 
     # === Training ===
 
@@ -494,26 +486,4 @@ def _read_json(path: str) -> Any:
 
 
 def _load_data(config: ClassifierConfig) -> LabelledData:
-    if config.kind == "image":
-        from tfxfer.data.images import load_images
-
-        return load_images(
-            config.data,
-            val_directory=config.val,
-            test_directory=config.test,
-            val_split=config.val_split,
-            seed=config.seed,
-        )
-    from tfxfer.data.text import load_texts
-
-    return load_texts(
-        config.data,
-        val=config.val,
-        test=config.test,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        multi_label=config.multi_label,
-        label_separator=config.label_separator,
-        val_split=config.val_split,
-        seed=config.seed,
-    )
+    return load_data(config, config.data, val=config.val, test=config.test)

@@ -1,0 +1,191 @@
+"""`run`: the one way a fine-tuning recipe runs, from its config to a finished run directory.
+
+A recipe is a story of three parts: its own config fields, how it loads its data, and how it
+builds its model. Everything else is the same for every recipe and happens here, in this
+order: check the config and the output directory (cheap, before minutes go into a backbone)
+-> seed -> distribution scope -> data -> model -> schedule -> run directory -> train ->
+evaluate -> save and export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tfxfer import export, report
+from tfxfer.backbones.base import LayerGroups
+from tfxfer.batchnorm import has_batchnorm, recompute_batchnorm_statistics
+from tfxfer.checkpoints import Checkpointer
+from tfxfer.configfile import to_document
+from tfxfer.features import split_at_head
+from tfxfer.recipe.config import RecipeConfig
+from tfxfer.recipe.finish import finish_run
+from tfxfer.recipe.start import (
+    BuildData,
+    BuildModel,
+    Prepared,
+    backbone_info,
+    keeping_dtype_policy,
+    open_run,
+    prepare,
+    randomly_initialised,
+    start_run,
+)
+from tfxfer.regularizers import check_regularizers
+from tfxfer.rundir import RunDir
+from tfxfer.schedule import Stage, validate_schedule
+from tfxfer.setfit import contrastive_finetune
+from tfxfer.train import run_schedule
+
+
+def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
+    """Runs a recipe: check, seed, distribute, load, build, train, evaluate, save, export.
+
+    Args:
+        config: RecipeConfig. The recipe's config; validated here.
+        build_data: callable. `build_data(config)` returns the `LabelledData`.
+        build_model: callable. `build_model(config, data)` returns `(backbone, model)` (or a
+            list of backbones for a model over several); it runs in the strategy's scope.
+
+    Returns:
+        A dict with "run_dir", "model" (as trained), "serving_model" (what was saved: it
+        takes raw inputs), "backbone", "history", "metrics" (per split), "class_names",
+        "data" and "result" (the `TrainResult`).
+    """
+    with keeping_dtype_policy():
+        return _run(config, build_data, build_model)
+
+
+def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
+    distribution = start_run(config)
+    prepared = prepare(config, build_data, build_model, distribution)
+    stages = config.schedule()
+    validate_schedule(stages, LayerGroups.of(prepared.backbone))
+    check_regularizers(stages, prepared.backbone)
+    # Only now, with every setting checked, is the run directory written: a typo in a flag
+    # must not leave a half-started run that the next attempt refuses to overwrite.
+    run_dir = open_run(
+        config.output_dir,
+        to_document(config),
+        overwrite=config.overwrite,
+        resume=config.resume,
+        write=distribution.is_chief,
+        extra={
+            "data": prepared.data.summary(),
+            "backbone_info": backbone_info(prepared.backbone),
+            **distribution.describe(),
+        },
+    )
+    datasets = prepared.datasets()
+    stages = _from_scratch(stages, prepared, datasets)
+    _contrastive_first(config, prepared, datasets, run_dir)
+    result = run_schedule(
+        prepared.model,
+        prepared.backbone,
+        stages,
+        datasets.train,
+        datasets.val,
+        run_dir=run_dir,
+        strategy=distribution.strategy,
+        lr_scale=distribution.lr_scale,
+        verbose=config.fit_verbosity(),
+        cache_features=config.cache_features,
+        class_weight=prepared.class_weight,
+        # Resuming on another number of replicas would change every batch.
+        config={**dataclasses.asdict(config), "global_batch_size": distribution.global_batch_size},
+        callbacks=report.tensorboard_callbacks(run_dir, write=distribution.is_chief),
+        keep_better=config.keep_better,
+    )
+    return _finish(prepared, datasets, run_dir, result)
+
+
+def _finish(prepared: Prepared, datasets, run_dir: RunDir, result) -> dict[str, Any]:
+    """Evaluates, saves and exports the trained model; returns what `run` returns."""
+    data, model, config = prepared.data, prepared.model, prepared.config
+    serving = export.serving_model(model, prepared.backbone)
+    metrics = finish_run(
+        run_dir,
+        model,
+        result,
+        data.class_names,
+        {"val": datasets.val, "test": datasets.test},
+        examples={"val": data.val, "test": data.test},
+        notes=prepared.notes,
+        multi_label=data.multi_label,
+        serving_model=serving,
+        export_saved_model=config.export,
+        write=prepared.distribution.is_chief,
+    )
+    return {
+        "run_dir": run_dir.path,
+        "model": model,
+        "serving_model": serving,
+        "backbone": prepared.backbone,
+        "history": result.history,
+        "metrics": metrics,
+        "class_names": data.class_names,
+        "data": data,
+        "result": result,
+    }
+
+
+def _from_scratch(stages: list[Stage], prepared: Prepared, datasets) -> list[Stage]:
+    """A randomly initialised backbone's BatchNorm statistics, made to fit the data.
+
+    Frozen BatchNorm runs in inference mode with its moving statistics, which at random
+    initialisation are zero means and unit variances, whatever the data: the activations
+    then shrink or blow up layer by layer, and the pooled features barely depend on the
+    input (a head on them stays at chance). So before training, the statistics are
+    recomputed from the training data (`tfxfer.batchnorm`), and every stage that trains the
+    backbone also updates them (`Stage.train_batchnorm`): the weights are new, so are their
+    statistics. Pretrained backbones keep theirs.
+    """
+    model = prepared.model
+    if not randomly_initialised(prepared.backbone) or not has_batchnorm(model):
+        return stages
+    with prepared.distribution.scope():
+        info = recompute_batchnorm_statistics(model, datasets.train.build(0))
+    if not prepared.config.quiet:
+        print(
+            f"[tfxfer] BatchNorm statistics of the random backbone recomputed from "
+            f"{info['examples']} training examples ({info['layers']} layers); stages that "
+            "train the backbone update them.",
+            flush=True,
+        )
+    return [
+        stage if stage.train == "head" else dataclasses.replace(stage, train_batchnorm=True)
+        for stage in stages
+    ]
+
+
+def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) -> None:
+    """SetFit before the schedule, where the config asks for it (`contrastive_pairs`).
+
+    The text encoder is trained on pairs of labelled examples (same class or not,
+    `tfxfer.setfit`), then the schedule fits the head on its new features. A resumed run
+    whose checkpoint exists skips it: the checkpoint holds the weights it trained.
+    """
+    pairs = int(getattr(config, "contrastive_pairs", 0) or 0)
+    if not pairs:
+        return
+    distribution = prepared.distribution
+    if config.resume and Checkpointer(run_dir.checkpoints, write=False).latest() is not None:
+        return
+    with distribution.scope():
+        info = contrastive_finetune(
+            split_at_head(prepared.model).features,
+            datasets.train.examples,
+            pairs_per_example=pairs,
+            seed=config.seed,
+            verbose=0,
+        )
+    if distribution.is_chief:
+        run_dir.write_json("contrastive.json", info)
+    if not config.quiet:
+        print(
+            f"[tfxfer] contrastive (SetFit): {info['pairs']} pairs, {info['steps']} steps in "
+            f"{info['seconds']:.0f} s; same-class cosine {info['positive_cosine_before']:.2f}"
+            f" -> {info['positive_cosine_after']:.2f}, other-class "
+            f"{info['negative_cosine_before']:.2f} -> {info['negative_cosine_after']:.2f}",
+            flush=True,
+        )
