@@ -8,23 +8,19 @@ if __name__ == "__main__":
 ```
 
 and gets flags from its `Config`'s fields, `--help` from its docstring and field comments,
-and `tfxfer.cli.error_boundary`: exit 0 on success, 2 with one line on bad input.
+and `tfxfer.boundary.error_boundary`: exit 0 on success, 2 with one line on bad input.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from tfxfer.boundary import cli_logging, error_boundary
 from tfxfer.recipe.config import RecipeConfig
 
-
-def cli_logging() -> None:
-    """Logging for a command-line run: tfxfer's INFO lines, other libraries' from WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s %(message)s")
-    logging.getLogger("tfxfer").setLevel(logging.INFO)
+__all__ = ["cli_logging", "command_line"]
 
 
 def command_line(
@@ -34,8 +30,6 @@ def command_line(
     argv: list[str] | None = None,
 ) -> int:
     """Runs a recipe from the command line: exit 0 on success, 2 with one line on bad input."""
-    from tfxfer.cli import error_boundary
-
     cli_logging()
     # Under `python -m recipes.x`, say so in usage lines rather than the file's path.
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
