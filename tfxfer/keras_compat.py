@@ -149,21 +149,8 @@ def patch_keras_for_multi_worker(
     unknown = sorted(set(names) - set(PATCHES))
     if unknown:
         raise ValueError(f"Expected patch names from {sorted(PATCHES)}. Received: {unknown}")
-    if keras.backend.backend() != "tensorflow":
-        logger.info(
-            "keras_compat: backend is %r, not tensorflow; nothing to patch.",
-            keras.backend.backend(),
-        )
-        return []
-    version = Version(keras.__version__)
-    if version not in PATCHED_KERAS_VERSIONS and not force:
-        logger.warning(
-            "keras_compat: Keras %s is outside %s, where the multi-worker patch for %s is "
-            "tested; not patching. If multi-worker fit fails, check that issue.",
-            version,
-            PATCHED_KERAS_VERSIONS,
-            KERAS_ISSUE,
-        )
+    version = _version_to_patch(force)
+    if version is None:
         return []
     trainer = _trainer_module()
     applied = []
@@ -180,6 +167,27 @@ def patch_keras_for_multi_worker(
             ", ".join(applied),
         )
     return applied
+
+
+def _version_to_patch(force: bool) -> Version | None:
+    """This Keras' version, or None (and why, logged) when it is not one the patch is for."""
+    if keras.backend.backend() != "tensorflow":
+        logger.info(
+            "keras_compat: backend is %r, not tensorflow; nothing to patch.",
+            keras.backend.backend(),
+        )
+        return None
+    version = Version(keras.__version__)
+    if version not in PATCHED_KERAS_VERSIONS and not force:
+        logger.warning(
+            "keras_compat: Keras %s is outside %s, where the multi-worker patch for %s is "
+            "tested; not patching. If multi-worker fit fails, check that issue.",
+            version,
+            PATCHED_KERAS_VERSIONS,
+            KERAS_ISSUE,
+        )
+        return None
+    return version
 
 
 def unpatch_keras_for_multi_worker() -> list[str]:

@@ -17,9 +17,13 @@ import json
 import os
 import zipfile
 
+import keras
+
 from tfxfer.boundary import one_line
 from tfxfer.errors import TfxferError
+from tfxfer.layers import RawTextModel
 from tfxfer.rundir import MANIFEST, RUN_MARKERS, RunDir
+from tfxfer.saving import load_model as load_keras_file
 
 MODEL_FILE = "model.keras"
 CLASS_NAMES_FILE = "class_names.json"
@@ -40,8 +44,6 @@ def check_model_path(path: str) -> None:
 
 def load_model(path: str):
     """The model in `path`, or a `TfxferError` that says what the file is not."""
-    from tfxfer.export import load_model as load_keras_file  # the saving layer, at merge
-
     check_model_path(path)
     if path.endswith(".keras") and not zipfile.is_zipfile(path):
         raise TfxferError(
@@ -62,8 +64,6 @@ def load_model(path: str):
 
 
 def _is_raw_text_model(model) -> bool:
-    from tfxfer.export import RawTextModel  # the saving layer, at merge
-
     return isinstance(model, RawTextModel)
 
 
@@ -148,10 +148,19 @@ def run_class_names(run_dir: str, model, class_names: str | None = None) -> list
     return None
 
 
+def image_size_of(model: keras.Model) -> int | list[int] | None:
+    """The side (or `[height, width]`) an image model resizes its input to; None if none."""
+    for layer in model._flatten_layers(include_self=False):
+        size = getattr(layer, "image_size", None)
+        if size is not None:
+            return size
+        if isinstance(layer, keras.layers.Resizing):
+            return [int(layer.height), int(layer.width)]
+    return None
+
+
 def image_size(model, model_path: str):
     """The side (or `[height, width]`) a loaded image model resizes its input to."""
-    from tfxfer.export import image_size_of  # the saving layer, at merge
-
     size = image_size_of(model)
     if size is None:
         raise TfxferError(

@@ -22,8 +22,9 @@ from typing import Any
 import keras
 
 from tfxfer.backbones.base import Backbone, split_into_groups
-from tfxfer.backbones.vision import VISION_BACKBONES, ImagePreprocessing
+from tfxfer.backbones.vision import VISION_BACKBONES
 from tfxfer.errors import TfxferError
+from tfxfer.layers.image_preprocessing import ImagePreprocessing
 
 GroupsSpec = (
     Mapping[str, Sequence[Any]] | Callable[[keras.Model], Mapping[str, Sequence[Any]]] | None

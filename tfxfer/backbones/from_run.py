@@ -16,6 +16,7 @@ from typing import Any
 import keras
 
 from tfxfer.errors import TfxferError, WeightsError
+from tfxfer.saving import load_model
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -73,8 +74,6 @@ def run_backbone_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load(path: str | os.PathLike) -> keras.Model:
-    from tfxfer.export import load_model
-
     return load_model(str(Path(path).expanduser() / "model.keras"))
 
 

@@ -13,7 +13,6 @@ import warnings
 from typing import Any
 
 import keras
-from keras import ops
 
 from tfxfer.backbones.base import Backbone, SourceHead, split_into_groups
 from tfxfer.backbones.from_run import (
@@ -23,11 +22,7 @@ from tfxfer.backbones.from_run import (
     pretraining_output,
 )
 from tfxfer.errors import TfxferError, WeightsError
-
-# Per-channel constants of the two common ImageNet conventions.
-_CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
-_TORCH_MEAN = (0.485, 0.456, 0.406)
-_TORCH_STD = (0.229, 0.224, 0.225)
+from tfxfer.layers.image_preprocessing import ImagePreprocessing
 
 # `preprocessing` is the pixel convention the network was trained with:
 #   caffe: RGB->BGR, subtract the ImageNet mean (ResNet v1, VGG)
@@ -111,56 +106,6 @@ VISION_BACKBONES: dict[str, dict[str, Any]] = {
         "kwargs": {"include_preprocessing": True},
     },
 }
-
-
-@keras.saving.register_keras_serializable(package="tfxfer")
-class ImagePreprocessing(keras.layers.Layer):
-    """Turns raw uint8 RGB images of any size into what a pretrained network expects.
-
-    It resizes to the backbone's input size and applies the network's own pixel convention.
-    Living inside the model (rather than in the user's code) is what lets a saved or exported
-    model take raw images, and what makes a wrong convention impossible at serving time.
-
-    Args:
-        image_size: int. Height and width the network sees.
-        mode: str. One of "caffe", "tf", "torch", "none" (see `VISION_BACKBONES`).
-    """
-
-    def __init__(self, image_size: int, mode: str, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in ("caffe", "tf", "torch", "none"):
-            raise ValueError(
-                "Expected `mode` to be one of 'caffe', 'tf', 'torch', 'none'. "
-                f"Received: mode={mode!r}"
-            )
-        self.image_size = int(image_size)
-        self.mode = mode
-        self.resize = keras.layers.Resizing(self.image_size, self.image_size, dtype="float32")
-
-    def build(self, input_shape):
-        # Building the (weightless) Resizing sublayer here keeps Keras from warning that this
-        # layer has unbuilt state every time a saved model is loaded.
-        self.resize.build(input_shape)
-
-    def call(self, images):
-        x = ops.cast(images, "float32")
-        # Resizing is a no-op when the tf.data pipeline already resized to this size.
-        x = self.resize(x)
-        if self.mode == "caffe":
-            x = ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_BGR_MEAN, "float32")
-        elif self.mode == "tf":
-            x = x / 127.5 - 1.0
-        elif self.mode == "torch":
-            x = (x / 255.0 - ops.convert_to_tensor(_TORCH_MEAN, "float32")) / ops.convert_to_tensor(
-                _TORCH_STD, "float32"
-            )
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.image_size, self.image_size, 3)
-
-    def get_config(self):
-        return {**super().get_config(), "image_size": self.image_size, "mode": self.mode}
 
 
 def _resolve_weights(weights: str | None) -> str | None:
@@ -273,19 +218,7 @@ def build_vision_backbone(
     >>> backbone.group_names
     ['stem', 'conv2', 'conv3', 'conv4', 'conv5']
     """
-    key = name.lower()
-    if key not in VISION_BACKBONES:
-        raise TfxferError(
-            f"Unknown image backbone {name!r}. Known image backbones: {sorted(VISION_BACKBONES)}."
-        )
-    row = VISION_BACKBONES[key]
-    size = int(image_size or row["default_image_size"])
-    if size < row["min_image_size"]:
-        raise TfxferError(
-            f"image_size={size} is too small for {key}: it needs at least "
-            f"{row['min_image_size']} pixels per side (its five stride-2 stages would shrink "
-            f"the image to nothing). Pass --image-size {row['min_image_size']} or more."
-        )
+    key, row, size = _checked_row(name, image_size)
     resolved = _resolve_weights(weights)
     # A pretraining run is checked before minutes go into building the network.
     pretrained = (
@@ -293,23 +226,9 @@ def build_vision_backbone(
         if resolved is not None and os.path.isdir(resolved)
         else None
     )
+    # === Layers ===
     constructor = getattr(keras.applications, row["constructor"])
-    try:
-        network = constructor(
-            include_top=False,
-            weights="imagenet" if resolved == "imagenet" else None,
-            input_shape=(size, size, 3),
-            **row.get("kwargs", {}),
-        )
-    except Exception as error:  # Keras raises a bare Exception for a failed download.
-        if resolved == "imagenet" and "URL fetch failure" in str(error):
-            raise WeightsError(
-                f"Could not download the ImageNet weights for {key}: this machine seems to be "
-                "offline. Download the `..._notop.h5` weights file on a machine that is online "
-                "(Keras caches it in ~/.keras/models/) and pass its path (--weights PATH, or "
-                "weights='path/to/file.h5'), or train from scratch with --weights none."
-            ) from None
-        raise
+    network = _build_network(key, row, constructor, resolved=resolved, size=size)
     heads = {}
     if source_head:
         heads["imagenet"] = _imagenet_head(key, row, constructor, resolved, network)
@@ -336,6 +255,44 @@ def build_vision_backbone(
         namespace=key,
         source_heads=heads,
     )
+
+
+def _checked_row(name: str, image_size: int | None) -> tuple[str, dict[str, Any], int]:
+    """The backbone's key, its table row, and the image size it gets (checked)."""
+    key = name.lower()
+    if key not in VISION_BACKBONES:
+        raise TfxferError(
+            f"Unknown image backbone {name!r}. Known image backbones: {sorted(VISION_BACKBONES)}."
+        )
+    row = VISION_BACKBONES[key]
+    size = int(image_size or row["default_image_size"])
+    if size < row["min_image_size"]:
+        raise TfxferError(
+            f"image_size={size} is too small for {key}: it needs at least "
+            f"{row['min_image_size']} pixels per side (its five stride-2 stages would shrink "
+            f"the image to nothing). Pass --image-size {row['min_image_size']} or more."
+        )
+    return key, row, size
+
+
+def _build_network(key: str, row: dict, constructor, *, resolved: str | None, size: int):
+    """The headless network, with ImageNet weights when asked (an offline error explained)."""
+    try:
+        return constructor(
+            include_top=False,
+            weights="imagenet" if resolved == "imagenet" else None,
+            input_shape=(size, size, 3),
+            **row.get("kwargs", {}),
+        )
+    except Exception as error:  # Keras raises a bare Exception for a failed download.
+        if resolved == "imagenet" and "URL fetch failure" in str(error):
+            raise WeightsError(
+                f"Could not download the ImageNet weights for {key}: this machine seems to be "
+                "offline. Download the `..._notop.h5` weights file on a machine that is online "
+                "(Keras caches it in ~/.keras/models/) and pass its path (--weights PATH, or "
+                "weights='path/to/file.h5'), or train from scratch with --weights none."
+            ) from None
+        raise
 
 
 def _imagenet_head(key: str, row: dict, constructor, resolved: str | None, network) -> SourceHead:

@@ -39,12 +39,14 @@ import keras
 import tensorflow as tf
 
 from tfxfer.backbones.base import Backbone
-from tfxfer.errors import TfxferError
+from tfxfer.layers.contrastive_accuracy import ContrastiveAccuracy as ContrastiveAccuracy
+from tfxfer.layers.contrastive_accuracy import contrastive_accuracy as contrastive_accuracy
+from tfxfer.layers.nt_xent_loss import NTXentLoss as NTXentLoss
+from tfxfer.layers.nt_xent_loss import check_temperature as check_temperature
+from tfxfer.layers.nt_xent_loss import nt_xent as nt_xent
 
 # What `config.json["pretraining"]["objective"]` says.
 OBJECTIVE = "simclr"
-# Stands in for -inf on the similarity matrix's diagonal (an image is not its own negative).
-_EXCLUDED = -1e9
 
 
 # === Views ===
@@ -142,83 +144,7 @@ def _finite(value: Any) -> bool:
 
 
 # === Objective ===
-
-
-def _similarities(projections: tf.Tensor, temperature: float) -> tuple[tf.Tensor, tf.Tensor]:
-    """Cosine similarities / temperature (self-pairs excluded), and each row's positive."""
-    z = tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=1)
-    rows = tf.shape(z)[0]
-    logits = tf.matmul(z, z, transpose_b=True) / temperature
-    logits = tf.where(tf.eye(rows, dtype=tf.bool), tf.constant(_EXCLUDED, tf.float32), logits)
-    # Rows [0, n) are the first views, [n, 2n) the second: i's positive is i + n (mod 2n).
-    half = rows // 2
-    positives = tf.concat([tf.range(half, rows), tf.range(0, half)], axis=0)
-    return logits, positives
-
-
-def nt_xent(projections: tf.Tensor, temperature: float = 0.1) -> tf.Tensor:
-    """SimCLR's NT-Xent loss of every row of `(2n, d)` projections (first views, then second).
-
-    Row i's loss is the cross-entropy of picking its positive (the other view of its image)
-    among all 2n - 1 other rows, by cosine similarity divided by `temperature`.
-
-    Args:
-        projections: tf.Tensor. `(2n, d)`: the n first views' projections, then the n
-            second views' in the same image order. Cast to float32.
-        temperature: float. Divides the cosine similarities; lower is sharper.
-
-    Returns:
-        float32 tensor `(2n,)`, one loss per row.
-    """
-    logits, positives = _similarities(projections, temperature)
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=positives, logits=logits)
-
-
-@keras.saving.register_keras_serializable(package="tfxfer")
-class NTXentLoss(keras.losses.Loss):
-    """NT-Xent as a Keras loss: `y_pred` is the model's `(2n, d)` projections, `y_true` unused.
-
-    Args:
-        temperature: float. > 0. SimCLR's best CIFAR-10 temperatures were 0.1 to 0.5; 0.1
-            suits the small batches a CPU or one GPU trains with. Defaults to `0.1`.
-    """
-
-    def __init__(self, temperature: float = 0.1, name: str = "nt_xent", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.temperature = check_temperature(temperature)
-
-    def call(self, y_true, y_pred):
-        return nt_xent(y_pred, self.temperature)
-
-    def get_config(self):
-        return {**super().get_config(), "temperature": self.temperature}
-
-
-def check_temperature(temperature: Any) -> float:
-    """`temperature` as a float; a TfxferError unless it is a finite number > 0."""
-    if not (_finite(temperature) and temperature > 0):
-        raise TfxferError(
-            f"Expected `temperature` to be a finite number > 0 (it divides the similarities; "
-            f"SimCLR uses 0.1 to 0.5). Received: temperature={temperature!r}"
-        )
-    return float(temperature)
-
-
-def contrastive_accuracy(y_true, y_pred) -> tf.Tensor:
-    """Per row, 1.0 when its positive is its most similar other row (else 0.0)."""
-    logits, positives = _similarities(y_pred, 1.0)
-    return tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), positives), "float32")
-
-
-@keras.saving.register_keras_serializable(package="tfxfer")
-class ContrastiveAccuracy(keras.metrics.MeanMetricWrapper):
-    """How often an image's other view is its best match in the batch; named "accuracy"."""
-
-    def __init__(self, name: str = "accuracy", dtype=None):
-        super().__init__(fn=contrastive_accuracy, name=name, dtype=dtype)
-
-    def get_config(self):
-        return {"name": self.name, "dtype": self.dtype}
+# NT-Xent and its accuracy live in `tfxfer.layers` (saved models name them); importable here.
 
 
 def contrastive_model(
