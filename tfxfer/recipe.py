@@ -49,12 +49,12 @@ from tfxfer.errors import TfxferError
 from tfxfer.flags import FlagConfig
 from tfxfer.fusion import FUSIONS, build_fusion_model, fusion_summary
 from tfxfer.heads import HeadConfig
-from tfxfer.lr_find import AUTO
 from tfxfer.model import build_model
 from tfxfer.regularizers import check_regularizers
 from tfxfer.rundir import RunDir
 from tfxfer.schedule import REGULARIZERS, Stage, default_schedule, validate_schedule
 from tfxfer.train import TrainResult, run_schedule
+from tfxfer.train.lr_find import AUTO
 
 log = logging.getLogger(__name__)
 
@@ -529,15 +529,15 @@ def _contrastive_first(config, model, datasets, distribution, run_dir: RunDir) -
     """SetFit before the schedule, where the config asks for it (`contrastive_pairs`).
 
     The text encoder is trained on pairs of labelled examples (same class or not,
-    `tfxfer.setfit`), then the schedule fits the head on its new features. A resumed run
+    `tfxfer.train.setfit`), then the schedule fits the head on its new features. A resumed run
     whose checkpoint exists skips it: the checkpoint holds the weights it trained.
     """
     pairs = int(getattr(config, "contrastive_pairs", 0) or 0)
     if not pairs:
         return
-    from tfxfer.checkpoints import Checkpointer
-    from tfxfer.features import split_at_head
-    from tfxfer.setfit import contrastive_finetune
+    from tfxfer.train.checkpoints import Checkpointer
+    from tfxfer.train.features import split_at_head
+    from tfxfer.train.setfit import contrastive_finetune
 
     if config.resume and Checkpointer(run_dir.checkpoints, write=False).latest() is not None:
         return
@@ -653,7 +653,7 @@ def find_learning_rate(
             else f"--set stages.{index}.learning_rate={finding.suggestion:.2g}"
         )
         if distribution.is_chief:
-            from tfxfer.lr_find import plot_finding
+            from tfxfer.train.lr_find import plot_finding
 
             run_dir.write_json("lr_find.json", {"stage": stage, "flag": hint, **finding.to_json()})
             plot_finding(

@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import ops
 
 from tfxfer.errors import TfxferError
-from tfxfer.features import _materialize, _token_lengths, extract
+from tfxfer.train.features import _materialize, _token_lengths, extract
 
 # Pairs drawn per example and kind (same class, other class). With MiniLM-L6 at 8 texts a
 # class (fortunes, debian-sections, 2 seeds each), 20 scored 2.7 points above 5 on average
