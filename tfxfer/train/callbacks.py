@@ -114,11 +114,12 @@ class _EpochEnd(keras.callbacks.Callback):
         t.stage_best = None
         if stale:
             self.model.stop_training = True
+        ended = f"Stage {stage.name!r} ends after epoch {global_epoch}" + (
+            f" ({stage.patience} epoch(s) without improvement)" if stale else ""
+        )
         log.info(
-            "Stage %r ends after epoch %d%s, with the weights of its best epoch %d (%s %.4g).",
-            stage.name,
-            global_epoch,
-            f" ({stage.patience} epoch(s) without improvement)" if stale else "",
+            "%s, with the weights of its best epoch %d (%s %.4g).",
+            ended,
             best,
             t.monitor,
             info.get("best_value", float("nan")),

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tfxfer.backbones.base import LayerGroups
 from tfxfer.data.pipeline import TrainData
+from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.schedule import Stage
 from tfxfer.train.features import HeadSplit, cached_stage, why_not_cached
 
@@ -72,13 +73,22 @@ class ScheduleRun:
     probe_index: int | None = None
     snapshot: Any = None
 
+    def __post_init__(self):
+        self.strategy = self.strategy or tf.distribute.get_strategy()
+        if self.loss is None:
+            # The loss that fits the model's head, and its default metrics.
+            self.loss, defaults = loss_and_metrics(
+                task_of(self.model), int(self.model.outputs[0].shape[-1])
+            )
+            self.metrics = defaults if self.metrics is None else self.metrics
+
     @property
     def steps_per_epoch(self) -> int:
         return self.train_data.steps_per_epoch
 
     def scope(self):
         """The strategy's scope: where variables and optimizers are made."""
-        return (self.strategy or tf.distribute.get_strategy()).scope()
+        return self.strategy.scope()
 
 
 @dataclass

@@ -30,7 +30,6 @@ import tensorflow as tf
 from tfxfer.backbones.base import Backbone, LayerGroups
 from tfxfer.data.pipeline import TrainData
 from tfxfer.distribute import is_chief
-from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.regularizers import build_reference, needs_reference
 from tfxfer.rundir import RunDir
 from tfxfer.schedule import (
@@ -87,20 +86,19 @@ def run_schedule(
 
     Args:
         model: keras.Model. From `tfxfer.build_model`, built in `strategy`'s scope.
-        backbones: Backbone, list of Backbones, or LayerGroups. What the model was built
-            from: the backbone says which of its groups the head reads, which layers never
-            train and where LoRA adapters go; several backbones' groups are namespaced.
+        backbones: Backbone, list of Backbones, or LayerGroups. What the model was built from:
+            the backbone says which of its groups the head reads, which layers never train and
+            where LoRA adapters go; several backbones' groups are namespaced.
         stages: list[Stage]. The schedule.
         train_data: TrainData. From `tfxfer.make_datasets` (or `epoch_batches`).
         val_data: tf.data.Dataset or None. Batched validation data.
         loss: a Keras loss, or None for the one that fits the model's head (softmax: sparse
             categorical cross-entropy; sigmoid: binary; linear: mean squared error).
-        metrics: Keras metrics, or None for the head's defaults (a fresh copy is compiled
-            per stage either way).
+        metrics: Keras metrics, or None for the head's defaults (a fresh copy per stage).
         run_dir: RunDir or None. Where checkpoints and history go; None keeps nothing.
         strategy: tf.distribute.Strategy or None. Compiles inside its scope.
-        lr_scale: float. Multiplies every stage's learning rate (linear scaling with the
-            global batch). Defaults to `1.0`.
+        lr_scale: float. Multiplies every stage's learning rate (linear scaling with the global
+            batch). Defaults to `1.0`.
         monitor: str or None. Metric that picks the best checkpoint. Defaults to "val_loss"
             with validation data, else "loss".
         monitor_mode: str. "min", "max", or "auto" (known metrics only: losses and errors are
@@ -110,58 +108,41 @@ def run_schedule(
             features their `self.model` is the head alone.
         verbose: passed to `fit`.
         cache_features: bool. Train a stage that trains only the head on features extracted
-            once (`tfxfer.train.features`) where the model allows it: the backbone runs once, not
-            once per epoch. Its random augmentation then does not run, and dropout inside the
-            frozen backbone neither. `TrainResult.stages` says which stages were cached.
-            Defaults to `True`.
+            once (`tfxfer.train.features`) where the model allows it, not once per epoch. Its
+            random augmentation then does not run, nor dropout inside the frozen backbone.
+            `TrainResult.stages` says which stages were cached. Defaults to `True`.
         jit_compile: bool or "auto". Compile training steps with XLA. "auto" is Keras' rule:
-            on a GPU or TPU when every layer supports it, never on a CPU (measured there: no
-            faster, and slower to trace). A step XLA cannot compile (an op it does not know)
-            falls back to plain TensorFlow with a warning, and `TrainResult.stages` records it.
-            Defaults to `"auto"`.
-        class_weight: dict or None. `{class id: weight}` for the training loss of every
-            stage (Keras' `class_weight`; `tfxfer.data.balance.class_weights` makes one from
-            label frequencies). Validation metrics stay unweighted. Defaults to `None`.
-        keep_better: bool. LP-FT that never makes things worse: end on the weights of the
-            last head-only stage (the linear probe) instead of the fine-tuned ones when
-            fine-tuning raised the validation loss and did not raise the validation accuracy
-            (`tfxfer.train.selection`); `TrainResult.selection` says which was kept and why.
-            Defaults to `False`.
+            on a GPU or TPU when every layer supports it, never on a CPU (measured: no faster,
+            slower to trace). A step XLA cannot compile (an op it does not know) falls back to
+            plain TensorFlow with a warning, recorded in `TrainResult.stages`. Defaults to "auto".
+        class_weight: dict or None. `{class id: weight}` for the training loss of every stage
+            (Keras' `class_weight`; `tfxfer.data.balance.class_weights` makes one from label
+            frequencies). Validation metrics stay unweighted. Defaults to `None`.
+        keep_better: bool. LP-FT that never makes things worse: end on the linear probe's
+            weights (the last head-only stage's) when fine-tuning raised the validation loss and
+            did not raise the validation accuracy (`tfxfer.train.selection`);
+            `TrainResult.selection` says which was kept and why. Defaults to `False`.
 
     Returns:
         TrainResult with the trained model and the history of every stage.
 
     Raises:
         Preempted: SIGTERM arrived during training; a checkpoint was written after the step in
-            flight (or the epoch that was ending), and `resume=True` continues from it. Only
-            in the main thread of a single-process run with a `run_dir`; elsewhere SIGTERM
-            keeps its action. The previous handler is restored when this returns or raises.
+            flight (or the epoch that was ending), and `resume=True` continues from it. Only in
+            the main thread of a single-process run with a `run_dir`; elsewhere SIGTERM keeps
+            its action. The previous handler is restored when this returns or raises.
 
-    Example:
-
-    ```python
-    result = tfxfer.run_schedule(model, backbone, tfxfer.default_schedule(), data.train,
-                                 data.val)
-    ```
+    Example: `tfxfer.run_schedule(model, backbone, tfxfer.default_schedule(), data.train, data.val)`
     """
     groups = LayerGroups.of(backbones)
     validate_schedule(stages, groups)
-    if loss is None:
-        loss, default_metrics = loss_and_metrics(task_of(model), int(model.outputs[0].shape[-1]))
-        metrics = default_metrics if metrics is None else metrics
-    strategy = strategy or tf.distribute.get_strategy()
-    monitor = monitor or ("val_loss" if val_data is not None else "loss")
-    mode = resolve_monitor_mode(monitor, monitor_mode)
-    config = json.loads(json.dumps(config or {}, default=str))
-    trainer = Trainer(run_dir, monitor, mode, config, is_chief(strategy))
     run = ScheduleRun(
         model,
         groups,
         stages,
         train_data,
         val_data,
-        trainer=trainer,
-        strategy=strategy,
+        strategy=strategy or tf.distribute.get_strategy(),
         loss=loss,
         metrics=metrics,
         lr_scale=lr_scale,
@@ -171,6 +152,10 @@ def run_schedule(
         jit_compile=jit_compile,
         class_weight=class_weight,
     )
+    monitor = monitor or ("val_loss" if val_data is not None else "loss")
+    config = json.loads(json.dumps(config or {}, default=str))
+    mode = resolve_monitor_mode(monitor, monitor_mode)
+    run.trainer = Trainer(run_dir, monitor, mode, config, is_chief(run.strategy))
     _start(run, backbones, keep_better)
     _train_stages(run)
     return _result(run)
@@ -390,6 +375,7 @@ def _announce(stage_run: StageRun, initial_epoch: int, first_step: int) -> None:
 def _result(run: ScheduleRun) -> TrainResult:
     """The `TrainResult`, with `keep_better`'s choice between the probe and the fine-tuned."""
     trainer = run.trainer
+    chosen = _keep_better(run) if run.probe_index is not None else None
     return TrainResult(
         run.model,
         trainer.history,
@@ -397,7 +383,7 @@ def _result(run: ScheduleRun) -> TrainResult:
         best=trainer.best,
         resumed_from_step=run.done_step,
         stages=dict(trainer.stages),
-        selection=_keep_better(run) if run.probe_index is not None else None,
+        selection=chosen,
     )
 
 
