@@ -159,9 +159,9 @@ def audit_run_dir(run_dir: str, events: list[tuple[str, str]]) -> None:
 
 def install_save_blocks(args: argparse.Namespace) -> None:
     """Makes the trainer stop at an exact point of a checkpoint or history write."""
-    from tfxfer import checkpoints, train
+    from tfxfer.train import checkpoints, trainer
 
-    real_json, real_text = checkpoints.atomic_write_json, train.atomic_write_text
+    real_json, real_text = checkpoints.atomic_write_json, trainer.atomic_write_text
 
     def atomic_write_json(path: str, obj: Any) -> None:
         real_json(path, obj)
@@ -178,7 +178,7 @@ def install_save_blocks(args: argparse.Namespace) -> None:
     if args.block_in_save is not None:
         checkpoints.atomic_write_json = atomic_write_json
     if args.block_before_history is not None:
-        train.atomic_write_text = atomic_write_text
+        trainer.atomic_write_text = atomic_write_text
 
 
 def main(args: argparse.Namespace) -> None:

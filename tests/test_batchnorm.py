@@ -26,7 +26,7 @@ from tfxfer.batchnorm import (
     has_batchnorm,
     recompute_batchnorm_statistics,
 )
-from tfxfer.features import split_at_head
+from tfxfer.train.features import split_at_head
 
 STATISTICS = ("moving_mean", "moving_variance")
 

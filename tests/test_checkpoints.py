@@ -25,10 +25,10 @@ from helpers import (
     tiny_two_stage_run,
 )
 
-from tfxfer import checkpoints as checkpoints_module
-from tfxfer.checkpoints import Checkpointer
 from tfxfer.errors import RunDirError
 from tfxfer.rundir import RunDir
+from tfxfer.train import checkpoints as checkpoints_module
+from tfxfer.train.checkpoints import Checkpointer
 
 KILL_AFTER = 3
 

@@ -13,8 +13,8 @@ from tests.helpers import (
     tiny_train_data,
     tiny_val_data,
 )
-from tfxfer import features as feature_cache
 from tfxfer.errors import TfxferError
+from tfxfer.train import features as feature_cache
 
 MAX_EPOCHS = 12
 PATIENCE = 2

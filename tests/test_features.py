@@ -18,10 +18,10 @@ from tests.helpers import (
     tiny_train_data,
     tiny_val_data,
 )
-from tfxfer import features as feature_cache
 from tfxfer.data.examples import Examples
 from tfxfer.data.images import Augmentation, image_train_data
-from tfxfer.features import FeatureStore, split_at_head
+from tfxfer.train import features as feature_cache
+from tfxfer.train.features import FeatureStore, split_at_head
 
 
 def _build(seed: int = 0, dropout: float = 0.0):
@@ -230,7 +230,7 @@ def test_a_cached_stage_runs_several_steps_per_call_unless_a_callback_needs_each
     [(28, 0, 28), (64, 0, 32), (37, 0, 1), (29, 0, 29), (28, 12, 4), (60, 0, 30)],
 )
 def test_steps_per_execution_divides_every_fit(steps, skipped, expected):
-    from tfxfer.compiling import steps_per_execution
+    from tfxfer.train.compiling import steps_per_execution
 
     assert steps_per_execution(steps, skipped) == expected
 

@@ -19,11 +19,11 @@ from tests.helpers import (
     tiny_train_data,
     tiny_val_data,
 )
-from tfxfer import features as feature_cache
-from tfxfer.features import split_at_head
-from tfxfer.head_solver import linear_output_layer
 from tfxfer.schedule import FINETUNE_STEPS, Stage
 from tfxfer.solver import fit_linear_head
+from tfxfer.train import features as feature_cache
+from tfxfer.train.features import split_at_head
+from tfxfer.train.head_solver import linear_output_layer
 
 
 @pytest.fixture(autouse=True)
@@ -206,7 +206,7 @@ def test_fine_tuning_that_helps_or_ties_is_kept():
 
 
 def test_the_selection_rule_needs_both_measures_worse():
-    from tfxfer.selection import choose
+    from tfxfer.train.selection import choose
 
     def history(probe, final):
         return [{"stage": "head", **probe}, {"stage": "finetune", **final}]

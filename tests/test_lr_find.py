@@ -11,9 +11,9 @@ import pytest
 from helpers import layer_weights, tiny_arrays, tiny_model, tiny_train_data
 
 import tfxfer
-from tfxfer import cli, lr_find
+from tfxfer import cli
 from tfxfer.errors import TfxferError
-from tfxfer.train import find_learning_rate
+from tfxfer.train import find_learning_rate, lr_find
 
 
 def test_suggestion_is_a_tenth_of_the_minimum_and_steepest_lies_on_the_fall():

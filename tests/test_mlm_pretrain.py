@@ -258,7 +258,7 @@ def test_a_killed_pretraining_run_resumes_to_the_uninterrupted_weights(
     pretraining, tmp_path, monkeypatch
 ):
     from recipes.bert_mlm_pretrain import main
-    from tfxfer import train
+    from tfxfer.train import callbacks as train
 
     result, config, _ = pretraining
 

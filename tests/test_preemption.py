@@ -32,11 +32,11 @@ import tensorflow as tf
 from helpers import tiny_arrays, tiny_model, tiny_train_data, tiny_val_data
 
 import tfxfer
-from tfxfer.checkpoints import CHECKPOINT_NAME, Checkpointer, checkpoint_name
 from tfxfer.cli import error_boundary
 from tfxfer.data.pipeline import TrainData, epoch_batches
 from tfxfer.errors import Preempted, RunDirError
 from tfxfer.rundir import RunDir
+from tfxfer.train.checkpoints import CHECKPOINT_NAME, Checkpointer, checkpoint_name
 
 # Real processes stopped with SIGTERM and SIGKILL, and restarted.
 pytestmark = pytest.mark.slow

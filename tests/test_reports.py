@@ -22,10 +22,10 @@ from PIL import Image
 
 import tfxfer
 from tfxfer import report
-from tfxfer.compiling import acts_on_batches
 from tfxfer.data.datasets import make_datasets
 from tfxfer.recipe import finish_run, open_run
 from tfxfer.rundir import MANIFEST, RunDir
+from tfxfer.train.compiling import acts_on_batches
 
 NAMES = ["cat", "dog", "fox"]
 

@@ -32,8 +32,8 @@ from helpers import (
 
 import tfxfer
 from tfxfer import fs
-from tfxfer.checkpoints import KEEP_CHECKPOINTS
 from tfxfer.rundir import RunDir
+from tfxfer.train.checkpoints import KEEP_CHECKPOINTS
 
 # Real processes killed with SIGKILL and restarted.
 pytestmark = pytest.mark.slow

@@ -22,11 +22,11 @@ from helpers import (
 )
 
 import tfxfer
-from tfxfer import checkpoints as checkpoints_module
 from tfxfer import rundir as rundir_module
-from tfxfer.checkpoints import KEEP_CHECKPOINTS, Checkpointer
 from tfxfer.errors import RunDirError
 from tfxfer.rundir import MANIFEST, RunDir, atomic_write_json, atomic_write_text
+from tfxfer.train import checkpoints as checkpoints_module
+from tfxfer.train.checkpoints import KEEP_CHECKPOINTS, Checkpointer
 
 # === RunDir ===
 

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 import tfxfer
-from tfxfer.features import split_at_head
-from tfxfer.setfit import contrastive_finetune, make_pairs
+from tfxfer.train.features import split_at_head
+from tfxfer.train.setfit import contrastive_finetune, make_pairs
 
 # Each class's texts mix its own words with words every class uses.
 CLASS_WORDS = [["great", "good", "loved", "fun"], ["bad", "awful", "boring", "hated"]]

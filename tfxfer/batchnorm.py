@@ -116,7 +116,6 @@ def recompute_batchnorm_statistics(
     if not layers:
         return record
     saved = [_LayerState(layer) for layer in layers]
-    seen = 0
     try:
         for layer in layers:
             # A frozen BatchNorm layer runs in inference mode even with training=True
@@ -126,25 +125,7 @@ def recompute_batchnorm_statistics(
             # (still the initial ones here), not the batch's. Without it the layers after
             # see batch-normalised outputs; its renorm statistics are set afterwards.
             layer.renorm = False
-        for element in batches:
-            x = _inputs_of(element)
-            size = _batch_size(x)
-            if size == 0:
-                continue
-            if seen + size > max_examples:
-                size = int(max_examples) - seen
-                x = keras.tree.map_structure(lambda t, n=size: t[:n], x)
-            for layer in layers:
-                # moving = m * moving + (1 - m) * batch, read at call time: with
-                # m = seen / (seen + size) the moving statistics are the example-weighted
-                # average of the batch statistics so far, and the first batch replaces the
-                # initial values outright.
-                layer.momentum = seen / (seen + size)
-            model(x, training=True)
-            seen += size
-            record["batches"] += 1
-            if seen >= max_examples:
-                break
+        seen, record["batches"] = _average_over(model, layers, batches, int(max_examples))
     finally:
         for state in saved:
             state.restore()
@@ -156,6 +137,35 @@ def recompute_batchnorm_statistics(
     if seen == 0:
         log.warning("No examples to recompute BatchNorm statistics from: they are unchanged.")
     return record
+
+
+def _average_over(model: keras.Model, layers: list, batches: Any, max_examples: int):
+    """Runs `model` in training mode on `batches`; returns (examples, batches) used.
+
+    Each layer's momentum is set before every batch so that its moving statistics end as
+    the example-weighted average of the batches' statistics.
+    """
+    seen = count = 0
+    for element in batches:
+        x = _inputs_of(element)
+        size = _batch_size(x)
+        if size == 0:
+            continue
+        if seen + size > max_examples:
+            size = max_examples - seen
+            x = keras.tree.map_structure(lambda t, n=size: t[:n], x)
+        for layer in layers:
+            # moving = m * moving + (1 - m) * batch, read at call time: with
+            # m = seen / (seen + size) the moving statistics are the example-weighted
+            # average of the batch statistics so far, and the first batch replaces the
+            # initial values outright.
+            layer.momentum = seen / (seen + size)
+        model(x, training=True)
+        seen += size
+        count += 1
+        if seen >= max_examples:
+            break
+    return seen, count
 
 
 class _LayerState:

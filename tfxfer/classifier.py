@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from tfxfer import fs, prediction
+from tfxfer import fs, prediction, runs
 from tfxfer.backbones import build_backbone, modality_of
 from tfxfer.backbones.from_model import backbone_from_model, fresh_copy, network_of
 from tfxfer.data.examples import LabelledData
@@ -394,24 +393,15 @@ class Classifier:
     @classmethod
     def load(cls, run_dir: str) -> Classifier:
         """A finished run (a Classifier's or a recipe's), to predict, evaluate and export."""
-        from tfxfer.export import RawTextModel, load_model
-
-        for name in ("config.json", "class_names.json", "model.keras"):
-            if not fs.exists(fs.join(run_dir, name)):
-                raise TfxferError(
-                    f"{run_dir!r} is not a finished tfxfer run: it has no {name}. Pass the "
-                    "output_dir of a run that finished (fine_tune, or a recipe)."
-                )
-        model = load_model(fs.join(run_dir, "model.keras"))
-        metrics = fs.join(run_dir, "metrics.json")
+        finished = runs.open_finished_run(run_dir)
         loaded = cls(
-            class_names=_read_json(fs.join(run_dir, "class_names.json")),
-            kind="text" if isinstance(model, RawTextModel) else "image",
-            model=model,
+            class_names=finished.class_names,
+            kind=finished.kind,
+            model=finished.model,
             run_dir=run_dir,
-            metrics=_read_json(metrics) if fs.exists(metrics) else {},
+            metrics=finished.metrics,
         )
-        loaded._saved_config = _read_json(fs.join(run_dir, "config.json"))
+        loaded._saved_config = finished.config
         return loaded
 
     # === Helpers ===
@@ -478,11 +468,6 @@ class Classifier:
             )
         paths = prediction.gather_inputs([str(p) for p in given], "image")
         return paths, paths
-
-
-def _read_json(path: str) -> Any:
-    with fs.open(path) as handle:
-        return json.load(handle)
 
 
 def _load_data(config: ClassifierConfig) -> LabelledData:

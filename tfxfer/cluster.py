@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from tfxfer.errors import TfxferError
 
@@ -58,6 +59,15 @@ def cluster_from_tf_config(environ: Mapping[str, str] | None = None) -> ClusterI
     if not raw:
         return None
     shown = raw if len(raw) <= 300 else raw[:300] + "..."
+    config = _parsed(raw, shown)
+    cluster = _checked_cluster(config.get("cluster"), shown)
+    task_type, task_index = _checked_task(config.get("task"), cluster, shown)
+    worker_index, is_chief = place_in_cluster(cluster, task_type, task_index)
+    return ClusterInfo(count_training_tasks(cluster), task_type, task_index, worker_index, is_chief)
+
+
+def _parsed(raw: str, shown: str) -> dict:
+    """`TF_CONFIG`'s JSON object (`shown` is how an error quotes it)."""
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -69,7 +79,11 @@ def cluster_from_tf_config(environ: Mapping[str, str] | None = None) -> ClusterI
             f"Expected TF_CONFIG to be a JSON object with 'cluster' and 'task'. "
             f"Received: TF_CONFIG={shown!r}"
         )
-    cluster = config.get("cluster")
+    return config
+
+
+def _checked_cluster(cluster: Any, shown: str) -> dict[str, list[str]]:
+    """TF_CONFIG's "cluster": job name -> 'host:port' list, with no parameter servers."""
     if not isinstance(cluster, dict) or not cluster:
         raise TfxferError(
             "TF_CONFIG has no 'cluster' (a mapping from job name to a list of 'host:port', "
@@ -87,7 +101,11 @@ def cluster_from_tf_config(environ: Mapping[str, str] | None = None) -> ClusterI
             "MultiWorkerMirroredStrategy, which needs only 'chief' and/or 'worker' jobs. "
             f"Received: cluster jobs {sorted(cluster)}"
         )
-    task = config.get("task")
+    return cluster
+
+
+def _checked_task(task: Any, cluster: dict[str, list[str]], shown: str) -> tuple[str, int]:
+    """TF_CONFIG's "task" as (type, index), a place the cluster lists."""
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         raise TfxferError(
             "TF_CONFIG has no 'task' with 'type' and 'index' (this process's job and its "
@@ -108,8 +126,7 @@ def cluster_from_tf_config(environ: Mapping[str, str] | None = None) -> ClusterI
             f"TF_CONFIG task index {task_index} is out of range: job {task_type!r} lists "
             f"{num_tasks} address(es), so the index must be in 0..{num_tasks - 1}."
         )
-    worker_index, is_chief = place_in_cluster(cluster, task_type, task_index)
-    return ClusterInfo(count_training_tasks(cluster), task_type, task_index, worker_index, is_chief)
+    return task_type, task_index
 
 
 def count_training_tasks(cluster: Mapping[str, list[str]]) -> int:

@@ -9,7 +9,7 @@ side into the `head_features` layer, and a fusion layer combines them before the
 
 Because the fusion layer sits *above* `head_features`, it trains with the head, and a stage
 that freezes every backbone trains head and fusion on features extracted once
-(`tfxfer.features`). Each backbone's layer groups are namespaced (`"resnet50/conv5"`,
+(`tfxfer.train.features`). Each backbone's layer groups are namespaced (`"resnet50/conv5"`,
 `"efficientnetv2b0/top"`) so one schedule can freeze, unfreeze and decay them separately.
 
 The fusion modes, each a small layer (see their docstrings for when to pick them):

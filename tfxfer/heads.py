@@ -118,7 +118,7 @@ def build_head(features, output_kind: str, config: HeadConfig, num_outputs: int,
 
 
 def mark_head_features(pooled):
-    """Marks where the head begins (the layer `tfxfer.features` cuts the model at).
+    """Marks where the head begins (the layer `tfxfer.train.features` cuts the model at).
 
     What is below it is a fixed function of the input while the backbone is frozen, so a
     head-only stage can train on cached features.

@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from dataclasses import dataclass, field
 
 import keras
+import tensorflow as tf
 
+from tfxfer import fs
 from tfxfer.boundary import one_line
 from tfxfer.errors import TfxferError
 from tfxfer.layers import RawTextModel
@@ -28,6 +31,8 @@ from tfxfer.saving import load_model as load_keras_file
 MODEL_FILE = "model.keras"
 CLASS_NAMES_FILE = "class_names.json"
 CONFIG_FILE = "config.json"
+MODEL_FILE = "model.keras"
+METRICS_FILE = "metrics.json"
 
 
 def check_model_path(path: str) -> None:
@@ -211,13 +216,59 @@ def resolve_run(run: str | None, model: str | None, command: str) -> tuple[str, 
 
 
 def read_config(run_dir: str) -> dict:
-    """The run's config.json, or {} where there is none to read (a bare model.keras)."""
+    """The run's config.json, or {} where there is none to read (a bare model.keras).
+
+    `run_dir` may be local or a `tf.io.gfile` URL (gs://...).
+    """
     try:
-        with open(os.path.join(run_dir, CONFIG_FILE), encoding="utf-8") as handle:
+        with fs.open(fs.join(run_dir, CONFIG_FILE)) as handle:
             config = json.load(handle)
-    except (OSError, ValueError):
+    except (OSError, ValueError, tf.errors.OpError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+@dataclass
+class FinishedRun:
+    """A finished run read back: what `Classifier.load` (and anything else) starts from."""
+
+    run_dir: str
+    config: dict
+    class_names: list
+    model: keras.Model
+    kind: str  # "image" or "text"
+    metrics: dict = field(default_factory=dict)
+
+
+def open_finished_run(run_dir: str) -> FinishedRun:
+    """The finished run in `run_dir` (local or gs://): config, class names, model, metrics.
+
+    Raises:
+        TfxferError: a file a finished run has is missing (the run stopped early, or this is
+            not a run directory).
+    """
+    for name in (CONFIG_FILE, CLASS_NAMES_FILE, MODEL_FILE):
+        if not fs.exists(fs.join(run_dir, name)):
+            raise TfxferError(
+                f"{run_dir!r} is not a finished tfxfer run: it has no {name}. Pass the "
+                "output_dir of a run that finished (fine_tune, or a recipe)."
+            )
+    model = load_keras_file(fs.join(run_dir, MODEL_FILE))
+    metrics_path = fs.join(run_dir, METRICS_FILE)
+    with fs.open(fs.join(run_dir, CLASS_NAMES_FILE)) as handle:
+        class_names = json.load(handle)
+    metrics = {}
+    if fs.exists(metrics_path):
+        with fs.open(metrics_path) as handle:
+            metrics = json.load(handle)
+    return FinishedRun(
+        run_dir=run_dir,
+        config=read_config(run_dir),
+        class_names=class_names,
+        model=model,
+        kind="text" if isinstance(model, RawTextModel) else "image",
+        metrics=metrics,
+    )
 
 
 def run_entry(run_dir: str, name: str) -> str:

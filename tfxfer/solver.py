@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tfxfer.errors import TfxferError
+from tfxfer.solver_core import Problem, mean_loss, solve
 
 TASKS = ("single_label", "multi_label", "regression")
 # Two a decade, from near-constant predictions to almost no penalty on z-scored features.
@@ -31,9 +32,6 @@ DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 13))
 # Tolerance of the cross-validation fits, most of the work. Each starts from the path's
 # extrapolation, so the held-out losses match tol=1e-6 fits to about 1e-3 (measured).
 CV_TOL = 1e-3
-FACTOR = 4.0  # rebuild the diagonal Hessian guess once the curvature has moved this much
-MEMORY = 10  # L-BFGS correction pairs, SciPy's default
-FTOL = 64 * np.finfo(float).eps  # relative decrease that also stops it, as in scikit-learn
 
 
 @dataclass
@@ -116,13 +114,19 @@ def fit_linear(
     _check_positive(C, "C")
     shift, scale = _zscore(x, standardize)
     basis = _principal_axes(x := (x - shift) / scale, k)
-    rotated, point = _rotate(x, basis), None
+    problem, point = Problem(_rotate(x, basis), targets, weights, task, k), None
     if init is not None:
         kernel, bias = _check_init(init, x.shape[1], k)
         point = (_rotate(kernel.T * scale, basis).T, bias + shift @ kernel)
-    W, c, *rest = _solve(rotated, targets, weights, task, k, C, point, tol, max_iter, basis)
+    W, c, iterations, converged = solve(problem, C, point, tol=tol, max_iter=max_iter, basis=basis)
+    kernel, bias = _to_raw(basis, W, c, shift, scale)
     return LinearFit(
-        *_to_raw(basis, W, c, shift, scale), float(C), {}, 0, *rest, time.perf_counter() - start
+        kernel,
+        bias,
+        float(C),
+        iterations=iterations,
+        converged=converged,
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -169,16 +173,8 @@ def fit_linear_head(
     Cs = sorted({_check_positive(c, "Cs") for c in np.ravel(DEFAULT_CS if Cs is None else Cs)})
     if not Cs:
         raise TfxferError("Expected at least one candidate in `Cs`. Received: none.")
-    n, stratify, notes, candidates = len(x), task == "single_label", [], Cs
-    usable, skip = min(folds, n // 2), f"{n} examples" if n < 4 else None
-    if stratify:
-        counts = np.bincount(targets, minlength=k)
-        rarest = int(np.argmin(np.where(counts > 0, counts, n + 1)))
-        usable = min(folds, int(counts[rarest]))
-        if counts[rarest] < 2:
-            skip = f"class {rarest} has 1 example, and every fold needs each class"
-        elif n < 2 * np.count_nonzero(counts):
-            skip = f"{n} examples for {np.count_nonzero(counts)} classes (needs 2 a class)"
+    notes: list[str] = []
+    usable, skip = _usable_folds(targets, task, k, folds)
     if len(Cs) == 1 or skip:
         notes.append(
             f"cross-validation skipped: {skip}; fitted at C=1.0" if skip else "one C: no CV"
@@ -186,34 +182,74 @@ def fit_linear_head(
         Cs = Cs if len(Cs) == 1 else [1.0]
     shift, scale = _zscore(x, standardize)
     basis = _principal_axes(x := (x - shift) / scale, k)
-    rotated, point, cv_loss = _rotate(x, basis), None, {}
-    if len(Cs) > 1:
-        rng, rows = np.random.default_rng(seed), np.arange(n)
-        if n > max_cv_examples:
-            rows = _subsample(targets, max_cv_examples, usable, rng, stratify)
-            notes.append(f"cross-validation on a sample of {len(rows)} of {n} examples")
-        if usable < folds:
-            notes.append(f"{usable} folds, not {folds}: too few examples for more")
-        fold_of = _fold_ids(targets[rows], usable, rng, stratify)
-        data = (rotated[rows], targets[rows], weights[rows], task, k)
-        cv_loss, point, chosen = _cross_validate(*data, Cs, fold_of, max_iter)
-        Cs = [chosen]
-        if Cs[0] in (candidates[0], candidates[-1]):
-            notes.append(f"chosen C={Cs[0]:.4g} is at the edge of the candidates")
-    W, c, *rest = _solve(rotated, targets, weights, task, k, Cs[0], point, tol, max_iter, basis)
-    folds_used, note = usable if cv_loss else 0, "; ".join(notes) or None
-    return LinearFit(
-        *_to_raw(basis, W, c, shift, scale),
+    problem, point, cv_loss, C = (
+        Problem(_rotate(x, basis), targets, weights, task, k),
+        None,
+        {},
         Cs[0],
+    )
+    if len(Cs) > 1:
+        cv_loss, point, C = _cross_validated_C(
+            problem,
+            Cs,
+            folds=(folds, usable),
+            seed=seed,
+            max_cv_examples=max_cv_examples,
+            max_iter=max_iter,
+            notes=notes,
+        )
+    W, c, iterations, converged = solve(problem, C, point, tol=tol, max_iter=max_iter, basis=basis)
+    kernel, bias = _to_raw(basis, W, c, shift, scale)
+    return LinearFit(
+        kernel,
+        bias,
+        C,
         cv_loss,
-        folds_used,
-        *rest,
-        time.perf_counter() - start,
-        note,
+        folds=usable if cv_loss else 0,
+        iterations=iterations,
+        converged=converged,
+        seconds=time.perf_counter() - start,
+        note="; ".join(notes) or None,
     )
 
 
-def _cross_validate(x, targets, weights, task, k, Cs, fold_of, max_iter):
+def _usable_folds(targets, task: str, k: int, folds: int) -> tuple[int, str | None]:
+    """How many folds the examples allow, and why cross-validation cannot run (or None)."""
+    n = len(targets)
+    usable, skip = min(folds, n // 2), f"{n} examples" if n < 4 else None
+    if task == "single_label":
+        counts = np.bincount(targets, minlength=k)
+        rarest = int(np.argmin(np.where(counts > 0, counts, n + 1)))
+        usable = min(folds, int(counts[rarest]))
+        if counts[rarest] < 2:
+            skip = f"class {rarest} has 1 example, and every fold needs each class"
+        elif n < 2 * np.count_nonzero(counts):
+            skip = f"{n} examples for {np.count_nonzero(counts)} classes (needs 2 a class)"
+    return usable, skip
+
+
+def _cross_validated_C(problem: Problem, Cs, *, folds, seed, max_cv_examples, max_iter, notes):
+    """(held-out loss per C tried, the folds' mean solution at the chosen C, the chosen C).
+
+    `folds` is (asked, usable). Runs on a seeded stratified sample above `max_cv_examples`;
+    what differs from what was asked is appended to `notes`.
+    """
+    (asked, usable), n = folds, len(problem.x)
+    stratify = problem.task == "single_label"
+    rng, rows = np.random.default_rng(seed), np.arange(n)
+    if n > max_cv_examples:
+        rows = _subsample(problem.targets, max_cv_examples, usable, rng, stratify)
+        notes.append(f"cross-validation on a sample of {len(rows)} of {n} examples")
+    if usable < asked:
+        notes.append(f"{usable} folds, not {asked}: too few examples for more")
+    fold_of = _fold_ids(problem.targets[rows], usable, rng, stratify)
+    cv_loss, point, chosen = _cross_validate(problem.rows(rows), Cs, fold_of, max_iter)
+    if chosen in (Cs[0], Cs[-1]):
+        notes.append(f"chosen C={chosen:.4g} is at the edge of the candidates")
+    return cv_loss, point, chosen
+
+
+def _cross_validate(problem: Problem, Cs, fold_of, max_iter):
     """Mean held-out loss per candidate tried, the folds' mean solution at the chosen C, and C.
 
     The chosen C follows the one-standard-error rule, anchored at C=1 (scikit-learn's
@@ -234,10 +270,15 @@ def _cross_validate(x, targets, weights, task, k, Cs, fold_of, max_iter):
             if j > 1:  # as far along the path as its last step went, in log C
                 ahead = math.log(C / Cs[j - 1]) / math.log(Cs[j - 1] / Cs[j - 2])
                 point = tuple(a + ahead * (a - b) for a, b in zip(*path[-1:-3:-1], strict=True))
-            args = (targets[train], weights[train], task, k, C, point, CV_TOL, max_iter)
-            path.append(_solve(x[train], *args, cache=caches[fold])[:2])
-            logits = x[held] @ path[-1][0] + path[-1][1]
-            held_losses.append(_loss(logits, targets[held], weights[held], task))
+            fit = solve(
+                problem.rows(train), C, point, tol=CV_TOL, max_iter=max_iter, cache=caches[fold]
+            )
+            path.append(fit[:2])
+            held_rows = problem.rows(held)
+            logits = held_rows.x @ path[-1][0] + path[-1][1]
+            held_losses.append(
+                mean_loss(logits, held_rows.targets, held_rows.weights, problem.task)
+            )
             total += held_losses[-1] / folds
         losses[C], per_fold[C] = total, held_losses
         if j > 1 and min(list(losses.values())[-2:]) > min(losses.values()):
@@ -252,170 +293,6 @@ def _cross_validate(x, targets, weights, task, k, Cs, fold_of, max_iter):
         tuple(np.mean(part, axis=0) for part in zip(*(p[index] for p in paths), strict=True)),
         chosen,
     )
-
-
-def _solve(x, targets, weights, task, k, C, init, tol, max_iter, basis=None, cache=None):
-    """Minimises the objective over logits `x @ W + c`; returns `(W, c, iterations, converged)`.
-
-    `init` is a `(W, c)` on `x`'s axes; `basis` maps the gradient back to the caller's axes
-    for the stopping test, so that `tol` means what scikit-learn's does. `cache` keeps what
-    stays the same at every C, for a fold.
-    """
-    (n, r), cache = x.shape, {} if cache is None else cache
-    share = weights / weights.sum()
-    penalty = 1.0 / (C * weights.sum())  # the objective over C * sum(w), as scikit-learn's
-    W, b = np.zeros((r, k)), np.zeros(k)
-    if task == "regression":
-        if not cache:
-            centre = share @ x
-            x = x - centre
-            cache.update(centre=centre, gram=(x * share[:, None]).T @ x)
-            cache.update(rhs=x.T @ (share[:, None] * targets))
-        W = np.linalg.solve(cache["gram"] + penalty * np.eye(r), cache["rhs"])
-        return W, share @ targets - cache["centre"] @ W, 0, True
-    if task == "single_label":
-        seen = np.bincount(targets, weights=share, minlength=k) > 0
-        labels = (np.cumsum(seen) - 1)[targets]  # ids among the classes seen
-    else:
-        positives = share @ targets
-        seen = (positives > 0) & (positives < 1)
-        labels = targets[:, seen]
-    active, m, rows = np.flatnonzero(seen), int(seen.sum()), np.arange(n)
-    if init is not None:
-        W[:, active], b[active] = init[0][:, active], init[1][active]
-
-    def objective(theta):
-        kernel = theta[: r * m].reshape(r, m)
-        z = x @ kernel + theta[r * m :]
-        if task == "single_label":
-            z -= z.max(axis=1, keepdims=True)
-            exp = np.exp(z)
-            total = exp.sum(axis=1)
-            loss = share @ (np.log(total) - z[rows, labels])
-            residual = exp / total[:, None]
-        else:
-            loss = share @ (np.logaddexp(0.0, z) - labels * z).sum(axis=1)
-            residual = 0.5 + 0.5 * np.tanh(0.5 * z)  # a sigmoid that cannot overflow
-        curvature = np.maximum(share @ (residual * (1.0 - residual)), 1e-12)
-        if not np.all((curvature < FACTOR * held) & (held < FACTOR * curvature)):
-            held[:] = curvature
-            scaling[: r * m] = (1.0 / (np.outer(spread, curvature) + penalty)).ravel()
-            scaling[r * m :] = 1.0 / curvature
-        if task == "single_label":
-            residual[rows, labels] -= 1.0
-        else:
-            residual -= labels
-        residual *= share[:, None]
-        grad = np.concatenate([(x.T @ residual + penalty * kernel).ravel(), residual.sum(0)])
-        return loss + 0.5 * penalty * np.vdot(kernel, kernel), grad
-
-    def small(grad):  # every |gradient| <= tol on the caller's axes; the 2-norm bounds them
-        norm = np.linalg.norm(grad)
-        if basis is None or norm <= tol or norm > tol * math.sqrt((len(basis) + 1) * m):
-            return np.abs(grad).max(initial=0.0) <= tol if basis is None else norm <= tol
-        kernel_grad = basis @ grad[: r * m].reshape(r, m)
-        return max(np.abs(kernel_grad).max(initial=0.0), np.abs(grad[r * m :]).max()) <= tol
-
-    # On principal axes the Hessian is nearly diagonal: axis variance times the class's mean
-    # curvature p(1 - p), plus the penalty. L-BFGS starts each step from that guess, rebuilt
-    # only when the curvature has moved by FACTOR (it flattens as classes separate): a guess
-    # that changed every step would unsettle the curvature pairs L-BFGS has gathered.
-    spread = cache.setdefault("spread", share @ np.square(x))
-    scaling, held = np.ones(r * m + m), np.zeros(m)
-
-    def precondition(vector):
-        vector = scaling * vector
-        if task == "single_label":  # off the class-sum directions, which softmax cannot see
-            vector = vector.reshape(r + 1, m)
-            vector = (vector - vector.mean(axis=1, keepdims=True)).ravel()
-        return vector
-
-    theta = np.vstack([W[:, active], b[active]])
-    if task == "single_label":  # the same logits with less penalty: where the optimum lies
-        theta -= theta.mean(axis=1, keepdims=True)
-    theta, iterations, converged = _lbfgs(objective, theta.ravel(), precondition, small, max_iter)
-    W[:, active], b[active] = theta[: r * m].reshape(r, m), theta[r * m :]
-    missing = np.flatnonzero(~seen)
-    if task == "single_label":
-        b[active] -= b[active].mean()  # softmax ignores a shared shift; scikit-learn's sums to 0
-        b[missing] = b[active].min() - math.log(n + 1)
-    else:
-        b[missing] = np.where(positives[missing] > 0, 1.0, -1.0) * math.log(n + 1)
-    return W, b, iterations, converged
-
-
-def _lbfgs(objective, theta, precondition, small, max_iter):
-    """Limited-memory BFGS (two-loop recursion) from a diagonal inverse-Hessian guess."""
-    value, grad = objective(theta)
-    history = []  # (s, y, 1 / y.s), oldest first
-    for iteration in range(max_iter):
-        if small(grad):
-            return theta, iteration, True
-        direction, alphas, gamma = -grad, [], 1.0
-        for s, y, rho in reversed(history):
-            alphas.append(rho * (s @ direction))
-            direction = direction - alphas[-1] * y
-        if history:  # scale the guess to the latest curvature seen
-            gamma = (history[-1][0] @ history[-1][1]) / (
-                history[-1][1] @ precondition(history[-1][1])
-            )
-        direction = gamma * precondition(direction)
-        for (s, y, rho), alpha in zip(history, reversed(alphas), strict=True):
-            direction = direction + s * (alpha - rho * (y @ direction))
-        if not grad @ direction < 0:  # no longer a descent direction: forget the pairs
-            history, direction = [], -precondition(grad)
-        step, new_value, new_grad = _wolfe_step(objective, theta, value, grad, direction)
-        if new_grad is None:  # no step lowers the objective: as close as float64 gets
-            return theta, iteration, small(grad)
-        s, y = step * direction, new_grad - grad
-        theta, decrease, value, grad = theta + s, value - new_value, new_value, new_grad
-        if s @ y > 1e-12 * (y @ y):
-            history = [*history[1 - MEMORY :], (s, y, 1.0 / (s @ y))]
-        if decrease <= FTOL * max(abs(value), 1.0):  # SciPy's second stopping rule
-            return theta, iteration + 1, True
-    return theta, max_iter, small(grad)
-
-
-def _wolfe_step(objective, theta, value, grad, direction, c1=1e-4, c2=0.9, max_evals=30):
-    """A step meeting the strong Wolfe conditions: bracket it, then zoom by quadratics."""
-    slope0 = grad @ direction
-    lo, value_lo, slope_lo, hi, value_hi = 0.0, value, slope0, math.inf, math.inf
-    found, step = (0.0, value, None), 1.0
-    for _ in range(max_evals):
-        new_value, new_grad = objective(theta + step * direction)
-        new_value = new_value if np.isfinite(new_value) else math.inf
-        slope = new_grad @ direction
-        if new_value > value + c1 * step * slope0 or new_value >= value_lo:
-            hi, value_hi = step, new_value  # too far: the minimum lies before
-        else:
-            found = (step, new_value, new_grad)
-            if abs(slope) <= -c2 * slope0:
-                return found
-            if slope * (hi - lo) >= 0:  # went past the minimum: it lies back towards lo
-                hi, value_hi = lo, value_lo
-            lo, value_lo, slope_lo = step, new_value, slope
-        if math.isinf(hi):
-            step = 4.0 * lo
-            continue
-        width = hi - lo  # the minimiser of the quadratic through lo's value, slope and hi's
-        curve = (value_hi - value_lo - slope_lo * width) / width**2
-        step = lo - slope_lo / (2 * curve) if 0 < curve < math.inf else lo + width / 2
-        near, far = sorted((lo + 0.1 * width, lo + 0.9 * width))
-        step = min(max(step, near), far)
-    return found
-
-
-def _loss(logits, targets, weights, task):
-    """Weighted mean held-out loss: log loss, or squared error per output for regression."""
-    if task == "single_label":
-        top = logits.max(axis=1)
-        lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-        each = lse - logits[np.arange(len(targets)), targets]
-    elif task == "multi_label":
-        each = (np.logaddexp(0.0, logits) - targets * logits).sum(axis=1)
-    else:
-        each = ((logits - targets) ** 2).mean(axis=1)
-    return float(np.average(each, weights=weights if weights.sum() > 0 else None))
 
 
 def _check_inputs(features, targets, task, num_outputs, sample_weight):

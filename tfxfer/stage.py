@@ -43,7 +43,7 @@ class Stage:
             backbone), or a list of group names ("conv5", or "resnet50/conv5" in a model
             over several backbones). Defaults to `"head"`.
         learning_rate: float or "auto". Peak learning rate; "auto" runs the learning-rate
-            range test (`tfxfer.lr_find`) when the stage starts and trains at the rate it
+            range test (`tfxfer.train.lr_find`) when the stage starts and trains at the rate it
             suggests. Defaults to `1e-3`.
         optimizer: str. "adamw", "adam" or "sgd" (with momentum 0.9). Defaults to `"adamw"`.
         weight_decay: float. Decoupled weight decay for "adamw", at each variable's own
@@ -87,7 +87,7 @@ class Stage:
             sigmoid or linear output layer on the pooled features) and trains on cached
             features is fit to convergence, full batch, by L-BFGS (`tfxfer.solver`), its L2
             strength chosen by 5-fold cross-validation on the training features
-            (`tfxfer.head_solver` says how). The stage then counts as one epoch,
+            (`tfxfer.train.head_solver` says how). The stage then counts as one epoch,
             checkpointed once at its end. A stage the solver
             cannot fit (a hidden layer, augmentation that must run, LoRA, no cache) trains
             with Keras epochs as usual. Defaults to `None`.
@@ -158,7 +158,7 @@ class Stage:
         problems = []
         rate = self.learning_rate
         if rate == "auto":
-            pass  # found by the learning-rate range test when the stage starts (tfxfer.lr_find)
+            pass  # found by the range test when the stage starts (tfxfer.train.lr_find)
         elif isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
             problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.optimizer not in OPTIMIZERS:

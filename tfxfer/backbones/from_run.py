@@ -8,7 +8,6 @@ architecture asked for, so the next run starts from what run A learned on its ow
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,13 @@ from typing import Any
 import keras
 
 from tfxfer.errors import TfxferError, WeightsError
+from tfxfer.runs import read_config
 from tfxfer.saving import load_model
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
     """True for a directory a tfxfer run wrote (its `config.json` has `backbone_info`)."""
-    config = Path(path).expanduser() / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        content = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(content, dict) and "backbone_info" in content
+    return "backbone_info" in read_config(str(Path(path).expanduser()))
 
 
 def pretraining_output(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -42,7 +35,7 @@ def pretraining_output(path: str | os.PathLike) -> dict[str, Any] | None:
         WeightsError: the pretraining run has not written its output yet.
     """
     run = Path(path).expanduser()
-    facts = json.loads((run / "config.json").read_text(encoding="utf-8")).get("pretraining")
+    facts = read_config(str(run)).get("pretraining")
     if not isinstance(facts, dict) or "output" not in facts:
         return None
     output = run / str(facts["output"])
@@ -58,7 +51,7 @@ def pretraining_output(path: str | os.PathLike) -> dict[str, Any] | None:
 def run_backbone_info(path: str | os.PathLike) -> dict[str, Any]:
     """The `backbone_info` of a finished single-backbone run; a clear error otherwise."""
     run = Path(path).expanduser()
-    info = json.loads((run / "config.json").read_text(encoding="utf-8"))["backbone_info"]
+    info = read_config(str(run))["backbone_info"]
     if "backbones" in info:
         names = [b.get("name") for b in info["backbones"]]
         raise TfxferError(

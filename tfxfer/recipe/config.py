@@ -22,9 +22,9 @@ from tfxfer.errors import TfxferError
 from tfxfer.flags import FlagConfig
 from tfxfer.fusion import FUSIONS
 from tfxfer.heads import HeadConfig
-from tfxfer.lr_find import AUTO
 from tfxfer.recipe.task import build_classifier
 from tfxfer.schedule import REGULARIZERS, Stage, default_schedule
+from tfxfer.train.lr_find import AUTO
 
 # The largest `image_size` a config accepts: a batch of 32 at 1024 px in float32 with a
 # ResNet50's activations already needs tens of GB.

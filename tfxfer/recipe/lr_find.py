@@ -16,13 +16,13 @@ from tfxfer.backbones.base import LayerGroups
 from tfxfer.configfile import recipe_name
 from tfxfer.distribute import Distribution
 from tfxfer.errors import TfxferError
-from tfxfer.lr_find import AUTO, plot_finding
 from tfxfer.recipe.config import RecipeConfig
 from tfxfer.recipe.start import BuildData, BuildModel, Prepared, keeping_dtype_policy, prepare
 from tfxfer.rundir import RunDir
 from tfxfer.schedule import Stage, validate_schedule
 from tfxfer.train import find_learning_rate as range_test_of_stage
 from tfxfer.train import run_schedule
+from tfxfer.train.lr_find import AUTO, plot_finding
 
 
 def find_learning_rate(

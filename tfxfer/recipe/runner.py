@@ -15,9 +15,7 @@ from typing import Any
 from tfxfer import export, report
 from tfxfer.backbones.base import LayerGroups
 from tfxfer.batchnorm import has_batchnorm, recompute_batchnorm_statistics
-from tfxfer.checkpoints import Checkpointer
 from tfxfer.configfile import to_document
-from tfxfer.features import split_at_head
 from tfxfer.recipe.config import RecipeConfig
 from tfxfer.recipe.finish import finish_run
 from tfxfer.recipe.start import (
@@ -34,8 +32,10 @@ from tfxfer.recipe.start import (
 from tfxfer.regularizers import check_regularizers
 from tfxfer.rundir import RunDir
 from tfxfer.schedule import Stage, validate_schedule
-from tfxfer.setfit import contrastive_finetune
 from tfxfer.train import run_schedule
+from tfxfer.train.checkpoints import Checkpointer
+from tfxfer.train.features import split_at_head
+from tfxfer.train.setfit import contrastive_finetune
 
 
 def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
@@ -162,7 +162,7 @@ def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) ->
     """SetFit before the schedule, where the config asks for it (`contrastive_pairs`).
 
     The text encoder is trained on pairs of labelled examples (same class or not,
-    `tfxfer.setfit`), then the schedule fits the head on its new features. A resumed run
+    `tfxfer.train.setfit`), then the schedule fits the head on its new features. A resumed run
     whose checkpoint exists skips it: the checkpoint holds the weights it trained.
     """
     pairs = int(getattr(config, "contrastive_pairs", 0) or 0)

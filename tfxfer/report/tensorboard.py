@@ -25,7 +25,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
     Training values go to `train/`, validation values to `validation/` (Keras' own layout:
     TensorBoard draws both in one chart), tagged `epoch_loss`, `epoch_accuracy`, ...,
     `epoch_learning_rate`. It acts on epochs only, so a cached stage still runs several
-    steps per call (`tfxfer.compiling.acts_on_batches`).
+    steps per call (`tfxfer.train.compiling.acts_on_batches`).
 
     The values are written with TensorFlow's own `tf.summary.write` and the scalar plugin's
     metadata, which is what `tf.summary.scalar` writes; `tf.summary.scalar` itself comes from

@@ -17,8 +17,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from tfxfer.features import HeadSplit
 from tfxfer.solver import fit_linear_head
+from tfxfer.train.features import HeadSplit
 
 # Layers that may sit between the cached features and the output layer of a linear head:
 # they change nothing at inference.

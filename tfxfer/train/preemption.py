@@ -1,7 +1,7 @@
 """Preemption notices: SIGTERM (a spot VM's or Slurm's) answered with a checkpoint and a stop.
 
 A single-process run listens while it trains: the step in flight finishes, a mid-epoch
-checkpoint is written, and `Preempted` is raised (see `tfxfer.train`).
+checkpoint is written, and `Preempted` is raised (see `tfxfer.train.run`).
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
 
-if TYPE_CHECKING:
-    from tfxfer.schedule import Stage
+from tfxfer.train.context import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -85,34 +83,27 @@ class StopOnPreemption(keras.callbacks.Callback):
     as usual: its own checkpoint is the one to resume from.
 
     Args:
-        trainer: tfxfer.train's trainer. Writes the checkpoint (`checkpoint`, `preempted`).
-        stage_index: int. The stage being trained.
-        stage: Stage. The stage being trained.
-        steps_per_epoch: int. Steps in a whole epoch.
+        stage_run: StageRun. The stage being trained: its trainer writes the checkpoint
+            (`checkpoint`, `preempted`) of the whole model.
         notice: PreemptionNotice. Set when SIGTERM arrived.
         first_epoch: int. The fit's first epoch (from 0).
         first_step: int. Steps of `first_epoch` done before this fit began (a resume from a
             mid-epoch checkpoint).
-        model: keras.Model. The whole model, which the checkpoint saves.
     """
 
     def __init__(
         self,
-        trainer: Any,
-        stage_index: int,
-        stage: Stage,
-        steps_per_epoch: int,
+        stage_run: StageRun,
         notice: PreemptionNotice,
         first_epoch: int,
         first_step: int,
-        model: keras.Model,
     ):
         super().__init__()
-        self.whole_model = model
-        self.trainer = trainer
-        self.stage_index = stage_index
-        self.stage = stage
-        self.steps_per_epoch = steps_per_epoch
+        self.whole_model = stage_run.run.model
+        self.trainer = stage_run.trainer
+        self.stage_index = stage_run.index
+        self.stage = stage_run.stage
+        self.steps_per_epoch = stage_run.run.steps_per_epoch
         self.notice = notice
         self.first_epoch = first_epoch
         self.first_step = first_step

@@ -11,14 +11,22 @@ The test trains a throwaway optimizer on the stage's own batches (cached feature
 stage, as the stage itself would), then puts every weight back, so the stage starts from
 exactly where it would have started without it. `Stage(learning_rate="auto")` runs it at the
 start of the stage (`run_schedule` records the rate found in `stages.json` and reuses it on a
-resume); `tfxfer lr-find RECIPE_OR_CONFIG --stage NAME` runs it alone and writes the plot.
+resume); `tfxfer lr-find RECIPE_OR_CONFIG --stage NAME` runs it alone and writes the plot
+(through `find_learning_rate`, the test for one stage of a model, from its weights as they are).
+
+This module is the one home of the test: the measurement (`range_test`, `suggest`), its plot
+(`plot_finding`), the test of a schedule's stage (`range_test_of_stage`, `with_found_rate`)
+and the public `find_learning_rate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 import math
 import os
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +35,16 @@ import numpy as np
 import tensorflow as tf
 
 from tfxfer import fs
+from tfxfer.backbones.base import Backbone, LayerGroups
+from tfxfer.data.pipeline import TrainData
 from tfxfer.errors import TfxferError
+from tfxfer.model import loss_and_metrics, task_of
+from tfxfer.schedule import Stage, apply_stage
+from tfxfer.train.checkpoints import Checkpointer
+from tfxfer.train.context import ScheduleRun, StageRun, cached_or_whole
+from tfxfer.train.features import split_at_head
+
+log = logging.getLogger(__name__)
 
 # The rate at which a stage's learning rate is found by the range test.
 AUTO = "auto"
@@ -228,3 +245,118 @@ def plot_finding(finding: LRFinding, path: str, title: str = "") -> str | None:
     fs.makedirs(fs.dirname(path) if fs.is_url(path) else os.path.dirname(os.path.abspath(path)))
     fs.write_bytes(path, image.getvalue())
     return path
+
+
+def range_test_of_stage(stage_run: StageRun, steps: int | None = None) -> LRFinding:
+    """The range test on what the stage fits (its head on cached features where it can)."""
+    run, stage = stage_run.run, stage_run.stage
+    cached_or_whole(stage_run, with_val=False)
+    finding = range_test(
+        stage_run.fit_model,
+        stage_run.fit_train.build(0),
+        loss=run.loss,
+        optimizer=stage.optimizer,
+        weight_decay=stage.weight_decay,
+        steps=steps or DEFAULT_STEPS,
+        class_weight=run.class_weight,
+        # A flat curve tells nothing: the usual rate of a head, or of fine-tuning.
+        fallback=FALLBACK_HEAD if not stage_run.trainable else FALLBACK_FINETUNE,
+    )
+    if not finding.fell:
+        log.warning(
+            "Stage %r: the loss did not fall anywhere in the learning-rate range test (a "
+            "frozen or randomly initialised network can give a flat curve); using %.3g.",
+            stage.name,
+            finding.suggestion,
+        )
+    return finding
+
+
+def with_found_rate(stage_run: StageRun) -> Stage:
+    """The stage with the learning rate the range test finds (`learning_rate="auto"`).
+
+    The rate found is recorded in `stages.json` (with the test's minimum and steepest
+    points) and, on a resume, read back rather than measured again. A resume at the stage's
+    start tests on the checkpoint's weights. The plot goes to `lr_find_<stage>.png` in the
+    run directory.
+    """
+    run, stage, trainer = stage_run.run, stage_run.stage, stage_run.trainer
+    info = stage_run.info
+    found = info.get("found_learning_rate")
+    if found is None:
+        if stage_run.resumes_here:
+            Checkpointer.restore(run.model, run.state, with_optimizer=False)
+        finding = range_test_of_stage(stage_run)
+        found = finding.suggestion
+        info.update(
+            found_learning_rate=found,
+            lr_find={
+                "minimum": finding.minimum,
+                "steepest": finding.steepest,
+                "steps": len(finding.losses),
+            },
+        )
+        if trainer.run_dir is not None and trainer.checkpointer.write:
+            plot_finding(
+                finding,
+                trainer.run_dir.file(f"lr_find_{stage.name}.png"),
+                f"stage {stage.name!r}: range test, suggested {found:.2g}",
+            )
+        log.info(
+            "Stage %r: the learning-rate range test suggests %.3g (loss lowest at %.3g).",
+            stage.name,
+            found,
+            finding.minimum,
+        )
+    # `make_optimizer` multiplies by lr_scale; the rate found is already the one to train at.
+    return dataclasses.replace(stage, learning_rate=float(found) / run.lr_scale)
+
+
+def find_learning_rate(
+    model: keras.Model,
+    backbones: Backbone | list[Backbone] | LayerGroups,
+    stage: Stage,
+    train_data: TrainData,
+    *,
+    loss: Any = None,
+    strategy: tf.distribute.Strategy | None = None,
+    cache_features: bool = True,
+    class_weight: dict[int, float] | None = None,
+    steps: int | None = None,
+) -> LRFinding:
+    """The learning-rate range test for `stage`, from the model's weights as they are.
+
+    Sets the stage's trainable layers, trains a throwaway optimizer on the stage's batches
+    with an exponentially growing rate, and puts every weight back (`range_test`).
+
+    Args:
+        model, backbones, train_data, loss, strategy, cache_features, class_weight: as for
+            `run_schedule`.
+        stage: Stage. Which layers train, and the optimizer kind; its rate is not used.
+        steps: int or None. Steps of the test. Defaults to `DEFAULT_STEPS` (100): fewer
+            spread the eight decades of rates too thinly to see where the loss falls.
+
+    Returns:
+        The `LRFinding`: `suggestion` is the rate to train the stage at.
+    """
+    groups = LayerGroups.of(backbones)
+    stage.validate(groups)
+    if loss is None:
+        loss, _ = loss_and_metrics(task_of(model), int(model.outputs[0].shape[-1]))
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        trainable = apply_stage(model, groups, stage)
+        run = ScheduleRun(
+            model,
+            groups,
+            [stage],
+            train_data,
+            # What `cached_or_whole` records, unused.
+            trainer=types.SimpleNamespace(stages={}),
+            strategy=strategy,
+            loss=loss,
+            cache_features=cache_features,
+            class_weight=class_weight,
+            split=split_at_head(model) if cache_features else None,
+        )
+        return range_test_of_stage(StageRun(run, 0, stage, trainable=trainable), steps)

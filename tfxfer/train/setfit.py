@@ -31,7 +31,7 @@ import tensorflow as tf
 from keras import ops
 
 from tfxfer.errors import TfxferError
-from tfxfer.features import _materialize, _token_lengths, extract
+from tfxfer.train.features import _materialize, _token_lengths, extract
 
 # Pairs drawn per example and kind (same class, other class). With MiniLM-L6 at 8 texts a
 # class (fortunes, debian-sections, 2 seeds each), 20 scored 2.7 points above 5 on average
@@ -80,22 +80,21 @@ def contrastive_finetune(
             (`token_ids`, `padding_mask`, `segment_ids`), or an unbatched `(input, label)`
             `tf.data.Dataset` (then `labels` comes from it).
         labels: int array of class ids, one per example. Defaults to `None` (from `inputs`).
-        pairs_per_example: int. Same-class pairs per example, and as many other-class pairs.
-            Defaults to `20`.
+        pairs_per_example: int. Same-class pairs per example, as many other-class. Defaults
+            to `20`.
         epochs: int. Passes over the pairs. Defaults to `1`.
         learning_rate: float. Peak learning rate. Defaults to `2e-5`.
-        warmup: float. Share of steps the learning rate rises over, in [0, 1). Defaults to
-            `0.1`.
+        warmup: float. Share of steps the rate rises over, in [0, 1). Defaults to `0.1`.
         weight_decay: float. AdamW's decoupled weight decay. Defaults to `0.01`.
         batch_size: int. Pairs per step. Defaults to `16`.
         seed: int. Seeds the pairs, their order and dropout. Defaults to `0`.
         verbose: int. Keras `fit` verbosity. Defaults to `0`.
 
     Returns:
-        A JSON-able dict: `pairs`, `positive_pairs`, `negative_pairs`, `steps`, `epochs`,
-        `seconds`, `final_loss`, the mean cosine of same-class and different-class pairs
-        before and after (`positive_cosine_before`, ...), and `note` when some class could
-        not have same-class pairs (a single example) or there was no other class.
+        A JSON-able dict: `pairs`, `positive_pairs`, `negative_pairs`, `steps`, `epochs`, `seconds`,
+        `final_loss`, the mean cosines of same-class and other-class pairs before and after
+        (`positive_cosine_before`, ...), and `note` when some class could not have same-class
+        pairs (a single example) or there was no other class.
 
     Raises:
         TfxferError: the labels do not match the inputs, or an argument is out of range.
@@ -104,26 +103,98 @@ def contrastive_finetune(
 
     ```python
     split = split_at_head(model)
-    inputs, labels = _materialize(train.examples)
-    contrastive_finetune(split.features, inputs, labels, pairs_per_example=20)
-    fit = fit_linear_head(extract(split.features, inputs), labels, num_outputs=k)
+    contrastive_finetune(split.features, train.examples, pairs_per_example=20)
     ```
     """
     started = time.perf_counter()
     if isinstance(inputs, tf.data.Dataset):
         inputs, dataset_labels = _materialize(inputs)
         labels = dataset_labels if labels is None else labels
-    labels = _check_arguments(inputs, labels, pairs_per_example, epochs, batch_size, warmup)
+    labels = _check_arguments(
+        inputs, labels, pairs_per_example, epochs=epochs, batch_size=batch_size, warmup=warmup
+    )
     rng = np.random.default_rng(seed)
+    first, second, targets, note = _pairs_of(labels, pairs_per_example, rng)
+    before = _mean_cosines(features_model, inputs, first, second, targets)
+    steps, losses = _train_on_pairs(
+        features_model,
+        inputs,
+        (first, second, targets),
+        rng,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        verbose=verbose,
+    )
+    after = _mean_cosines(features_model, inputs, first, second, targets)
+    info = {
+        **_pair_counts(targets),
+        "pairs_per_example": pairs_per_example,
+        "steps": steps,
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "final_loss": round(losses[-1], 6),
+        "epoch_losses": [round(x, 6) for x in losses],
+        **_cosines(before, after),
+        "seconds": round(time.perf_counter() - started, 3),
+        **({"note": note} if note else {}),
+    }
+    return info
+
+
+def _pairs_of(labels: np.ndarray, pairs_per_example: int, rng: np.random.Generator) -> tuple:
+    """`make_pairs`, or an error when no pair can be made."""
     first, second, targets, note = make_pairs(labels, pairs_per_example, rng)
     if len(targets) == 0:
         raise TfxferError(
             "Expected at least two examples of one class, or two classes, to make pairs. "
             f"Received: {len(labels)} example(s) of {len(np.unique(labels))} class(es)."
         )
-    lengths = _token_lengths(features_model, inputs)
+    return first, second, targets, note
 
-    before = _mean_cosines(features_model, inputs, first, second, targets)
+
+def _pair_counts(targets: np.ndarray) -> dict[str, int]:
+    return {
+        "pairs": len(targets),
+        "positive_pairs": int(targets.sum()),
+        "negative_pairs": int(len(targets) - targets.sum()),
+    }
+
+
+def _cosines(before: tuple[float, float], after: tuple[float, float]) -> dict[str, float]:
+    """The mean cosines of same-class and other-class pairs, before and after training."""
+    return {
+        "positive_cosine_before": before[0],
+        "negative_cosine_before": before[1],
+        "positive_cosine_after": after[0],
+        "negative_cosine_after": after[1],
+    }
+
+
+def _train_on_pairs(
+    features_model: keras.Model,
+    inputs: Any,
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rng: np.random.Generator,
+    *,
+    epochs: int,
+    learning_rate: float,
+    warmup: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    verbose: int,
+) -> tuple[int, list[float]]:
+    """The siamese training on `pairs` (first, second, target); returns (steps, epoch losses).
+
+    Every layer but BatchNorm trains meanwhile; the trainable flags are put back after.
+    """
+    first, second, targets = pairs
+    lengths = _token_lengths(features_model, inputs)
     flags = _trainable_flags(features_model)
     try:
         _unfreeze_except_batchnorm(features_model)
@@ -142,7 +213,9 @@ def contrastive_finetune(
         losses = []
         for epoch in range(epochs):
             batches = _batches(first, second, lengths, batch_size, rng)
-            dataset = _pair_dataset(inputs, first, second, targets, batches, lengths)
+            dataset = _pair_dataset(
+                inputs, first, second, targets, batches=batches, lengths=lengths
+            )
             with warnings.catch_warnings():
                 # Weights the pooled features do not use (BERT's [CLS] pooler under mean
                 # pooling) get no gradient, as expected.
@@ -153,28 +226,7 @@ def contrastive_finetune(
                 print(f"[tfxfer] contrastive epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}")
     finally:
         _restore_trainable_flags(flags)
-    after = _mean_cosines(features_model, inputs, first, second, targets)
-
-    info = {
-        "pairs": len(targets),
-        "positive_pairs": int(targets.sum()),
-        "negative_pairs": int(len(targets) - targets.sum()),
-        "pairs_per_example": pairs_per_example,
-        "steps": steps,
-        "epochs": epochs,
-        "learning_rate": learning_rate,
-        "batch_size": batch_size,
-        "final_loss": round(losses[-1], 6),
-        "epoch_losses": [round(x, 6) for x in losses],
-        "positive_cosine_before": before[0],
-        "negative_cosine_before": before[1],
-        "positive_cosine_after": after[0],
-        "negative_cosine_after": after[1],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if note:
-        info["note"] = note
-    return info
+    return steps, losses
 
 
 def make_pairs(
@@ -286,7 +338,7 @@ def _batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _pair_dataset(inputs, first, second, targets, batches, lengths) -> tf.data.Dataset:
+def _pair_dataset(inputs, first, second, targets, *, batches, lengths) -> tf.data.Dataset:
     """One epoch of `((first inputs, second inputs), targets)` batches, cut to their width."""
     is_dict = isinstance(inputs, dict)
     full = {k: v.shape[1] for k, v in inputs.items()} if is_dict else None
@@ -364,7 +416,9 @@ def _set_trainable(layer: keras.layers.Layer, value: bool) -> None:
     keras.layers.Layer.trainable.fset(layer, value)
 
 
-def _check_arguments(inputs, labels, pairs_per_example, epochs, batch_size, warmup) -> np.ndarray:
+def _check_arguments(
+    inputs, labels, pairs_per_example, *, epochs, batch_size, warmup
+) -> np.ndarray:
     count = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
     if labels is None:
         raise TfxferError("Expected `labels` (int class ids) with array inputs. Received: None")

@@ -114,14 +114,16 @@ class Checkpointer:
                 problems.append(problem)
                 continue
             step = state.get("step", 0)
+            position = f"after epoch {state['global_epoch']}" + (
+                f" and {step} steps of the next" if step else ""
+            )
             log.warning(
-                "Damaged checkpoint files in %r: %s. Resuming from %s (after epoch %d%s), the "
-                "newest intact checkpoint.",
+                "Damaged checkpoint files in %r: %s. Resuming from %s (%s), the newest intact "
+                "checkpoint.",
                 self.directory,
                 "; ".join(problems),
                 name,
-                state["global_epoch"],
-                f" and {step} steps of the next" if step else "",
+                position,
             )
             return state
         raise RunDirError(
