@@ -4,7 +4,7 @@ Every source ends in the same `Backbone`: a keras-hub `BertBackbone` wrapped so 
 token dict a `BertTextClassifierPreprocessor` makes and hands the padding mask on to the head
 (masked mean pooling needs it), plus that preprocessor, so raw strings never reach the user's
 code. The preprocessor pads every text to `sequence_length`, but the network takes any length
-up to it: the training pipeline trims each batch to its longest text (`tfxfer.data.text`), so
+up to it: the training pipeline trims each batch to its longest text (`tfxfer.data.text_pipeline`), so
 short texts do not pay for a long maximum. Attention and the head's pooling both skip padding,
 so a text gives the same output at any padded length.
 
@@ -103,26 +103,12 @@ def build_bert_backbone(
     bert, run_tokenizer = _load_bert(kind, location, source, weights=weights, task=task)
     _check_sequence_length(sequence_length, bert.max_sequence_length, source)
     tokenizer = run_tokenizer or _build_tokenizer(kind, location, source)
-    if tokenizer.vocabulary_size() > bert.vocabulary_size:
-        raise WeightsError(
-            f"The vocabulary of {source!r} has {tokenizer.vocabulary_size()} tokens but the "
-            f"model's embedding has only {bert.vocabulary_size} rows, so some token ids would "
-            "index past it. The vocab file and the weights come from different models."
-        )
+    _check_vocabulary(tokenizer, bert, source)
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
         tokenizer=tokenizer, sequence_length=sequence_length
     )
     # === Config ===
-    info.update(
-        num_layers=bert.num_layers,
-        num_heads=bert.num_heads,
-        hidden_dim=bert.hidden_dim,
-        intermediate_dim=bert.intermediate_dim,
-        max_sequence_length=bert.max_sequence_length,
-        sequence_length=sequence_length,
-        vocab_size=bert.vocabulary_size,
-        lowercase=bool(tokenizer.lowercase),
-    )
+    info.update(_architecture(bert, tokenizer, sequence_length))
     if task is not None:
         info["source_heads"] = ["masked_lm"]
     return Backbone(
@@ -140,6 +126,29 @@ def build_bert_backbone(
         pooling_groups={"pooler": ("cls",)},
         source_heads=_source_heads(task, tokenizer, bert),
     )
+
+
+def _check_vocabulary(tokenizer, bert, source: str) -> None:
+    if tokenizer.vocabulary_size() > bert.vocabulary_size:
+        raise WeightsError(
+            f"The vocabulary of {source!r} has {tokenizer.vocabulary_size()} tokens but the "
+            f"model's embedding has only {bert.vocabulary_size} rows, so some token ids would "
+            "index past it. The vocab file and the weights come from different models."
+        )
+
+
+def _architecture(bert, tokenizer, sequence_length: int) -> dict:
+    """What `backbone_info` records of the network's shape (config.json, reports)."""
+    return {
+        "num_layers": bert.num_layers,
+        "num_heads": bert.num_heads,
+        "hidden_dim": bert.hidden_dim,
+        "intermediate_dim": bert.intermediate_dim,
+        "max_sequence_length": bert.max_sequence_length,
+        "sequence_length": sequence_length,
+        "vocab_size": bert.vocabulary_size,
+        "lowercase": bool(tokenizer.lowercase),
+    }
 
 
 def _check_arguments(source, sequence_length) -> None:
