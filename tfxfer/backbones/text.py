@@ -5,8 +5,8 @@ token dict a `BertTextClassifierPreprocessor` makes and hands the padding mask o
 (masked mean pooling needs it), plus that preprocessor, so raw strings never reach the user's
 code. The preprocessor pads every text to `sequence_length`, but the network takes any length
 up to it: the training pipeline trims each batch to its longest text
-(`tfxfer.data.text_pipeline`), so short texts do not pay for a long maximum. Attention and the head's pooling both skip padding,
-so a text gives the same output at any padded length.
+(`tfxfer.data.text_pipeline`), so short texts do not pay for a long maximum. Attention and the
+head's pooling both skip padding, so a text gives the same output at any padded length.
 
 Where the weights come from, and the checks on them before they are read, is
 `tfxfer.backbones.text_sources`.
