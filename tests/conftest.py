@@ -19,7 +19,12 @@ from tfxfer.data.synthetic import write_shapes_dataset  # noqa: E402
 
 UNREACHABLE_PROXY = "http://127.0.0.1:9"  # the discard port: connections fail at once
 
-# Test files that take minutes, longest first (`pytest --durations`, 2026-12-01). With one
+LARGE_REASON = (
+    "large tier: real networks, notebooks or subprocess runs. Run it with `bash dev.sh "
+    "test-large` / `test-all` (pytest --run-large), or name this test's id on the command line"
+)
+
+# Files whose tests take longest, longest first (`pytest --durations`, 2026-12-07). With one
 # pytest-xdist worker per core and each file's tests kept together (`--dist loadfile`),
 # files go to workers in collection order: started first, the long ones no longer leave the
 # suite's last minutes to one core while the other idles.
@@ -38,10 +43,40 @@ HEAVY_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(items):
-    """Puts the heavy files first; the sort is stable, so each file keeps its own order."""
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-large",
+        action="store_true",
+        default=False,
+        help="also run the tests marked `large` (real networks, notebooks, subprocess runs)",
+    )
+
+
+def _named_explicitly(config) -> set[str]:
+    """The test ids given on the command line (`tests/test_x.py::test_y`): those always run."""
+    return {arg.split("[")[0] for arg in config.args if "::" in arg}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips the large tier unless asked; puts the heavy files first (a stable sort)."""
+    if not config.getoption("--run-large"):
+        named = _named_explicitly(config)
+        skip = pytest.mark.skip(reason=LARGE_REASON)
+        for item in items:
+            if "large" in item.keywords and not _is_named(item, named):
+                item.add_marker(skip)
     rank = {name: index for index, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def _is_named(item, named: set[str]) -> bool:
+    """Whether `item` (or its parametrized family) was named by id on the command line."""
+    file, _, rest = item.nodeid.partition("::")
+    base = rest.split("[")[0]
+    return any(
+        arg.endswith(f"{file}::{base}") or arg.endswith(f"{item.path.name}::{base}")
+        for arg in named
+    )
 
 
 @pytest.fixture(autouse=True)
