@@ -213,3 +213,62 @@ def tiny_two_stage_run(
         verbose=0,
     )
     return model, result
+
+
+# === Tiny rows beside resnet50 in the image backbone table ===
+
+# Two tiny `keras.applications`-style networks, registered by `register_tiny_backbones` as
+# table rows, so recipes and `Classifier` run end to end by name in seconds. Two, because a
+# fused config refuses the same backbone twice.
+TINY_ROWS = {
+    "tinynet": {
+        "constructor": "TinyNet",
+        "preprocessing": "tf",
+        "min_image_size": 16,
+        "default_image_size": 32,
+        "groups": [("low", "low_"), ("mid", "mid_"), ("top", "top_")],
+    },
+    "tinynetb": {
+        "constructor": "TinyNetB",
+        "preprocessing": "none",
+        "min_image_size": 16,
+        "default_image_size": 32,
+        "groups": [("low", "low_"), ("mid", "mid_"), ("top", "top_")],
+    },
+}
+
+
+def _tiny_constructor(model_name: str, widths: tuple[int, ...]):
+    """A constructor with `keras.applications`' signature (no weights exist for it)."""
+
+    def build(include_top=False, weights=None, input_shape=None, **kwargs):
+        if include_top or weights not in (None, "none"):
+            raise ValueError(f"{model_name} has no pretrained weights and no top.")
+        inputs = keras.Input(input_shape or (32, 32, 3), name=f"{model_name.lower()}_input")
+        x = inputs
+        for group, width in zip(TINY_GROUPS, widths, strict=True):
+            x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"{group}_conv")(x)
+            x = keras.layers.BatchNormalization(name=f"{group}_bn")(x)
+            x = keras.layers.ReLU(name=f"{group}_relu")(x)
+        return keras.Model(inputs, x, name=model_name.lower())
+
+    build.__name__ = model_name
+    return build
+
+
+TINY_CONSTRUCTORS = {
+    "TinyNet": _tiny_constructor("TinyNet", (4, 6, 8)),
+    "TinyNetB": _tiny_constructor("TinyNetB", (3, 5, 7)),
+}
+
+
+def register_tiny_backbones(monkeypatch) -> list[str]:
+    """Adds the tiny rows to `VISION_BACKBONES` (and their constructors to
+    `keras.applications`) for as long as `monkeypatch` lives; returns their names."""
+    from tfxfer.backbones import vision
+
+    for name, constructor in TINY_CONSTRUCTORS.items():
+        monkeypatch.setattr(keras.applications, name, constructor, raising=False)
+    for key, row in TINY_ROWS.items():
+        monkeypatch.setitem(vision.VISION_BACKBONES, key, row)
+    return sorted(TINY_ROWS)
