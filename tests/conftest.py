@@ -14,6 +14,7 @@ if REPO_ROOT not in sys.path:  # `import tfxfer` / `import recipes` without an i
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+from helpers import register_tiny_backbones  # noqa: E402
 
 from tfxfer.data.synthetic import write_shapes_dataset  # noqa: E402
 
@@ -111,18 +112,69 @@ def shapes_dir(tmp_path_factory) -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def image_recipe_run(shapes_dir, tmp_path_factory) -> dict:
-    """One smoke run of the ResNet50 recipe (32 px, one epoch per stage) with its export.
+# What the image recipe's smoke run must show, per backbone: the tiny row in the default
+# tier, the real ResNet50 in the large one.
+IMAGE_RECIPE_BACKBONES = {
+    "tinynet": {"groups": ["low", "mid", "top"], "batchnorms": 3},
+    "resnet50": {"groups": ["stem", "conv2", "conv3", "conv4", "conv5"], "batchnorms": 53},
+}
 
-    Shared by the recipe and CLI tests: the run is the expensive part, the checks are cheap.
-    """
+
+@pytest.fixture
+def tiny_backbones(monkeypatch) -> list[str]:
+    """The tiny rows ("tinynet", "tinynetb") in the image backbone table, for one test."""
+    return register_tiny_backbones(monkeypatch)
+
+
+@pytest.fixture(
+    scope="session",
+    params=["tinynet", pytest.param("resnet50", marks=pytest.mark.large)],
+)
+def _finished_image_recipe_run(request, shapes_dir, tmp_path_factory) -> dict:
     from recipes import resnet50_image_classifier as recipe
 
-    keras.utils.set_random_seed(0)
-    output_dir = str(tmp_path_factory.mktemp("recipe") / "run")
-    config = recipe.Config.smoke(
-        data_dir=shapes_dir, test_dir=shapes_dir, output_dir=output_dir, export=True
-    )
-    result = recipe.main(config)
-    return {**result, "config": config}
+    backbone = request.param
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        register_tiny_backbones(monkeypatch)
+        keras.utils.set_random_seed(0)
+        output_dir = str(tmp_path_factory.mktemp(f"recipe_{backbone}") / "run")
+        config = recipe.Config.smoke(
+            data_dir=shapes_dir,
+            test_dir=shapes_dir,
+            output_dir=output_dir,
+            export=True,
+            backbone=backbone,
+        )
+        result = recipe.main(config)
+    return {**result, "config": config, "expected": IMAGE_RECIPE_BACKBONES[backbone]}
+
+
+@pytest.fixture
+def image_recipe_run(_finished_image_recipe_run, tiny_backbones) -> dict:
+    """One smoke run of the image recipe (32 px, one epoch per stage) with its export.
+
+    On the tiny row in the default tier and on ResNet50 in the large one (the fixture is
+    parametrized: each test that takes it runs once per backbone). Shared by the recipe
+    tests, read-only (copy the run directory before changing it): the run is the expensive
+    part, the checks are cheap. `expected` holds what the run must show for its backbone.
+    """
+    return _finished_image_recipe_run
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_reference(tmp_path_factory) -> dict:
+    """`schedule_worker.py`'s run (cpu, batch 16, 2 head + 3 fine-tuning epochs), never stopped.
+
+    What a killed, preempted, resumed or two-worker run must end as: built once per pytest
+    process for the resume, preemption and multi-worker tests. Read-only: copy `run_dir`
+    before changing it.
+    """
+    import multiworker_helpers as mh
+    import schedule_worker as sw
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    command = sw.command(root / "run", root / "out")
+    result = mh.run_processes([command], [mh.child_env()], log_dir=root / "logs", timeout=150.0)
+    assert result[0].ok, mh.describe_results(result)
+    weights, summary = sw.load_result(root / "out")
+    return {"run_dir": root / "run", "weights": weights, "summary": summary}

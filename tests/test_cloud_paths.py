@@ -92,7 +92,7 @@ def _write_image_folder_to_ram(root: str, n: int = 18) -> str:
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_image_recipe_writes_its_run_to_ram():
     from recipes import resnet50_image_classifier as recipe
 

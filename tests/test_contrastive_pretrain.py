@@ -170,7 +170,7 @@ def _h5_arrays(path: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_a_run_writes_the_backbone_and_measures_it(pretrain_run):
     run = Path(pretrain_run["run_dir"])
     assert pretrain_run["output"] == str(run / WEIGHTS_FILE) and (run / WEIGHTS_FILE).is_file()
@@ -200,7 +200,7 @@ def _trained_weights(network: keras.Model) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_the_weights_file_and_the_run_directory_give_the_pretrained_backbone(pretrain_run):
     run = pretrain_run["run_dir"]
     from_file = tfxfer.build_backbone(
@@ -214,7 +214,7 @@ def test_the_weights_file_and_the_run_directory_give_the_pretrained_backbone(pre
         np.testing.assert_array_equal(value, trained[path], err_msg=path)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_the_image_recipe_fine_tunes_from_the_run_directory(pretrain_run, data_root, tmp_path):
     from recipes import resnet50_image_classifier as image_recipe
 
@@ -236,7 +236,7 @@ def test_the_image_recipe_fine_tunes_from_the_run_directory(pretrain_run, data_r
     assert saved["backbone_info"]["weights"] == run
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_a_pretraining_run_of_another_architecture_is_named(pretrain_run):
     with pytest.raises(WeightsError, match="pretrained a 'mobilenetv3small' backbone, not 'resn"):
         tfxfer.build_backbone("resnet50", weights=pretrain_run["run_dir"], image_size=32)
@@ -250,7 +250,7 @@ def _copied_config(run: str, target: Path, **pretraining) -> Path:
     return target
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_a_text_pretraining_run_is_not_image_weights(pretrain_run, tmp_path):
     text_run = _copied_config(
         pretrain_run["run_dir"],
@@ -264,7 +264,7 @@ def test_a_text_pretraining_run_is_not_image_weights(pretrain_run, tmp_path):
         tfxfer.build_backbone("mobilenetv3small", weights=str(text_run), image_size=32)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_an_unfinished_pretraining_run_has_no_backbone(pretrain_run, tmp_path):
     unfinished = _copied_config(pretrain_run["run_dir"], tmp_path / "unfinished")
     with pytest.raises(WeightsError, match="no backbone.weights.h5.*has not finished.*--resume"):
@@ -298,7 +298,7 @@ def _flags(config: Config) -> list[str]:
     return argv
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_a_run_stopped_mid_epoch_resumes_from_the_command_line_to_the_same_weights(
     pretrain_run, data_root, tmp_path, monkeypatch
 ):
@@ -335,7 +335,7 @@ def test_the_recipe_reads_its_inputs_and_not_its_output(tmp_path):
     assert Config.smoke().input_paths() == []
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_contrastive_pretraining_runs_under_mirrored_strategy_in_bfloat16(tmp_path):
     import multiworker_helpers as mh
 

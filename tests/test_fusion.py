@@ -258,7 +258,7 @@ def test_the_image_recipe_refuses_a_fusion_mode_with_one_backbone_and_unmatched_
         Config(backbone="resnet50,mobilenetv3small", fusion="mean").validate()
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path):
     from recipes.resnet50_image_classifier import Config, main
 
@@ -301,7 +301,7 @@ def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path):
     np.testing.assert_allclose(served.sum(-1), 1.0, rtol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_the_text_recipe_fuses_two_berts_from_the_command_line_flags(two_berts, tmp_path):
     from recipes.bert_text_classifier import Config, main
 

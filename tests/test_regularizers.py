@@ -253,7 +253,7 @@ def test_the_text_recipe_refuses_source_task_before_writing_a_run(tmp_path):
     assert not output.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_every_regularizer_under_mirrored_matches_one_process(tmp_path):
     import multiworker_helpers as mh
 
@@ -316,7 +316,7 @@ def test_source_heads_need_weights_with_the_top(classifier_weights):
         tfxfer.build_backbone("mobilenetv3small", weights="none", image_size=32, source_head=True)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_the_image_recipe_runs_learning_without_forgetting_on_the_imagenet_head(
     classifier_weights, tmp_path
 ):
