@@ -11,9 +11,9 @@ import secrets
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import InterruptAfterEpoch, tiny_arrays, tiny_model, tiny_two_stage_run
 
 import tfxfer
-from tests.helpers import InterruptAfterEpoch, tiny_arrays, tiny_model, tiny_two_stage_run
 from tfxfer import fs
 from tfxfer.errors import DataError, RunDirError
 from tfxfer.rundir import MANIFEST, RunDir

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from bert_helpers import VOCAB, write_hf_checkpoint
-
-import tfxfer
-from tests.helpers import (
+from helpers import (
     layer_weights,
     tiny_arrays,
     tiny_backbone,
@@ -21,6 +19,8 @@ from tests.helpers import (
     tiny_val_data,
     write_image_folder,
 )
+
+import tfxfer
 from tfxfer.backbones import Backbone, split_into_groups
 from tfxfer.backbones.base import LayerGroups
 from tfxfer.backbones.vision import ImagePreprocessing

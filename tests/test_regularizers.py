@@ -5,9 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-
-import tfxfer
-from tests.helpers import (
+from helpers import (
     InterruptAfterEpoch,
     backbone_layers,
     layer_weights,
@@ -17,6 +15,8 @@ from tests.helpers import (
     tiny_train_data,
     write_image_folder,
 )
+
+import tfxfer
 from tfxfer.backbones.base import SourceHead
 from tfxfer.errors import TfxferError, WeightsError
 from tfxfer.regularizers import build_reference, check_regularizers

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bert_helpers import write_hf_checkpoint
+from helpers import write_image_folder
 
 import tfxfer
-from tests.helpers import write_image_folder
 from tfxfer.errors import TfxferError, WeightsError
 
 pytestmark = pytest.mark.slow  # each module runs a recipe or two
