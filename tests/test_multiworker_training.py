@@ -20,7 +20,7 @@ import pytest
 import schedule_worker as sw
 
 # Several worker processes per test.
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.large  # every test here runs a cluster of processes
 
 TIMEOUT = 150.0  # per launch; a healthy one takes ~20 s on two busy cores
 GRACE = 10.0  # how long a worker may outlive its killed peer

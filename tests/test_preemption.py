@@ -38,8 +38,8 @@ from tfxfer.data.pipeline import TrainData, epoch_batches
 from tfxfer.errors import Preempted, RunDirError
 from tfxfer.rundir import RunDir
 
-# Real processes stopped with SIGTERM and SIGKILL, and restarted.
-pytestmark = pytest.mark.slow
+# Real processes stopped with SIGTERM and SIGKILL, and restarted (the soak and one SIGTERM
+# case in the large tier).
 
 TIMEOUT = 150.0  # per child; a healthy one takes ~4 s
 STEPS = 6  # 96 examples, global batch 16
@@ -124,7 +124,11 @@ def _sigterm_steps() -> dict[str, int]:
 SIGTERM_STEPS = _sigterm_steps()
 
 
-@pytest.mark.parametrize("case", list(SIGTERM_STEPS))
+# One SIGTERM case in the default tier; the other in the large tier.
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=() if c == "anywhere" else pytest.mark.large) for c in SIGTERM_STEPS],
+)
 def test_sigterm_checkpoints_the_step_and_resume_ends_as_uninterrupted(
     tmp_path, uninterrupted, case
 ):
@@ -213,6 +217,7 @@ def _expected_after_kill(flag: str, value: str, position: tuple[int, int] | None
     return epoch - 1, 0
 
 
+@pytest.mark.large  # eleven processes in a row
 def test_soak_sigkill_ten_times_then_resume_ends_as_uninterrupted(tmp_path, uninterrupted):
     rng = np.random.default_rng(SOAK_SEED)
     run_dir = tmp_path / "run"

@@ -28,8 +28,7 @@ from tfxfer.data.text import make_text_dataset
 from tfxfer.errors import DataError, RunDirError, TfxferError
 from tfxfer.schedule import apply_stage
 
-# The text recipe end to end, on a tiny BERT.
-pytestmark = pytest.mark.slow
+# The text recipe end to end, on a tiny BERT (`bert_helpers`): the default tier.
 
 REPO = Path(__file__).resolve().parent.parent
 
