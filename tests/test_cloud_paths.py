@@ -92,8 +92,10 @@ def _write_image_folder_to_ram(root: str, n: int = 18) -> str:
     return root
 
 
-@pytest.mark.large
-def test_image_recipe_writes_its_run_to_ram():
+@pytest.mark.parametrize(
+    "backbone", ["tinynet", pytest.param("mobilenetv3small", marks=pytest.mark.large)]
+)
+def test_image_recipe_writes_its_run_to_ram(tiny_backbones, backbone):
     from recipes import resnet50_image_classifier as recipe
 
     root = _ram("recipe")
@@ -101,7 +103,7 @@ def test_image_recipe_writes_its_run_to_ram():
     output_dir = fs.join(root, "run")
     result = recipe.main(
         recipe.Config.smoke(
-            data_dir=data_dir, output_dir=output_dir, export=True, backbone="mobilenetv3small"
+            data_dir=data_dir, output_dir=output_dir, export=True, backbone=backbone
         )
     )
     for name in ("model.keras", "metrics.json", "training_curves.png", "export/saved_model.pb"):

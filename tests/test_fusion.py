@@ -258,15 +258,22 @@ def test_the_image_recipe_refuses_a_fusion_mode_with_one_backbone_and_unmatched_
         Config(backbone="resnet50,mobilenetv3small", fusion="mean").validate()
 
 
-@pytest.mark.large
-def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path):
+@pytest.mark.parametrize(
+    "backbones",
+    [
+        ("tinynet", "tinynetb"),
+        pytest.param(("mobilenetv3small", "efficientnetv2b0"), marks=pytest.mark.large),
+    ],
+    ids=["tiny", "real"],
+)
+def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path, tiny_backbones, backbones):
     from recipes.resnet50_image_classifier import Config, main
 
     data = write_image_folder(str(tmp_path / "data"), {"a": 6, "b": 6}, size=32)
     config = Config.smoke(
         data_dir=data,
         output_dir=str(tmp_path / "run"),
-        backbone="mobilenetv3small,efficientnetv2b0",
+        backbone=",".join(backbones),
         fusion="gated",
         # Fine-tuning trains the top group of each backbone (the top-K of every branch, as
         # the recipe's --unfreeze K means): the run still fine-tunes through both real
@@ -281,7 +288,7 @@ def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path):
     assert metrics["fusion"]["mode"] == "gated"
     assert sum(metrics["fusion"]["contributions"]) == pytest.approx(1.0)
     info = json.loads((run / "config.json").read_text())["backbone_info"]["backbones"]
-    assert [b["name"] for b in info] == ["mobilenetv3small", "efficientnetv2b0"]
+    assert [b["name"] for b in info] == list(backbones)
     stages = json.loads((run / "stages.json").read_text())
     assert stages["head"]["cached_features"] is True
     assert stages["finetune"]["cached_features"] is False  # it trained through both branches
