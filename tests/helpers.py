@@ -272,3 +272,34 @@ def register_tiny_backbones(monkeypatch) -> list[str]:
     for key, row in TINY_ROWS.items():
         monkeypatch.setitem(vision.VISION_BACKBONES, key, row)
     return sorted(TINY_ROWS)
+
+
+# === Save, reload, predict alike ===
+
+
+def assert_reloads_alike(
+    path, model: keras.Model, inputs, *, rtol: float = 1e-7, atol: float = 0.0, **load_options
+) -> keras.Model:
+    """Loads `path` (a `.keras` file, or a run directory holding `model.keras`) with
+    `tfxfer.load_model` and checks that it predicts `inputs` as `model` does.
+
+    Returns the reloaded model, for the checks a test adds. `rtol` and `atol` are
+    `np.testing.assert_allclose`'s (its defaults); `load_options` go to `load_model`.
+    """
+    path = str(path)
+    if not path.endswith(".keras"):  # a run directory
+        path = path.rstrip("/") + "/model.keras"
+    reloaded = tfxfer.load_model(path, **load_options)
+    np.testing.assert_allclose(
+        reloaded.predict(inputs, verbose=0),
+        model.predict(inputs, verbose=0),
+        rtol=rtol,
+        atol=atol,
+    )
+    return reloaded
+
+
+def save_and_reload_alike(model: keras.Model, path, inputs, **tolerances) -> keras.Model:
+    """Saves `model` to `path` (`.keras`) and checks the reloaded model predicts alike."""
+    model.save(str(path))
+    return assert_reloads_alike(path, model, inputs, **tolerances)

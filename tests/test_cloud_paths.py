@@ -11,7 +11,13 @@ import secrets
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import InterruptAfterEpoch, tiny_arrays, tiny_model, tiny_two_stage_run
+from helpers import (
+    InterruptAfterEpoch,
+    assert_reloads_alike,
+    tiny_arrays,
+    tiny_model,
+    tiny_two_stage_run,
+)
 
 import tfxfer
 from tfxfer import fs
@@ -110,12 +116,8 @@ def test_image_recipe_writes_its_run_to_ram(tiny_backbones, backbone):
         assert fs.isfile(fs.join(output_dir, name)), name
     assert tfxfer.export.is_tfxfer_export(fs.join(output_dir, "export"))
     images, _ = tiny_arrays(n=4, seed=1)
-    loaded = tfxfer.load_model(fs.join(output_dir, "model.keras"))
-    np.testing.assert_allclose(
-        loaded.predict(images, verbose=0),
-        result["serving_model"].predict(images, verbose=0),
-        rtol=1e-5,
-        atol=1e-6,
+    loaded = assert_reloads_alike(
+        fs.join(output_dir, "model.keras"), result["serving_model"], images, rtol=1e-5, atol=1e-6
     )
     exported = tf.saved_model.load(fs.join(output_dir, "export"))
     served = exported.serve(tf.constant(images))

@@ -12,7 +12,9 @@ import pytest
 import tensorflow as tf
 from bert_helpers import VOCAB, write_hf_checkpoint
 from helpers import (
+    assert_reloads_alike,
     layer_weights,
+    save_and_reload_alike,
     tiny_arrays,
     tiny_backbone,
     tiny_train_data,
@@ -83,10 +85,7 @@ def test_every_mode_trains_saves_and_reloads_to_the_same_predictions(fusion, tmp
     predictions = model.predict(images, verbose=0)
     assert predictions.shape == (5, 3)
     np.testing.assert_allclose(predictions.sum(-1), 1.0, rtol=1e-5)
-    path = str(tmp_path / "fused.keras")
-    model.save(path)
-    reloaded = tfxfer.load_model(path)
-    np.testing.assert_allclose(reloaded.predict(images, verbose=0), predictions, atol=1e-6)
+    reloaded = save_and_reload_alike(model, tmp_path / "fused.keras", images, atol=1e-6)
     assert fusion_summary(reloaded)["mode"] == fusion
 
 
@@ -294,8 +293,7 @@ def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path, tiny_backbone
     assert stages["finetune"]["cached_features"] is False  # it trained through both branches
     images = tiny_arrays(n=3, image_size=40)[0]
     expected = result["model"].predict(images, verbose=0)
-    reloaded = tfxfer.load_model(str(run / "model.keras"))
-    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, atol=1e-5)
+    assert_reloads_alike(run, result["model"], images, atol=1e-5)
     exported = tf.saved_model.load(os.path.join(run, "export"))
     served = np.asarray(exported.serve(tf.constant(images)))
     # Not compared value for value: these two backbones are randomly initialised (nothing is
@@ -326,10 +324,6 @@ def test_the_text_recipe_fuses_two_berts_from_the_command_line_flags(two_berts, 
     result = main(config)
     assert result["model"].get_layer("fusion").width == 8
     assert [b.namespace for b in result["backbone"]] == ["bert", "bert_2"]
-    reloaded = tfxfer.load_model(os.path.join(result["run_dir"], "model.keras"))
     texts = np.array(["great movie", "boring plot"])
-    np.testing.assert_allclose(
-        reloaded.predict(texts, verbose=0),
-        result["serving_model"].predict(texts, verbose=0),
-        atol=1e-2,  # bfloat16 on CPUs with AMX (mixed_precision "auto")
-    )
+    # atol: bfloat16 on CPUs with AMX (mixed_precision "auto").
+    assert_reloads_alike(result["run_dir"], result["serving_model"], texts, atol=1e-2)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from bert_helpers import write_hf_checkpoint
+from helpers import assert_reloads_alike
 from hub_helpers import SentenceEncoder
 
 import tfxfer
@@ -334,11 +335,8 @@ def test_recipe_trains_on_a_tf_hub_text_model(text_files, tmp_path):
     config.export = True
     result = main(config)
     assert result["backbone"].output_kind == "vector"
-    reloaded = tfxfer.load_model(str(tmp_path / "run" / "model.keras"), safe_mode=False)
     texts = tf.constant(["goal match", "oven recipe"])
-    np.testing.assert_allclose(
-        reloaded.predict(texts, verbose=0), result["model"].predict(texts, verbose=0), atol=1e-6
-    )
+    assert_reloads_alike(tmp_path / "run", result["model"], texts, atol=1e-6, safe_mode=False)
 
 
 def test_cli_evaluate_and_export_a_finished_text_run(finished_run, text_files, tmp_path, capsys):
