@@ -14,6 +14,7 @@ if REPO_ROOT not in sys.path:  # `import tfxfer` / `import recipes` without an i
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+from bert_helpers import write_hf_checkpoint, write_review_files  # noqa: E402
 from helpers import register_tiny_backbones  # noqa: E402
 
 from tfxfer.data.synthetic import write_shapes_dataset  # noqa: E402
@@ -178,3 +179,32 @@ def uninterrupted_reference(tmp_path_factory) -> dict:
     assert result[0].ok, mh.describe_results(result)
     weights, summary = sw.load_result(root / "out")
     return {"run_dir": root / "run", "weights": weights, "summary": summary}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A tiny random Hugging Face BERT checkpoint (`bert_helpers`), read-only."""
+    path = tmp_path_factory.mktemp("bert") / "hf_bert"
+    write_hf_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def review_files(tmp_path_factory) -> tuple[str, str]:
+    """`(train.csv, test.csv)` of short labelled reviews ("neg", "pos"), read-only."""
+    return write_review_files(tmp_path_factory.mktemp("texts"))
+
+
+@pytest.fixture(scope="session")
+def text_recipe_run(tiny_bert_dir, review_files, tmp_path_factory) -> dict:
+    """One smoke run of the text recipe on the tiny BERT, with a test file and its export.
+
+    Shared by the text recipe and run-as-backbone tests, read-only (copy before changing).
+    """
+    from recipes.bert_text_classifier import Config, main
+
+    train, test = review_files
+    output = tmp_path_factory.mktemp("runs") / "run"
+    config = Config.smoke(train=train, output_dir=str(output), backbone=tiny_bert_dir)
+    config.test, config.export = test, True
+    return main(config)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bert_helpers import write_hf_checkpoint
 from helpers import register_tiny_backbones, write_image_folder
 
 import tfxfer
@@ -112,17 +111,9 @@ def test_a_fusion_run_is_refused_with_its_backbones(image_run, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    from recipes.bert_text_classifier import Config, main
-
-    root = tmp_path_factory.mktemp("text")
-    write_hf_checkpoint(root / "bert")
-    rows = [("the movie was great fun", "pos"), ("i hated the awful plot", "neg")] * 10
-    train = root / "a.csv"
-    train.write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in rows) + "\n")
-    return main(
-        Config.smoke(train=str(train), backbone=str(root / "bert"), output_dir=str(root / "a"))
-    )
+def text_run(text_recipe_run):
+    """conftest.py's finished tiny text run (read-only)."""
+    return text_recipe_run
 
 
 def test_a_text_run_gives_its_fine_tuned_bert_and_tokenizer_to_the_next_task(text_run, tmp_path):
