@@ -233,13 +233,17 @@ TINY_ROWS = {
         "preprocessing": "none",
         "min_image_size": 16,
         "default_image_size": 32,
-        "groups": [("low", "low_"), ("mid", "mid_"), ("top", "top_")],
+        "groups": [("low", "b_low_"), ("mid", "b_mid_"), ("top", "b_top_")],
     },
 }
 
 
-def _tiny_constructor(model_name: str, widths: tuple[int, ...]):
-    """A constructor with `keras.applications`' signature (no weights exist for it)."""
+def _tiny_constructor(model_name: str, widths: tuple[int, ...], prefix: str = ""):
+    """A constructor with `keras.applications`' signature (no weights exist for it).
+
+    `prefix` starts every layer name: two networks fused in one model must not share layer
+    names, as no two real rows' networks used together here do.
+    """
 
     def build(include_top=False, weights=None, input_shape=None, **kwargs):
         if include_top or weights not in (None, "none"):
@@ -247,9 +251,10 @@ def _tiny_constructor(model_name: str, widths: tuple[int, ...]):
         inputs = keras.Input(input_shape or (32, 32, 3), name=f"{model_name.lower()}_input")
         x = inputs
         for group, width in zip(TINY_GROUPS, widths, strict=True):
-            x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"{group}_conv")(x)
-            x = keras.layers.BatchNormalization(name=f"{group}_bn")(x)
-            x = keras.layers.ReLU(name=f"{group}_relu")(x)
+            name = f"{prefix}{group}"
+            x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"{name}_conv")(x)
+            x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = keras.layers.ReLU(name=f"{name}_relu")(x)
         return keras.Model(inputs, x, name=model_name.lower())
 
     build.__name__ = model_name
@@ -258,7 +263,7 @@ def _tiny_constructor(model_name: str, widths: tuple[int, ...]):
 
 TINY_CONSTRUCTORS = {
     "TinyNet": _tiny_constructor("TinyNet", (4, 6, 8)),
-    "TinyNetB": _tiny_constructor("TinyNetB", (3, 5, 7)),
+    "TinyNetB": _tiny_constructor("TinyNetB", (3, 5, 7), prefix="b_"),
 }
 
 
