@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config, items):
         named = _named_explicitly(config)
         skip = pytest.mark.skip(reason=LARGE_REASON)
         for item in items:
-            if "large" in item.keywords and not _is_named(item, named):
+            if item.get_closest_marker("large") and not _is_named(item, named):
                 item.add_marker(skip)
     rank = {name: index for index, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
