@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # tfxfer's set-up and everyday commands, for a fresh machine with python3 and pip:
 #   bash dev.sh demo   set up, then train the default demo run
-#   bash dev.sh test   set up, then run the whole test suite
-#   bash dev.sh test-fast  set up, then the tests not marked slow (the inner loop)
+#   bash dev.sh test       set up, then the default test tier (tiny models; the inner loop)
+#   bash dev.sh test-large set up, then only the large tier (real networks, notebooks, subprocesses)
+#   bash dev.sh test-all   set up, then both tiers (what CI runs)
 #   bash dev.sh demo-images  set up, then train the image recipe on drawn shapes
 #   bash dev.sh setup  only set up (a virtual environment in .venv, or $TFXFER_VENV)
 set -euo pipefail
@@ -43,8 +44,11 @@ case "$command" in
           --overwrite "$@" ;;
   # One pytest worker per core (pytest-xdist): most tests keep one core busy, not two.
   # loadfile keeps a file's tests on one worker, so a module's expensive fixture runs once.
+  # The tiers: tests/README.md (a test marked `large` runs only with --run-large).
   test) setup; exec "$PY" -m pytest -q -n auto --dist loadfile tests "$@" ;;
-  # Skips multi-worker, kill/resume, notebook and recipe end-to-end tests (marked slow).
-  test-fast) setup; exec "$PY" -m pytest -q -n auto --dist loadfile tests -m "not slow" "$@" ;;
-  *) echo "usage: bash dev.sh demo|demo-images|test|test-fast|setup [extra args]" >&2; exit 2 ;;
+  test-large) setup; exec "$PY" -m pytest -q -n auto --dist loadfile --run-large -m large tests "$@" ;;
+  test-all) setup; exec "$PY" -m pytest -q -n auto --dist loadfile --run-large tests "$@" ;;
+  # The old name of the quick tier, kept so scripts that call it still work.
+  test-fast) setup; exec "$PY" -m pytest -q -n auto --dist loadfile tests "$@" ;;
+  *) echo "usage: bash dev.sh demo|demo-images|test|test-large|test-all|setup [extra args]" >&2; exit 2 ;;
 esac

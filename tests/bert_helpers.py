@@ -6,6 +6,7 @@ tests run in seconds and never touch the network.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -95,3 +96,55 @@ def write_masked_lm_preset(directory: Path) -> keras.Model:
     task = keras_hub.models.BertMaskedLM(bert, preprocessor=preprocessor)
     task.save_to_preset(str(directory))
     return task
+
+
+# === Labelled reviews for the text recipe ===
+
+POSITIVE = [
+    "i loved it",
+    "great fun",
+    "good film",
+    "the acting was great",
+    "loved the plot",
+    "a good movie",
+    "it was fun",
+    "great plot",
+    "good acting",
+    "i loved the film",
+]
+NEGATIVE = [
+    "i hated it",
+    "awful film",
+    "bad movie",
+    "the acting was awful",
+    "boring plot",
+    "a bad film",
+    "it was boring",
+    "awful plot",
+    "bad acting",
+    "i hated the movie",
+]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def write_review_files(root: Path) -> tuple[str, str]:
+    """`train.csv` (the reviews twice) and a four-row `test.csv`, classes "neg" and "pos"."""
+    rows = [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
+    train = write_csv(root / "train.csv", rows * 2)
+    test = write_csv(
+        root / "test.csv",
+        [
+            ("great movie", "pos"),
+            ("awful acting", "neg"),
+            ("fun film", "pos"),
+            ("boring film", "neg"),
+        ],
+    )
+    return train, test

@@ -14,12 +14,19 @@ if REPO_ROOT not in sys.path:  # `import tfxfer` / `import recipes` without an i
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+from bert_helpers import write_hf_checkpoint, write_review_files  # noqa: E402
+from helpers import register_tiny_backbones  # noqa: E402
 
 from tfxfer.data.synthetic import write_shapes_dataset  # noqa: E402
 
 UNREACHABLE_PROXY = "http://127.0.0.1:9"  # the discard port: connections fail at once
 
-# Test files that take minutes, longest first (`pytest --durations`, 2026-12-01). With one
+LARGE_REASON = (
+    "large tier: real networks, notebooks or subprocess runs. Run it with `bash dev.sh "
+    "test-large` / `test-all` (pytest --run-large), or name this test's id on the command line"
+)
+
+# Files whose tests take longest, longest first (`pytest --durations`, 2026-12-07). With one
 # pytest-xdist worker per core and each file's tests kept together (`--dist loadfile`),
 # files go to workers in collection order: started first, the long ones no longer leave the
 # suite's last minutes to one core while the other idles.
@@ -38,10 +45,40 @@ HEAVY_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(items):
-    """Puts the heavy files first; the sort is stable, so each file keeps its own order."""
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-large",
+        action="store_true",
+        default=False,
+        help="also run the tests marked `large` (real networks, notebooks, subprocess runs)",
+    )
+
+
+def _named_explicitly(config) -> set[str]:
+    """The test ids given on the command line (`tests/test_x.py::test_y`): those always run."""
+    return {arg.split("[")[0] for arg in config.args if "::" in arg}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips the large tier unless asked; puts the heavy files first (a stable sort)."""
+    if not config.getoption("--run-large"):
+        named = _named_explicitly(config)
+        skip = pytest.mark.skip(reason=LARGE_REASON)
+        for item in items:
+            if item.get_closest_marker("large") and not _is_named(item, named):
+                item.add_marker(skip)
     rank = {name: index for index, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def _is_named(item, named: set[str]) -> bool:
+    """Whether `item` (or its parametrized family) was named by id on the command line."""
+    file, _, rest = item.nodeid.partition("::")
+    base = rest.split("[")[0]
+    return any(
+        arg.endswith(f"{file}::{base}") or arg.endswith(f"{item.path.name}::{base}")
+        for arg in named
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -76,18 +113,98 @@ def shapes_dir(tmp_path_factory) -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def image_recipe_run(shapes_dir, tmp_path_factory) -> dict:
-    """One smoke run of the ResNet50 recipe (32 px, one epoch per stage) with its export.
+# What the image recipe's smoke run must show, per backbone: the tiny row in the default
+# tier, the real ResNet50 in the large one.
+IMAGE_RECIPE_BACKBONES = {
+    "tinynet": {"groups": ["low", "mid", "top"], "batchnorms": 3},
+    "resnet50": {"groups": ["stem", "conv2", "conv3", "conv4", "conv5"], "batchnorms": 53},
+}
 
-    Shared by the recipe and CLI tests: the run is the expensive part, the checks are cheap.
-    """
+
+@pytest.fixture
+def tiny_backbones(monkeypatch) -> list[str]:
+    """The tiny rows ("tinynet", "tinynetb") in the image backbone table, for one test."""
+    return register_tiny_backbones(monkeypatch)
+
+
+@pytest.fixture(
+    scope="session",
+    params=["tinynet", pytest.param("resnet50", marks=pytest.mark.large)],
+)
+def _finished_image_recipe_run(request, shapes_dir, tmp_path_factory) -> dict:
     from recipes import resnet50_image_classifier as recipe
 
-    keras.utils.set_random_seed(0)
-    output_dir = str(tmp_path_factory.mktemp("recipe") / "run")
-    config = recipe.Config.smoke(
-        data_dir=shapes_dir, test_dir=shapes_dir, output_dir=output_dir, export=True
-    )
-    result = recipe.main(config)
-    return {**result, "config": config}
+    backbone = request.param
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        register_tiny_backbones(monkeypatch)
+        keras.utils.set_random_seed(0)
+        output_dir = str(tmp_path_factory.mktemp(f"recipe_{backbone}") / "run")
+        config = recipe.Config.smoke(
+            data_dir=shapes_dir,
+            test_dir=shapes_dir,
+            output_dir=output_dir,
+            export=True,
+            backbone=backbone,
+        )
+        result = recipe.main(config)
+    return {**result, "config": config, "expected": IMAGE_RECIPE_BACKBONES[backbone]}
+
+
+@pytest.fixture
+def image_recipe_run(_finished_image_recipe_run, tiny_backbones) -> dict:
+    """One smoke run of the image recipe (32 px, one epoch per stage) with its export.
+
+    On the tiny row in the default tier and on ResNet50 in the large one (the fixture is
+    parametrized: each test that takes it runs once per backbone). Shared by the recipe
+    tests, read-only (copy the run directory before changing it): the run is the expensive
+    part, the checks are cheap. `expected` holds what the run must show for its backbone.
+    """
+    return _finished_image_recipe_run
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_reference(tmp_path_factory) -> dict:
+    """`schedule_worker.py`'s run (cpu, batch 16, 2 head + 3 fine-tuning epochs), never stopped.
+
+    What a killed, preempted, resumed or two-worker run must end as: built once per pytest
+    process for the resume, preemption and multi-worker tests. Read-only: copy `run_dir`
+    before changing it.
+    """
+    import multiworker_helpers as mh
+    import schedule_worker as sw
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    command = sw.command(root / "run", root / "out")
+    result = mh.run_processes([command], [mh.child_env()], log_dir=root / "logs", timeout=150.0)
+    assert result[0].ok, mh.describe_results(result)
+    weights, summary = sw.load_result(root / "out")
+    return {"run_dir": root / "run", "weights": weights, "summary": summary}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A tiny random Hugging Face BERT checkpoint (`bert_helpers`), read-only."""
+    path = tmp_path_factory.mktemp("bert") / "hf_bert"
+    write_hf_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def review_files(tmp_path_factory) -> tuple[str, str]:
+    """`(train.csv, test.csv)` of short labelled reviews ("neg", "pos"), read-only."""
+    return write_review_files(tmp_path_factory.mktemp("texts"))
+
+
+@pytest.fixture(scope="session")
+def text_recipe_run(tiny_bert_dir, review_files, tmp_path_factory) -> dict:
+    """One smoke run of the text recipe on the tiny BERT, with a test file and its export.
+
+    Shared by the text recipe and run-as-backbone tests, read-only (copy before changing).
+    """
+    from recipes.bert_text_classifier import Config, main
+
+    train, test = review_files
+    output = tmp_path_factory.mktemp("runs") / "run"
+    config = Config.smoke(train=train, output_dir=str(output), backbone=tiny_bert_dir)
+    config.test, config.export = test, True
+    return main(config)

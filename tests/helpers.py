@@ -213,3 +213,98 @@ def tiny_two_stage_run(
         verbose=0,
     )
     return model, result
+
+
+# === Tiny rows beside resnet50 in the image backbone table ===
+
+# Two tiny `keras.applications`-style networks, registered by `register_tiny_backbones` as
+# table rows, so recipes and `Classifier` run end to end by name in seconds. Two, because a
+# fused config refuses the same backbone twice.
+TINY_ROWS = {
+    "tinynet": {
+        "constructor": "TinyNet",
+        "preprocessing": "tf",
+        "min_image_size": 16,
+        "default_image_size": 32,
+        "groups": [("low", "low_"), ("mid", "mid_"), ("top", "top_")],
+    },
+    "tinynetb": {
+        "constructor": "TinyNetB",
+        "preprocessing": "none",
+        "min_image_size": 16,
+        "default_image_size": 32,
+        "groups": [("low", "b_low_"), ("mid", "b_mid_"), ("top", "b_top_")],
+    },
+}
+
+
+def _tiny_constructor(model_name: str, widths: tuple[int, ...], prefix: str = ""):
+    """A constructor with `keras.applications`' signature (no weights exist for it).
+
+    `prefix` starts every layer name: two networks fused in one model must not share layer
+    names, as no two real rows' networks used together here do.
+    """
+
+    def build(include_top=False, weights=None, input_shape=None, **kwargs):
+        if include_top or weights not in (None, "none"):
+            raise ValueError(f"{model_name} has no pretrained weights and no top.")
+        inputs = keras.Input(input_shape or (32, 32, 3), name=f"{model_name.lower()}_input")
+        x = inputs
+        for group, width in zip(TINY_GROUPS, widths, strict=True):
+            name = f"{prefix}{group}"
+            x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"{name}_conv")(x)
+            x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = keras.layers.ReLU(name=f"{name}_relu")(x)
+        return keras.Model(inputs, x, name=model_name.lower())
+
+    build.__name__ = model_name
+    return build
+
+
+TINY_CONSTRUCTORS = {
+    "TinyNet": _tiny_constructor("TinyNet", (4, 6, 8)),
+    "TinyNetB": _tiny_constructor("TinyNetB", (3, 5, 7), prefix="b_"),
+}
+
+
+def register_tiny_backbones(monkeypatch) -> list[str]:
+    """Adds the tiny rows to `VISION_BACKBONES` (and their constructors to
+    `keras.applications`) for as long as `monkeypatch` lives; returns their names."""
+    from tfxfer.backbones import vision
+
+    for name, constructor in TINY_CONSTRUCTORS.items():
+        monkeypatch.setattr(keras.applications, name, constructor, raising=False)
+    for key, row in TINY_ROWS.items():
+        monkeypatch.setitem(vision.VISION_BACKBONES, key, row)
+    return sorted(TINY_ROWS)
+
+
+# === Save, reload, predict alike ===
+
+
+def assert_reloads_alike(
+    path, model: keras.Model, inputs, *, rtol: float = 1e-7, atol: float = 0.0, **load_options
+) -> keras.Model:
+    """Loads `path` (a `.keras` file, or a run directory holding `model.keras`) with
+    `tfxfer.load_model` and checks that it predicts `inputs` as `model` does.
+
+    Returns the reloaded model, for the checks a test adds. `rtol` and `atol` are
+    `np.testing.assert_allclose`'s (its defaults); `load_options` go to `load_model`.
+    """
+    path = str(path)
+    if not path.endswith(".keras"):  # a run directory
+        path = path.rstrip("/") + "/model.keras"
+    reloaded = tfxfer.load_model(path, **load_options)
+    np.testing.assert_allclose(
+        reloaded.predict(inputs, verbose=0),
+        model.predict(inputs, verbose=0),
+        rtol=rtol,
+        atol=atol,
+    )
+    return reloaded
+
+
+def save_and_reload_alike(model: keras.Model, path, inputs, **tolerances) -> keras.Model:
+    """Saves `model` to `path` (`.keras`) and checks the reloaded model predicts alike."""
+    model.save(str(path))
+    return assert_reloads_alike(path, model, inputs, **tolerances)

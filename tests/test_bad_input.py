@@ -11,6 +11,7 @@ it needs into `tmp`, the case's own folder and working directory), and a fragmen
 expected message. Rows run as real subprocesses (`python -m ...`), two at a time, since each
 pays TensorFlow's import; a row that only checks what a config validates may say
 `in_process=True` and run through `command_line` / `cli.main` in this process instead.
+In-process rows are in the default test tier, subprocess rows in the large one.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from pathlib import Path
 import pytest
 from bert_helpers import write_hf_checkpoint
 from helpers import REPO_ROOT, snapshot_files, tiny_backbone, write_image
-
-pytestmark = pytest.mark.slow
 
 IMAGE_RECIPE = "recipes.resnet50_image_classifier"
 TEXT_RECIPE = "recipes.bert_text_classifier"
@@ -501,6 +500,7 @@ def subprocess_outcomes(request, inputs, tmp_path_factory) -> dict[str, Outcome]
         item.callspec.params["case"].id
         for item in request.session.items
         if getattr(item, "module", None) is sys.modules[__name__]
+        and item.get_closest_marker("skip") is None  # the large tier, when not asked for
         and hasattr(item, "callspec")
         and "case" in item.callspec.params
     }
@@ -539,7 +539,16 @@ def _run_in_process(case: Case, inputs: Inputs, tmp: Path, monkeypatch, capsys) 
     return Outcome(status, captured.out, captured.err, _lost(before))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def _tiered(cases: list[Case]) -> list:
+    """The in-process cases in the default tier; the subprocess ones (each pays TensorFlow's
+    import, the recipe ones train) in the large tier."""
+    return [
+        pytest.param(case, id=case.id, marks=() if case.in_process else pytest.mark.large)
+        for case in cases
+    ]
+
+
+@pytest.mark.parametrize("case", _tiered(CASES))
 def test_bad_input_ends_in_one_line_and_loses_nothing(
     case, inputs, subprocess_outcomes, tmp_path, monkeypatch, capsys
 ):

@@ -278,7 +278,7 @@ with open({out!r}, "w") as handle:
 """
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_mirrored_over_two_logical_cpus_gives_the_same_statistics_on_every_replica(
     tmp_path: Path,
 ) -> None:

@@ -11,9 +11,15 @@ import secrets
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import (
+    InterruptAfterEpoch,
+    assert_reloads_alike,
+    tiny_arrays,
+    tiny_model,
+    tiny_two_stage_run,
+)
 
 import tfxfer
-from tests.helpers import InterruptAfterEpoch, tiny_arrays, tiny_model, tiny_two_stage_run
 from tfxfer import fs
 from tfxfer.errors import DataError, RunDirError
 from tfxfer.rundir import MANIFEST, RunDir
@@ -92,8 +98,10 @@ def _write_image_folder_to_ram(root: str, n: int = 18) -> str:
     return root
 
 
-@pytest.mark.slow
-def test_image_recipe_writes_its_run_to_ram():
+@pytest.mark.parametrize(
+    "backbone", ["tinynet", pytest.param("mobilenetv3small", marks=pytest.mark.large)]
+)
+def test_image_recipe_writes_its_run_to_ram(tiny_backbones, backbone):
     from recipes import resnet50_image_classifier as recipe
 
     root = _ram("recipe")
@@ -101,19 +109,15 @@ def test_image_recipe_writes_its_run_to_ram():
     output_dir = fs.join(root, "run")
     result = recipe.main(
         recipe.Config.smoke(
-            data_dir=data_dir, output_dir=output_dir, export=True, backbone="mobilenetv3small"
+            data_dir=data_dir, output_dir=output_dir, export=True, backbone=backbone
         )
     )
     for name in ("model.keras", "metrics.json", "training_curves.png", "export/saved_model.pb"):
         assert fs.isfile(fs.join(output_dir, name)), name
     assert tfxfer.export.is_tfxfer_export(fs.join(output_dir, "export"))
     images, _ = tiny_arrays(n=4, seed=1)
-    loaded = tfxfer.load_model(fs.join(output_dir, "model.keras"))
-    np.testing.assert_allclose(
-        loaded.predict(images, verbose=0),
-        result["serving_model"].predict(images, verbose=0),
-        rtol=1e-5,
-        atol=1e-6,
+    loaded = assert_reloads_alike(
+        fs.join(output_dir, "model.keras"), result["serving_model"], images, rtol=1e-5, atol=1e-6
     )
     exported = tf.saved_model.load(fs.join(output_dir, "export"))
     served = exported.serve(tf.constant(images))

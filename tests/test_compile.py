@@ -5,9 +5,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import tensorflow as tf
+from helpers import tiny_arrays, tiny_backbone, tiny_train_data, tiny_val_data
 
 import tfxfer
-from tests.helpers import tiny_arrays, tiny_backbone, tiny_train_data, tiny_val_data
 
 
 class PythonIdentity(keras.layers.Layer):

@@ -278,7 +278,7 @@ def tiny_text_config(tmp_path_factory):
     return root, write(root / "config.yaml", text)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_train_runs_the_config_and_its_config_json_repeats_the_run(tiny_text_config, capsys):
     root, path = tiny_text_config
     assert cli.main(["train", path, "--quiet"]) == 0

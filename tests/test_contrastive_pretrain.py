@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import register_tiny_backbones
 
 import tfxfer
 from recipes.contrastive_image_pretrain import Config, main
@@ -154,9 +155,21 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def pretrain_run(data_root) -> dict:
-    return main(_config(data_root))
+# The pretraining run's backbone: the tiny row in the default tier, MobileNetV3 (the smoke
+# config's own) in the large one.
+@pytest.fixture(
+    scope="module", params=["tinynet", pytest.param("mobilenetv3small", marks=pytest.mark.large)]
+)
+def _pretrain_run(request, data_root) -> dict:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        register_tiny_backbones(monkeypatch)
+        return {**main(_config(data_root, backbone=request.param)), "name": request.param}
+
+
+@pytest.fixture
+def pretrain_run(_pretrain_run, tiny_backbones) -> dict:
+    """A finished SimCLR run (read-only); `name` is its backbone."""
+    return _pretrain_run
 
 
 def _h5_arrays(path: str) -> dict[str, np.ndarray]:
@@ -170,7 +183,6 @@ def _h5_arrays(path: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-@pytest.mark.slow
 def test_a_run_writes_the_backbone_and_measures_it(pretrain_run):
     run = Path(pretrain_run["run_dir"])
     assert pretrain_run["output"] == str(run / WEIGHTS_FILE) and (run / WEIGHTS_FILE).is_file()
@@ -178,7 +190,7 @@ def test_a_run_writes_the_backbone_and_measures_it(pretrain_run):
     assert config["pretraining"]["objective"] == "simclr"
     assert config["pretraining"]["modality"] == "image"
     assert config["pretraining"]["output"] == WEIGHTS_FILE
-    assert config["backbone_info"]["name"] == "mobilenetv3small"
+    assert config["backbone_info"]["name"] == pretrain_run["name"]
     metrics = json.loads((run / "metrics.json").read_text())
     probe = metrics["linear_probe"]
     assert 0 <= probe["pretrained_accuracy"] <= 1 and 0 <= probe["initial_accuracy"] <= 1
@@ -200,13 +212,10 @@ def _trained_weights(network: keras.Model) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.slow
 def test_the_weights_file_and_the_run_directory_give_the_pretrained_backbone(pretrain_run):
-    run = pretrain_run["run_dir"]
-    from_file = tfxfer.build_backbone(
-        "mobilenetv3small", weights=os.path.join(run, WEIGHTS_FILE), image_size=48
-    )
-    from_run = tfxfer.build_backbone("mobilenetv3small", weights=run, image_size=32)
+    run, name = pretrain_run["run_dir"], pretrain_run["name"]
+    from_file = tfxfer.build_backbone(name, weights=os.path.join(run, WEIGHTS_FILE), image_size=48)
+    from_run = tfxfer.build_backbone(name, weights=run, image_size=32)
     for mine, theirs in zip(from_file.network.weights, from_run.network.weights, strict=True):
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
     trained = _trained_weights(pretrain_run["backbone"].network)
@@ -214,7 +223,6 @@ def test_the_weights_file_and_the_run_directory_give_the_pretrained_backbone(pre
         np.testing.assert_array_equal(value, trained[path], err_msg=path)
 
 
-@pytest.mark.slow
 def test_the_image_recipe_fine_tunes_from_the_run_directory(pretrain_run, data_root, tmp_path):
     from recipes import resnet50_image_classifier as image_recipe
 
@@ -223,22 +231,22 @@ def test_the_image_recipe_fine_tunes_from_the_run_directory(pretrain_run, data_r
         image_recipe.Config.smoke(
             data_dir=str(data_root / "data"),
             output_dir=str(tmp_path / "finetune"),
-            backbone="mobilenetv3small",
+            backbone=pretrain_run["name"],
             weights=run,
             finetune_epochs=0,  # the head only: the backbone keeps the pretrained weights
         )
     )
     network = result["backbone"].network
-    written = tfxfer.build_backbone("mobilenetv3small", weights=run, image_size=32).network
+    written = tfxfer.build_backbone(pretrain_run["name"], weights=run, image_size=32).network
     for mine, theirs in zip(network.weights, written.weights, strict=True):
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy(), err_msg=mine.path)
     saved = json.loads((tmp_path / "finetune" / "config.json").read_text())
     assert saved["backbone_info"]["weights"] == run
 
 
-@pytest.mark.slow
 def test_a_pretraining_run_of_another_architecture_is_named(pretrain_run):
-    with pytest.raises(WeightsError, match="pretrained a 'mobilenetv3small' backbone, not 'resn"):
+    name = pretrain_run["name"]
+    with pytest.raises(WeightsError, match=f"pretrained a '{name}' backbone, not 'resn"):
         tfxfer.build_backbone("resnet50", weights=pretrain_run["run_dir"], image_size=32)
 
 
@@ -250,7 +258,6 @@ def _copied_config(run: str, target: Path, **pretraining) -> Path:
     return target
 
 
-@pytest.mark.slow
 def test_a_text_pretraining_run_is_not_image_weights(pretrain_run, tmp_path):
     text_run = _copied_config(
         pretrain_run["run_dir"],
@@ -261,14 +268,13 @@ def test_a_text_pretraining_run_is_not_image_weights(pretrain_run, tmp_path):
     )
     (text_run / "preset").mkdir()
     with pytest.raises(WeightsError, match="pretraining run of a text backbone.*takes images"):
-        tfxfer.build_backbone("mobilenetv3small", weights=str(text_run), image_size=32)
+        tfxfer.build_backbone(pretrain_run["name"], weights=str(text_run), image_size=32)
 
 
-@pytest.mark.slow
 def test_an_unfinished_pretraining_run_has_no_backbone(pretrain_run, tmp_path):
     unfinished = _copied_config(pretrain_run["run_dir"], tmp_path / "unfinished")
     with pytest.raises(WeightsError, match="no backbone.weights.h5.*has not finished.*--resume"):
-        tfxfer.build_backbone("mobilenetv3small", weights=str(unfinished), image_size=32)
+        tfxfer.build_backbone(pretrain_run["name"], weights=str(unfinished), image_size=32)
 
 
 class _SigtermAt(keras.callbacks.Callback):
@@ -298,7 +304,6 @@ def _flags(config: Config) -> list[str]:
     return argv
 
 
-@pytest.mark.slow
 def test_a_run_stopped_mid_epoch_resumes_from_the_command_line_to_the_same_weights(
     pretrain_run, data_root, tmp_path, monkeypatch
 ):
@@ -309,7 +314,9 @@ def test_a_run_stopped_mid_epoch_resumes_from_the_command_line_to_the_same_weigh
     def with_notice(*args, **kwargs):
         return run_schedule(*args, callbacks=[_SigtermAt(epoch=1, step=0)], **kwargs)
 
-    config = dataclasses.replace(_config(data_root), output_dir=str(tmp_path / "run"))
+    config = dataclasses.replace(
+        _config(data_root, backbone=pretrain_run["name"]), output_dir=str(tmp_path / "run")
+    )
     monkeypatch.setattr(skeleton, "run_schedule", with_notice)
     with pytest.raises(Preempted):
         main(config)
@@ -335,7 +342,7 @@ def test_the_recipe_reads_its_inputs_and_not_its_output(tmp_path):
     assert Config.smoke().input_paths() == []
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_contrastive_pretraining_runs_under_mirrored_strategy_in_bfloat16(tmp_path):
     import multiworker_helpers as mh
 

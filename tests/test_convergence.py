@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import tfxfer
-from tests.helpers import (
+from helpers import (
     InterruptAfterEpoch,
     tiny_arrays,
     tiny_model,
     tiny_train_data,
     tiny_val_data,
 )
+
+import tfxfer
 from tfxfer.errors import TfxferError
 from tfxfer.train import features as feature_cache
 

@@ -127,7 +127,7 @@ def test_auto_picks_multi_worker_when_tf_config_names_two_workers(
     assert distribute.resolve_strategy_name("auto", tpu_resolver_factory=_no_tpu) == "default"
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_multi_worker_created_too_late_says_when_to_create_it(tmp_path: Path) -> None:
     # In a child: the strategy fixes a process's collective setup for good.
     script = tmp_path / "late.py"
@@ -414,7 +414,7 @@ def _assert_same_run(out: Path, worker: int, reference: tuple[dict[str, np.ndarr
     assert summary["evaluate"] == pytest.approx(reference_summary["evaluate"], rel=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_mirrored_over_two_logical_cpus_trains_two_stages(
     tmp_path: Path, reference: tuple[dict[str, np.ndarray], dict]
 ) -> None:
@@ -429,7 +429,7 @@ def test_mirrored_over_two_logical_cpus_trains_two_stages(
     _assert_same_run(tmp_path, 0, reference)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_multi_worker_trains_two_stages_like_one_process(
     tmp_path: Path, reference: tuple[dict[str, np.ndarray], dict]
 ) -> None:
@@ -470,7 +470,7 @@ _WAITER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_run_workers_kills_one_worker_when_a_condition_holds(tmp_path: Path) -> None:
     script = tmp_path / "waiter.py"
     script.write_text(_WAITER)
@@ -489,7 +489,7 @@ def test_run_workers_kills_one_worker_when_a_condition_holds(tmp_path: Path) -> 
     assert configs[1]["task"] == {"type": "worker", "index": 1}
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_run_workers_never_outlives_its_timeout(tmp_path: Path) -> None:
     script = tmp_path / "waiter.py"
     script.write_text(_WAITER)
@@ -498,7 +498,7 @@ def test_run_workers_never_outlives_its_timeout(tmp_path: Path) -> None:
     assert all(r.returncode == -9 and not r.ok for r in results)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_a_failing_worker_takes_down_its_stuck_peer(tmp_path: Path) -> None:
     script = tmp_path / "waiter.py"
     script.write_text(_WAITER)

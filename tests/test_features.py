@@ -8,9 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import tfxfer
-from tests.helpers import (
+from helpers import (
     InterruptAfterEpoch,
     layer_weights,
     tiny_arrays,
@@ -18,6 +16,8 @@ from tests.helpers import (
     tiny_train_data,
     tiny_val_data,
 )
+
+import tfxfer
 from tfxfer.data.examples import Examples
 from tfxfer.data.images import Augmentation, image_train_data
 from tfxfer.train import features as feature_cache
@@ -45,7 +45,7 @@ def _head_run(cache: bool, *, seed: int = 0, epochs: int = 3, dropout: float = 0
 
 
 def _dropout_model(seed: int, dropout: float):
-    from tests.helpers import tiny_backbone
+    from helpers import tiny_backbone
 
     backbone = tiny_backbone(seed=seed)
     model = tfxfer.build_model(

@@ -1,6 +1,6 @@
 """Few labels: the solved head stage, schedules sized by steps, LP-FT that keeps the better.
 
-Every run here uses the tiny backbone (`tests.helpers`), so each test takes seconds.
+Every run here uses the tiny backbone (`helpers`), so each test takes seconds.
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ import json
 
 import numpy as np
 import pytest
-
-import tfxfer
-from tests.helpers import (
+from helpers import (
     InterruptAfterEpoch,
     tiny_arrays,
     tiny_backbone,
@@ -19,6 +17,8 @@ from tests.helpers import (
     tiny_train_data,
     tiny_val_data,
 )
+
+import tfxfer
 from tfxfer.schedule import FINETUNE_STEPS, Stage
 from tfxfer.solver import fit_linear_head
 from tfxfer.train import features as feature_cache

@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from bert_helpers import VOCAB, write_hf_checkpoint
-
-import tfxfer
-from tests.helpers import (
+from helpers import (
+    assert_reloads_alike,
     layer_weights,
+    save_and_reload_alike,
     tiny_arrays,
     tiny_backbone,
     tiny_train_data,
     tiny_val_data,
     write_image_folder,
 )
+
+import tfxfer
 from tfxfer.backbones import Backbone, split_into_groups
 from tfxfer.backbones.base import LayerGroups
 from tfxfer.backbones.vision import ImagePreprocessing
@@ -83,10 +85,7 @@ def test_every_mode_trains_saves_and_reloads_to_the_same_predictions(fusion, tmp
     predictions = model.predict(images, verbose=0)
     assert predictions.shape == (5, 3)
     np.testing.assert_allclose(predictions.sum(-1), 1.0, rtol=1e-5)
-    path = str(tmp_path / "fused.keras")
-    model.save(path)
-    reloaded = tfxfer.load_model(path)
-    np.testing.assert_allclose(reloaded.predict(images, verbose=0), predictions, atol=1e-6)
+    reloaded = save_and_reload_alike(model, tmp_path / "fused.keras", images, atol=1e-6)
     assert fusion_summary(reloaded)["mode"] == fusion
 
 
@@ -258,15 +257,22 @@ def test_the_image_recipe_refuses_a_fusion_mode_with_one_backbone_and_unmatched_
         Config(backbone="resnet50,mobilenetv3small", fusion="mean").validate()
 
 
-@pytest.mark.slow
-def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path):
+@pytest.mark.parametrize(
+    "backbones",
+    [
+        ("tinynet", "tinynetb"),
+        pytest.param(("mobilenetv3small", "efficientnetv2b0"), marks=pytest.mark.large),
+    ],
+    ids=["tiny", "real"],
+)
+def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path, tiny_backbones, backbones):
     from recipes.resnet50_image_classifier import Config, main
 
     data = write_image_folder(str(tmp_path / "data"), {"a": 6, "b": 6}, size=32)
     config = Config.smoke(
         data_dir=data,
         output_dir=str(tmp_path / "run"),
-        backbone="mobilenetv3small,efficientnetv2b0",
+        backbone=",".join(backbones),
         fusion="gated",
         # Fine-tuning trains the top group of each backbone (the top-K of every branch, as
         # the recipe's --unfreeze K means): the run still fine-tunes through both real
@@ -281,14 +287,13 @@ def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path):
     assert metrics["fusion"]["mode"] == "gated"
     assert sum(metrics["fusion"]["contributions"]) == pytest.approx(1.0)
     info = json.loads((run / "config.json").read_text())["backbone_info"]["backbones"]
-    assert [b["name"] for b in info] == ["mobilenetv3small", "efficientnetv2b0"]
+    assert [b["name"] for b in info] == list(backbones)
     stages = json.loads((run / "stages.json").read_text())
     assert stages["head"]["cached_features"] is True
     assert stages["finetune"]["cached_features"] is False  # it trained through both branches
     images = tiny_arrays(n=3, image_size=40)[0]
     expected = result["model"].predict(images, verbose=0)
-    reloaded = tfxfer.load_model(str(run / "model.keras"))
-    np.testing.assert_allclose(reloaded.predict(images, verbose=0), expected, atol=1e-5)
+    assert_reloads_alike(run, result["model"], images, atol=1e-5)
     exported = tf.saved_model.load(os.path.join(run, "export"))
     served = np.asarray(exported.serve(tf.constant(images)))
     # Not compared value for value: these two backbones are randomly initialised (nothing is
@@ -301,7 +306,7 @@ def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path):
     np.testing.assert_allclose(served.sum(-1), 1.0, rtol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_the_text_recipe_fuses_two_berts_from_the_command_line_flags(two_berts, tmp_path):
     from recipes.bert_text_classifier import Config, main
 
@@ -319,10 +324,6 @@ def test_the_text_recipe_fuses_two_berts_from_the_command_line_flags(two_berts, 
     result = main(config)
     assert result["model"].get_layer("fusion").width == 8
     assert [b.namespace for b in result["backbone"]] == ["bert", "bert_2"]
-    reloaded = tfxfer.load_model(os.path.join(result["run_dir"], "model.keras"))
     texts = np.array(["great movie", "boring plot"])
-    np.testing.assert_allclose(
-        reloaded.predict(texts, verbose=0),
-        result["serving_model"].predict(texts, verbose=0),
-        atol=1e-2,  # bfloat16 on CPUs with AMX (mixed_precision "auto")
-    )
+    # atol: bfloat16 on CPUs with AMX (mixed_precision "auto").
+    assert_reloads_alike(result["run_dir"], result["serving_model"], texts, atol=1e-2)

@@ -301,7 +301,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_fine_tunes_under_a_two_replica_mirrored_strategy(saved_models):
     result = subprocess.run(
         [sys.executable, "-c", MIRRORED_SCRIPT, saved_models["image"]],

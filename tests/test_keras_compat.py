@@ -140,7 +140,7 @@ def _multi_worker_fit(tmp_path: Path, patch: str, known_errors: tuple[str, ...])
 
 
 @pytest.mark.xfail(raises=KnownKerasBug, strict=True, reason=UPSTREAM_FIXED)
-@pytest.mark.slow
+@pytest.mark.large
 def test_unpatched_multi_worker_fit_fails(tmp_path: Path) -> None:
     _multi_worker_fit(tmp_path, "none", (PER_REPLICA_BATCH, SCALAR_AXIS_0))
 
@@ -163,6 +163,6 @@ def _needs(missing: str, applied: str, known_error: str) -> object:
         _needs("metric_reduce", applied="symbolic_build", known_error=SCALAR_AXIS_0),
     ],
 )
-@pytest.mark.slow
+@pytest.mark.large
 def test_each_part_of_the_patch_is_needed(tmp_path: Path, applied: str, known_error: str) -> None:
     _multi_worker_fit(tmp_path, applied, (known_error,))

@@ -135,7 +135,7 @@ def test_recipe_configs_take_auto_learning_rates():
     )
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_lr_find_command_trains_the_head_first_and_writes_its_plot(tmp_path, capsys):
     from bert_helpers import write_hf_checkpoint
     from test_configfile import write

@@ -215,7 +215,7 @@ def pretraining(tmp_path_factory):
     return main(config), config, root
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_pretraining_writes_a_preset_the_text_recipe_fine_tunes_from(pretraining, tmp_path):
     from recipes.bert_text_classifier import Config, main
 
@@ -253,7 +253,7 @@ def test_pretraining_writes_a_preset_the_text_recipe_fine_tunes_from(pretraining
     assert fine_tuned["metrics"]["val"]["num_examples"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_a_killed_pretraining_run_resumes_to_the_uninterrupted_weights(
     pretraining, tmp_path, monkeypatch
 ):
@@ -286,7 +286,7 @@ def test_a_killed_pretraining_run_resumes_to_the_uninterrupted_weights(
         np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=1e-6, err_msg=mine.path)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_an_image_pretraining_run_is_not_a_text_backbone(pretraining, tmp_path):
     result, _, _ = pretraining
     config = json.loads((Path(result["run_dir"]) / "config.json").read_text())
@@ -299,7 +299,7 @@ def test_an_image_pretraining_run_is_not_a_text_backbone(pretraining, tmp_path):
         tfxfer.build_backbone(str(image_run), sequence_length=16)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_pretraining_runs_under_mirrored_strategy_in_bfloat16(tmp_path):
     import multiworker_helpers as mh
 

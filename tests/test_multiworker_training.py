@@ -20,7 +20,7 @@ import pytest
 import schedule_worker as sw
 
 # Several worker processes per test.
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.large  # every test here runs a cluster of processes
 
 TIMEOUT = 150.0  # per launch; a healthy one takes ~20 s on two busy cores
 GRACE = 10.0  # how long a worker may outlive its killed peer
@@ -76,19 +76,15 @@ def _assert_like_reference(out: Path, reference: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """One process, one replica, batch 16: what two workers with 8 each must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    command = sw.command(
-        root / "run", root / "out", "--strategy", "cpu", "--per-replica-batch", "16"
-    )
-    result = mh.run_processes([command], [mh.child_env()], log_dir=root / "logs", timeout=TIMEOUT)[
-        0
-    ]
-    assert result.ok, mh.describe_results([result])
-    weights, summary = sw.load_result(root / "out")
+def reference(uninterrupted_reference) -> dict:
+    """One process, one replica, batch 16: what two workers with 8 each must reproduce.
+
+    conftest.py's one reference run (`schedule_worker.py`'s defaults: `--strategy cpu
+    --per-replica-batch 16`), read-only.
+    """
+    summary = uninterrupted_reference["summary"]
     assert summary["distribution"]["global_batch_size"] == 16
-    return {"weights": weights, "summary": summary}
+    return uninterrupted_reference
 
 
 def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path, reference):

@@ -1,18 +1,28 @@
-"""Every notebook in notebooks/ runs top to bottom, headless, with tiny parameters."""
+"""Every notebook in notebooks/ runs top to bottom, headless, with tiny parameters.
+
+Running them is the large tier (each in a kernel of its own, minutes on 2 cores); the default
+tier checks their badges and install cells, and that every tfxfer call they make resolves and
+binds to its signature.
+"""
 
 import configparser
+import dataclasses
 import os
 import pathlib
 import re
+import sys
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from notebook_helpers import bind, notebook_calls
 
-# Each notebook runs in a kernel of its own.
-pytestmark = pytest.mark.slow
+import tfxfer
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+# What `Classifier.from_folder(..., **options)` and friends take besides their own parameters.
+OBJECT_OPTIONS = {"groups", "preprocessing", "preprocessor", "tokenizer"}
 
 # Parameters each notebook runs with here: small enough for 2 CPU cores in a minute.
 TINY = {
@@ -66,7 +76,7 @@ def _repository_url() -> str:
     return parser["metadata"]["url"].rstrip("/")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_opens_in_colab_and_installs_there(name):
     """A badge to this very notebook, then an install cell that runs on Colab only."""
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -87,7 +97,32 @@ def test_notebook_opens_in_colab_and_installs_there(name):
     assert any("tfxfer.Classifier." in c.source for c in _code_cells(notebook))
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def _classifier_options() -> set[str]:
+    """The `ClassifierConfig` fields: what the Classifier's `**options` accept."""
+    module = sys.modules[tfxfer.Classifier.__module__]
+    return {f.name for f in dataclasses.fields(module.ClassifierConfig)} | OBJECT_OPTIONS
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_tfxfer_call_in_the_notebook_resolves_and_binds(name):
+    """Cheap stand-in for running the notebook: its calls name what exists, as it takes them."""
+    calls = notebook_calls(NOTEBOOKS / name)  # raises where a name is gone
+    assert any(c.text.startswith("tfxfer.Classifier.") for c in calls)
+    options = _classifier_options()
+    for call in calls:
+        where = f"{name}, code cell {call.cell}, line {call.line}: {call.text}(...)"
+        try:
+            bound = bind(call)
+        except TypeError as error:
+            raise AssertionError(f"{where} does not bind: {error}") from None
+        target = call.target[0] if isinstance(call.target, tuple) else call.target
+        if bound is not None and target.__qualname__.startswith("Classifier."):
+            unknown = set(bound.arguments.get("options", {})) - options
+            assert not unknown, f"{where} passes options Classifier does not know: {unknown}"
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, tmp_path):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     overrides = dict(TINY.get(name, {}))

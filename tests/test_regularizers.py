@@ -5,9 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-
-import tfxfer
-from tests.helpers import (
+from helpers import (
     InterruptAfterEpoch,
     backbone_layers,
     layer_weights,
@@ -17,6 +15,8 @@ from tests.helpers import (
     tiny_train_data,
     write_image_folder,
 )
+
+import tfxfer
 from tfxfer.backbones.base import SourceHead
 from tfxfer.errors import TfxferError, WeightsError
 from tfxfer.regularizers import build_reference, check_regularizers
@@ -253,7 +253,7 @@ def test_the_text_recipe_refuses_source_task_before_writing_a_run(tmp_path):
     assert not output.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_every_regularizer_under_mirrored_matches_one_process(tmp_path):
     import multiworker_helpers as mh
 
@@ -316,7 +316,7 @@ def test_source_heads_need_weights_with_the_top(classifier_weights):
         tfxfer.build_backbone("mobilenetv3small", weights="none", image_size=32, source_head=True)
 
 
-@pytest.mark.slow
+@pytest.mark.large
 def test_the_image_recipe_runs_learning_without_forgetting_on_the_imagenet_head(
     classifier_weights, tmp_path
 ):

@@ -35,9 +35,8 @@ from tfxfer import fs
 from tfxfer.rundir import RunDir
 from tfxfer.train.checkpoints import KEEP_CHECKPOINTS
 
-# Real processes killed with SIGKILL and restarted.
-pytestmark = pytest.mark.slow
-
+# Real processes killed with SIGKILL and restarted: one kill point in the default tier, the
+# rest in the large one.
 TIMEOUT = 150.0  # per child; a healthy one takes ~10 s on two busy cores
 STAGES = ["head", "head", "finetune", "finetune", "finetune"]
 
@@ -87,14 +86,10 @@ def _assert_same_metrics(metrics: dict, reference: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    """The same command, never killed."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    result = _run(sw.command(root / "run", root / "out"), root / "logs")
-    assert result.ok, mh.describe_results([result])
-    weights, summary = sw.load_result(root / "out")
-    assert summary["resumed_from_epoch"] == 0
-    return {"run_dir": root / "run", "weights": weights, "summary": summary}
+def uninterrupted(uninterrupted_reference) -> dict:
+    """The same command, never killed (conftest.py's one reference run, read-only)."""
+    assert uninterrupted_reference["summary"]["resumed_from_epoch"] == 0
+    return uninterrupted_reference
 
 
 def test_the_uninterrupted_run_trained_both_stages(uninterrupted):
@@ -117,7 +112,17 @@ KILL_POINTS = {
 }
 
 
-@pytest.mark.parametrize("kill_point", list(KILL_POINTS))
+# One kill point in the default tier; the remaining ones in the large tier.
+DEFAULT_TIER_KILL_POINT = "mid_finetune"
+
+
+@pytest.mark.parametrize(
+    "kill_point",
+    [
+        pytest.param(k, marks=() if k == DEFAULT_TIER_KILL_POINT else pytest.mark.large)
+        for k in KILL_POINTS
+    ],
+)
 def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(
     tmp_path, uninterrupted, kill_point
 ):
@@ -260,6 +265,7 @@ def test_a_url_output_dir_goes_through_gfile_not_the_local_disk(tmp_path, monkey
 # === The recipe's command line ===
 
 
+@pytest.mark.large  # a real MobileNetV3 in two subprocesses
 def test_the_image_recipe_resumes_from_the_command_line(tmp_path, shapes_dir):
     """`python -m recipes.resnet50_image_classifier ... --resume` after a SIGKILL mid-finetune."""
     run_dir = tmp_path / "run"

@@ -9,25 +9,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bert_helpers import write_hf_checkpoint
+from helpers import register_tiny_backbones, write_image_folder
 
 import tfxfer
-from tests.helpers import write_image_folder
 from tfxfer.errors import TfxferError, WeightsError
 
-pytestmark = pytest.mark.slow  # each module runs a recipe or two
 
-
-@pytest.fixture(scope="module")
-def image_run(tmp_path_factory):
+# The image run's backbone: the tiny row in the default tier, MobileNetV3 in the large one.
+@pytest.fixture(
+    scope="module", params=["tinynet", pytest.param("mobilenetv3small", marks=pytest.mark.large)]
+)
+def _image_run(request, tmp_path_factory):
     from recipes.resnet50_image_classifier import Config, main
 
     root = tmp_path_factory.mktemp("image")
     data = write_image_folder(str(root / "data"), {"a": 5, "b": 5}, size=32)
-    result = main(
-        Config.smoke(data_dir=data, output_dir=str(root / "run"), backbone="mobilenetv3small")
-    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        register_tiny_backbones(monkeypatch)
+        result = main(
+            Config.smoke(data_dir=data, output_dir=str(root / "run"), backbone=request.param)
+        )
     return result, data
+
+
+@pytest.fixture
+def image_run(_image_run, tiny_backbones):
+    """A finished image run (read-only) and its data folder."""
+    return _image_run
+
+
+def _name(image_run) -> str:
+    """The image run's backbone, as its config.json records it."""
+    return json.loads((Path(image_run[0]["run_dir"]) / "config.json").read_text())["backbone"]
 
 
 def _network(model):
@@ -36,7 +49,7 @@ def _network(model):
 
 def test_an_image_run_gives_its_trained_network_to_the_next_run(image_run):
     result, data = image_run
-    backbone = tfxfer.build_backbone("mobilenetv3small", weights=result["run_dir"], image_size=48)
+    backbone = tfxfer.build_backbone(_name(image_run), weights=result["run_dir"], image_size=48)
     trained = _network(result["model"])
     for layer in (layer for layer in backbone.network.layers if layer.weights):
         for mine, theirs in zip(layer.weights, trained.get_layer(layer.name).weights, strict=True):
@@ -50,7 +63,7 @@ def test_the_image_recipe_reads_an_earlier_run_and_never_writes_into_it(image_ru
 
     result, data = image_run
     config = Config.smoke(
-        data_dir=data, output_dir=str(Path(result["run_dir"]) / "b"), backbone="mobilenetv3small",
+        data_dir=data, output_dir=str(Path(result["run_dir"]) / "b"), backbone=_name(image_run),
         weights=result["run_dir"],
     )  # fmt: skip
     assert result["run_dir"] in config.input_paths()
@@ -62,7 +75,9 @@ def test_the_image_recipe_reads_an_earlier_run_and_never_writes_into_it(image_ru
 
 def test_an_image_run_of_another_architecture_is_named(image_run):
     result, _ = image_run
-    with pytest.raises(WeightsError, match="holds a 'mobilenetv3small' backbone, not 'resnet50'"):
+    with pytest.raises(
+        WeightsError, match=f"holds a '{_name(image_run)}' backbone, not 'resnet50'"
+    ):
         tfxfer.build_backbone("resnet50", weights=result["run_dir"], image_size=32)
 
 
@@ -72,7 +87,7 @@ def test_a_run_that_has_not_finished_has_no_backbone(image_run, tmp_path):
     unfinished.mkdir()
     shutil.copy(Path(result["run_dir"]) / "config.json", unfinished / "config.json")
     with pytest.raises(WeightsError, match="no model.keras, so no backbone in it.*--resume"):
-        tfxfer.build_backbone("mobilenetv3small", weights=str(unfinished), image_size=32)
+        tfxfer.build_backbone(_name(image_run), weights=str(unfinished), image_size=32)
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
@@ -85,27 +100,20 @@ def test_a_fusion_run_is_refused_with_its_backbones(image_run, tmp_path):
     fused = tmp_path / "fused"
     shutil.copytree(result["run_dir"], fused)
     config = json.loads((fused / "config.json").read_text())
-    config["backbone_info"] = {"backbones": [{"name": "resnet50"}, {"name": "mobilenetv3small"}]}
+    name = _name(image_run)
+    config["backbone_info"] = {"backbones": [{"name": "resnet50"}, {"name": name}]}
     (fused / "config.json").write_text(json.dumps(config))
-    with pytest.raises(TfxferError, match=r"fusion run over \['resnet50', 'mobilenetv3small'\]"):
-        tfxfer.build_backbone("mobilenetv3small", weights=str(fused), image_size=32)
+    with pytest.raises(TfxferError, match=rf"fusion run over \['resnet50', '{name}'\]"):
+        tfxfer.build_backbone(name, weights=str(fused), image_size=32)
 
 
 # === Text ===
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory):
-    from recipes.bert_text_classifier import Config, main
-
-    root = tmp_path_factory.mktemp("text")
-    write_hf_checkpoint(root / "bert")
-    rows = [("the movie was great fun", "pos"), ("i hated the awful plot", "neg")] * 10
-    train = root / "a.csv"
-    train.write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in rows) + "\n")
-    return main(
-        Config.smoke(train=str(train), backbone=str(root / "bert"), output_dir=str(root / "a"))
-    )
+def text_run(text_recipe_run):
+    """conftest.py's finished tiny text run (read-only)."""
+    return text_recipe_run
 
 
 def test_a_text_run_gives_its_fine_tuned_bert_and_tokenizer_to_the_next_task(text_run, tmp_path):
@@ -137,6 +145,6 @@ def test_untrained_from_a_text_run_is_its_architecture_at_random(text_run):
 
 def test_a_text_run_is_not_an_image_backbone_and_back(text_run, image_run):
     with pytest.raises(WeightsError, match="holds a text backbone.*takes images"):
-        tfxfer.build_backbone("mobilenetv3small", weights=text_run["run_dir"], image_size=32)
+        tfxfer.build_backbone(_name(image_run), weights=text_run["run_dir"], image_size=32)
     with pytest.raises(WeightsError, match="holds an image backbone .*not a BERT one"):
         tfxfer.build_backbone(image_run[0]["run_dir"], sequence_length=16)

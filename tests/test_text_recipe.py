@@ -7,7 +7,6 @@ path, LoRA and layer-wise learning rates doing what they promise, and clear erro
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from bert_helpers import write_hf_checkpoint
+from bert_helpers import NEGATIVE, POSITIVE, write_csv
+from helpers import assert_reloads_alike
 from hub_helpers import SentenceEncoder
 
 import tfxfer
@@ -28,76 +28,25 @@ from tfxfer.data.text import make_text_dataset
 from tfxfer.errors import DataError, RunDirError, TfxferError
 from tfxfer.schedule import apply_stage
 
-# The text recipe end to end, on a tiny BERT.
-pytestmark = pytest.mark.slow
+# The text recipe end to end, on a tiny BERT (`bert_helpers`): the default tier.
 
 REPO = Path(__file__).resolve().parent.parent
 
-POSITIVE = [
-    "i loved it",
-    "great fun",
-    "good film",
-    "the acting was great",
-    "loved the plot",
-    "a good movie",
-    "it was fun",
-    "great plot",
-    "good acting",
-    "i loved the film",
-]
-NEGATIVE = [
-    "i hated it",
-    "awful film",
-    "bad movie",
-    "the acting was awful",
-    "boring plot",
-    "a bad film",
-    "it was boring",
-    "awful plot",
-    "bad acting",
-    "i hated the movie",
-]
 
-
-def write_csv(path: Path, rows: list[tuple[str, str]], header=("text", "label")) -> str:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return str(path)
+# The module's names for conftest.py's session fixtures (read-only; shared with other files).
+@pytest.fixture(scope="module")
+def bert_dir(tiny_bert_dir):
+    return tiny_bert_dir
 
 
 @pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bert") / "hf_bert"
-    write_hf_checkpoint(path)
-    return str(path)
+def text_files(review_files):
+    return review_files
 
 
 @pytest.fixture(scope="module")
-def text_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("texts")
-    rows = [(t, "pos") for t in POSITIVE] + [(t, "neg") for t in NEGATIVE]
-    train = write_csv(root / "train.csv", rows * 2)
-    test = write_csv(
-        root / "test.csv",
-        [
-            ("great movie", "pos"),
-            ("awful acting", "neg"),
-            ("fun film", "pos"),
-            ("boring film", "neg"),
-        ],
-    )
-    return train, test
-
-
-@pytest.fixture(scope="module")
-def finished_run(bert_dir, text_files, tmp_path_factory):
-    train, test = text_files
-    output = tmp_path_factory.mktemp("runs") / "run"
-    config = Config.smoke(train=train, output_dir=str(output), backbone=bert_dir)
-    config.test, config.export = test, True
-    return main(config)
+def finished_run(text_recipe_run):
+    return text_recipe_run
 
 
 def test_run_directory_holds_every_artifact(finished_run):
@@ -335,11 +284,8 @@ def test_recipe_trains_on_a_tf_hub_text_model(text_files, tmp_path):
     config.export = True
     result = main(config)
     assert result["backbone"].output_kind == "vector"
-    reloaded = tfxfer.load_model(str(tmp_path / "run" / "model.keras"), safe_mode=False)
     texts = tf.constant(["goal match", "oven recipe"])
-    np.testing.assert_allclose(
-        reloaded.predict(texts, verbose=0), result["model"].predict(texts, verbose=0), atol=1e-6
-    )
+    assert_reloads_alike(tmp_path / "run", result["model"], texts, atol=1e-6, safe_mode=False)
 
 
 def test_cli_evaluate_and_export_a_finished_text_run(finished_run, text_files, tmp_path, capsys):
