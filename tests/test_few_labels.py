@@ -224,3 +224,32 @@ def test_the_selection_rule_needs_both_measures_worse():
         "kept": "finetuned",
         "reason": "no validation data to choose by",
     }
+
+
+@pytest.mark.parametrize("widths", [(4, 4), (4, 6)], ids=["same-shapes", "other-shapes"])
+def test_the_probe_snapshot_restores_branches_whose_layers_share_names(widths):
+    # Two fused backbones may both have a layer named `conv1_conv`: their variables then share
+    # a path, and a snapshot keyed by path alone gave both branches one branch's weights (or
+    # failed on a shape mismatch).
+    import keras
+
+    from tfxfer.train.selection import ProbeSnapshot
+
+    def branch(width: int, name: str) -> keras.Model:
+        inputs = keras.Input((width,))
+        return keras.Model(inputs, keras.layers.Dense(3, name="shared")(inputs), name=name)
+
+    first, second = branch(widths[0], "a"), branch(widths[1], "b")
+    x1, x2 = keras.Input((widths[0],)), keras.Input((widths[1],))
+    model = keras.Model([x1, x2], keras.layers.Concatenate()([first(x1), second(x2)]))
+    paths = [v.path for v in model.variables]
+    assert len(set(paths)) < len(paths)  # the case this test is about
+    before = [np.array(v.numpy()) for v in model.variables]
+
+    snapshot = ProbeSnapshot(None, write=False)
+    snapshot.take(model)
+    for variable in model.variables:
+        variable.assign(np.random.default_rng(0).normal(size=variable.shape))
+    snapshot.restore(model)
+    for variable, value in zip(model.variables, before, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value)

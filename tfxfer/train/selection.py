@@ -30,6 +30,7 @@ import keras
 import numpy as np
 
 from tfxfer import fs
+from tfxfer.errors import TfxferError
 from tfxfer.schedule import Stage
 
 SNAPSHOT_FILE = "linear_probe.npz"
@@ -54,16 +55,20 @@ class ProbeSnapshot:
     def __init__(self, directory: str | None, write: bool):
         self.path = fs.join(directory, SNAPSHOT_FILE) if directory else None
         self.write = write
-        self.values: dict[str, np.ndarray] | None = None
+        # In `model.variables` order, with each variable's path beside it. Paths alone are not
+        # keys: two fused backbones may both have a `conv1_conv/kernel`.
+        self.paths: list[str] | None = None
+        self.values: list[np.ndarray] | None = None
 
     def take(self, model: keras.Model) -> None:
-        self.values = {v.path: np.array(v.numpy()) for v in model.variables}
+        self.paths = [v.path for v in model.variables]
+        self.values = [np.array(v.numpy()) for v in model.variables]
         if self.path and self.write:
             buffer = io.BytesIO()
             np.savez(
                 buffer,
-                **{_key(i): value for i, value in enumerate(self.values.values())},
-                paths=np.array(list(self.values)),
+                **{_key(i): value for i, value in enumerate(self.values)},
+                paths=np.array(self.paths),
             )
             tmp = self.path + ".tmp"
             fs.write_bytes(tmp, buffer.getvalue())
@@ -76,14 +81,28 @@ class ProbeSnapshot:
         if not self.path or not fs.exists(self.path):
             return False
         with np.load(io.BytesIO(fs.read_bytes(self.path))) as arrays:
-            paths = [str(p) for p in arrays["paths"]]
-            self.values = {path: arrays[_key(i)] for i, path in enumerate(paths)}
+            self.paths = [str(p) for p in arrays["paths"]]
+            self.values = [arrays[_key(i)] for i in range(len(self.paths))]
         return True
 
     def restore(self, model: keras.Model) -> None:
+        """Puts the snapshot back. Variables are matched by path, and where several share a
+        path (two fused backbones may both have a `conv1_conv/kernel`), in the order they come
+        in `model.variables`, which is the order they were taken in."""
+        by_path: dict[str, list[np.ndarray]] = {}
+        for path, value in zip(self.paths, self.values, strict=True):
+            by_path.setdefault(path, []).append(value)
         for variable in model.variables:
-            if variable.path in self.values:
-                variable.assign(self.values[variable.path])
+            waiting = by_path.get(variable.path)
+            if waiting:
+                value = waiting.pop(0)
+                if tuple(variable.shape) != value.shape:
+                    raise TfxferError(
+                        f"The linear-probe snapshot {self.path or '(in memory)'} was taken of "
+                        f"another model: {variable.path} has shape {tuple(variable.shape)} "
+                        f"here and {value.shape} there. Start the run again without --resume."
+                    )
+                variable.assign(value)
 
 
 def _key(index: int) -> str:
