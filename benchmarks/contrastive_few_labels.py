@@ -328,6 +328,10 @@ def parent(args) -> int:
     return 0
 
 
+def _shown(setting: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (setting or {}).items() if k != "verbose")
+
+
 def results(runs: list[dict[str, Any]], args) -> str:
     lines = [
         f"- {args.labels_per_class} labels per class; cells: accuracy in %, **mean** (per seed, "
@@ -336,7 +340,7 @@ def results(runs: list[dict[str, Any]], args) -> str:
         "seed's pool (train-all); pretraining saw those images without labels",
         "- settings: "
         + "; ".join(
-            f"`{n}` = {SETTINGS.get(n) or 'recipe defaults'}"
+            f"`{n}` = {_shown(SETTINGS.get(n)) or 'recipe defaults'}"
             for n in dict.fromkeys(r["setting"] for r in runs)
         ),
         "",
@@ -349,6 +353,7 @@ def results(runs: list[dict[str, Any]], args) -> str:
         "pixels + LR (sklearn)",
         "pixels + probe's LR",
         "probe - pixels+LR (points)",
+        "probe - pixels+probe's LR (points)",
         "probe at start",
     ]
     finetuned = any("finetune_finetuned" in r for r in runs)
@@ -363,6 +368,7 @@ def results(runs: list[dict[str, Any]], args) -> str:
                 key=lambda r: r["seed"],
             )
             gaps = [100 * (r["probe"] - r["pixels_lr"]) for r in mine]
+            same = [100 * (r["probe"] - r["pixels_probe"]) for r in mine]
             row = [
                 dataset,
                 f"`{name}`",
@@ -371,6 +377,7 @@ def results(runs: list[dict[str, Any]], args) -> str:
                 _mean_cell([r["pixels_lr"] for r in mine]),
                 _mean_cell([r["pixels_probe"] for r in mine]),
                 f"{statistics.mean(gaps):+.1f} (" + ", ".join(f"{g:+.1f}" for g in gaps) + ")",
+                f"{statistics.mean(same):+.1f} (" + ", ".join(f"{g:+.1f}" for g in same) + ")",
                 _mean_cell([r["probe_start"] for r in mine]),
             ]
             if finetuned:

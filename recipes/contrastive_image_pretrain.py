@@ -66,7 +66,8 @@ class Config(PretrainConfig):
     min_crop_area: float = 0.2  # smallest random crop, as a share of the image's area
     flip: bool = True  # random horizontal flips in the views
     # Colour jitter strength (SimCLR's s); 0 turns it off. Keep it on grey images too: its
-    # brightness and contrast still act (+10 probe points on Fashion-MNIST, benchmarks/).
+    # brightness and contrast still act (+10 probe points on Fashion-MNIST, one seed:
+    # benchmarks/contrastive_few_labels.py).
     color_jitter: float = 0.5
     grayscale: float = 0.2  # probability that a view is turned gray
     probe_dir: str | None = None  # labelled images (a subfolder per class) for a linear probe

@@ -112,7 +112,7 @@ def test_views_replay_from_any_step_and_differ_between_steps():
 
 def test_the_default_colour_jitter_changes_grey_images():
     # Brightness and contrast jitter act on grey images too, and were worth 10 points of linear
-    # probe on Fashion-MNIST (benchmarks/contrastive_few_labels.py): grey must not turn it off.
+    # probe on Fashion-MNIST (one seed, benchmarks/contrastive_few_labels.py): keep it for grey.
     grey = np.repeat(np.random.default_rng(1).integers(0, 256, (4, 16, 16, 1), np.uint8), 3, -1)
     default = Config()
     assert default.color_jitter > 0
