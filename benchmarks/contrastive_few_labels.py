@@ -23,6 +23,8 @@ checkout (nothing passed), the others override some fields.
     .venv/bin/python benchmarks/contrastive_few_labels.py --datasets fashion-mnist --seeds 0 \\
         --settings default --no-readme                                   # one run
     .venv/bin/python benchmarks/contrastive_few_labels.py --finetune     # README section
+    .venv/bin/python benchmarks/contrastive_few_labels.py --settings "" --merge a.json \
+        --merge b.json                                  # a section from earlier --save-json runs
 """
 
 from __future__ import annotations
