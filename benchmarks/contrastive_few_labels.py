@@ -134,7 +134,7 @@ def _sklearn_lr(train, test, seed: int) -> float:
 def _pixels(paths: list[str], image_size: int):
     import numpy as np
 
-    from tfxfer.pretrain.contrastive import decoded_images
+    from tfxfer.pretrain.contrastive_data import decoded_images
 
     images = decoded_images(paths, image_size).batch(256)
     return np.concatenate([np.asarray(b, np.float32).reshape(len(b), -1) for b in images])
@@ -142,7 +142,7 @@ def _pixels(paths: list[str], image_size: int):
 
 def _probe(data_dir: str, probe_labels: int, seed: int):
     from tfxfer.data.images import scan_image_folder
-    from tfxfer.pretrain.contrastive import Probe
+    from tfxfer.pretrain.contrastive_finish import Probe
 
     return Probe(scan_image_folder(data_dir), probe_labels, seed)  # the recipe's own split
 
@@ -153,7 +153,7 @@ def _pixels_baseline(
     """Pixels + LR on the split the recipe's probe uses (same images, same size)."""
     import numpy as np
 
-    from tfxfer.pretrain.contrastive import linear_probe_accuracy
+    from tfxfer.pretrain.contrastive_finish import linear_probe_accuracy
 
     probe = _probe(data_dir, probe_labels, seed)
     labels = np.asarray(probe.examples.labels)
