@@ -123,6 +123,7 @@ def test_class_weights_reach_the_training_loss():
     assert rare["weighted"] > 0.35 and rare["weighted, whole model"] > 0.35
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_tensorflow_start_up_noise_is_silenced_and_debug_brings_it_back():
     program = "import tfxfer, tensorflow as tf; print(int(tf.constant(2)))"
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "TFXFER_DEBUG")}

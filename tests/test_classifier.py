@@ -148,6 +148,7 @@ def texts_csv(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_text_run_from_a_local_bert(texts_csv, tmp_path):
     write_hf_checkpoint(tmp_path / "bert")
     clf = tfxfer.Classifier.from_file(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from helpers import tiny_arrays, tiny_backbone, tiny_train_data, tiny_val_data
 
@@ -60,6 +61,7 @@ def test_a_step_xla_cannot_compile_falls_back_to_plain_tensorflow(caplog):
     assert not np.allclose(model.get_layer("predictions").kernel.numpy(), before)
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_a_model_xla_can_compile_trains_with_it_when_asked():
     backbone = tiny_backbone()
     model = tfxfer.build_model(backbone, 3, head=tfxfer.HeadConfig(dropout=0.0))

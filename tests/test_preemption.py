@@ -124,10 +124,10 @@ def _sigterm_steps() -> dict[str, int]:
 SIGTERM_STEPS = _sigterm_steps()
 
 
-# One SIGTERM case in the default tier; the other in the large tier.
+# Both SIGTERM cases in the large tier (subprocess runs of ~25 s together).
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=() if c == "anywhere" else pytest.mark.large) for c in SIGTERM_STEPS],
+    [pytest.param(c, marks=pytest.mark.large) for c in SIGTERM_STEPS],
 )
 def test_sigterm_checkpoints_the_step_and_resume_ends_as_uninterrupted(
     tmp_path, uninterrupted, case

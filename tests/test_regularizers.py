@@ -93,6 +93,7 @@ def test_l2sp_keeps_the_backbone_closer_to_its_pretrained_weights_than_plain_fin
     assert distances[0] > distances[1] > distances[2] > 0.0, distances
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_a_resume_in_the_middle_of_a_regularised_stage_ends_as_the_whole_run(tmp_path):
     whole, *_ = _finetune(20.0, run_dir=tmp_path / "whole")
     with pytest.raises(KeyboardInterrupt):
@@ -153,6 +154,7 @@ def test_lambda_zero_of_a_forward_regularizer_is_plain_fine_tuning_exactly(kind)
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+@pytest.mark.large  # over ~10 s on two cores
 @pytest.mark.parametrize("kind", ["features", "source_task"])
 def test_a_forward_regularizer_keeps_what_it_measures_closer_to_the_pretrained_model(kind):
     _, _, plain = _forward_regularized(kind, None)
@@ -177,6 +179,7 @@ def test_the_frozen_copy_costs_one_backbone_of_memory_and_says_so():
     assert not any(id(v) in live for v in reference.frozen.weights)
 
 
+@pytest.mark.large  # over ~10 s on two cores
 @pytest.mark.parametrize("kind", ["features", "source_task"])
 def test_a_resume_in_the_middle_of_a_forward_regularized_stage_ends_as_the_whole_run(
     kind, tmp_path
@@ -414,6 +417,7 @@ def test_a_bert_preset_saved_from_a_masked_lm_keeps_its_head(masked_lm_preset):
     assert backbone.info["source_heads"] == ["masked_lm"]
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_the_masked_lm_loss_joins_fine_tuning_and_keeps_the_source_task(masked_lm_preset):
     plain, _ = _text_finetune(masked_lm_preset, None)
     kept, result = _text_finetune(masked_lm_preset, 20.0)

@@ -169,6 +169,7 @@ def test_sigkill_then_resume_ends_where_an_uninterrupted_run_ends(
     assert checkpoints == ["best.weights.h5", *kept, "latest.json"]
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_resume_before_the_first_checkpoint_is_refused_clearly(tmp_path):
     run_dir = tmp_path / "run"
     killed = _run(

@@ -103,6 +103,7 @@ def _weight(backbone, path):
     return next(v.numpy() for v in backbone.network.weights if v.path == path)
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_the_same_seed_gives_the_same_weights_and_another_seed_does_not(tiny_bert):
     runs = [_run(tiny_bert, per_class=(4, 4), seed=s) for s in (0, 0, 1)]
     a, b, c = ([v.numpy() for v in run[1].weights] for run in runs)
@@ -112,6 +113,7 @@ def test_the_same_seed_gives_the_same_weights_and_another_seed_does_not(tiny_ber
     assert runs[0][2]["final_loss"] == runs[1][2]["final_loss"]
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_a_class_with_one_example_gets_no_same_class_pairs_and_says_so(tiny_bert):
     _, _, info = _run(tiny_bert, per_class=(4, 1, 4), pairs_per_example=3)
     assert "class ids 1" in info["note"]

@@ -338,6 +338,7 @@ def test_full_finetune_after_a_lora_stage_trains_the_backbone_again(bert_dir):
     assert {p for p in after if "lora_kernel" in p} <= moved
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_a_run_repeats_exactly_with_the_same_seed(bert_dir, text_files, tmp_path):
     def losses(name, seed):
         config = Config.smoke(
@@ -376,6 +377,7 @@ def test_a_run_saved_before_the_rename_still_loads(finished_run, tmp_path):
     )
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_contrastive_pairs_train_the_encoder_before_the_solved_head(bert_dir, text_files, tmp_path):
     """SetFit as a recipe option: pairs first (recorded), then the default solved head."""
     config = Config.smoke(

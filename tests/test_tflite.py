@@ -122,6 +122,7 @@ def test_an_input_size_other_than_the_models_is_resized_inside(image_model, tmp_
     assert sidecar(path)["inputs"][0]["shape"] == [-1, 24, 20, 3]
 
 
+@pytest.mark.large  # over ~10 s on two cores
 def test_text_tflite_takes_token_ids_and_its_sidecar_rebuilds_the_tokenizer(tmp_path):
     _, serving, _ = tiny_text_run(tmp_path)
     path = export_tflite(serving, str(tmp_path / "text.tflite"))
