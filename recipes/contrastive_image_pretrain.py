@@ -65,10 +65,9 @@ class Config(PretrainConfig):
     projection_hidden: int = 512  # width of the projection head's hidden layer
     min_crop_area: float = 0.2  # smallest random crop, as a share of the image's area
     flip: bool = True  # random horizontal flips in the views
-    # Colour jitter strength (SimCLR's s); 0 turns it off. Keep it on grey images too: its
-    # brightness and contrast still act (+10 probe points on Fashion-MNIST, one seed:
-    # benchmarks/contrastive_few_labels.py).
-    color_jitter: float = 0.5
+    # Kept on grey images too: brightness and contrast still act there (+10 probe points on
+    # Fashion-MNIST, one seed: benchmarks/contrastive_few_labels.py).
+    color_jitter: float = 0.5  # colour jitter strength (SimCLR's s); 0 turns it off
     grayscale: float = 0.2  # probability that a view is turned gray
     probe_dir: str | None = None  # labelled images (a subfolder per class) for a linear probe
     probe_labels_per_class: int = 10  # probe trains on this many per class, tests on the rest
