@@ -37,8 +37,6 @@ LAYERS: list[tuple[str, ...]] = [
         "tfxfer.schedule",
         "tfxfer.stage",
         "tfxfer.distribute",
-        "tfxfer.distribute.",
-        "tfxfer.precision",
         "tfxfer.cluster",
         "tfxfer.heads",
         "tfxfer.model",
