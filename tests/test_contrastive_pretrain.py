@@ -151,14 +151,8 @@ def test_fewer_than_two_images_per_batch_is_refused(tmp_path):
 
 def _config(root: Path, **fields) -> Config:
     data = str(root / "data")
-    return Config.smoke(
-        data_dir=data,
-        probe_dir=data,
-        probe_labels_per_class=2,
-        epochs=2,
-        output_dir=str(root / "run"),
-        **fields,
-    )
+    fields.setdefault("output_dir", str(root / "run"))
+    return Config.smoke(data_dir=data, probe_dir=data, probe_labels_per_class=2, epochs=2, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +170,10 @@ def data_root(tmp_path_factory) -> Path:
 def _pretrain_run(request, data_root) -> dict:
     with pytest.MonkeyPatch.context() as monkeypatch:
         register_tiny_backbones(monkeypatch)
-        return {**main(_config(data_root, backbone=request.param)), "name": request.param}
+        # One run directory per backbone: both share the module's data (test-all runs both).
+        output_dir = str(data_root / f"run-{request.param}")
+        config = _config(data_root, backbone=request.param, output_dir=output_dir)
+        return {**main(config), "name": request.param}
 
 
 @pytest.fixture
