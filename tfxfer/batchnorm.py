@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -73,8 +74,8 @@ def recompute_batchnorm_statistics(
 
     Use it on a model whose BatchNorm statistics do not fit its data before a stage that
     runs them in inference mode: a randomly initialised backbone before its head stage,
-    above all (see the module docstring). It runs the model eagerly, forward only, on
-    batches until `max_examples` examples have gone through; the batch that crosses the
+    above all (see the module docstring). It runs the model forward only, in one compiled
+    function, on batches until `max_examples` examples have gone through; the batch that crosses the
     limit is cut to it. Each BatchNorm layer is put in training mode for the duration, and
     its `trainable` flag (and those of its weights) and `momentum` are restored afterwards,
     also when a batch fails. No other weight changes.
@@ -142,9 +143,22 @@ def recompute_batchnorm_statistics(
 def _average_over(model: keras.Model, layers: list, batches: Any, max_examples: int):
     """Runs `model` in training mode on `batches`; returns (examples, batches) used.
 
-    Each layer's momentum is set before every batch so that its moving statistics end as
-    the example-weighted average of the batches' statistics.
+    With momentum 0 a layer's moving statistics after a batch are that batch's statistics
+    (moving = m * moving + (1 - m) * batch). The forward pass is one compiled function
+    (traced once; a shorter last batch may trace it again) that returns every layer's
+    statistics after the batch; their example-weighted average is accumulated here in
+    float64 and assigned at the end. Eager layer-by-layer calls took ~0.5 s a batch for two
+    small networks: a minute for the default 2048 examples.
     """
+    for layer in layers:
+        layer.momentum = 0.0
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        model(x, training=True)
+        return [(tf.identity(lay.moving_mean), tf.identity(lay.moving_variance)) for lay in layers]
+
+    sums = None
     seen = count = 0
     for element in batches:
         x = _inputs_of(element)
@@ -154,17 +168,23 @@ def _average_over(model: keras.Model, layers: list, batches: Any, max_examples: 
         if seen + size > max_examples:
             size = max_examples - seen
             x = keras.tree.map_structure(lambda t, n=size: t[:n], x)
-        for layer in layers:
-            # moving = m * moving + (1 - m) * batch, read at call time: with
-            # m = seen / (seen + size) the moving statistics are the example-weighted
-            # average of the batch statistics so far, and the first batch replaces the
-            # initial values outright.
-            layer.momentum = seen / (seen + size)
-        model(x, training=True)
+        statistics = [
+            (size * np.asarray(mean, np.float64), size * np.asarray(variance, np.float64))
+            for mean, variance in forward(x)
+        ]
+        sums = (
+            statistics
+            if sums is None
+            else [(m + dm, v + dv) for (m, v), (dm, dv) in zip(sums, statistics, strict=True)]
+        )
         seen += size
         count += 1
         if seen >= max_examples:
             break
+    if sums is not None:
+        for layer, (mean, variance) in zip(layers, sums, strict=True):
+            layer.moving_mean.assign(ops.cast(mean / seen, layer.moving_mean.dtype))
+            layer.moving_variance.assign(ops.cast(variance / seen, layer.moving_variance.dtype))
     return seen, count
 
 
