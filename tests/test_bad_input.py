@@ -8,23 +8,24 @@ run (the inputs, an earlier run) may be gone or changed after it.
 
 To add a case, add a row: an id, a function `(inputs, tmp) -> argv` (it may write the bad file
 it needs into `tmp`, the case's own folder and working directory), and a fragment of the
-expected message. Rows run as real subprocesses (`python -m ...`), two at a time, since each
-pays TensorFlow's import; a row that only checks what a config validates may say
+expected message. Rows run through `python -m ...` in another interpreter, one after another
+(`bad_input_driver.py`: each with its own working directory, stdout and stderr, TensorFlow
+imported once for all); a row that only checks what a config validates may say
 `in_process=True` and run through `command_line` / `cli.main` in this process instead.
-In-process rows are in the default test tier, subprocess rows in the large one.
+In-process rows are in the default test tier, the others in the large one.
 """
 
 from __future__ import annotations
 
 import errno
 import importlib
+import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -475,7 +476,9 @@ def _lost(before: dict[Path, dict[str, bytes]]) -> list[str]:
     return lost
 
 
-def _run_subprocess(argv: list[str], tmp: Path, watched: list[Path]) -> Outcome:
+def _run_subprocess(
+    argv: list[str], tmp: Path, watched: list[Path], timeout: float = SUBPROCESS_TIMEOUT_S
+) -> Outcome:
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     before = _snapshots(watched)
     process = subprocess.run(
@@ -484,17 +487,19 @@ def _run_subprocess(argv: list[str], tmp: Path, watched: list[Path]) -> Outcome:
         env=env,
         capture_output=True,
         text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
+        timeout=timeout,
     )
     return Outcome(process.returncode, process.stdout, process.stderr, _lost(before))
 
 
 @pytest.fixture(scope="module")
 def subprocess_outcomes(request, inputs, tmp_path_factory) -> dict[str, Outcome]:
-    """Runs the selected subprocess cases, two at a time, in their own pytest temp folders.
+    """Runs the selected command-line cases, one after another, in one other interpreter.
 
-    Each run pays TensorFlow's import, so they run side by side rather than one per test;
-    only the cases this session selected run (`-k` picks a few).
+    `bad_input_driver.py` runs each as `python -m` would, with its own working directory,
+    stdout and stderr, so TensorFlow's import is paid once rather than once a case; only the
+    cases this session selected run (`-k` picks a few). What each case leaves is compared
+    with what was there before any ran: a file lost from the shared inputs fails every case.
     """
     selected = {
         item.callspec.params["case"].id
@@ -504,17 +509,43 @@ def subprocess_outcomes(request, inputs, tmp_path_factory) -> dict[str, Outcome]
         and hasattr(item, "callspec")
         and "case" in item.callspec.params
     }
-    jobs = []
+    jobs, folders = [], {}
     for case in CASES:
         if case.id in selected and not case.in_process and case.skip is None:
             tmp = tmp_path_factory.mktemp(case.id)
-            jobs.append((case.id, case.argv(inputs, tmp), tmp))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            name: pool.submit(_run_subprocess, argv, tmp, [inputs.root, tmp])
-            for name, argv, tmp in jobs
-        }
-        return {name: future.result() for name, future in futures.items()}
+            logs = tmp_path_factory.mktemp(f"{case.id}-logs")
+            folders[case.id] = (tmp, logs)
+            jobs.append({
+                "id": case.id, "argv": case.argv(inputs, tmp), "cwd": str(tmp),
+                "stdout": str(logs / "stdout"), "stderr": str(logs / "stderr"),
+            })  # fmt: skip
+    if not jobs:
+        return {}
+    driver_dir = tmp_path_factory.mktemp("driver")
+    (driver_dir / "jobs.json").write_text(json.dumps(jobs), encoding="utf-8")
+    before = _snapshots([inputs.root, *(tmp for tmp, _ in folders.values())])
+    driver = [
+        str(Path(__file__).with_name("bad_input_driver.py")),
+        str(driver_dir / "jobs.json"),
+        str(driver_dir / "results.json"),
+    ]
+    ran = _run_subprocess(driver, driver_dir, [], timeout=SUBPROCESS_TIMEOUT_S * 3)
+    results_file = driver_dir / "results.json"
+    statuses = json.loads(results_file.read_text()) if results_file.exists() else {}
+    shared_loss = _lost({inputs.root: before[inputs.root]})
+    outcomes = {}
+    for job in jobs:
+        tmp, logs = folders[job["id"]]
+        if job["id"] not in statuses:  # the driver itself died before or during this case
+            outcomes[job["id"]] = Outcome(ran.status, ran.stdout, ran.stderr, shared_loss)
+            continue
+        outcomes[job["id"]] = Outcome(
+            statuses[job["id"]],
+            (logs / "stdout").read_text(errors="replace"),
+            (logs / "stderr").read_text(errors="replace"),
+            shared_loss + _lost({tmp: before[tmp]}),
+        )
+    return outcomes
 
 
 def _run_in_process(case: Case, inputs: Inputs, tmp: Path, monkeypatch, capsys) -> Outcome:
