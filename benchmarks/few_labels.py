@@ -132,6 +132,20 @@ def _recipe_result(result: dict[str, Any]) -> dict[str, Any]:
         "val_examples": len(result["data"].val) if result["data"].val is not None else 0,
         "epochs": len(result["history"]) if result.get("history") is not None else None,
         "kept": (result["metrics"].get("selection") or {}).get("kept"),
+        "found_learning_rates": _found_learning_rates(result["run_dir"]),
+    }
+
+
+def _found_learning_rates(run_dir: str) -> dict[str, float]:
+    """The rates `learning_rate="auto"` stages found, by stage (stages.json)."""
+    path = Path(run_dir) / "stages.json"
+    if not path.exists():
+        return {}
+    stages = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        name: info["found_learning_rate"]
+        for name, info in stages.items()
+        if isinstance(info, dict) and info.get("found_learning_rate") is not None
     }
 
 
@@ -149,6 +163,7 @@ def child_tfxfer_text(spec: dict[str, Any]) -> dict[str, Any]:
             verbose=0,
             quiet=True,
             seed=spec["seed"],
+            **spec.get("options", {}),
         )
         return _recipe_result(main(config))
 
@@ -166,6 +181,7 @@ def child_tfxfer_image(spec: dict[str, Any]) -> dict[str, Any]:
             quiet=True,
             seed=spec["seed"],
             **spec["image"],
+            **spec.get("options", {}),
         )
         return _recipe_result(main(config))
 
