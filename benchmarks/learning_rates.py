@@ -61,14 +61,6 @@ def run_all(args) -> list[dict[str, Any]]:
     return runs
 
 
-def _cell(accuracies: list[float]) -> str:
-    if not accuracies:
-        return "-"
-    if len(accuracies) == 1:
-        return f"{accuracies[0]:.1f}%"
-    return f"{statistics.mean(accuracies):.1f}% ({min(accuracies):.1f}-{max(accuracies):.1f})"
-
-
 def table(runs: list[dict[str, Any]], args) -> str:
     headers = ["set", "labels per class", *[f"rate {r}" for r in args.rates]]
     headers += ["best (mean)", "auto found (per seed)", "kept finetuned / runs"]
@@ -89,7 +81,7 @@ def table(runs: list[dict[str, Any]], args) -> str:
             means = {r: statistics.mean(v) for r, v in cells.items() if v}
             best = max(means, key=means.get) if means else "-"
             rows.append(
-                [name, budget, *[_cell(cells[r]) for r in args.rates], best,
+                [name, budget, *[few_labels._cell(cells[r]) for r in args.rates], best,
                  ", ".join(found) or "-", f"{kept} / {count}"]
             )  # fmt: skip
     return markdown_table(headers, rows)
