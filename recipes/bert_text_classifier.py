@@ -31,6 +31,7 @@ from typing import ClassVar
 import tfxfer
 from tfxfer.demo_data import demo_text_paths
 from tfxfer.recipe import RecipeConfig, build_task_model, command_line, load_data, run
+from tfxfer.train.setfit import SETFIT_AUTO_MAX_PER_CLASS
 
 
 @dataclass
@@ -53,15 +54,23 @@ class Config(RecipeConfig):
     head_learning_rate: float | str = 3e-3
     finetune_learning_rate: float | str = 5e-5
     dropout: float = 0.1
-    contrastive_pairs: int = 0  # e.g. 20: SetFit pairs per example before the head (few labels)
+    # auto: 20 when the smallest class has at most 16 training texts, else 0 (no SetFit)
+    contrastive_pairs: int | str = "auto"  # SetFit pairs per text before the head, or auto
 
-    SMOKE: ClassVar[dict] = {"sequence_length": 16}
+    # Smoke runs skip SetFit, as they skip everything costly; tests that want it ask for it.
+    SMOKE: ClassVar[dict] = {"sequence_length": 16, "contrastive_pairs": 0}
     MODALITY: ClassVar[str] = "text"
 
     def problems(self) -> list[str]:
         found = super().problems()
         if self.multi_label and not self.label_separator:
             found.append("label_separator='' (expected a separator such as '|' for multi-label)")
+        pairs = self.contrastive_pairs
+        if pairs != "auto" and not (type(pairs) is int and pairs >= 0):
+            found.append(
+                f"contrastive_pairs={pairs!r} (expected an integer >= 0, or auto: 20 when a "
+                f"class has at most {SETFIT_AUTO_MAX_PER_CLASS} training texts)"
+            )
         return found
 
     def input_paths(self) -> list[str]:

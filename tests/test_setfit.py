@@ -152,3 +152,58 @@ def test_bad_labels_are_refused_with_what_was_received(tiny_bert):
         contrastive_finetune(features, _tokens(backbone, texts), labels[:5])
     with pytest.raises(tfxfer.TfxferError, match="pairs_per_example=0"):
         contrastive_finetune(features, _tokens(backbone, texts), labels, pairs_per_example=0)
+
+
+# === contrastive_pairs="auto": the text recipe's default ===
+
+
+@pytest.mark.parametrize(
+    ("counts", "multi_label", "expected"),
+    [
+        ({"a": 8, "b": 8}, False, 20),  # few texts a class: SetFit
+        ({"a": 16, "b": 200}, False, 20),  # the smallest class decides
+        ({"a": 17, "b": 40}, False, 0),  # enough labels: the solved head alone
+        ({"a": 4, "b": 4}, True, 0),  # multi-label: not measured
+        ({"a": 8}, False, 0),  # one class: no other-class pairs
+    ],
+)
+def test_auto_runs_setfit_only_with_few_labels_a_class(counts, multi_label, expected):
+    from tfxfer.train.setfit import DEFAULT_PAIRS_PER_EXAMPLE, pairs_for
+
+    assert pairs_for("auto", counts, multi_label) == expected
+    assert expected in (0, DEFAULT_PAIRS_PER_EXAMPLE)
+    assert pairs_for(5, counts, multi_label) == 5  # a number is what it says
+    assert pairs_for(0, {"a": 2, "b": 2}, False) == 0
+
+
+def test_the_text_recipe_defaults_to_auto_and_checks_the_field():
+    from recipes.bert_text_classifier import Config
+
+    assert Config().contrastive_pairs == "auto"
+    assert Config.smoke().contrastive_pairs == 0  # smoke runs skip SetFit
+    assert Config.from_flags(["--contrastive-pairs", "7"]).contrastive_pairs == 7
+    assert Config.from_flags(["--contrastive-pairs", "auto"]).contrastive_pairs == "auto"
+    for bad in (-1, "many", 2.5, True):
+        problems = Config(contrastive_pairs=bad).problems()
+        assert any(p.startswith(f"contrastive_pairs={bad!r} (expected") for p in problems), bad
+
+
+def test_a_default_text_run_with_few_labels_trains_pairs_first(tiny_bert, tmp_path):
+    """The recipe's default ("auto") on 6 texts a class: SetFit runs and says it was auto."""
+    from recipes.bert_text_classifier import Config, main
+
+    texts, labels = _texts([7, 7])
+    names = ["pos" if y == 0 else "neg" for y in labels]
+    rows = "".join(f"{t},{name}\n" for t, name in zip(texts, names, strict=True))
+    (tmp_path / "train.csv").write_text("text,label\n" + rows, encoding="utf-8")
+    config = Config.smoke(
+        train=str(tmp_path / "train.csv"),
+        output_dir=str(tmp_path / "run"),
+        backbone=tiny_bert,
+        contrastive_pairs="auto",
+        finetune_epochs=0,
+    )
+    main(config)
+    info = json.loads((tmp_path / "run" / "contrastive.json").read_text())
+    assert info["requested"] == "auto"
+    assert info["pairs"] > 0 and info["steps"] > 0

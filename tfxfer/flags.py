@@ -93,6 +93,8 @@ def _add_field_flag(group, name: str, *, hint: Any, default: Any, comment: str |
         group.add_argument(flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text)
     elif float in kinds and str in kinds:  # a number, or a word such as "auto"
         group.add_argument(flag, type=_number_or_word, default=default, help=help_text)
+    elif int in kinds and str in kinds:  # a whole number, or a word such as "auto"
+        group.add_argument(flag, type=_int_or_word, default=default, help=help_text)
     else:
         kind = next((k for k in (int, float) if k in kinds), str)
         group.add_argument(flag, type=_optional(kind, hint), default=default, help=help_text)
@@ -163,6 +165,13 @@ def _list_of_ints(text: str) -> list[int]:
 def _number_or_word(text: str) -> float | str:
     try:
         return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def _int_or_word(text: str) -> int | str:
+    try:
+        return int(text)
     except ValueError:
         return text.strip()
 

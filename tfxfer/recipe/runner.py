@@ -35,7 +35,7 @@ from tfxfer.schedule import Stage, validate_schedule
 from tfxfer.train import run_schedule
 from tfxfer.train.checkpoints import Checkpointer
 from tfxfer.train.features import split_at_head
-from tfxfer.train.setfit import contrastive_finetune
+from tfxfer.train.setfit import contrastive_finetune, pairs_for
 
 
 def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
@@ -161,11 +161,18 @@ def _from_scratch(stages: list[Stage], prepared: Prepared, datasets) -> list[Sta
 def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) -> None:
     """SetFit before the schedule, where the config asks for it (`contrastive_pairs`).
 
+    "auto" (the text recipe's default) runs it for single-label data whose smallest class has
+    at most 16 training texts, with one backbone and no regularizer (`setfit.pairs_for`).
+
     The text encoder is trained on pairs of labelled examples (same class or not,
     `tfxfer.train.setfit`), then the schedule fits the head on its new features. A resumed run
     whose checkpoint exists skips it: the checkpoint holds the weights it trained.
     """
-    pairs = int(getattr(config, "contrastive_pairs", 0) or 0)
+    requested = getattr(config, "contrastive_pairs", 0) or 0
+    data = prepared.data
+    if requested == "auto" and (isinstance(prepared.backbone, list) or config.regularizer):
+        return  # auto means the measured case: one encoder, no regularizer (ask for a number)
+    pairs = pairs_for(requested, data.train.counts(), data.multi_label)
     if not pairs:
         return
     distribution = prepared.distribution
@@ -179,6 +186,7 @@ def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) ->
             seed=config.seed,
             verbose=0,
         )
+    info["requested"] = requested  # "auto" or the number asked for
     if distribution.is_chief:
         run_dir.write_json("contrastive.json", info)
     if not config.quiet:
