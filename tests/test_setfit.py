@@ -170,10 +170,13 @@ def test_bad_labels_are_refused_with_what_was_received(tiny_bert):
 def test_auto_runs_setfit_only_with_few_labels_a_class(counts, multi_label, expected):
     from tfxfer.train.setfit import DEFAULT_PAIRS_PER_EXAMPLE, pairs_for
 
-    assert pairs_for("auto", counts, multi_label) == expected
+    assert pairs_for("auto", counts, multi_label=multi_label) == expected
     assert expected in (0, DEFAULT_PAIRS_PER_EXAMPLE)
-    assert pairs_for(5, counts, multi_label) == 5  # a number is what it says
-    assert pairs_for(0, {"a": 2, "b": 2}, False) == 0
+    assert pairs_for(5, counts, multi_label=multi_label) == 5  # a number is what it says
+    assert pairs_for(0, {"a": 2, "b": 2}, multi_label=False) == 0
+    # Fused encoders or a regularizer: auto stays off (not measured); a number still runs.
+    assert pairs_for("auto", counts, multi_label=multi_label, plain=False) == 0
+    assert pairs_for(5, counts, multi_label=multi_label, plain=False) == 5
 
 
 def test_the_text_recipe_defaults_to_auto_and_checks_the_field():

@@ -75,10 +75,10 @@ def recompute_batchnorm_statistics(
     Use it on a model whose BatchNorm statistics do not fit its data before a stage that
     runs them in inference mode: a randomly initialised backbone before its head stage,
     above all (see the module docstring). It runs the model forward only, in one compiled
-    function, on batches until `max_examples` examples have gone through; the batch that crosses the
-    limit is cut to it. Each BatchNorm layer is put in training mode for the duration, and
-    its `trainable` flag (and those of its weights) and `momentum` are restored afterwards,
-    also when a batch fails. No other weight changes.
+    function, on batches until `max_examples` examples have gone through; the batch that
+    crosses the limit is cut to it. Each BatchNorm layer is put in training mode for the
+    duration, and its `trainable` flag (and those of its weights) and `momentum` are restored
+    afterwards, also when a batch fails. No other weight changes.
 
     Under a `tf.distribute` strategy the model runs in cross-replica context on whole
     batches: the statistics are those of each whole (global) batch, and the assignments

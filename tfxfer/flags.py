@@ -91,10 +91,9 @@ def _add_field_flag(group, name: str, *, hint: Any, default: Any, comment: str |
         group.add_argument(flag, type=_json_stages, default=default, metavar="JSON", help=help_text)
     elif typing.get_origin(hint) is list:
         group.add_argument(flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text)
-    elif float in kinds and str in kinds:  # a number, or a word such as "auto"
-        group.add_argument(flag, type=_number_or_word, default=default, help=help_text)
-    elif int in kinds and str in kinds:  # a whole number, or a word such as "auto"
-        group.add_argument(flag, type=_int_or_word, default=default, help=help_text)
+    elif str in kinds and (float in kinds or int in kinds):  # a number, or a word ("auto")
+        number = float if float in kinds else int
+        group.add_argument(flag, type=_number_or_word(number), default=default, help=help_text)
     else:
         kind = next((k for k in (int, float) if k in kinds), str)
         group.add_argument(flag, type=_optional(kind, hint), default=default, help=help_text)
@@ -162,18 +161,16 @@ def _list_of_ints(text: str) -> list[int]:
         ) from None
 
 
-def _number_or_word(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text.strip()
+def _number_or_word(number: type) -> Callable[[str], float | int | str]:
+    """A flag parser: `number(text)` where the text is one, else the word itself."""
 
+    def parse(text: str) -> float | int | str:
+        try:
+            return number(text)
+        except ValueError:
+            return text.strip()
 
-def _int_or_word(text: str) -> int | str:
-    try:
-        return int(text)
-    except ValueError:
-        return text.strip()
+    return parse
 
 
 def _json_stages(text: str) -> list[dict] | None:

@@ -161,18 +161,20 @@ def _from_scratch(stages: list[Stage], prepared: Prepared, datasets) -> list[Sta
 def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) -> None:
     """SetFit before the schedule, where the config asks for it (`contrastive_pairs`).
 
-    "auto" (the text recipe's default) runs it for single-label data whose smallest class has
-    at most 16 training texts, with one backbone and no regularizer (`setfit.pairs_for`).
+    "auto" (the text recipe's default) runs it for single-label data with few texts in a
+    class, one backbone and no regularizer (`setfit.pairs_for`).
 
     The text encoder is trained on pairs of labelled examples (same class or not,
     `tfxfer.train.setfit`), then the schedule fits the head on its new features. A resumed run
     whose checkpoint exists skips it: the checkpoint holds the weights it trained.
     """
     requested = getattr(config, "contrastive_pairs", 0) or 0
-    data = prepared.data
-    if requested == "auto" and (isinstance(prepared.backbone, list) or config.regularizer):
-        return  # auto means the measured case: one encoder, no regularizer (ask for a number)
-    pairs = pairs_for(requested, data.train.counts(), data.multi_label)
+    pairs = pairs_for(
+        requested,
+        prepared.data.train.counts(),
+        multi_label=prepared.data.multi_label,
+        plain=not isinstance(prepared.backbone, list) and not config.regularizer,
+    )
     if not pairs:
         return
     distribution = prepared.distribution

@@ -49,15 +49,18 @@ _SORT_WINDOW_BATCHES = 32
 _WIDTH_STEP = 16
 
 
-def pairs_for(requested: int | str, class_counts: dict[str, int], multi_label: bool) -> int:
+def pairs_for(
+    requested: int | str, class_counts: dict[str, int], *, multi_label: bool, plain: bool = True
+) -> int:
     """SetFit pairs per example for a run: `requested`, or what "auto" means for this data.
 
     "auto" gives `DEFAULT_PAIRS_PER_EXAMPLE` for single-label data whose smallest class has
-    at most `SETFIT_AUTO_MAX_PER_CLASS` training examples (and at least two classes), else 0.
+    at most `SETFIT_AUTO_MAX_PER_CLASS` training examples (and at least two classes), on a
+    `plain` model (one encoder, no regularizer: the case measured), else 0.
     """
     if requested != "auto":
         return int(requested)
-    if multi_label or len(class_counts) < 2:
+    if multi_label or not plain or len(class_counts) < 2:
         return 0
     few = min(class_counts.values()) <= SETFIT_AUTO_MAX_PER_CLASS
     return DEFAULT_PAIRS_PER_EXAMPLE if few else 0
