@@ -502,7 +502,7 @@ def parent(args) -> int:
     body, all_met = results_section(runs, datasets, manifests, args)
     print("\n" + body + "\n", flush=True)
     if not args.no_readme:
-        replace_section(SECTION, facts_markdown(facts, wall) + "\n\n" + body)
+        replace_section(args.section, facts_markdown(facts, wall) + "\n\n" + body)
     return 0 if all_met else 1
 
 
@@ -726,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-per-class", type=int, default=TEST_PER_CLASS)
     parser.add_argument("--all-per-class", type=int, default=ALL_PER_CLASS, help="cap of 'all'")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--section", default=SECTION, help="the benchmarks/README.md section")
     parser.add_argument(
         "--child-timeout", type=float, default=1800, help="seconds before a child is killed"
     )

@@ -181,6 +181,29 @@ def test_cv_keeps_C_at_one_unless_the_folds_clearly_prefer_another():
     assert near.C == 1.0 and min(near.cv_loss, key=near.cv_loss.get) != 1.0, near.cv_loss
 
 
+def test_rescale_reaches_features_far_smaller_than_the_grid_and_leaves_others_alone():
+    # A random CNN's pooled features can be 1e-11 (tfxfer.train.random_start): no C of the
+    # grid reaches them, and the head predicts one class. Rescaled by their common spread,
+    # they are fitted as the same features at unit scale are.
+    x, y = _data(n=150, d=20, k=3, seed=12, signal=4.0)
+    x = x / np.sqrt(np.mean((x - x.mean(axis=0)) ** 2))  # spread 1: inside the range
+
+    def accuracy(fit, scale):
+        return ((x * scale @ fit.kernel + fit.bias).argmax(axis=1) == y).mean()
+
+    plain = fit_linear_head(x * 1e-11, y, standardize=False)
+    rescaled = fit_linear_head(x * 1e-11, y, standardize=False, rescale=True)
+    unit = fit_linear_head(x, y, standardize=False)
+    assert accuracy(plain, 1e-11) < 0.5
+    assert rescaled.C == unit.C and accuracy(rescaled, 1e-11) == accuracy(unit, 1.0) > 0.95
+    np.testing.assert_allclose(rescaled.kernel * 1e-11, unit.kernel, rtol=1e-4, atol=1e-4)
+    # Inside the range (1e-2 to 1e2) rescale changes nothing.
+    inside = fit_linear_head(x * 30, y, standardize=False, rescale=True)
+    same = fit_linear_head(x * 30, y, standardize=False)
+    assert inside.C == same.C
+    np.testing.assert_array_equal(inside.kernel, same.kernel)
+
+
 def test_cv_final_fit_is_fit_linear_at_the_chosen_C():
     x, y = _data(n=120, d=10, k=3, seed=14, signal=1.5)
     head = fit_linear_head(x, y, Cs=[0.01, 0.1, 1.0, 10.0])

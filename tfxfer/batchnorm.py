@@ -8,10 +8,12 @@ fit nothing: a convolution of [0, 255] pixels has a variance in the thousands, a
 block after it shrinks or grows its input by some factor that nothing corrects. In a
 random-init MobileNetV3Small at 32 px the pooled features come out around 1e-11 (they
 vanish), and a head stage, which freezes the backbone and so runs its BatchNorm layers in
-inference mode (Keras 3 does this for `trainable=False`), trains a head on inputs that are
-all but zero: it stays at chance.
+inference mode (Keras 3 does this for `trainable=False`), trains a head by gradient descent
+on inputs that are all but zero: it stays at chance. (A head solver that rescales them fits
+them well, and for a linear probe they are the better start: `tfxfer.train.random_start`
+chooses between them and the statistics recomputed here.)
 
-The fix is to measure the statistics before training: run the model over some training
+One fix is to measure the statistics before training: run the model over some training
 batches with its BatchNorm layers in training mode, so each layer normalises with the
 statistics of its batch (as it would while training) and its moving statistics become the
 average of those batch statistics over all batches seen, not an exponential average that

@@ -29,6 +29,8 @@ from tfxfer.solver_core import Problem, mean_loss, solve
 TASKS = ("single_label", "multi_label", "regression")
 # Two a decade, from near-constant predictions to almost no penalty on z-scored features.
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 13))
+# Where `fit_linear_head(rescale=True)` leaves the features' overall spread as it is.
+RESCALE_RANGE = (1e-2, 1e2)
 # Tolerance of the cross-validation fits, most of the work. Each starts from the path's
 # extrapolation, so the held-out losses match tol=1e-6 fits to about 1e-3 (measured).
 CV_TOL = 1e-3
@@ -141,6 +143,7 @@ def fit_linear_head(
     seed: int = 0,
     sample_weight=None,
     standardize: bool = True,
+    rescale: bool = False,
     max_cv_examples: int = 4000,
     max_iter: int = 500,
     tol: float = 1e-6,
@@ -164,6 +167,10 @@ def fit_linear_head(
         seed: int. Seeds the folds and the sample. Defaults to `0`.
         standardize: bool. Z-score with all examples' mean and std (a std of ~0 counts as 1).
             Defaults to `True`.
+        rescale: bool. Without `standardize`: where the features' common root-mean-square
+            spread lies outside `RESCALE_RANGE` (1e-2 to 1e2), divide them all by it (one
+            number, so their geometry is kept), so that the `Cs` grid reaches them: a
+            randomly initialised CNN's pooled features can be 1e-11. Defaults to `False`.
         max_cv_examples: int. Most examples cross-validation runs on. Defaults to `4000`.
     """
     start = time.perf_counter()
@@ -180,7 +187,7 @@ def fit_linear_head(
             f"cross-validation skipped: {skip}; fitted at C=1.0" if skip else "one C: no CV"
         )
         Cs = Cs if len(Cs) == 1 else [1.0]
-    shift, scale = _zscore(x, standardize)
+    shift, scale = _zscore(x, standardize, rescale)
     basis = _principal_axes(x := (x - shift) / scale, k)
     problem, point, cv_loss, C = (
         Problem(_rotate(x, basis), targets, weights, task, k),
@@ -379,11 +386,18 @@ def _check_init(init, d, k):
     return kernel, bias
 
 
-def _zscore(x, standardize):
-    """Each feature's mean, and its std (0 counted as 1) or 1.
+def _zscore(x, standardize, rescale=False):
+    """Each feature's mean, and its std (0 counted as 1), or one number for all, or 1.
 
     Centring always: it changes nothing but the bias, and uncouples the bias from the kernel.
+    `rescale` divides every feature by their common root-mean-square spread when it lies
+    outside `RESCALE_RANGE`; inside it, features are left as they are.
     """
+    if rescale and not standardize:
+        spread = float(np.sqrt(np.mean((x - x.mean(axis=0)) ** 2)))
+        low, high = RESCALE_RANGE
+        if spread > 0 and not low <= spread <= high:
+            return x.mean(axis=0), np.full(x.shape[1], spread)
     std = x.std(axis=0) if standardize else np.ones(x.shape[1])
     # A feature that is constant up to rounding (MiniLM has dimensions of ~1e-32 whatever
     # the text) is not scaled up: dividing by its spread would give it a kernel of 1e30.

@@ -25,6 +25,7 @@ from tfxfer.heads import HeadConfig
 from tfxfer.recipe.task import build_classifier
 from tfxfer.schedule import REGULARIZERS, Stage, default_schedule
 from tfxfer.train.lr_find import AUTO
+from tfxfer.train.random_start import BATCHNORM_STARTS
 
 # The largest `image_size` a config accepts: a batch of 32 at 1024 px in float32 with a
 # ResNet50's activations already needs tens of GB.
@@ -75,6 +76,7 @@ class RecipeConfig(FlagConfig):
     mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     scale_learning_rate: bool = False  # multiply learning rates by the number of replicas
     cache_features: bool = True  # stage 1 trains the head on features computed once
+    random_batchnorm: str = "auto"  # random backbones' BatchNorm: auto | initial | recompute
     export: bool = True  # also write a SavedModel that takes raw inputs
     overwrite: bool = False  # replace the files an earlier run wrote in output_dir
     resume: bool = False  # continue the run in output_dir from its last complete epoch
@@ -93,6 +95,7 @@ class RecipeConfig(FlagConfig):
         self._check_training(check)
         found += self._backbone_problems()
         check("strategy", lambda v: v in STRATEGY_NAMES, f"one of {STRATEGY_NAMES}")
+        check("random_batchnorm", lambda v: v in BATCHNORM_STARTS, f"one of {BATCHNORM_STARTS}")
         check("verbose", lambda v: _int(v) and v in (0, 1, 2), "0, 1 or 2, or none (automatic)")
         modes = ("auto", *MIXED_PRECISION_POLICIES)
         check("mixed_precision", lambda v: v in modes, f"one of {modes}")

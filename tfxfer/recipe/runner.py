@@ -14,7 +14,7 @@ from typing import Any
 
 from tfxfer import export, report
 from tfxfer.backbones.base import LayerGroups
-from tfxfer.batchnorm import has_batchnorm, recompute_batchnorm_statistics
+from tfxfer.batchnorm import has_batchnorm
 from tfxfer.configfile import to_document
 from tfxfer.recipe.config import RecipeConfig
 from tfxfer.recipe.finish import finish_run
@@ -35,6 +35,7 @@ from tfxfer.schedule import Stage, validate_schedule
 from tfxfer.train import run_schedule
 from tfxfer.train.checkpoints import Checkpointer
 from tfxfer.train.features import split_at_head
+from tfxfer.train.random_start import start_batchnorm
 from tfxfer.train.setfit import contrastive_finetune, pairs_for
 
 
@@ -77,7 +78,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         },
     )
     datasets = prepared.datasets()
-    stages = _from_scratch(stages, prepared, datasets)
+    stages = _from_scratch(stages, prepared, datasets, run_dir)
     _contrastive_first(config, prepared, datasets, run_dir)
     result = run_schedule(
         prepared.model,
@@ -129,29 +130,37 @@ def _finish(prepared: Prepared, datasets, run_dir: RunDir, result) -> dict[str, 
     }
 
 
-def _from_scratch(stages: list[Stage], prepared: Prepared, datasets) -> list[Stage]:
-    """A randomly initialised backbone's BatchNorm statistics, made to fit the data.
+def _from_scratch(stages: list[Stage], prepared: Prepared, datasets, run_dir: RunDir):
+    """A randomly initialised backbone's BatchNorm statistics: kept as built, or from the data.
 
-    Frozen BatchNorm runs in inference mode with its moving statistics, which at random
-    initialisation are zero means and unit variances, whatever the data: the activations
-    then shrink or blow up layer by layer, and the pooled features barely depend on the
-    input (a head on them stays at chance). So before training, the statistics are
-    recomputed from the training data (`tfxfer.batchnorm`), and every stage that trains the
-    backbone also updates them (`Stage.train_batchnorm`): the weights are new, so are their
-    statistics. Pretrained backbones keep theirs.
+    `config.random_batchnorm` picks (`tfxfer.train.random_start`): "auto" (the default)
+    fits a linear head to the training features both ways and keeps the start with the
+    lower cross-validated loss. Recomputed statistics are then updated by every stage that
+    trains the backbone (`Stage.train_batchnorm`); kept ones stay frozen, so the head reads
+    the features it was fitted on. Pretrained backbones keep theirs. The choice is written to
+    `batchnorm.json`; a resumed run makes it again, on the same data and initial weights.
     """
     model = prepared.model
     if not randomly_initialised(prepared.backbone) or not has_batchnorm(model):
         return stages
+    config = prepared.config
     with prepared.distribution.scope():
-        info = recompute_batchnorm_statistics(model, datasets.train.build(0))
-    if not prepared.config.quiet:
+        info = start_batchnorm(
+            model,
+            datasets.train,
+            mode=getattr(config, "random_batchnorm", "auto"),
+            seed=config.seed,
+        )
+    if prepared.distribution.is_chief:
+        run_dir.write_json("batchnorm.json", info)
+    if not config.quiet:
         print(
-            f"[tfxfer] BatchNorm statistics of the random backbone recomputed from "
-            f"{info['examples']} training examples ({info['layers']} layers); stages that "
-            "train the backbone update them.",
+            f"[tfxfer] BatchNorm statistics of the random backbone: {info['start']} "
+            f"({info['reason']}; {info['seconds']:.0f} s).",
             flush=True,
         )
+    if info["start"] != "recomputed":
+        return stages
     return [
         stage if stage.train == "head" else dataclasses.replace(stage, train_batchnorm=True)
         for stage in stages

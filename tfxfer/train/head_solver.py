@@ -82,6 +82,7 @@ def solve_head(
         sample_weight=sample_weight,
         seed=seed,
         standardize=False,
+        rescale=True,
     )
     layer.kernel.assign(fit.kernel.astype(layer.kernel.dtype))
     if layer.bias is not None:
