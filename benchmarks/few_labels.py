@@ -186,6 +186,26 @@ def child_tfxfer_image(spec: dict[str, Any]) -> dict[str, Any]:
         return _recipe_result(main(config))
 
 
+def child_rank(spec: dict[str, Any]) -> dict[str, Any]:
+    """`tfxfer.rank_backbones` on the split, as `benchmarks/rank.py` asks (nothing written)."""
+    import tfxfer
+
+    if spec["kind"] == "image":
+        recipe = "resnet50_image_classifier"
+        settings = [f"data_dir={spec['train']}", f"image_size={spec['image']['image_size']}"]
+    else:
+        recipe = "bert_text_classifier"
+        settings = [f"train={spec['train']}", "text_column=text", "label_column=label"]
+    ranking = tfxfer.rank_backbones(
+        recipe,
+        spec["candidates"],
+        settings=[*settings, f"seed={spec['seed']}"],
+        metric=spec.get("metric", "logme"),
+        write=False,
+    )
+    return {"ranking": ranking}
+
+
 def child_keras_hub(spec: dict[str, Any]) -> dict[str, Any]:
     from real_text import child_keras_hub as measure
 
@@ -313,6 +333,8 @@ CHILDREN = {
     ("text", "minilm-lr"): child_minilm_lr,
     ("text", "tfidf-lr"): child_tfidf_lr,
     ("image", "tfxfer"): child_tfxfer_image,
+    ("image", "rank"): child_rank,
+    ("text", "rank"): child_rank,
     ("image", "pixels-lr"): child_pixels_lr,
     ("image", "features-lr"): child_features_lr,
 }
