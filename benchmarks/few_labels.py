@@ -412,11 +412,10 @@ def run_measured(spec: dict[str, Any], label: str, timeout: float) -> dict[str, 
             for x in tail:
                 print(f"       {x}", flush=True)
             return {"error": why, "stderr_tail": tail, "wall_s": wall, "cpu_s": cpu}
-    print(
-        f"     test accuracy {100 * result['test_accuracy']:.1f}%; whole process {wall:.0f} s "
-        f"wall, {cpu:.0f} s CPU",
-        flush=True,
+    scored = (
+        f"test accuracy {100 * result['test_accuracy']:.1f}%; " if "test_accuracy" in result else ""
     )
+    print(f"     {scored}whole process {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
     return {**result, "wall_s": wall, "cpu_s": cpu}
 
 
