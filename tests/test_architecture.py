@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
         "tfxfer.batchnorm",
         "tfxfer.solver",
         "tfxfer.solver_core",
+        "tfxfer.transferability",
         "tfxfer.strategies",
     ),
     ("tfxfer.train", "tfxfer.train."),

@@ -106,20 +106,16 @@ def test_export_serves_raw_uint8_images(image_recipe_run):
     np.testing.assert_allclose(served.sum(-1), 1.0, rtol=1e-5)
 
 
-def test_random_backbone_batchnorm_statistics_are_the_start_batchnorm_json_records(
-    image_recipe_run,
-):
+def test_random_backbone_batchnorm_statistics_come_from_the_data(image_recipe_run):
     # Random weights start every moving mean at 0 and variance at 1, whatever the data. The
-    # run fits a linear head to the training features with those and with statistics
-    # recomputed from the images, keeps the better (tfxfer.train.random_start) and says so in
-    # batchnorm.json. Kept initial statistics stay frozen to the end (the head reads the
-    # features it was fitted on); recomputed ones are no longer the initial values.
+    # smoke run trains its head by gradient steps (head_epochs=1), which the initial
+    # statistics' tiny features would stall, so the run recomputes them from the training
+    # images and its stages that train the backbone update them (batchnorm.json says so;
+    # tests/test_random_start.py has the solved head's choice).
     with open(os.path.join(image_recipe_run["run_dir"], "batchnorm.json"), encoding="utf-8") as f:
         record = json.load(f)
-    assert record["mode"] == "auto" and record["start"] in ("initial", "recomputed"), record
-    assert set(record["cv_loss"]) == {"initial", "recomputed"}, record
-    better = min(record["cv_loss"], key=record["cv_loss"].get)
-    assert record["start"] == better, record
+    assert record["mode"] == "auto" and record["start"] == "recomputed", record
+    assert "gradient steps" in record["reason"]
     backbone = image_recipe_run["backbone"]
     batchnorms = [
         layer
@@ -130,11 +126,8 @@ def test_random_backbone_batchnorm_statistics_are_the_start_batchnorm_json_recor
     assert len(batchnorms) == image_recipe_run["expected"]["batchnorms"]
     for layer in batchnorms:
         mean, variance = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
-        if record["start"] == "initial":
-            assert np.all(mean == 0) and np.all(variance == 1), layer.name
-        else:
-            assert np.all(np.isfinite(mean)) and np.all(variance > 0), layer.name
-            assert not np.allclose(variance, 1.0), layer.name
+        assert np.all(np.isfinite(mean)) and np.all(variance > 0), layer.name
+        assert not np.allclose(variance, 1.0), layer.name
 
 
 def test_best_checkpoint_loads_into_the_recipe_model(image_recipe_run, tmp_path):

@@ -10,6 +10,8 @@ PUBLIC = {
     "LabelledData", "load_images", "load_texts", "make_datasets",
     # Schedules and training.
     "Stage", "default_schedule", "gradual_unfreezing", "run_schedule", "RunDir",
+    # Which pretrained backbone suits the data, before training one.
+    "rank_backbones",
     # The common case in one object: from data and a backbone to predictions.
     "Classifier",
     # Using the result.

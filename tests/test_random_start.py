@@ -121,3 +121,42 @@ def test_an_unknown_mode_is_refused_and_the_recipes_name_the_choices() -> None:
     problems = Config(data_dir="x", random_batchnorm="sometimes").problems()
     assert any(p.startswith("random_batchnorm='sometimes'") for p in problems), problems
     assert str(BATCHNORM_STARTS) in " ".join(problems)
+
+
+def test_auto_recomputes_when_the_head_trains_by_gradient_steps() -> None:
+    # Gradient steps do not rescale features of 1e-11 as the solver does: they stall.
+    _, model = tiny_model(num_classes=3)
+    before = _statistics(model)
+    images, labels = tiny_arrays(n=12)
+
+    record = start_batchnorm(model, tiny_train_data(images, labels), solved_head=False)
+
+    assert record["start"] == "recomputed" and "gradient steps" in record["reason"]
+    assert record["cv_loss"] == {} and record["examples"] == 12
+    assert not any(np.array_equal(a, b) for a, b in zip(before, _statistics(model), strict=True))
+
+
+def test_a_run_with_a_solved_head_keeps_the_start_its_probes_prefer_to_the_end(
+    shapes_dir, tmp_path, tiny_backbones
+):
+    import json
+
+    from recipes import resnet50_image_classifier as recipe
+
+    config = recipe.Config.smoke(
+        data_dir=shapes_dir,
+        output_dir=str(tmp_path / "run"),
+        backbone="tinynet",
+        head_epochs=None,  # the solver
+        finetune_epochs=1,
+    )
+    result = recipe.main(config)
+
+    record = json.loads((tmp_path / "run" / "batchnorm.json").read_text())
+    assert record["mode"] == "auto" and set(record["cv_loss"]) == {"initial", "recomputed"}
+    assert record["start"] == min(record["cv_loss"], key=record["cv_loss"].get), record
+    statistics = _statistics(result["model"])
+    if record["start"] == "initial":  # kept frozen through fine-tuning, so still as built
+        assert all(np.all(s == (0 if i % 2 == 0 else 1)) for i, s in enumerate(statistics))
+    else:  # recomputed, then updated by fine-tuning
+        assert not any(np.allclose(s, 1.0) for s in statistics[1::2])

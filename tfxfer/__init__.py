@@ -39,6 +39,7 @@ from tfxfer.export import export_saved_model, export_tflite, load_model  # noqa:
 from tfxfer.fusion import build_fusion_model  # noqa: E402
 from tfxfer.heads import HeadConfig  # noqa: E402
 from tfxfer.model import build_model  # noqa: E402
+from tfxfer.recipe.rank import rank_backbones  # noqa: E402
 from tfxfer.rundir import RunDir  # noqa: E402
 from tfxfer.schedule import Stage, default_schedule, gradual_unfreezing  # noqa: E402
 from tfxfer.train import run_schedule  # noqa: E402
@@ -65,5 +66,6 @@ __all__ = [
     "load_model",
     "load_texts",
     "make_datasets",
+    "rank_backbones",
     "run_schedule",
 ]

@@ -40,6 +40,8 @@ from tfxfer.backbones.from_model import backbone_from_model, fresh_copy, network
 from tfxfer.data.examples import LabelledData
 from tfxfer.errors import TfxferError
 from tfxfer.recipe import RecipeConfig, build_task_model, load_data, run
+from tfxfer.recipe.config import AUTO_BACKBONE
+from tfxfer.recipe.rank import rank_candidates
 from tfxfer.rundir import RunDir
 
 EXPORT_FORMATS = ("savedmodel", "tflite")
@@ -185,7 +187,9 @@ class Classifier:
                 f"{str(backbone)!r} is a name: its groups and preprocessing come with it."
             )
         wrapped = None
-        if is_name:
+        if is_name and str(backbone) == AUTO_BACKBONE:  # ranked at fine_tune: candidates=...
+            name, takes = AUTO_BACKBONE, None
+        elif is_name:
             name = str(backbone)
             kinds = set()
             for each in [n.strip() for n in name.split(",") if n.strip()]:
@@ -283,6 +287,27 @@ class Classifier:
         self.history = self.result["history"]
         self.metrics = self.result["metrics"]
         return self.metrics
+
+    def rank(self, candidates, *, metric: str = "logme") -> dict[str, Any]:
+        """Scores candidate backbones ("a,b" or a list; `NAME@WEIGHTS`) on the training data.
+
+        Each is built as `fine_tune` would, its frozen features scored (LogME, or "hscore";
+        `tfxfer.rank_backbones`); nothing trains or is written. Returns the ranking
+        (`candidates` best first, `best`, `metric`, `seconds`). `backbone="auto",
+        candidates=[...]` ranks and fine-tunes the winner in one go."""
+        if self.config is None or self._backbone_object is not None:
+            raise TfxferError(
+                "rank compares backbones by name on the classifier's training data: build "
+                "the classifier from its data with a backbone name (or 'auto') first."
+            )
+        return rank_candidates(
+            self.config,
+            lambda config: self.data,
+            self._build_model,
+            candidates,
+            metric=metric,
+            write=False,
+        )
 
     # === Using the result ===
 

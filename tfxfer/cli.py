@@ -1,4 +1,4 @@
-"""The `tfxfer` command: train, lr-find, backbones, predict, evaluate and export.
+"""The `tfxfer` command: train, lr-find, rank, backbones, predict, evaluate and export.
 
 Each subcommand is a `_cmd_*` function and a `_add_*` function that declares its arguments.
 What a finished run holds is read back through `tfxfer.runs`; every subcommand runs inside
@@ -10,6 +10,7 @@ too, as before they moved to `tfxfer.boundary`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ from tfxfer.data.images import make_image_dataset, scan_image_folder
 from tfxfer.data.text import read_text_file
 from tfxfer.errors import TfxferError
 from tfxfer.recipe import RecipeConfig, find_learning_rate
+from tfxfer.recipe.rank import rank_candidates, ranking_lines, ranking_table
 
 # The names this module had before `tfxfer.boundary` held them; kept for importers.
 __all__ = ["DEBUG_HELP", "cli_logging", "error_boundary", "main", "user_error_message"]
@@ -251,6 +253,43 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rank(args: argparse.Namespace) -> int:
+    module, config = resolve(args.target, args.set)
+    if not isinstance(config, RecipeConfig) or not hasattr(module, "build_model"):
+        raise TfxferError(
+            f"rank is for the fine-tuning recipes (bert_text_classifier, "
+            f"resnet50_image_classifier, ...); {args.target!r} is not one."
+        )
+    if args.recipe_flags:
+        config, _ = type(config).parse_flags(
+            args.recipe_flags, prog=f"tfxfer rank {args.target}", defaults=config
+        )
+    cli_logging()
+    # With --json, stdout carries the JSON lines alone: what building prints goes to stderr.
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet_stdout:
+        ranking = rank_candidates(
+            config,
+            module.build_data,
+            module.build_model,
+            args.candidates,
+            metric=args.metric,
+            output_dir=args.output,
+            overwrite=args.overwrite,
+        )
+    if args.json:
+        print("\n".join(ranking_lines(ranking)))
+        return 0
+    print(ranking_table(ranking))
+    print(
+        f"[tfxfer] best: {ranking['best']} ({ranking['seconds']:.0f} s); rank.json and "
+        f"rank.png in {ranking['output_dir']}"
+        if ranking["best"]
+        else f"[tfxfer] no candidate could be ranked; rank.json in {ranking['output_dir']}"
+    )
+    return 0 if ranking["best"] else 2
+
+
 def _command(commands, name: str, run: Callable[[argparse.Namespace], int], help: str):
     """A subcommand's parser, which runs `run` and takes --debug after the command too."""
     sub = commands.add_parser(name, help=help)
@@ -304,6 +343,32 @@ def _add_lr_find(commands) -> None:
     lr.add_argument(
         "--overwrite", action="store_true", help="replace an earlier lr-find output folder"
     )
+
+
+def _add_rank(commands) -> None:
+    rank = _command(
+        commands, "rank", _cmd_rank, "score candidate backbones on your data before training"
+    )
+    rank.description = (
+        "Builds the recipe's model with each candidate backbone, extracts the frozen pooled "
+        "features of the training split once, and scores how well they suit the labels "
+        "(LogME, or the H-score), without training. Prints a table and writes rank.json and "
+        "rank.png to --output (default: the config's output_dir + '-rank'). Fine-tune the "
+        "winner, or let a run do both: --backbone auto --candidates a,b,c."
+    )
+    _add_recipe_arguments(rank, "override a key")
+    rank.add_argument(
+        "--candidates",
+        required=True,
+        help="backbones as --backbone takes them, comma-separated; NAME@WEIGHTS sets weights "
+        "(resnet50@none, efficientnetv2b0@imagenet, minilm-l6@none)",
+    )
+    rank.add_argument(
+        "--metric", default="logme", help="logme (default; any task) or hscore (classification)"
+    )
+    rank.add_argument("--json", action="store_true", help="one JSON object per candidate")
+    rank.add_argument("--output", help="folder for rank.json / rank.png")
+    rank.add_argument("--overwrite", action="store_true", help="replace an earlier ranking there")
 
 
 def _add_predict(commands) -> None:
@@ -375,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     _command(commands, "backbones", _cmd_backbones, "list the named backbones")
-    for add in (_add_train, _add_lr_find, _add_predict, _add_evaluate, _add_export):
+    for add in (_add_train, _add_lr_find, _add_rank, _add_predict, _add_evaluate, _add_export):
         add(commands)
     return parser
 
@@ -384,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     """The `tfxfer` command; returns its exit status (0, 2 for bad input, 1 for a bug)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "lr-find"):
+    if extra and args.command not in ("train", "lr-find", "rank"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.recipe_flags = extra
     return error_boundary(lambda: args.run(args), debug=args.debug)

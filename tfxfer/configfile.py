@@ -232,6 +232,8 @@ def coerce(value: Any, hint: Any, path: str) -> Any:
         (item,) = typing.get_args(hint) or (Any,)
         if isinstance(value, str) and item is int:  # "256,128", as on the command line
             value = [part for part in value.replace(",", " ").split()]
+        elif isinstance(value, str) and item is str:  # "a,b,c", as on the command line
+            value = [part.strip() for part in value.split(",") if part.strip()]
         elif not isinstance(value, list):
             value = [value] if item is int else value
         if not isinstance(value, list):

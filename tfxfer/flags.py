@@ -89,6 +89,10 @@ def _add_field_flag(group, name: str, *, hint: Any, default: Any, comment: str |
         )
     elif dict in [typing.get_args(k)[0] for k in kinds if typing.get_origin(k) is list]:
         group.add_argument(flag, type=_json_stages, default=default, metavar="JSON", help=help_text)
+    elif typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
+        group.add_argument(
+            flag, type=_list_of_words, default=default, metavar="A,B", help=help_text
+        )
     elif typing.get_origin(hint) is list:
         group.add_argument(flag, type=_list_of_ints, default=default, metavar="N,N", help=help_text)
     elif str in kinds and (float in kinds or int in kinds):  # a number, or a word ("auto")
@@ -159,6 +163,11 @@ def _list_of_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
+
+
+def _list_of_words(text: str) -> list[str]:
+    """`a,b,c` as a list; empty parts dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _number_or_word(number: type) -> Callable[[str], float | int | str]:

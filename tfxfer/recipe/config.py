@@ -26,6 +26,10 @@ from tfxfer.recipe.task import build_classifier
 from tfxfer.schedule import REGULARIZERS, Stage, default_schedule
 from tfxfer.train.lr_find import AUTO
 from tfxfer.train.random_start import BATCHNORM_STARTS
+from tfxfer.transferability import METRICS
+
+# `backbone` of a run that ranks `candidates` first and fine-tunes the best (`tfxfer.recipe.rank`).
+AUTO_BACKBONE = "auto"
 
 # The largest `image_size` a config accepts: a batch of 32 at 1024 px in float32 with a
 # ResNet50's activations already needs tens of GB.
@@ -76,6 +80,8 @@ class RecipeConfig(FlagConfig):
     mixed_precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     scale_learning_rate: bool = False  # multiply learning rates by the number of replicas
     cache_features: bool = True  # stage 1 trains the head on features computed once
+    candidates: list[str] = field(default_factory=list)  # --backbone auto ranks these: a,b,c
+    rank_metric: str = "logme"  # how --backbone auto ranks them: logme | hscore
     random_batchnorm: str = "auto"  # random backbones' BatchNorm: auto | initial | recompute
     export: bool = True  # also write a SavedModel that takes raw inputs
     overwrite: bool = False  # replace the files an earlier run wrote in output_dir
@@ -95,6 +101,7 @@ class RecipeConfig(FlagConfig):
         self._check_training(check)
         found += self._backbone_problems()
         check("strategy", lambda v: v in STRATEGY_NAMES, f"one of {STRATEGY_NAMES}")
+        check("rank_metric", lambda v: v in METRICS, f"one of {sorted(METRICS)}")
         check("random_batchnorm", lambda v: v in BATCHNORM_STARTS, f"one of {BATCHNORM_STARTS}")
         check("verbose", lambda v: _int(v) and v in (0, 1, 2), "0, 1 or 2, or none (automatic)")
         modes = ("auto", *MIXED_PRECISION_POLICIES)
@@ -172,6 +179,15 @@ class RecipeConfig(FlagConfig):
         return [name.strip() for name in str(self.backbone).split(",") if name.strip()]
 
     def _backbone_problems(self) -> list[str]:
+        if self.backbone == AUTO_BACKBONE:
+            if not self.candidates:
+                return ["backbone='auto' (expected --candidates a,b,c: the backbones to rank)"]
+            return []
+        if self.candidates:
+            return [
+                f"candidates={self.candidates!r} (ranked only with --backbone auto; drop "
+                "--candidates, or pass --backbone auto)"
+            ]
         names = self.backbone_names()
         if not names:
             return [f"backbone={self.backbone!r} (expected a backbone name, or a,b to fuse)"]

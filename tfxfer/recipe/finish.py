@@ -33,6 +33,7 @@ def finish_run(
     export_saved_model: bool = True,
     write: bool = True,
     notes: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluates every split; saves the model, the export, the class names and the reports.
 
@@ -55,6 +56,8 @@ def finish_run(
         export_saved_model: bool. Write `export/`. Defaults to `True`.
         write: bool. False on non-chief workers of a multi-worker run: evaluate, write nothing.
         notes: list[str] or None. Lines for the summary (a class-imbalance warning).
+        extra: dict or None. More top-level entries for `metrics.json` (the ranking of
+            `--backbone auto`).
 
     Returns:
         The metrics per split, as written to `metrics.json`.
@@ -73,6 +76,7 @@ def finish_run(
         examples=examples,
         multi_label=multi_label,
     )
+    metrics.update(extra or {})  # after the reports, which read the splits only
     _write_results(run_dir, model, result, metrics, class_names)
     to_save = serving_model or model
     export.save_model(to_save, run_dir.file("model.keras"))

@@ -18,6 +18,7 @@ from tfxfer.batchnorm import has_batchnorm
 from tfxfer.configfile import to_document
 from tfxfer.recipe.config import RecipeConfig
 from tfxfer.recipe.finish import finish_run
+from tfxfer.recipe.rank import choose_backbone
 from tfxfer.recipe.start import (
     BuildData,
     BuildModel,
@@ -35,6 +36,7 @@ from tfxfer.schedule import Stage, validate_schedule
 from tfxfer.train import run_schedule
 from tfxfer.train.checkpoints import Checkpointer
 from tfxfer.train.features import split_at_head
+from tfxfer.train.head_solver import linear_output_layer
 from tfxfer.train.random_start import start_batchnorm
 from tfxfer.train.setfit import contrastive_finetune, pairs_for
 
@@ -59,6 +61,7 @@ def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) ->
 
 def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
     distribution = start_run(config)
+    config, build_data, ranking = choose_backbone(config, build_data, build_model, distribution)
     prepared = prepare(config, build_data, build_model, distribution)
     stages = config.schedule()
     validate_schedule(stages, LayerGroups.of(prepared.backbone))
@@ -74,6 +77,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         extra={
             "data": prepared.data.summary(),
             "backbone_info": backbone_info(prepared.backbone),
+            **({"ranking": ranking} if ranking else {}),
             **distribution.describe(),
         },
     )
@@ -97,10 +101,10 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         callbacks=report.tensorboard_callbacks(run_dir, write=distribution.is_chief),
         keep_better=config.keep_better,
     )
-    return _finish(prepared, datasets, run_dir, result)
+    return _finish(prepared, datasets, run_dir, result, ranking)
 
 
-def _finish(prepared: Prepared, datasets, run_dir: RunDir, result) -> dict[str, Any]:
+def _finish(prepared: Prepared, datasets, run_dir: RunDir, result, ranking) -> dict[str, Any]:
     """Evaluates, saves and exports the trained model; returns what `run` returns."""
     data, model, config = prepared.data, prepared.model, prepared.config
     serving = export.serving_model(model, prepared.backbone)
@@ -116,6 +120,7 @@ def _finish(prepared: Prepared, datasets, run_dir: RunDir, result) -> dict[str, 
         serving_model=serving,
         export_saved_model=config.export,
         write=prepared.distribution.is_chief,
+        extra={"ranking": ranking} if ranking else None,
     )
     return {
         "run_dir": run_dir.path,
@@ -150,6 +155,7 @@ def _from_scratch(stages: list[Stage], prepared: Prepared, datasets, run_dir: Ru
             datasets.train,
             mode=getattr(config, "random_batchnorm", "auto"),
             seed=config.seed,
+            solved_head=_solved_head(stages, model),
         )
     if prepared.distribution.is_chief:
         run_dir.write_json("batchnorm.json", info)
@@ -165,6 +171,17 @@ def _from_scratch(stages: list[Stage], prepared: Prepared, datasets, run_dir: Ru
         stage if stage.train == "head" else dataclasses.replace(stage, train_batchnorm=True)
         for stage in stages
     ]
+
+
+def _solved_head(stages: list[Stage], model) -> bool:
+    """Whether the first stage fits a linear head with the solver (not by gradient steps)."""
+    first = next((stage for stage in stages if stage.epochs != 0), None)
+    return (
+        first is not None
+        and first.train == "head"
+        and first.solver is not None
+        and linear_output_layer(split_at_head(model)) is not None
+    )
 
 
 def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) -> None:

@@ -253,3 +253,20 @@ def _thumbnail(path: str, size: int = 128) -> np.ndarray | None:
         return None
     image = tf.image.resize(image, (size, size), preserve_aspect_ratio=True, antialias=True)
     return np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+
+
+def plot_ranking(ranking: dict[str, Any], path: str) -> str | None:
+    """`tfxfer rank`'s bar chart: each scored candidate's score, best at the top."""
+    rows = [r for r in ranking["candidates"] if r.get("score") is not None]
+    figure = _figure(figsize=(7, 1.2 + 0.45 * max(len(rows), 1)))
+    if figure is None or not rows:
+        return None
+    axes = figure.add_subplot()
+    names = [shorten(r["backbone"], 40) for r in rows][::-1]
+    scores = [r["score"] for r in rows][::-1]
+    bars = axes.barh(names, scores, color="#4c72b0")
+    bars[-1].set_color("#dd8452")  # the winner
+    axes.set_xlabel(f"{ranking['metric']} (higher is better)")
+    axes.set_title(f"Transferability of {len(rows)} candidate backbones")
+    axes.axvline(0.0, color="black", linewidth=0.6)
+    return _save_figure(figure, path)

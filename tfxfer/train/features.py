@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,8 @@ FEATURES_LAYER = "head_features"
 # Bytes of features kept for reuse in one process (least recently used go first).
 KEEP_BYTES = 2 * 1024**3
 _EXTRACT_BATCH = 64
+# The compiled inference step of each extractor `extract` has run (forgotten with it).
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -174,7 +177,13 @@ def extract(extractor: keras.Model, inputs: Any) -> np.ndarray:
     are far shorter than the maximum, and attention costs grow with the length.
     """
     count = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
-    step = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
+    step = _STEPS.get(extractor)
+    if step is None:  # one compiled step per extractor: a new one per call retraces (warned)
+        # A weak reference: the step must not keep its extractor (the dictionary's key) alive.
+        model = weakref.ref(extractor)
+        step = _STEPS[extractor] = tf.function(
+            lambda x: model()(x, training=False), reduce_retracing=True
+        )
     lengths = _token_lengths(extractor, inputs)
     order = np.argsort(lengths, kind="stable") if lengths is not None else np.arange(count)
     outputs = []

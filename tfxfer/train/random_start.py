@@ -26,7 +26,9 @@ image recipe (MobileNetV3Small) 72-81% against 33-37% on digits at 8 a class, 91
 training features (up to `max_examples` of them) both ways and keeps the start whose
 cross-validated held-out loss is lower. Features that are not finite or do not vary (the
 float16 case) lose; with no cross-validation possible (a class with one example) the
-initial statistics are kept if their features are usable.
+initial statistics are kept if their features are usable. Where the head is not solved but
+trained by gradient steps (`head_epochs` set, a hidden layer), which do not rescale, "auto"
+recomputes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def start_batchnorm(
     mode: str = "auto",
     seed: int = 0,
     max_examples: int = CHOICE_MAX_EXAMPLES,
+    solved_head: bool = True,
 ) -> dict[str, Any]:
     """Leaves `model`'s BatchNorm statistics as built or recomputes them; says which and why.
 
@@ -73,6 +76,9 @@ def start_batchnorm(
         seed: int. Seeds the sample and the folds. Defaults to `0`.
         max_examples: int. Most training examples the probes and the recomputation use.
             Defaults to `CHOICE_MAX_EXAMPLES`.
+        solved_head: bool. Whether the first stage fits a linear head with the solver, which
+            rescales the features. A head trained by gradient steps instead barely moves on
+            features of 1e-11: "auto" then recomputes. Defaults to `True`.
 
     Returns:
         A dict for the run record: `mode`, `start` ("initial" or "recomputed"), `reason`,
@@ -86,6 +92,13 @@ def start_batchnorm(
         record.update(start="initial", reason="asked for (random_batchnorm=initial)")
     elif mode == "recompute":
         record.update(start="recomputed", reason="asked for (random_batchnorm=recompute)")
+        record["examples"] = _recompute(model, train, max_examples)
+    elif not solved_head:
+        record.update(
+            start="recomputed",
+            reason="the head trains by gradient steps, which the initial statistics' tiny "
+            "features would stall (a solved head, head_epochs none, can use them)",
+        )
         record["examples"] = _recompute(model, train, max_examples)
     else:
         _choose(model, train, record, seed=seed, max_examples=max_examples)
