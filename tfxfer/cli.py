@@ -226,18 +226,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_lr_find(args: argparse.Namespace) -> int:
+def _fine_tuning_recipe(args: argparse.Namespace, command: str, why: str = ""):
+    """(module, config) of a fine-tuning recipe from TARGET, --set and the recipe's flags."""
     module, config = resolve(args.target, args.set)
     if not isinstance(config, RecipeConfig) or not hasattr(module, "build_model"):
         raise TfxferError(
-            f"lr-find is for the fine-tuning recipes (bert_text_classifier, "
-            f"resnet50_image_classifier, ...); {args.target!r} is not one. A pretraining "
-            "recipe has one learning rate: try a few on a short run."
+            f"{command} is for the fine-tuning recipes (bert_text_classifier, "
+            f"resnet50_image_classifier, ...); {args.target!r} is not one.{why}"
         )
     if args.recipe_flags:
         config, _ = type(config).parse_flags(
-            args.recipe_flags, prog=f"tfxfer lr-find {args.target}", defaults=config
+            args.recipe_flags, prog=f"tfxfer {command} {args.target}", defaults=config
         )
+    return module, config
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    module, config = _fine_tuning_recipe(
+        args,
+        "lr-find",
+        " A pretraining recipe has one learning rate: try a few on a short run.",
+    )
     if args.steps is not None and args.steps < 5:
         raise TfxferError(f"--steps {args.steps}: the range test needs at least 5 steps.")
     cli_logging()
@@ -254,16 +263,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
-    module, config = resolve(args.target, args.set)
-    if not isinstance(config, RecipeConfig) or not hasattr(module, "build_model"):
-        raise TfxferError(
-            f"rank is for the fine-tuning recipes (bert_text_classifier, "
-            f"resnet50_image_classifier, ...); {args.target!r} is not one."
-        )
-    if args.recipe_flags:
-        config, _ = type(config).parse_flags(
-            args.recipe_flags, prog=f"tfxfer rank {args.target}", defaults=config
-        )
+    module, config = _fine_tuning_recipe(args, "rank")
     cli_logging()
     # With --json, stdout carries the JSON lines alone: what building prints goes to stderr.
     quiet_stdout = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
