@@ -27,7 +27,7 @@ from tfxfer.data.images import make_image_dataset, scan_image_folder
 from tfxfer.data.text import read_text_file
 from tfxfer.errors import TfxferError
 from tfxfer.recipe import RecipeConfig, find_learning_rate
-from tfxfer.recipe.rank import rank_candidates, ranking_lines, ranking_table
+from tfxfer.recipe.rank import rank_candidates, ranking_lines, ranking_table, winner
 
 # The names this module had before `tfxfer.boundary` held them; kept for importers.
 __all__ = ["DEBUG_HELP", "cli_logging", "error_boundary", "main", "user_error_message"]
@@ -273,21 +273,21 @@ def _cmd_rank(args: argparse.Namespace) -> int:
             module.build_data,
             module.build_model,
             args.candidates,
-            metric=args.metric,
+            metric=args.metric or config.rank_metric,
             output_dir=args.output,
             overwrite=args.overwrite,
         )
     if args.json:
         print("\n".join(ranking_lines(ranking)))
-        return 0
-    print(ranking_table(ranking))
-    print(
-        f"[tfxfer] best: {ranking['best']} ({ranking['seconds']:.0f} s); rank.json and "
-        f"rank.png in {ranking['output_dir']}"
-        if ranking["best"]
-        else f"[tfxfer] no candidate could be ranked; rank.json in {ranking['output_dir']}"
-    )
-    return 0 if ranking["best"] else 2
+    else:
+        print(ranking_table(ranking))
+    best = winner(ranking)  # none: one line naming every candidate's reason, status 2
+    if not args.json:
+        print(
+            f"[tfxfer] best: {best} ({ranking['seconds']:.0f} s); rank.json and rank.png in "
+            f"{ranking['output_dir']}"
+        )
+    return 0
 
 
 def _command(commands, name: str, run: Callable[[argparse.Namespace], int], help: str):
@@ -364,7 +364,10 @@ def _add_rank(commands) -> None:
         "(resnet50@none, efficientnetv2b0@imagenet, minilm-l6@none)",
     )
     rank.add_argument(
-        "--metric", default="logme", help="logme (default; any task) or hscore (classification)"
+        "--metric",
+        default=None,
+        help="logme (any task) or hscore (classification); default: the config's rank_metric, "
+        "logme",
     )
     rank.add_argument("--json", action="store_true", help="one JSON object per candidate")
     rank.add_argument("--output", help="folder for rank.json / rank.png")
