@@ -69,10 +69,8 @@ def build_bert_backbone(
             masked-LM loss on the training texts). It needs a keras-hub preset directory saved
             from a `BertMaskedLM` (its `task.json`); other checkpoints carry no head. Defaults
             to `False`.
-        layers: int or None. Keep only the embeddings and the first `layers` transformer
-            layers (their weights as loaded), a smaller, faster encoder; `build_backbone`
-            reads it from a name ending in `:layers=K` ("minilm-l6:layers=3"), which is then
-            the backbone's name. The pooler stays. Defaults to `None` (every layer).
+        layers: int or None. Keep the embeddings, pooler and first `layers` transformer
+            layers only (`build_backbone("minilm-l6:layers=3")`). Defaults to every layer.
 
     Returns:
         A `Backbone` with `output_kind="sequence"`, `input_kind="text"`, a network taking
@@ -106,9 +104,7 @@ def build_bert_backbone(
     # === Layers ===
     task = _masked_lm_task(kind, location, source, weights) if source_head else None
     bert, run_tokenizer = _load_bert(kind, location, source, weights=weights, task=task)
-    full_depth = bert.num_layers
-    if layers is not None:
-        bert = _first_layers(bert, layers, source, task)
+    full_depth, bert = bert.num_layers, _first_layers(bert, layers, source, task)
     _check_sequence_length(sequence_length, bert.max_sequence_length, source)
     tokenizer = run_tokenizer or _build_tokenizer(kind, location, source)
     _check_vocabulary(tokenizer, bert, source)
@@ -117,10 +113,8 @@ def build_bert_backbone(
     )
     # === Config ===
     info.update(_architecture(bert, tokenizer, sequence_length))
-    if layers is not None:
-        info["layers_of_checkpoint"] = full_depth
-    if task is not None:
-        info["source_heads"] = ["masked_lm"]
+    info.update({"layers_of_checkpoint": full_depth} if layers is not None else {})
+    info.update({"source_heads": ["masked_lm"]} if task is not None else {})
     return Backbone(
         name=source if layers is None else f"{source}:layers={layers}",
         network=with_mask_passthrough(bert),
@@ -243,9 +237,11 @@ def _load_bert(kind: str, location: str, source: str, *, weights: bool, task):
 
 def _first_layers(bert, layers: int, source: str, task) -> keras.Model:
     """A `BertBackbone` of the embeddings, the first `layers` transformer layers and the pooler
-    of `bert`, with their weights."""
+    of `bert`, with their weights; `bert` itself for `layers=None`."""
     import keras_hub
 
+    if layers is None:
+        return bert
     if (
         isinstance(layers, bool)
         or not isinstance(layers, int)
