@@ -716,6 +716,17 @@ def _target_two(runs, name) -> tuple[str, bool, str]:
     return title, met, text
 
 
+def add_split_arguments(parser) -> None:
+    """The arguments of the scripts that run on these splits (`learning_rates.py`, `rank.py`)."""
+    parser.add_argument("--test-per-class", type=int, default=TEST_PER_CLASS)
+    parser.add_argument("--all-per-class", type=int, default=ALL_PER_CLASS)
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--image-sets", action="append", default=[])
+    parser.add_argument("--child-timeout", type=float, default=1800)
+    parser.add_argument("--save-json", default=None)
+    parser.add_argument("--no-readme", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -155,13 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of --rates: settings to compare, each 'default' or KEY=VALUE[;KEY=VALUE]",
     )
     parser.add_argument("--section", default=SECTION, help="the benchmarks/README.md section")
-    parser.add_argument("--test-per-class", type=int, default=few_labels.TEST_PER_CLASS)
-    parser.add_argument("--all-per-class", type=int, default=few_labels.ALL_PER_CLASS)
-    parser.add_argument("--data-root", default=few_labels.DEFAULT_DATA_ROOT)
-    parser.add_argument("--image-sets", action="append", default=[])
-    parser.add_argument("--child-timeout", type=float, default=1800)
-    parser.add_argument("--save-json", default=None)
-    parser.add_argument("--no-readme", action="store_true")
+    few_labels.add_split_arguments(parser)
     args = parser.parse_args(argv)
     for rate in args.rates:
         if rate != "auto":

@@ -9,6 +9,7 @@ and records the ranking.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -164,3 +165,74 @@ def test_classifier_ranks_and_fine_tunes_the_winner_with_backbone_auto(
     metrics = auto.fine_tune(head_epochs=1, finetune_epochs=1, verbose=0, export=False)
     assert metrics["ranking"]["best"] == ranking["best"]
     assert auto.backbone.name == ranking["best"]
+
+
+def test_candidate_names_weights_and_paths_with_an_at_sign(tmp_path):
+    from recipes import bert_text_classifier as text_recipe
+    from recipes import resnet50_image_classifier as recipe
+    from tfxfer.recipe.rank import candidate_config
+
+    image = recipe.Config(data_dir="x")
+    assert candidate_config(image, "resnet50@none").weights == "none"
+    assert candidate_config(image, "resnet50").weights == "imagenet"
+    text = text_recipe.Config()
+    assert candidate_config(text, "minilm-l6:layers=2@none").pretrained is False
+    assert candidate_config(text, "minilm-l6:layers=2").backbone == "minilm-l6:layers=2"
+    folder = tmp_path / "bert@v2"
+    folder.mkdir()
+    assert candidate_config(text, str(folder)).backbone == str(folder)  # not split at '@'
+    with pytest.raises(tfxfer.TfxferError, match="nothing after '@'"):
+        candidate_config(image, "resnet50@")
+    with pytest.raises(tfxfer.TfxferError, match="takes no weights after '@' but 'none'"):
+        candidate_config(text, "minilm-l6@imagenet")
+
+
+def test_json_output_exits_2_when_no_candidate_could_be_ranked(shapes_dir, tmp_path, capsys):
+    argv = ["rank", "resnet50_image_classifier", "--candidates", TEXT_BACKBONE, "--json"]
+    for setting in _settings(shapes_dir, tmp_path):
+        argv += ["--set", setting]
+    assert tfxfer_command(argv) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.out.splitlines()
+    assert json.loads(line)["rank"] is None and "takes text" in json.loads(line)["error"]
+    assert captured.err.strip().startswith("tfxfer: error: No candidate backbone could be ranked")
+
+
+def test_auto_reseeds_after_ranking_and_a_resumed_run_keeps_its_winner(
+    shapes_dir, tmp_path, tiny_backbones
+):
+    import keras
+    import numpy as np
+
+    from recipes import resnet50_image_classifier as recipe
+    from tfxfer.distribute import Distribution
+    from tfxfer.recipe.rank import choose_backbone
+
+    config = recipe.Config.smoke(
+        data_dir=shapes_dir,
+        output_dir=str(tmp_path / "run"),
+        backbone="auto",
+        candidates=tiny_backbones,
+        quiet=True,
+    )
+    distribution = Distribution("cpu", "float32", 8, False)
+    chosen, _, ranking = choose_backbone(
+        config, recipe.build_data, recipe.build_model, distribution
+    )
+    after_ranking = np.random.rand()
+    keras.utils.set_random_seed(config.seed)
+    assert after_ranking == np.random.rand()  # the winner starts from the seed
+    assert chosen.backbone == ranking["best"]
+
+    # Resumed: the winner config.json recorded, whatever ranking would say now.
+    (tmp_path / "run").mkdir()
+    other = next(b for b in tiny_backbones if b != ranking["best"])
+    recorded = {**ranking, "best": other}
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"ranking": recorded}))
+
+    def must_not_build(config, data):
+        raise AssertionError("a resumed run must not rank again")
+
+    resumed = dataclasses.replace(config, resume=True)
+    chosen, _, ranking = choose_backbone(resumed, recipe.build_data, must_not_build, distribution)
+    assert chosen.backbone == other and ranking["best"] == other

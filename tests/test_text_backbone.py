@@ -16,6 +16,7 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import keras
 import keras_hub
 import numpy as np
 import pytest
@@ -429,3 +430,40 @@ def test_minilm_falls_back_to_the_keras_hub_preset_without_the_package(
     monkeypatch.setattr(text_sources, "_find_package_dir", lambda package: None)
     with pytest.raises(WeightsError, match="all_minilm_l6_v2_en"):
         build_bert_backbone("minilm-l6", allow_download=False)
+
+
+# === The first K layers: ":layers=K" ===
+
+
+def test_first_k_layers_are_the_checkpoints_own_up_to_layer_k(hf_dir):
+    import tfxfer
+
+    full = build_bert_backbone(str(hf_dir), sequence_length=12)
+    small = tfxfer.build_backbone(f"{hf_dir}:layers=1", sequence_length=12)
+
+    assert small.name == f"{hf_dir}:layers=1"
+    assert small.info["num_layers"] == 1 and small.info["layers_of_checkpoint"] == 2
+    assert [g for g in small.group_names if g.startswith("layer_")] == ["layer_0"]
+    tokens = token_batch(full, ["the cat sat", "a dog ran far away"])
+    bert = full.network.get_layer("bert_backbone")
+    after_first = keras.Model(bert.inputs, bert.get_layer("transformer_layer_0").output)
+    np.testing.assert_allclose(
+        np.asarray(small.network(tokens)["sequence_output"]),
+        np.asarray(after_first(tokens)),
+        atol=1e-6,
+    )
+    assert tfxfer.backbones.modality_of(f"{hf_dir}:layers=1") == "text"
+
+
+@pytest.mark.parametrize(
+    "suffix, words",
+    [(":layers=3", "has 2 transformer layers: ':layers=K' takes K from 1 to 2"),
+     (":layers=0", "takes K from 1 to 2. Received: 0")],
+)  # fmt: skip
+def test_first_k_layers_out_of_range_is_one_clear_error(hf_dir, suffix, words):
+    import tfxfer
+
+    with pytest.raises(TfxferError, match=words):
+        tfxfer.build_backbone(f"{hf_dir}{suffix}", sequence_length=12)
+    with pytest.raises(TfxferError, match="'resnet50' is not one"):
+        tfxfer.build_backbone("resnet50:layers=2")

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from tfxfer.errors import TfxferError
-from tfxfer.transferability import h_score, logme, transferability
+from tfxfer.transferability import (
+    _column_evidence,
+    _noise_free_limit,
+    h_score,
+    logme,
+    transferability,
+)
 
 
 def _paper_logme_column(f: np.ndarray, y: np.ndarray) -> float:
@@ -107,12 +113,54 @@ def test_h_score_grows_with_class_separation_and_works_with_more_features_than_e
         (np.zeros((5, 3)), [0, 1, 0, 1, 0], "the same for every example"),
         (np.full((4, 2), np.nan), [0, 1, 0, 1], "NaN or infinite"),
         (np.ones((3, 2)), [0, 1], "as many targets"),
-        (np.ones((3, 2)), [0.5, 1, 0], "class ids"),
+        (np.eye(3), [0.5, 1, 0], "class ids"),
+        (np.eye(3), ["cat", "dog", "cat"], "class ids"),
+        (np.eye(3), np.eye(3), "for 0/1 label columns use task='multi_label'"),
     ],
 )
 def test_bad_input_is_one_clear_error(features, targets, words) -> None:
-    with pytest.raises(TfxferError, match=words):
-        metric = "hscore" if "same" in words else "logme"
-        transferability(features + np.arange(features.shape[1]) * 0, targets, metric=metric)
+    for metric in ("logme", "hscore"):
+        with pytest.raises(TfxferError, match=words):
+            transferability(features, targets, metric=metric)
     with pytest.raises(TfxferError, match="Unknown transferability metric 'nce'"):
         transferability(np.eye(3), [0, 1, 2], metric="nce")
+
+
+def _evidence_at(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """The paper's evidence per example at given precisions (matrix form)."""
+    n, d = f.shape
+    a = alpha * np.eye(d) + beta * f.T @ f
+    m = beta * np.linalg.solve(a, f.T @ y)
+    return (
+        n / 2 * np.log(beta)
+        + d / 2 * np.log(alpha)
+        - n / 2 * np.log(2 * np.pi)
+        - beta / 2 * np.sum((f @ m - y) ** 2)
+        - alpha / 2 * (m @ m)
+        - np.linalg.slogdet(a)[1] / 2
+    ) / n
+
+
+def test_more_features_than_examples_give_the_noise_free_limit_not_a_crash() -> None:
+    # Full row rank: every column can be fitted exactly. For some columns the fixed point
+    # runs off to beta = infinity (the case that divided by zero), and the evidence rises to
+    # a finite limit: the paper's own formula at a large beta, at alpha = n / |m0|^2.
+    f, labels = _problem(n=10, d=50, seed=3)
+    onehot = np.eye(3)[labels]
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    found, took_limit = [], 0
+    for c in range(3):
+        z = u.T @ onehot[:, c]
+        limit = _noise_free_limit((s**2, s), z, 0.0, shape=(10, 50)) / 10
+        m0 = np.linalg.pinv(f) @ onehot[:, c]
+        assert _evidence_at(f, onehot[:, c], 10 / (m0 @ m0), 1e7) == pytest.approx(limit, abs=1e-6)
+        found.append(_column_evidence((s**2, s), z, 0.0, shape=(10, 50), tol=1e-10) / 10)
+        took_limit += found[-1] == limit
+    assert took_limit >= 1  # measured: column 0
+    assert logme(f, labels) == pytest.approx(np.mean(found), abs=1e-9)
+
+
+def test_repeated_examples_do_not_inflate_the_score() -> None:
+    f, labels = _problem(n=24, d=30, seed=4)
+    once = logme(f, labels)
+    assert logme(np.tile(f, (4, 1)), np.tile(labels, 4)) == pytest.approx(once, abs=1e-9)

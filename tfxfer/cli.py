@@ -27,7 +27,7 @@ from tfxfer.data.images import make_image_dataset, scan_image_folder
 from tfxfer.data.text import read_text_file
 from tfxfer.errors import TfxferError
 from tfxfer.recipe import RecipeConfig, find_learning_rate
-from tfxfer.recipe.rank import rank_candidates, ranking_lines, ranking_table
+from tfxfer.recipe.rank import rank_candidates, ranking_lines, ranking_table, winner
 
 # The names this module had before `tfxfer.boundary` held them; kept for importers.
 __all__ = ["DEBUG_HELP", "cli_logging", "error_boundary", "main", "user_error_message"]
@@ -226,18 +226,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_lr_find(args: argparse.Namespace) -> int:
+def _fine_tuning_recipe(args: argparse.Namespace, command: str, why: str = ""):
+    """(module, config) of a fine-tuning recipe from TARGET, --set and the recipe's flags."""
     module, config = resolve(args.target, args.set)
     if not isinstance(config, RecipeConfig) or not hasattr(module, "build_model"):
         raise TfxferError(
-            f"lr-find is for the fine-tuning recipes (bert_text_classifier, "
-            f"resnet50_image_classifier, ...); {args.target!r} is not one. A pretraining "
-            "recipe has one learning rate: try a few on a short run."
+            f"{command} is for the fine-tuning recipes (bert_text_classifier, "
+            f"resnet50_image_classifier, ...); {args.target!r} is not one.{why}"
         )
     if args.recipe_flags:
         config, _ = type(config).parse_flags(
-            args.recipe_flags, prog=f"tfxfer lr-find {args.target}", defaults=config
+            args.recipe_flags, prog=f"tfxfer {command} {args.target}", defaults=config
         )
+    return module, config
+
+
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    module, config = _fine_tuning_recipe(
+        args,
+        "lr-find",
+        " A pretraining recipe has one learning rate: try a few on a short run.",
+    )
     if args.steps is not None and args.steps < 5:
         raise TfxferError(f"--steps {args.steps}: the range test needs at least 5 steps.")
     cli_logging()
@@ -254,16 +263,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
-    module, config = resolve(args.target, args.set)
-    if not isinstance(config, RecipeConfig) or not hasattr(module, "build_model"):
-        raise TfxferError(
-            f"rank is for the fine-tuning recipes (bert_text_classifier, "
-            f"resnet50_image_classifier, ...); {args.target!r} is not one."
-        )
-    if args.recipe_flags:
-        config, _ = type(config).parse_flags(
-            args.recipe_flags, prog=f"tfxfer rank {args.target}", defaults=config
-        )
+    module, config = _fine_tuning_recipe(args, "rank")
     cli_logging()
     # With --json, stdout carries the JSON lines alone: what building prints goes to stderr.
     quiet_stdout = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
@@ -273,21 +273,21 @@ def _cmd_rank(args: argparse.Namespace) -> int:
             module.build_data,
             module.build_model,
             args.candidates,
-            metric=args.metric,
+            metric=args.metric or config.rank_metric,
             output_dir=args.output,
             overwrite=args.overwrite,
         )
     if args.json:
         print("\n".join(ranking_lines(ranking)))
-        return 0
-    print(ranking_table(ranking))
-    print(
-        f"[tfxfer] best: {ranking['best']} ({ranking['seconds']:.0f} s); rank.json and "
-        f"rank.png in {ranking['output_dir']}"
-        if ranking["best"]
-        else f"[tfxfer] no candidate could be ranked; rank.json in {ranking['output_dir']}"
-    )
-    return 0 if ranking["best"] else 2
+    else:
+        print(ranking_table(ranking))
+    best = winner(ranking)  # none: one line naming every candidate's reason, status 2
+    if not args.json:
+        print(
+            f"[tfxfer] best: {best} ({ranking['seconds']:.0f} s); rank.json and rank.png in "
+            f"{ranking['output_dir']}"
+        )
+    return 0
 
 
 def _command(commands, name: str, run: Callable[[argparse.Namespace], int], help: str):
@@ -364,7 +364,10 @@ def _add_rank(commands) -> None:
         "(resnet50@none, efficientnetv2b0@imagenet, minilm-l6@none)",
     )
     rank.add_argument(
-        "--metric", default="logme", help="logme (default; any task) or hscore (classification)"
+        "--metric",
+        default=None,
+        help="logme (any task) or hscore (classification); default: the config's rank_metric, "
+        "logme",
     )
     rank.add_argument("--json", action="store_true", help="one JSON object per candidate")
     rank.add_argument("--output", help="folder for rank.json / rank.png")

@@ -48,6 +48,7 @@ def logme(features, targets, task: str = "single_label", *, tol: float = LOGME_T
         float. The mean over columns of each column's maximised log evidence divided by n.
     """
     x, y = _checked(features, targets, task)
+    x, y = _distinct_rows(x, y)
     n, d = x.shape
     sigma, projected = _spectrum(x, y)
     s = np.sqrt(sigma)
@@ -60,6 +61,20 @@ def logme(features, targets, task: str = "single_label", *, tol: float = LOGME_T
     if not scores:
         raise TfxferError("Every target is 0: no label to score the features on.")
     return float(np.mean(scores))
+
+
+def _distinct_rows(x, y) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of (features, targets) with exact repeats dropped.
+
+    A repeated example (oversampling, a duplicated file) adds nothing to learn, but lets a
+    model that fits the targets exactly claim a vanishing noise, and the evidence then grows
+    without bound.
+    """
+    _, first = np.unique(np.concatenate([x, y], axis=1), axis=0, return_index=True)
+    if len(first) < 2:
+        raise TfxferError("Fewer than 2 distinct examples: nothing to score the features on.")
+    first = np.sort(first)
+    return x[first], y[first]
 
 
 def _spectrum(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -85,13 +100,19 @@ def _column_evidence(spectrum, z, outside, *, shape: tuple[int, int], tol: float
     """The maximised log evidence of one target column, in the SVD basis of the features.
 
     `spectrum` is (squared singular values, singular values); `shape` the features' (n, d).
+    With as many independent features as examples, a column can be fitted exactly, and the
+    fixed point may then run off towards a noise-free model (beta to infinity): the
+    evidence rises to a finite limit, which is returned (`_noise_free_limit`).
     """
     (sigma, _), (n, d) = spectrum, shape
+    scale = float(z @ z + outside)  # |y|^2
     alpha, beta = 1.0, 1.0
     for _ in range(LOGME_MAX_ITER):
         gamma, m2, residual = _posterior(alpha, beta, spectrum, z, outside)
+        if n - gamma <= 1e-9 * n or residual <= 1e-14 * scale:
+            return _noise_free_limit(spectrum, z, outside, shape=shape)
         new_alpha = gamma / max(m2, 1e-300)
-        new_beta = (n - gamma) / max(residual, 1e-300)
+        new_beta = (n - gamma) / residual
         done = abs(new_alpha / new_beta - alpha / beta) <= tol * (alpha / beta)
         alpha, beta = new_alpha, new_beta
         if done:
@@ -105,6 +126,34 @@ def _column_evidence(spectrum, z, outside, *, shape: tuple[int, int], tol: float
         - beta / 2 * residual
         - alpha / 2 * m2
         - log_det / 2
+    )
+
+
+def _noise_free_limit(spectrum, z, outside, *, shape: tuple[int, int]) -> float:
+    """The evidence as beta goes to infinity, at the best alpha: finite when the features
+    have rank n (every column is fitted exactly by the minimum-norm solution m0).
+
+    With r = n the log-determinant's n log(beta) cancels n/2 log(beta), beta * residual
+    vanishes, and what is left is maximised at alpha = n / |m0|^2:
+    n/2 log(n / |m0|^2) - n/2 log(2 pi) - n/2 - 1/2 sum(log sigma_i).
+    """
+    sigma, s = spectrum
+    n, _ = shape
+    kept = sigma > sigma.max(initial=0.0) * 1e-12
+    if int(kept.sum()) < n or outside > 1e-12 * float(z @ z + outside):
+        # Fitted exactly by fewer directions than examples: an unbounded evidence. Rows are
+        # distinct (`_distinct_rows`), so this is degenerate data; refuse to rank on it.
+        raise TfxferError(
+            "The targets are an exact linear function of fewer feature directions than there "
+            "are examples: the evidence is unbounded, and LogME cannot score these features."
+        )
+    m0 = z[kept] / s[kept]
+    norm = float(m0 @ m0)
+    return float(
+        n / 2 * np.log(n / norm)
+        - n / 2 * np.log(2 * np.pi)
+        - n / 2
+        - np.sum(np.log(sigma[kept])) / 2
     )
 
 
@@ -130,7 +179,10 @@ def h_score(features, targets, task: str = "single_label") -> float:
     inverse = _shrunk_covariance_inverse(x)
     if task == "single_label":
         return _between_classes(x, y.argmax(axis=1), inverse)
-    return float(np.mean([_between_classes(x, col.astype(int), inverse) for col in y.T]))
+    varying = [col for col in y.T if 0 < col.sum() < len(col)]  # a constant label says nothing
+    if not varying:
+        raise TfxferError("Every label is the same for every example: nothing to score.")
+    return float(np.mean([_between_classes(x, col.astype(int), inverse) for col in varying]))
 
 
 def _between_classes(x, labels, inverse) -> float:
@@ -201,6 +253,8 @@ def _checked(features, targets, task: str) -> tuple[np.ndarray, np.ndarray]:
         t = np.asarray(targets)
     except (TypeError, ValueError) as error:
         raise TfxferError(f"Expected features and targets as numbers. Received: {error}") from None
+    if x.ndim == 0 or x.size == 0:
+        raise TfxferError(f"Expected features as an (examples, width) array. Received: {x.shape}")
     x = x.reshape(len(x), -1)
     if len(x) < 2 or len(t) != len(x):
         raise TfxferError(
@@ -209,13 +263,36 @@ def _checked(features, targets, task: str) -> tuple[np.ndarray, np.ndarray]:
         )
     if not np.all(np.isfinite(x)):
         raise TfxferError("The features hold NaN or infinite values: nothing to score.")
+    if not np.any(np.ptp(x, axis=0) > 0):
+        raise TfxferError("The features are the same for every example: nothing to score.")
     if task == "single_label":
-        ids = t.reshape(-1).astype(int)
-        if np.any(ids < 0) or np.any(ids != t.reshape(-1)):
-            raise TfxferError("Expected class ids (integers >= 0) as single-label targets.")
-        present = np.unique(ids)  # a class with no example has nothing to score
-        return x, (ids[:, None] == present[None, :]).astype(np.float64)
-    y = t.astype(np.float64).reshape(len(t), -1)
+        return x, _one_hot(t)
+    try:
+        y = t.astype(np.float64).reshape(len(t), -1)
+    except (TypeError, ValueError):
+        raise TfxferError(f"Expected numbers as {task} targets. Received: {t[:3]!r}") from None
+    if not np.all(np.isfinite(y)):
+        raise TfxferError(f"The {task} targets hold NaN or infinite values.")
     if task == "multi_label" and not np.all((y == 0) | (y == 1)):
         raise TfxferError("Expected 0/1 label columns as multi-label targets.")
     return x, y
+
+
+def _one_hot(t: np.ndarray) -> np.ndarray:
+    """Class ids (n,) as one-hot columns of the classes present."""
+    if t.ndim != 1:
+        raise TfxferError(
+            f"Expected one class id per example as single-label targets, shape (n,). "
+            f"Received: shape {t.shape} (for 0/1 label columns use task='multi_label')."
+        )
+    try:
+        ids = t.astype(np.int64)
+        whole = bool(np.all(ids == t.astype(np.float64)))
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or np.any(ids < 0):
+        raise TfxferError(
+            f"Expected class ids (integers >= 0) as single-label targets. Received: {t[:3]!r}"
+        )
+    present = np.unique(ids)  # a class with no example has nothing to score
+    return (ids[:, None] == present[None, :]).astype(np.float64)

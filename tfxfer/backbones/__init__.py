@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tfxfer.backbones.base import Backbone, split_into_groups
+from tfxfer.backbones.base import Backbone, split_into_groups, split_layers_option
 from tfxfer.backbones.vision import VISION_BACKBONES, build_vision_backbone
 from tfxfer.errors import TfxferError
 
@@ -35,6 +35,7 @@ def modality_of(name: str) -> str | None:
 
     None for a TF-Hub handle (its kind is known once loaded) and for an unknown name.
     """
+    name, _ = split_layers_option(name)
     key = name.lower()
     if key in VISION_BACKBONES:
         return "image"
@@ -56,6 +57,16 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
         **kwargs: passed to the family's builder (`weights`, `image_size`,
             `sequence_length`, ...).
     """
+    source, layers = split_layers_option(name)
+    if layers is not None:  # "minilm-l6:layers=3"
+        if modality_of(source) != "text" or source.startswith(HUB_PREFIX):
+            raise TfxferError(
+                f"Backbone {name!r}: ':layers=K' keeps the first K transformer layers of a BERT "
+                f"text backbone, and {source!r} is not one."
+            )
+        from tfxfer.backbones.text import build_bert_backbone
+
+        return build_bert_backbone(source, layers=layers, **kwargs)
     key = name.lower()
     if key in VISION_BACKBONES:
         return build_vision_backbone(key, **kwargs)

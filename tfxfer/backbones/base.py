@@ -15,6 +15,7 @@ backbones under namespaced names (`"resnet50/conv5"`, `"bert/layer_5"`) for one 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -281,3 +282,15 @@ def split_into_groups(
             if not isinstance(layer, keras.layers.InputLayer)
         ]
     return groups
+
+
+# `NAME:layers=K`: a BERT backbone's embeddings and first K transformer layers only.
+_LAYERS_OPTION = re.compile(r"^(?P<source>.+):layers=(?P<layers>-?\d+)$")
+
+
+def split_layers_option(name: str) -> tuple[str, int | None]:
+    """("minilm-l6", 3) from "minilm-l6:layers=3"; (name, None) without the option."""
+    match = _LAYERS_OPTION.match(str(name))
+    if match is None:
+        return str(name), None
+    return match["source"], int(match["layers"])

@@ -38,6 +38,7 @@ def build_bert_backbone(
     expected_sha256: str | None = None,
     allow_download: bool = True,
     source_head: bool = False,
+    layers: int | None = None,
 ) -> Backbone:
     """Builds a BERT backbone and its tokenizer from a name, a preset or a local directory.
 
@@ -68,6 +69,8 @@ def build_bert_backbone(
             masked-LM loss on the training texts). It needs a keras-hub preset directory saved
             from a `BertMaskedLM` (its `task.json`); other checkpoints carry no head. Defaults
             to `False`.
+        layers: int or None. Keep the embeddings, pooler and first `layers` transformer
+            layers only (`build_backbone("minilm-l6:layers=3")`). Defaults to every layer.
 
     Returns:
         A `Backbone` with `output_kind="sequence"`, `input_kind="text"`, a network taking
@@ -101,6 +104,7 @@ def build_bert_backbone(
     # === Layers ===
     task = _masked_lm_task(kind, location, source, weights) if source_head else None
     bert, run_tokenizer = _load_bert(kind, location, source, weights=weights, task=task)
+    full_depth, bert = bert.num_layers, _first_layers(bert, layers, source, task)
     _check_sequence_length(sequence_length, bert.max_sequence_length, source)
     tokenizer = run_tokenizer or _build_tokenizer(kind, location, source)
     _check_vocabulary(tokenizer, bert, source)
@@ -109,10 +113,10 @@ def build_bert_backbone(
     )
     # === Config ===
     info.update(_architecture(bert, tokenizer, sequence_length))
-    if task is not None:
-        info["source_heads"] = ["masked_lm"]
+    info.update({"layers_of_checkpoint": full_depth} if layers is not None else {})
+    info.update({"source_heads": ["masked_lm"]} if task is not None else {})
     return Backbone(
-        name=source,
+        name=source if layers is None else f"{source}:layers={layers}",
         network=with_mask_passthrough(bert),
         preprocessor=preprocessor,
         output_kind="sequence",
@@ -229,6 +233,35 @@ def _load_bert(kind: str, location: str, source: str, *, weights: bool, task):
             "uncorrupted BERT checkpoint, or pass `weights=False` to build it untrained."
         ) from error
     return bert, run_tokenizer
+
+
+def _first_layers(bert, layers: int, source: str, task) -> keras.Model:
+    """A `BertBackbone` of the embeddings, the first `layers` transformer layers and the pooler
+    of `bert`, with their weights; `bert` itself for `layers=None`."""
+    import keras_hub
+
+    if layers is None:
+        return bert
+    if (
+        isinstance(layers, bool)
+        or not isinstance(layers, int)
+        or not 1 <= layers <= bert.num_layers
+    ):
+        raise TfxferError(
+            f"Backbone {source!r} has {bert.num_layers} transformer layers: ':layers=K' takes "
+            f"K from 1 to {bert.num_layers}. Received: {layers!r}"
+        )
+    if task is not None:
+        raise TfxferError(
+            f"{source!r} with ':layers={layers}': the source_task regularizer needs the whole "
+            "checkpoint its masked-LM head was trained on. Drop one of the two."
+        )
+    config = {**bert.get_config(), "num_layers": layers}
+    smaller = keras_hub.models.BertBackbone.from_config(config)
+    for layer in smaller.layers:
+        if layer.weights:
+            layer.set_weights(bert.get_layer(layer.name).get_weights())
+    return smaller
 
 
 def _source_heads(task, tokenizer, bert) -> dict[str, SourceHead]:

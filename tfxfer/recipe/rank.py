@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ from tfxfer.model import task_of
 from tfxfer.recipe.config import AUTO_BACKBONE, RecipeConfig
 from tfxfer.recipe.start import BuildData, BuildModel, keeping_dtype_policy, prepare
 from tfxfer.report.plots import plot_ranking
+from tfxfer.rundir import RunDir
 from tfxfer.train.features import STORE, split_at_head
 from tfxfer.transferability import METRICS, transferability
 
@@ -69,7 +71,15 @@ def check_metric(metric: str) -> str:
 
 def candidate_config(config: RecipeConfig, candidate: str) -> RecipeConfig:
     """`config` with its backbone (and, after `@`, its weights) set to the candidate's."""
-    name, _, weights = candidate.partition("@")
+    if os.path.exists(os.path.expanduser(candidate)):  # a folder whose name holds an '@'
+        name, weights = candidate, ""
+    else:
+        name, at, weights = candidate.partition("@")
+        if at and not weights.strip():
+            raise TfxferError(
+                f"Candidate {candidate!r}: nothing after '@'. Write NAME@WEIGHTS "
+                "(resnet50@none, efficientnetv2b0@imagenet), or the name alone."
+            )
     changes: dict[str, Any] = {"backbone": name.strip(), "candidates": []}
     if weights:
         weights = weights.strip()
@@ -150,6 +160,9 @@ def rank_candidates(
     if write:
         check_rank_folder(output_dir, overwrite=overwrite)  # again: minutes have passed
         fs.makedirs(output_dir)
+        for name in RANK_FILES:  # no picture of an earlier ranking beside the new one
+            if fs.exists(fs.join(output_dir, name)):
+                fs.remove(fs.join(output_dir, name))
         fs.atomic_write_json(fs.join(output_dir, RANK_FILES[0]), ranking)
         plot_ranking(ranking, fs.join(output_dir, RANK_FILES[1]))
     return ranking
@@ -189,8 +202,11 @@ def _score(config, candidate: str, data, build_model: BuildModel, *, distributio
         with distribution.scope():
             features, labels, _ = STORE.features(split.features, prepared.datasets().train.examples)
         features = np.asarray(features).reshape(len(features), -1)
+        score = transferability(features, labels, task_of(prepared.model), metric)
+        if not np.isfinite(score):
+            raise TfxferError(f"its {metric} score is not a number ({score})")
         row.update(
-            score=round(transferability(features, labels, task_of(prepared.model), metric), 6),
+            score=round(float(score), 6),
             feature_width=int(features.shape[1]),
             examples=int(len(features)),
         )
@@ -261,22 +277,39 @@ def choose_backbone(
     def same_data(_):
         return data
 
-    ranking = rank_candidates(
-        config,
-        same_data,
-        build_model,
-        config.candidates,
-        metric=config.rank_metric,
-        write=False,
-        distribution=distribution,
-    )
+    ranking = _recorded_ranking(config)  # a resumed run fine-tunes what it started with
+    if ranking is None:
+        ranking = rank_candidates(
+            config,
+            same_data,
+            build_model,
+            config.candidates,
+            metric=config.rank_metric,
+            write=False,
+            distribution=distribution,
+        )
     best = winner(ranking)
     if not config.quiet:
         print(ranking_table(ranking), flush=True)
         print(
             f"[tfxfer] --backbone auto: fine-tuning {best} ({ranking['seconds']:.0f} s of ranking)"
         )
-    return candidate_config(config, best), same_data, ranking
+    chosen = candidate_config(config, best)
+    RunDir.check_inputs(chosen.output_dir, chosen.input_paths())
+    # The winner starts from the seed, as `--backbone WINNER` would, not from wherever
+    # building the candidates left the random state.
+    keras.utils.set_random_seed(config.seed)
+    return chosen, same_data, ranking
+
+
+def _recorded_ranking(config: RecipeConfig) -> dict[str, Any] | None:
+    """The ranking a run being resumed recorded in its config.json, or None."""
+    path = fs.join(str(config.output_dir), "config.json")
+    if not config.resume or not fs.exists(path):
+        return None
+    with fs.open(path) as handle:
+        ranking = json.load(handle).get("ranking")
+    return ranking if isinstance(ranking, dict) and ranking.get("best") else None
 
 
 def rank_backbones(

@@ -155,7 +155,7 @@ def _from_scratch(stages: list[Stage], prepared: Prepared, datasets, run_dir: Ru
             datasets.train,
             mode=getattr(config, "random_batchnorm", "auto"),
             seed=config.seed,
-            solved_head=_solved_head(stages, model),
+            solved_head=_solved_head(stages, model, config),
         )
     if prepared.distribution.is_chief:
         run_dir.write_json("batchnorm.json", info)
@@ -173,13 +173,16 @@ def _from_scratch(stages: list[Stage], prepared: Prepared, datasets, run_dir: Ru
     ]
 
 
-def _solved_head(stages: list[Stage], model) -> bool:
-    """Whether the first stage fits a linear head with the solver (not by gradient steps)."""
+def _solved_head(stages: list[Stage], model, config) -> bool:
+    """Whether the first stage fits a linear head with the solver (not by gradient steps):
+    `solving.solver_layer`'s conditions, as far as they are known before training."""
     first = next((stage for stage in stages if stage.epochs != 0), None)
     return (
         first is not None
         and first.train == "head"
         and first.solver is not None
+        and not first.lora_rank
+        and bool(config.cache_features)
         and linear_output_layer(split_at_head(model)) is not None
     )
 

@@ -116,22 +116,23 @@ def _choose(model, train: TrainData, record: dict, *, seed: int, max_examples: i
     outputs = int(model.outputs[0].shape[-1])
     task = task_of(model)
     initial, why_initial = _probe_loss(split.features, examples, task, outputs, seed)
-    saved = [
-        (layer, layer.moving_mean.numpy(), layer.moving_variance.numpy())
-        for layer in batchnorm_layers(model)
-    ]
-    record["examples"] = _recompute(model, train, max_examples)
-    recomputed, why_recomputed = _probe_loss(split.features, examples, task, outputs, seed)
+    saved = [(layer, [v.numpy() for v in layer.non_trainable_weights]) for layer in
+             batchnorm_layers(model)]  # fmt: skip
+    keep_initial = True  # put back as built if anything below fails
+    try:
+        record["examples"] = _recompute(model, train, max_examples)
+        recomputed, why_recomputed = _probe_loss(split.features, examples, task, outputs, seed)
+        keep_initial, reason = _verdict(initial, why_initial, recomputed, why_recomputed)
+    finally:
+        if keep_initial:
+            for layer, values in saved:
+                for variable, value in zip(layer.non_trainable_weights, values, strict=True):
+                    variable.assign(value)
     record["cv_loss"] = {
         name: round(loss, 6)
         for name, loss in (("initial", initial), ("recomputed", recomputed))
         if isinstance(loss, float)
     }
-    keep_initial, reason = _verdict(initial, why_initial, recomputed, why_recomputed)
-    if keep_initial:
-        for layer, mean, variance in saved:
-            layer.moving_mean.assign(mean)
-            layer.moving_variance.assign(variance)
     record.update(start="initial" if keep_initial else "recomputed", reason=reason)
 
 
@@ -176,12 +177,15 @@ def _probe_loss(extractor, examples, task: str, outputs: int, seed: int):
 
 
 def _sample(train: TrainData, max_examples: int, seed: int):
-    """The training examples, or a seeded sample of `max_examples` of them."""
+    """The training examples, or a seeded sample of `max_examples` of them, the same sample
+    every time it is read (both probes see the same examples)."""
     examples = train.examples
     count = int(examples.cardinality())
-    if 0 <= count <= max_examples:
+    if count < 0:  # unknown: count them (the sample must not be the first, class-sorted ones)
+        count = int(examples.reduce(0, lambda n, _: n + 1))
+    if count <= max_examples:
         return examples
-    return examples.shuffle(max(count, max_examples), seed=seed).take(max_examples)
+    return examples.shuffle(count, seed=seed, reshuffle_each_iteration=False).take(max_examples)
 
 
 def _recompute(model, train: TrainData, max_examples: int) -> int:
