@@ -21,6 +21,21 @@ from tfxfer.transferability import (
 )
 
 
+def _evidence_at(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """The paper's evidence per example at given precisions (matrix form)."""
+    n, d = f.shape
+    a = alpha * np.eye(d) + beta * f.T @ f
+    m = beta * np.linalg.solve(a, f.T @ y)
+    return (
+        n / 2 * np.log(beta)
+        + d / 2 * np.log(alpha)
+        - n / 2 * np.log(2 * np.pi)
+        - beta / 2 * np.sum((f @ m - y) ** 2)
+        - alpha / 2 * (m @ m)
+        - np.linalg.slogdet(a)[1] / 2
+    ) / n
+
+
 def _paper_logme_column(f: np.ndarray, y: np.ndarray) -> float:
     """One target column's evidence per example, the paper's way (n x d features f)."""
     n, d = f.shape
@@ -36,17 +51,7 @@ def _paper_logme_column(f: np.ndarray, y: np.ndarray) -> float:
         alpha, beta = new_alpha, new_beta
         if converged:
             break
-    a = alpha * np.eye(d) + beta * ftf
-    m = beta * np.linalg.solve(a, f.T @ y)
-    evidence = (
-        n / 2 * np.log(beta)
-        + d / 2 * np.log(alpha)
-        - n / 2 * np.log(2 * np.pi)
-        - beta / 2 * np.sum((f @ m - y) ** 2)
-        - alpha / 2 * (m @ m)
-        - np.linalg.slogdet(a)[1] / 2
-    )
-    return evidence / n
+    return _evidence_at(f, y, alpha, beta)
 
 
 def _problem(n=120, d=12, k=3, seed=0, signal=2.0):
@@ -124,21 +129,6 @@ def test_bad_input_is_one_clear_error(features, targets, words) -> None:
             transferability(features, targets, metric=metric)
     with pytest.raises(TfxferError, match="Unknown transferability metric 'nce'"):
         transferability(np.eye(3), [0, 1, 2], metric="nce")
-
-
-def _evidence_at(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
-    """The paper's evidence per example at given precisions (matrix form)."""
-    n, d = f.shape
-    a = alpha * np.eye(d) + beta * f.T @ f
-    m = beta * np.linalg.solve(a, f.T @ y)
-    return (
-        n / 2 * np.log(beta)
-        + d / 2 * np.log(alpha)
-        - n / 2 * np.log(2 * np.pi)
-        - beta / 2 * np.sum((f @ m - y) ** 2)
-        - alpha / 2 * (m @ m)
-        - np.linalg.slogdet(a)[1] / 2
-    ) / n
 
 
 def test_more_features_than_examples_give_the_noise_free_limit_not_a_crash() -> None:
