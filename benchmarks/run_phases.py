@@ -40,9 +40,10 @@ from common import (
     replace_section,
     run_child,
 )
+from few_labels_data import DEFAULT_DATA_ROOT
 
 SECTION = "run_phases"
-DATA = Path.home() / ".cache" / "tfxfer-benchmarks" / "few-labels"
+DATA = Path(DEFAULT_DATA_ROOT).expanduser()  # few_labels.py's splits (`few_labels.py build`)
 
 # (label, file suffix, function name): the functions whose inclusive time marks a phase.
 PHASES = [

@@ -236,3 +236,16 @@ def test_auto_reseeds_after_ranking_and_a_resumed_run_keeps_its_winner(
     resumed = dataclasses.replace(config, resume=True)
     chosen, _, ranking = choose_backbone(resumed, recipe.build_data, must_not_build, distribution)
     assert chosen.backbone == other and ranking["best"] == other
+
+
+def test_a_users_own_rank_json_is_never_replaced(shapes_dir, tmp_path, tiny_backbones, capsys):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    (folder / "rank.json").write_text('{"my": "ranking"}')
+    argv = ["rank", "resnet50_image_classifier", "--candidates", tiny_backbones[0]]
+    argv += ["--output", str(folder), "--overwrite"]
+    for setting in _settings(shapes_dir, tmp_path):
+        argv += ["--set", setting]
+    assert tfxfer_command(argv) == 2
+    assert "holds files rank did not write (rank.json)" in capsys.readouterr().err
+    assert (folder / "rank.json").read_text() == '{"my": "ranking"}'

@@ -42,6 +42,8 @@ from tfxfer.transferability import METRICS, transferability
 DEFAULT_METRIC = "logme"
 # What `tfxfer rank` writes into its folder, and all it may replace there.
 RANK_FILES = ("rank.json", "rank.png")
+# The key in rank.json that marks it as tfxfer rank's (a user's own rank.json is never replaced).
+RANK_MARKER = "tfxfer_rank"
 
 
 def parse_candidates(candidates) -> list[str]:
@@ -163,9 +165,22 @@ def rank_candidates(
         for name in RANK_FILES:  # no picture of an earlier ranking beside the new one
             if fs.exists(fs.join(output_dir, name)):
                 fs.remove(fs.join(output_dir, name))
-        fs.atomic_write_json(fs.join(output_dir, RANK_FILES[0]), ranking)
+        fs.atomic_write_json(fs.join(output_dir, RANK_FILES[0]), {**ranking, RANK_MARKER: True})
         plot_ranking(ranking, fs.join(output_dir, RANK_FILES[1]))
     return ranking
+
+
+def _written_by_rank(folder: str, name: str) -> bool:
+    """Whether `name` in `folder` is a file `tfxfer rank` wrote: its rank.json says so (and
+    a rank.png counts as its picture only beside such a rank.json)."""
+    record = fs.join(folder, RANK_FILES[0])
+    if not fs.isfile(record):
+        return False
+    try:
+        with fs.open(record) as handle:
+            return json.load(handle).get(RANK_MARKER) is True
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        return False
 
 
 def check_rank_folder(path: str, *, overwrite: bool) -> None:
@@ -175,7 +190,7 @@ def check_rank_folder(path: str, *, overwrite: bool) -> None:
     if not fs.isdir(path):
         raise TfxferError(f"{path!r} is a file; rank writes a folder there. Pass another --output.")
     names = sorted(fs.listdir(path))
-    others = [n for n in names if n not in RANK_FILES]
+    others = [n for n in names if n not in RANK_FILES or not _written_by_rank(path, n)]
     if others:
         raise TfxferError(
             f"{path!r} holds files rank did not write ({', '.join(others[:5])}); it writes only "

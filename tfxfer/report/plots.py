@@ -264,9 +264,16 @@ def plot_ranking(ranking: dict[str, Any], path: str) -> str | None:
     axes = figure.add_subplot()
     names = [shorten(r["backbone"], 40) for r in rows][::-1]
     scores = [r["score"] for r in rows][::-1]
-    bars = axes.barh(names, scores, color="#4c72b0")
+    # Bars start a little below the lowest score, not at 0: scores may all be negative
+    # (LogME often is), and the best must have the longest bar.
+    low, high = min(scores), max(scores)
+    span = (high - low) or abs(high) or 1.0
+    base = low - 0.15 * span
+    bars = axes.barh(names, [score - base for score in scores], left=base, color="#4c72b0")
     bars[-1].set_color("#dd8452")  # the winner
+    for bar, score in zip(bars, scores, strict=True):
+        axes.text(score, bar.get_y() + bar.get_height() / 2, f" {score:.4g}", va="center")
+    axes.set_xlim(base, high + 0.25 * span)
     axes.set_xlabel(f"{ranking['metric']} (higher is better)")
-    axes.set_title(f"Transferability of {len(rows)} candidate backbones")
-    axes.axvline(0.0, color="black", linewidth=0.6)
+    axes.set_title(f"Transferability of {len(rows)} candidate backbones (best in orange)")
     return _save_figure(figure, path)

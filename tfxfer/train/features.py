@@ -53,6 +53,22 @@ _EXTRACT_BATCH = 64
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _OneTracePerExtractor(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning about `extract`'s step.
+
+    Each extractor gets its own step, traced once per shape; TensorFlow counts the traces of
+    all of them together (one source function) and warns after a few, which several
+    extractors in one process (`tfxfer rank`, a benchmark's seeds) always reach.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("retracing" in message and "extract.<locals>" in message)
+
+
+logging.getLogger("tensorflow").addFilter(_OneTracePerExtractor())
+
+
 @dataclass
 class HeadSplit:
     """A model cut at its `head_features` layer: what is below it, and the head above it."""
