@@ -132,6 +132,7 @@ def _recipe_result(result: dict[str, Any]) -> dict[str, Any]:
         "val_examples": len(result["data"].val) if result["data"].val is not None else 0,
         "epochs": len(result["history"]) if result.get("history") is not None else None,
         "kept": (result["metrics"].get("selection") or {}).get("kept"),
+        "selection": result["metrics"].get("selection"),
         "found_learning_rates": _found_learning_rates(result["run_dir"]),
     }
 

@@ -175,7 +175,12 @@ def test_fine_tuning_that_hurts_is_undone_and_the_probe_kept(tmp_path):
     probe_row = [r for r in result.history if r["stage"] == "head"][-1]
     assert result.history[-1]["val_loss"] > probe_row["val_loss"]
     assert result.selection["kept"] == "probe", result.selection
-    assert "raised the validation loss" in result.selection["reason"]
+    assert result.selection["rule"] == "paired"
+    assert "did not lower the validation loss" in result.selection["reason"]
+    paired = result.selection["paired"]
+    assert paired["examples"] == 12
+    assert paired["finetuned_loss"] > paired["probe_loss"]
+    assert paired["probe_loss"] == pytest.approx(probe_row["val_loss"], rel=1e-4)
     # The backbone is the probe's again (the snapshot's values, not the wrecked ones)...
     with np.load(tmp_path / "checkpoints" / "linear_probe.npz") as saved:
         probe = dict(
@@ -198,14 +203,58 @@ def test_fine_tuning_that_hurts_is_undone_and_the_probe_kept(tmp_path):
     assert loss <= probe_row["val_loss"] + 1e-6
 
 
-def test_fine_tuning_that_helps_or_ties_is_kept():
-    gentle = Stage("finetune", 2, train="all", learning_rate=1e-3)
-    _, result = _lpft(gentle)
+def test_fine_tuning_that_helps_steadily_is_kept_with_its_own_weights():
+    # The validation images are half of the training ones: fitting them lowers the loss of
+    # nearly every one, far beyond the noise.
+    helps = Stage("finetune", 8, train="all", optimizer="adam", learning_rate=3e-3)
+    model, result = _lpft(helps)
     assert result.selection["kept"] == "finetuned", result.selection
-    assert set(result.selection["compared"]) == {"val_loss", "val_accuracy"}
+    paired = result.selection["paired"]
+    assert paired["mean_gain"] > paired["z"] * paired["standard_error"] > 0
+    # The model is the fine-tuned one, not the probe put back to score it: its validation
+    # loss is the last epoch's.
+    _, val, _, _ = _data()
+    model.compile(loss="sparse_categorical_crossentropy")
+    loss = model.evaluate(val, verbose=0, return_dict=True)["loss"]
+    assert loss == pytest.approx(result.history[-1]["val_loss"], rel=1e-4)
+    assert loss == pytest.approx(paired["finetuned_loss"], rel=1e-4)
 
 
-def test_the_selection_rule_needs_both_measures_worse():
+def test_a_gain_that_a_few_examples_carry_is_noise_and_a_steady_one_is_not():
+    from tfxfer.train.selection import choose, paired_comparison
+
+    probe = np.full(10, 1.0)
+    # Two of ten examples much better, the rest a little worse: the mean gains, the noise wins.
+    lucky = probe - np.array([3.0, 3.0] + [-0.5] * 8)
+    chosen = choose([], "head", paired_comparison(probe, lucky))
+    assert chosen["paired"]["mean_gain"] > 0
+    assert chosen["kept"] == "probe", chosen
+    assert "2 of 10 validation examples scored better, 8 worse" in chosen["reason"]
+    # A smaller mean gain, on every one of 200 examples, is real.
+    steady = np.full(200, 1.0) - np.random.default_rng(0).uniform(0.05, 0.15, 200)
+    chosen = choose([], "head", paired_comparison(np.full(200, 1.0), steady))
+    assert chosen["kept"] == "finetuned", chosen
+    # Identical models tie, and a tie keeps the probe (it is refit on every label).
+    assert choose([], "head", paired_comparison(probe, probe))["kept"] == "probe"
+    # A fine-tuned model that outputs NaN on an example loses on it.
+    broken = probe - 0.5
+    broken[3] = np.nan
+    assert choose([], "head", paired_comparison(probe, broken))["kept"] == "probe"
+
+
+def test_under_two_validation_examples_the_last_epochs_decide():
+    from tfxfer.train.selection import choose, paired_comparison
+
+    assert paired_comparison(np.array([1.0]), np.array([0.5])) is None
+    history = [
+        {"stage": "head", "val_loss": 0.5, "val_accuracy": 0.8},
+        {"stage": "finetune", "val_loss": 0.7, "val_accuracy": 0.8},
+    ]
+    chosen = choose(history, "head", None)
+    assert (chosen["kept"], chosen["rule"]) == ("probe", "last_epochs")
+
+
+def test_the_last_epochs_rule_needs_both_measures_worse():
     from tfxfer.train.selection import choose
 
     def history(probe, final):

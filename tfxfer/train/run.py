@@ -53,7 +53,13 @@ from tfxfer.train.features import split_at_head
 from tfxfer.train.lr_find import AUTO, with_found_rate
 from tfxfer.train.preemption import StopOnPreemption, answers_preemption, preemption_notice
 from tfxfer.train.resume import resume
-from tfxfer.train.selection import ProbeSnapshot, choose, probe_stage_index
+from tfxfer.train.selection import (
+    ProbeSnapshot,
+    choose,
+    example_losses,
+    paired_comparison,
+    probe_stage_index,
+)
 from tfxfer.train.solving import refit_probe_on_all_labels, solve_stage, solver_layer
 from tfxfer.train.trainer import Trainer, TrainResult, resolve_monitor_mode
 
@@ -390,9 +396,12 @@ def _result(run: ScheduleRun) -> TrainResult:
 def _keep_better(run: ScheduleRun) -> dict[str, Any]:
     """Which model the run ends on: the linear probe's, or the fine-tuned one (`selection`)."""
     probe = run.stages[run.probe_index]
-    chosen = choose(run.trainer.history, probe.name)
+    has_probe = run.snapshot.load()
+    with run.scope():
+        paired = _paired_losses(run) if has_probe else None
+    chosen = choose(run.trainer.history, probe.name, paired)
     if chosen["kept"] == "probe":
-        if run.snapshot.load():
+        if has_probe:
             with run.scope():
                 run.snapshot.restore(run.model)
                 if "solver" in run.trainer.stages.get(probe.name, {}):
@@ -415,3 +424,19 @@ def _keep_better(run: ScheduleRun) -> dict[str, Any]:
             }
     log.info("Kept the %s model: %s.", chosen["kept"], chosen["reason"])
     return chosen
+
+
+def _paired_losses(run: ScheduleRun) -> dict[str, Any] | None:
+    """Both models' validation losses, example by example (`selection.paired_comparison`).
+
+    The fine-tuned weights are held in memory while the probe's are put back to score it,
+    then restored: the model leaves as it came."""
+    if run.val_data is None:
+        return None
+    finetuned = ProbeSnapshot(None, write=False)
+    finetuned.take(run.model)
+    finetuned_losses = example_losses(run.model, run.val_data, run.loss)
+    run.snapshot.restore(run.model)
+    probe_losses = example_losses(run.model, run.val_data, run.loss)
+    finetuned.restore(run.model)
+    return paired_comparison(probe_losses, finetuned_losses)
