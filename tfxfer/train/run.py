@@ -125,8 +125,8 @@ def run_schedule(
             (Keras' `class_weight`; `tfxfer.data.balance.class_weights` makes one from label
             frequencies). Validation metrics stay unweighted. Defaults to `None`.
         keep_better: bool. LP-FT that never makes things worse: end on the linear probe's
-            weights (the last head-only stage's) when fine-tuning raised the validation loss and
-            did not raise the validation accuracy (`tfxfer.train.selection`);
+            weights (the last head-only stage's) unless fine-tuning lowered the validation
+            loss, example by example, by more than its noise (`tfxfer.train.selection`);
             `TrainResult.selection` says which was kept and why. Defaults to `False`.
 
     Returns:
