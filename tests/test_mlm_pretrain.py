@@ -155,7 +155,7 @@ def test_unlabelled_texts_from_a_txt_a_table_and_a_folder(tmp_path):
 
 def test_an_empty_or_blank_corpus_is_refused(tmp_path):
     (tmp_path / "blank.txt").write_text("\n  \n\t\n", encoding="utf-8")
-    with pytest.raises(DataError, match="is empty: every text in it is blank"):
+    with pytest.raises(DataError, match="holds no texts: every line or row in it is blank"):
         read_unlabelled_texts(str(tmp_path / "blank.txt"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no .txt files"):
@@ -181,7 +181,7 @@ def test_the_recipe_names_every_bad_setting_before_it_reads_anything(tmp_path, c
     (tmp_path / "blank.txt").write_text("\n\n", encoding="utf-8")
     argv = ["--corpus", str(tmp_path / "blank.txt"), "--output-dir", str(tmp_path / "r")]
     assert command_line(main, Config, argv=argv) == 2
-    assert "is empty: every text in it is blank" in capsys.readouterr().err
+    assert "holds no texts: every line or row in it is blank" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -168,3 +168,16 @@ def test_a_split_too_small_to_share_over_the_replicas_is_named_before_training()
     assert uneven_first_batch("val", split(4), 8, 2) is None
     assert uneven_first_batch("train", split(15), 8, 2) is None
     assert uneven_first_batch("val", None, 8, 2) is None
+
+
+def test_a_run_with_nothing_to_evaluate_says_so(shapes_dir, tmp_path, caplog):
+    def without_held_out_data(config: TinyConfig) -> tfxfer.LabelledData:
+        return tfxfer.load_images(config.data_dir, val_split=0.0, seed=config.seed)
+
+    config = TinyConfig.smoke(data_dir=shapes_dir, output_dir=str(tmp_path / "run"), val_split=0.0)
+    with caplog.at_level("WARNING", logger="tfxfer.recipe.finish"):
+        result = run(config, without_held_out_data, build_model)
+    assert "Nothing was evaluated" in caplog.text and "--val-split above 0" in caplog.text
+    with open(os.path.join(result["run_dir"], "metrics.json"), encoding="utf-8") as handle:
+        written = json.load(handle)
+    assert not {"val", "test"} & set(written)

@@ -79,6 +79,19 @@ def test_overwrite_replaces_the_earlier_run(tmp_path):
     assert run_dir.owned_entries() == ["checkpoints"]
 
 
+@pytest.mark.parametrize("exists", [False, True], ids=["no-folder", "empty-folder"])
+def test_resume_with_nothing_to_resume_says_so_and_starts_a_new_run(tmp_path, caplog, exists):
+    path = tmp_path / "run"
+    if exists:
+        path.mkdir()
+    with caplog.at_level("WARNING", logger="tfxfer.rundir"):
+        run_dir = RunDir(str(path), resume=True)
+    assert not run_dir.resumed
+    assert "Nothing to resume in" in caplog.text
+    assert ("no such directory" if not exists else "no run was saved in it") in caplog.text
+    assert os.path.isdir(run_dir.checkpoints)
+
+
 def test_resume_keeps_the_earlier_run(tmp_path):
     path = str(tmp_path / "run")
     before = _earlier_run(path)

@@ -352,6 +352,42 @@ def test_export_replaces_its_own_earlier_export(tmp_path):
     assert os.listdir(tmp_path) == ["served"]
 
 
+def test_an_export_removes_what_a_killed_export_left_and_nothing_else(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tfxfer.export.savedmodel import OWNER_FILE
+
+    host = socket.gethostname()
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])  # its pid is free once it ends
+    dead_pid.wait()
+    target = str(tmp_path / "export")
+    export_saved_model(tiny_model(num_classes=3)[1], target)  # the export a kill interrupted
+
+    def temporary(name: str, owner: dict | None = None, marker: bool = False) -> str:
+        path = tmp_path / name
+        (path / "variables").mkdir(parents=True)
+        if owner is not None:
+            (path / OWNER_FILE).write_text(json.dumps(owner), encoding="utf-8")
+        if marker:
+            (path / EXPORT_MARKER).parent.mkdir(parents=True)
+            (path / EXPORT_MARKER).write_text("{}", encoding="utf-8")
+        return name
+
+    killed = temporary(".tmp-export-k1ll3d", {"pid": dead_pid.pid, "host": host})
+    moved_aside = temporary(".tmp-old-export-0ld", marker=True)
+    live = temporary(".tmp-export-l1ve", {"pid": os.getpid(), "host": host})
+    elsewhere = temporary(".tmp-export-0th3r", {"pid": dead_pid.pid, "host": host + "-other"})
+    unowned = temporary(".tmp-export-n0wner")
+    other_name = temporary(".tmp-exports-mine", {"pid": dead_pid.pid, "host": host})
+    export_saved_model(tiny_model(num_classes=2)[1], target)
+    left = set(os.listdir(tmp_path))
+    assert killed not in left and moved_aside not in left
+    assert {live, elsewhere, unowned, other_name, "export"} == left
+    assert not (tmp_path / "export" / OWNER_FILE).exists()
+
+
 def test_export_command_refuses_a_foreign_directory(tmp_path, capsys):
     _, model = tiny_model()
     model_path = save_model(model, str(tmp_path / "model.keras"))

@@ -81,7 +81,7 @@ def read_document(path: str) -> dict[str, Any]:
         ) from None
     if path.lower().endswith(".json"):
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=_unique_keys(path))
         except json.JSONDecodeError as error:
             raise TfxferError(
                 f"Config {path!r} is not valid JSON: line {error.lineno}, column {error.colno}: "
@@ -89,7 +89,7 @@ def read_document(path: str) -> dict[str, Any]:
             ) from None
     else:
         try:
-            document = yaml.safe_load(text)
+            document = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -103,6 +103,44 @@ def read_document(path: str) -> dict[str, Any]:
             "(key: value lines, e.g. `recipe: bert_text_classifier`)."
         )
     return document
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a mapping that gives a key twice is an error: plain YAML
+    keeps the last value and drops the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} is given twice (first on line {seen[key] + 1}); "
+                    "remove one of them",
+                    key_node.start_mark,
+                )
+            if isinstance(key, str | int | float | bool):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_keys(path: str):
+    """A `json.loads` hook that refuses an object giving a key twice."""
+
+    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in document:
+                raise TfxferError(
+                    f"Config {path!r} gives the key {key!r} twice in one object: only the "
+                    "last would count. Remove one of them."
+                )
+            document[key] = value
+        return document
+
+    return pairs_to_dict
 
 
 def parse_assignment(text: str) -> tuple[list[str], Any]:

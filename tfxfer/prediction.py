@@ -95,6 +95,13 @@ def _text_inputs(item: str, text_column: str) -> list[str]:
         return read_unlabelled_texts(item, text_column=text_column)
     if lowered.endswith(IMAGE_EXTENSIONS):
         raise DataError(f"{item!r} names an image (which does not exist); this model takes texts.")
+    if fs.isfile(item):
+        # An existing file is not a text to classify: its path would be, silently.
+        raise DataError(
+            f"{item!r} is a file, but not one tfxfer reads texts from (it reads "
+            f"{', '.join(TEXT_FILE_SUFFIXES)}; a .txt holds one text a line). Convert it, or "
+            "pass the texts themselves."
+        )
     return [item]
 
 

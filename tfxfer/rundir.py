@@ -272,6 +272,12 @@ class RunDir:
             self.resumed = resume
             return
         self.resumed = self.check(path, overwrite=overwrite, resume=resume)
+        if resume and not self.resumed:
+            log.warning(
+                "Nothing to resume in %r (%s); starting a new run there.",
+                self.path,
+                "no such directory" if not fs.exists(self.path) else "no run was saved in it",
+            )
         if overwrite:
             self._remove_earlier_run()
         elif not self.resumed and _stopped_before_first_checkpoint(self.path):

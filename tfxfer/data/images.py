@@ -100,6 +100,12 @@ def scan_image_folder(
 
 def _class_folders(directory: str) -> list[str]:
     """The sorted names of the visible subfolders of `directory`; at least one."""
+    if directory and not fs.isdir(directory) and fs.exists(directory):
+        raise DataError(
+            f"Data directory {directory!r} is a file, not a folder. Pass a folder with one "
+            "subfolder per class, e.g. photos/cat/*.jpg and photos/dog/*.jpg (unpack an "
+            "archive first)."
+        )
     if not fs.isdir(directory):
         raise DataError(
             f"Data directory not found: {directory!r}. Pass a folder with one subfolder per "

@@ -98,6 +98,7 @@ def read_table(path: str, text_column: str, label_column: str) -> list[tuple[int
     )
     try:
         columns = reader.fieldnames or []
+        _check_unique_columns(path, columns)
         missing = [c for c in (text_column, label_column) if c not in columns]
         if missing:
             raise DataError(
@@ -110,6 +111,19 @@ def read_table(path: str, text_column: str, label_column: str) -> list[tuple[int
         return rows
     except csv.Error as error:
         raise DataError(f"{path} line {reader.line_num} is not valid CSV: {error}") from None
+
+
+def _check_unique_columns(path: str, columns: list[str]) -> None:
+    """Raises `DataError` when the header names a column twice: `csv.DictReader` would keep
+    the last of the two and drop the other's values without a word."""
+    seen: set[str] = set()
+    for column in columns:
+        if column in seen and column.strip():
+            raise DataError(
+                f"{path} line 1 names the column {column!r} twice ({', '.join(columns)}): "
+                "only one of them could be read. Rename one of the columns."
+            )
+        seen.add(column)
 
 
 def _check_field_count(

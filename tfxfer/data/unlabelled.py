@@ -64,8 +64,8 @@ def read_unlabelled_texts(source: str, *, text_column: str = "text") -> list[str
     kept = [text.strip() for text in texts if text and text.strip()]
     if not kept:
         raise DataError(
-            f"The unlabelled corpus {str(source)!r} is empty: every text in it is blank. "
-            "Pretraining needs at least a few texts; check the file (and --text-column)."
+            f"{str(source)!r} holds no texts: every line or row in it is blank. Check the "
+            "file (and --text-column)."
         )
     return kept
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 
 import keras
@@ -32,6 +34,11 @@ from tfxfer.saving import ensure_built
 # it holds this file. `assets.extra/` is the SavedModel convention for files that loaders
 # (tf.saved_model.load, TF Serving) carry along and never interpret.
 EXPORT_MARKER = os.path.join("assets.extra", "tfxfer_export.json")
+# In an export's temporary directory while it is written: the process writing it. A later
+# export into the same place removes temporary directories whose writer is gone (killed).
+OWNER_FILE = ".tfxfer-export-owner.json"
+
+log = logging.getLogger(__name__)
 
 
 def export_saved_model(model: keras.Model, directory: str) -> str:
@@ -64,6 +71,7 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     _refuse_foreign_export_target(str(directory), target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(parent, os.path.basename(target))
     # A fresh name of our own: nothing the user has is ever cleared to make room for it.
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(target)}-", dir=parent)
     # mkdtemp makes it 0700; the export should have the mode `os.makedirs` would give it.
@@ -71,7 +79,10 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
+        with open(os.path.join(tmp, OWNER_FILE), "w", encoding="utf-8") as handle:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, handle)
         _export_complete(model, tmp)
+        os.remove(os.path.join(tmp, OWNER_FILE))
         if os.path.exists(target):
             # Moved aside, not deleted first: a crash between the renames loses nothing.
             old = tempfile.mkdtemp(
@@ -86,6 +97,54 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _remove_stale_temporaries(parent: str, name: str) -> None:
+    """Removes what an export into `parent/name` killed mid-way (SIGKILL, power loss) left.
+
+    Only tfxfer's own temporary directories go: `.tmp-NAME-*` whose owner file names a
+    process of this host that no longer runs, and `.tmp-old-NAME-*` (an earlier export moved
+    aside) holding tfxfer's export marker, once `NAME` itself exists again. Anything else is
+    left alone, including a temporary directory another live export is writing.
+    """
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        path = os.path.join(parent, entry)
+        if entry.startswith(f"{TMP_PREFIX}old-{name}-"):
+            stale = os.path.isdir(os.path.join(parent, name)) and _holds_tfxfer_export(path)
+        elif entry.startswith(f"{TMP_PREFIX}{name}-"):
+            stale = _writer_is_gone(os.path.join(path, OWNER_FILE))
+        else:
+            continue
+        if stale and os.path.isdir(path):
+            log.info("Removing %r, which an interrupted export left.", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _holds_tfxfer_export(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, EXPORT_MARKER))
+
+
+def _writer_is_gone(owner_file: str) -> bool:
+    """Whether the export that wrote `owner_file` ran on this host and has ended."""
+    try:
+        with open(owner_file, encoding="utf-8") as handle:
+            owner = json.load(handle)
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not ours to judge: no readable owner
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 def _export_complete(model: keras.Model, directory: str) -> None:

@@ -8,6 +8,7 @@ per-class table, top losses.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import keras
@@ -18,6 +19,8 @@ from tfxfer.data.examples import Examples
 from tfxfer.fusion import fusion_summary
 from tfxfer.rundir import RunDir
 from tfxfer.train import TrainResult
+
+log = logging.getLogger(__name__)
 
 
 def finish_run(
@@ -63,6 +66,12 @@ def finish_run(
         The metrics per split, as written to `metrics.json`.
     """
     metrics, predictions = _evaluate(model, eval_sets, class_names, multi_label)
+    if not metrics:
+        log.warning(
+            "Nothing was evaluated: the run had no validation or test examples, so "
+            "metrics.json holds no scores. Pass test data (--test / --test-dir) or a "
+            "--val-split above 0 to score the model."
+        )
     if not write:
         for split, values in metrics.items():
             print("[tfxfer] " + report.summary_line(split, values), flush=True)
