@@ -24,7 +24,8 @@ the checkpoint it expects are both there):
   `.tmp-epoch-*` directory.
 - `--block-before-history E`: after the checkpoint of epoch E is complete, before
   `history.csv` has that epoch's row.
-- `--sigterm-at E:B`: sends itself SIGTERM after batch B of global epoch E, a preemption
+- `--sigterm-at E:B`: sends itself SIGTERM (or `--sigterm-signal SIGINT`, a Ctrl-C) after
+  batch B of global epoch E, a preemption
   notice the run answers with a mid-epoch checkpoint (`tests/preemption_worker.py` runs this
   program behind the command line's error boundary, for its exit status and message).
 
@@ -86,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-in-save", type=int, default=None)
     parser.add_argument("--block-before-history", type=int, default=None)
     parser.add_argument("--sigterm-at", default=None, help="E:B, see the module docstring")
+    parser.add_argument(
+        "--sigterm-signal", default="SIGTERM", help="what --sigterm-at sends (SIGINT: Ctrl-C)"
+    )
     return parser.parse_args(argv)
 
 
@@ -282,8 +286,8 @@ def main(args: argparse.Namespace) -> None:
                 self.action(f"at epoch {self.epoch} batch {batch + 1}")
 
     def sigterm(where: str) -> None:
-        print(f"[worker] SIGTERM {where}", flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)
+        print(f"[worker] {args.sigterm_signal} {where}", flush=True)
+        os.kill(os.getpid(), getattr(signal, args.sigterm_signal))
 
     callbacks = []
     if args.block_at:

@@ -124,21 +124,33 @@ def _sigterm_steps() -> dict[str, int]:
 SIGTERM_STEPS = _sigterm_steps()
 
 
-# Both SIGTERM cases in the large tier (subprocess runs of ~25 s together).
+# Every case in the large tier (subprocess runs of ~12 s each). Ctrl-C (SIGINT) is answered
+# as SIGTERM is, with its own exit status and word.
 @pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=pytest.mark.large) for c in SIGTERM_STEPS],
+    ("case", "sent_signal"),
+    [pytest.param(c, "SIGTERM", marks=pytest.mark.large) for c in SIGTERM_STEPS]
+    + [pytest.param("anywhere", "SIGINT", marks=pytest.mark.large, id="anywhere-ctrl-c")],
 )
 def test_sigterm_checkpoints_the_step_and_resume_ends_as_uninterrupted(
-    tmp_path, uninterrupted, case
+    tmp_path, uninterrupted, case, sent_signal
 ):
     sent = SIGTERM_STEPS[case]
     run_dir = tmp_path / "run"
     stopped = _run(
-        pw.command(run_dir, tmp_path / "stopped", "--sigterm-at", _at(sent, None)),
+        pw.command(
+            run_dir,
+            tmp_path / "stopped",
+            "--sigterm-at",
+            _at(sent, None),
+            "--sigterm-signal",
+            sent_signal,
+        ),
         tmp_path / "logs1",
     )
-    assert stopped.returncode == 143 and stopped.killed_by is None, mh.describe_results([stopped])
+    status, word = (130, "interrupted") if sent_signal == "SIGINT" else (143, "preempted")
+    assert stopped.returncode == status and stopped.killed_by is None, mh.describe_results(
+        [stopped]
+    )
     assert "Traceback" not in stopped.output and "TFXFER_DONE" not in stopped.output
 
     # At most the step in flight was done after the notice, and it is in the checkpoint.
@@ -151,7 +163,7 @@ def test_sigterm_checkpoints_the_step_and_resume_ends_as_uninterrupted(
     assert state["stage"] == STAGES[epoch if step else epoch - 1]
     shown = (epoch + 1, step) if step else (epoch, STEPS)
     assert [line for line in stopped.output.splitlines() if line.startswith("tfxfer:")] == [
-        f"tfxfer: preempted: checkpoint written after epoch {shown[0]} step {shown[1]}; "
+        f"tfxfer: {word}: checkpoint written after epoch {shown[0]} step {shown[1]}; "
         "rerun with --resume to continue"
     ]
     # Nothing after training ran; the history ends at the last whole epoch.
@@ -376,19 +388,22 @@ def test_latest_is_the_newest_intact_checkpoint_mid_epoch_or_not(tmp_path, caplo
 
 
 class _SigtermAt(keras.callbacks.Callback):
-    """Sends this process SIGTERM after batch `batch` (from 1) of epoch `epoch` (from 1)."""
+    """Sends this process SIGTERM (or `signum`, `times` times) after batch `batch` (from 1)
+    of epoch `epoch` (from 1)."""
 
-    def __init__(self, epoch: int, batch: int):
+    def __init__(self, epoch: int, batch: int, signum: int = signal.SIGTERM, times: int = 1):
         super().__init__()
         self.target, self.epoch, self.handlers = (epoch, batch), 0, set()
+        self.signum, self.times = signum, times
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
-        self.handlers.add(signal.getsignal(signal.SIGTERM))
+        self.handlers.add(signal.getsignal(self.signum))
         if (self.epoch, batch + 1) == self.target:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
 
 def _run_in_process(run_dir: RunDir | None, seed: int, callbacks=()):
@@ -458,4 +473,47 @@ def test_the_command_line_reports_a_preemption_in_one_line(capsys):
     assert capsys.readouterr().err == (
         "tfxfer: preempted: checkpoint written after epoch 4 step 2; rerun with --resume to "
         "continue\n"
+    )
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers are only set from the main thread",
+)
+def test_ctrl_c_checkpoints_like_sigterm_and_twice_stops_at_once(tmp_path, capsys):
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Preempted) as raised:
+        _run_in_process(
+            RunDir(str(tmp_path / "run")), seed=0, callbacks=[_SigtermAt(2, 1, signal.SIGINT)]
+        )
+    assert (raised.value.epoch, raised.value.step, raised.value.signum) == (2, 1, signal.SIGINT)
+    assert (tmp_path / "run" / "checkpoints" / "epoch-000001-step-000001").is_dir()
+    assert signal.getsignal(signal.SIGINT) is previous
+
+    def stopped():
+        raise raised.value
+
+    assert error_boundary(stopped) == 130
+    assert capsys.readouterr().err == (
+        "tfxfer: interrupted: checkpoint written after epoch 2 step 1; rerun with --resume to "
+        "continue\n"
+    )
+    # A second Ctrl-C before the step ends: no checkpoint, KeyboardInterrupt as always.
+    with pytest.raises(KeyboardInterrupt):
+        _run_in_process(
+            RunDir(str(tmp_path / "twice")),
+            seed=0,
+            callbacks=[_SigtermAt(2, 1, signal.SIGINT, times=2)],
+        )
+    assert not list((tmp_path / "twice" / "checkpoints").glob("epoch-000001-step-*"))
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert error_boundary(interrupted) == 130
+    assert capsys.readouterr().err == (
+        "tfxfer: interrupted (Ctrl-C); a run continues from its last checkpoint with --resume\n"
     )

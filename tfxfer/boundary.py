@@ -29,8 +29,9 @@ DEBUG_HELP = "on an unexpected error, show the full traceback instead of one lin
 def error_boundary(action: Callable[[], Any], *, debug: bool = False) -> int:
     """Runs `action` and returns an exit status: 0, 2 for the user's error, 1 for tfxfer's.
 
-    A run stopped by a preemption notice (`Preempted`) is none of these: one line saying where
-    its checkpoint is, and status 143, as a process ended by SIGTERM reports.
+    A run stopped by a preemption notice or Ctrl-C (`Preempted`) is none of these: one line
+    saying where its checkpoint is, and status 143 (SIGTERM) or 130 (SIGINT), as a process
+    ended by that signal reports. Ctrl-C anywhere else ends in one line and status 130 too.
 
     A user with a wrong path reads one sentence, not a traceback. An exception that is not
     the user's is a bug; it is named in one line too, because a page of TensorFlow frames
@@ -44,8 +45,17 @@ def error_boundary(action: Callable[[], Any], *, debug: bool = False) -> int:
     try:
         action()
     except Preempted as notice:
-        print(f"tfxfer: preempted: {notice}", file=sys.stderr)
+        print(f"tfxfer: {notice.kind}: {notice}", file=sys.stderr)
         return notice.exit_status
+    except KeyboardInterrupt:
+        # Ctrl-C outside training's steps (loading, evaluating), or twice within them.
+        if debug:
+            raise
+        print(
+            "tfxfer: interrupted (Ctrl-C); a run continues from its last checkpoint with --resume",
+            file=sys.stderr,
+        )
+        return 128 + 2
     except Exception as error:  # the boundary: everything a command raises ends here
         message = str(error) if isinstance(error, TfxferError) else user_error_message(error)
         if message is None:

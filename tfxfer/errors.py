@@ -30,29 +30,34 @@ class RunDirError(TfxferError):
 
 
 class Preempted(Exception):
-    """Training stopped on a preemption notice (SIGTERM), after writing a checkpoint.
+    """Training stopped on a preemption notice (SIGTERM) or Ctrl-C (SIGINT), after writing a
+    checkpoint.
 
     Not a `TfxferError`: nothing is wrong with the user's input. The machine is being taken
-    away (a spot or preemptible VM, a Slurm job at its time limit), and the run did what it
-    could in its notice period: it finished the step in flight, wrote a checkpoint, and
-    stopped. `--resume` goes on from that checkpoint. The command line ends with one line and
-    exit status 143 (128 + SIGTERM), what a process killed by SIGTERM reports.
+    away (a spot or preemptible VM, a Slurm job at its time limit), or the user pressed
+    Ctrl-C, and the run did what it could: it finished the step in flight, wrote a
+    checkpoint, and stopped. `--resume` goes on from that checkpoint. The command line ends
+    with one line and exit status 128 + the signal's number (143 for SIGTERM, 130 for
+    SIGINT), what a process killed by that signal reports.
 
     Args:
         epoch: int. The epoch of the last training step done, from 1.
         step: int. That step's number in its epoch, from 1.
         checkpoint: str. The checkpoint directory written.
+        signum: int. The signal that stopped it. Defaults to 15 (SIGTERM).
     """
 
-    exit_status = 128 + 15  # 128 + SIGTERM
-
-    def __init__(self, epoch: int, step: int, checkpoint: str):
+    def __init__(self, epoch: int, step: int, checkpoint: str, signum: int = 15):
         super().__init__(
             f"checkpoint written after epoch {epoch} step {step}; rerun with --resume to continue"
         )
         self.epoch = epoch
         self.step = step
         self.checkpoint = checkpoint
+        self.signum = signum
+        self.exit_status = 128 + signum
+        # What the command line calls it: "tfxfer: preempted: ..." / "tfxfer: interrupted: ...".
+        self.kind = "interrupted" if signum == 2 else "preempted"
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -1,7 +1,10 @@
-"""Preemption notices: SIGTERM (a spot VM's or Slurm's) answered with a checkpoint and a stop.
+"""Preemption notices: SIGTERM (a spot VM's or Slurm's) and Ctrl-C (SIGINT) answered with a
+checkpoint and a stop.
 
 A single-process run listens while it trains: the step in flight finishes, a mid-epoch
-checkpoint is written, and `Preempted` is raised (see `tfxfer.train.run`).
+checkpoint is written, and `Preempted` is raised (see `tfxfer.train.run`). A second Ctrl-C
+before that stops at once, as Ctrl-C always did (`KeyboardInterrupt`; the command line still
+ends it in one line, exit status 130).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class PreemptionNotice:
-    """Whether a preemption notice (SIGTERM) has arrived. Only the signal handler sets it.
+    """Whether a notice (SIGTERM or SIGINT) has arrived, and which. Only the signal handler
+    sets it.
 
     Python runs a signal handler in the main thread between any two bytecodes, in the middle
     of a checkpoint write as readily as anywhere; so the handler only sets this flag, and
@@ -28,6 +32,7 @@ class PreemptionNotice:
     """
 
     received = False
+    signum: int = signal.SIGTERM
 
 
 @contextlib.contextmanager
@@ -43,16 +48,21 @@ def preemption_notice(listen: bool):
         yield notice
         return
 
-    def on_sigterm(signum, frame):
-        notice.received = True
+    def on_notice(signum, frame):
+        if notice.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the checkpoint
+        notice.received, notice.signum = True, signum
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {
+        signum: signal.signal(signum, on_notice) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         yield notice
     finally:
         # None is a handler set outside Python, which cannot be put back; the default action
         # is what it most likely did.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def answers_preemption(strategy: tf.distribute.Strategy) -> bool:
@@ -85,7 +95,7 @@ class StopOnPreemption(keras.callbacks.Callback):
     Args:
         stage_run: StageRun. The stage being trained: its trainer writes the checkpoint
             (`checkpoint`, `preempted`) of the whole model.
-        notice: PreemptionNotice. Set when SIGTERM arrived.
+        notice: PreemptionNotice. Set when SIGTERM or SIGINT arrived.
         first_epoch: int. The fit's first epoch (from 0).
         first_step: int. Steps of `first_epoch` done before this fit began (a resume from a
             mid-epoch checkpoint).
@@ -118,11 +128,14 @@ class StopOnPreemption(keras.callbacks.Callback):
         step = self.steps_before + batch + 1
         if not self.notice.received or step >= self.steps_per_epoch:
             return
-        log.info("Preemption notice (SIGTERM): writing a checkpoint, then stopping.")
+        log.info(
+            "%s: writing a checkpoint, then stopping.",
+            "Ctrl-C" if self.notice.signum == signal.SIGINT else "Preemption notice (SIGTERM)",
+        )
         self.trainer.checkpoint(self.whole_model, self.stage_index, self.stage, self.epoch, step)
-        raise self.trainer.preempted(self.steps_per_epoch)
+        raise self.trainer.preempted(self.steps_per_epoch, self.notice.signum)
 
     def on_epoch_end(self, epoch, logs=None):
         # `_EpochEnd` ran first: this epoch's checkpoint is written.
         if self.notice.received:
-            raise self.trainer.preempted(self.steps_per_epoch)
+            raise self.trainer.preempted(self.steps_per_epoch, self.notice.signum)

@@ -126,14 +126,15 @@ class Trainer:
         )
         self.position = (global_epoch, step)
 
-    def preempted(self, steps_per_epoch: int) -> Preempted:
-        """The `Preempted` that names the newest checkpoint (an epoch's end, or mid-epoch)."""
+    def preempted(self, steps_per_epoch: int, signum: int = 15) -> Preempted:
+        """The `Preempted` that names the newest checkpoint (an epoch's end, or mid-epoch);
+        `signum` is the signal that stopped the run (SIGTERM 15, SIGINT 2)."""
         global_epoch, step = self.position
         name = checkpoint_name(global_epoch, step)
         path = os.path.join(self.checkpointer.directory, name)
         if step:
-            return Preempted(global_epoch + 1, step, path)
-        return Preempted(global_epoch, steps_per_epoch, path)
+            return Preempted(global_epoch + 1, step, path, signum=signum)
+        return Preempted(global_epoch, steps_per_epoch, path, signum=signum)
 
     def _better(self, value: float, best: float) -> bool:
         return value > best if self.mode == "max" else value < best
