@@ -9,6 +9,7 @@ plus facts, flags and help from the fields) is tested without a recipe's real ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -181,3 +182,37 @@ def test_a_run_with_nothing_to_evaluate_says_so(shapes_dir, tmp_path, caplog):
     with open(os.path.join(result["run_dir"], "metrics.json"), encoding="utf-8") as handle:
         written = json.load(handle)
     assert not {"val", "test"} & set(written)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(
+    shapes_dir, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    from tfxfer.boundary import error_boundary
+    from tfxfer.train import checkpoints
+
+    real_save, saved = checkpoints._save_arrays, []
+
+    def fills_the_disk(path, variables):
+        # The second checkpoint's first array: a write fails as a full disk fails it.
+        saved.append(path)
+        if len([p for p in saved if p.endswith("model.npz")]) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(path, variables)
+
+    config = TinyConfig.smoke(
+        data_dir=shapes_dir, output_dir=str(tmp_path / "run"), val_split=0.5, finetune_epochs=2
+    )
+    monkeypatch.setattr(checkpoints, "_save_arrays", fills_the_disk)
+    assert error_boundary(lambda: main(config)) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("tfxfer: error: No space left on")
+    assert "--resume" in error
+    latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    assert latest["checkpoint"] == "epoch-000001"
+
+    monkeypatch.setattr(checkpoints, "_save_arrays", real_save)  # space freed
+    resumed = main(dataclasses.replace(config, resume=True))
+    assert resumed["result"].resumed_from_epoch == 1
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]

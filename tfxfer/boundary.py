@@ -82,6 +82,14 @@ def user_error_message(error: BaseException) -> str | None:
     disk fills, a folder is not writable, memory runs out at the first large batch), and that
     are never a bug in tfxfer's code.
     """
+    if is_disk_full(error):
+        path = getattr(error, "filename", None)
+        where = f" writing {os.fsdecode(path)!r}" if path is not None else ""
+        return (
+            f"No space left on the device{where}. What was written before is intact (a run "
+            "keeps its last complete checkpoint): free some space or choose another path, "
+            "then run again (--resume continues a run)."
+        )
     if is_out_of_memory(error):
         return (
             f"Ran out of memory ({type(error).__name__}). Lower --batch-size, or --image-size "
@@ -100,13 +108,22 @@ def user_error_message(error: BaseException) -> str | None:
             "Choose another path.",
             errno.EISDIR: "it is a folder where a file was expected.",
             errno.ENOENT: "it, or a folder above it, does not exist (or cannot be created there).",
-            errno.ENOSPC: "no space left on the device. Free some space or choose another path.",
             errno.ENAMETOOLONG: "the name is too long. Choose a shorter path.",
         }
         reason = reasons.get(error.errno)
         if reason is not None:
             return f"Cannot use {path!r}: {reason}"
     return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write that failed for want of space (or of quota), however it was raised: an
+    `OSError` from Python's own files, or TensorFlow's and h5py's errors, which only say it in
+    their message."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "Disk quota exceeded" in text
 
 
 def is_out_of_memory(error: BaseException) -> bool:
