@@ -98,6 +98,33 @@ def _raise(error):
     return action
 
 
+def test_an_unreachable_url_and_a_full_disk_are_the_users_errors(capsys):
+    import errno
+
+    import tensorflow as tf
+
+    offline = tf.errors.FailedPreconditionError(
+        None,
+        None,
+        "Error executing an HTTP request: libcurl code 6 meaning 'Could not resolve "
+        "hostname', error details: Could not resolve host: www.googleapis.com\nmore",
+    )
+    assert cli.error_boundary(_raise(offline)) == 2
+    assert capsys.readouterr().err.startswith(
+        "tfxfer: error: Cannot reach the storage a path names (Could not resolve host: "
+        "www.googleapis.com more)."
+    )
+    for full in (
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.ENOSPC, "No space left on device", "preds.csv"),
+        tf.errors.ResourceExhaustedError(None, None, "write failed: No space left on device"),
+    ):
+        assert cli.error_boundary(_raise(full)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tfxfer: error: No space left on the device"), err
+        assert ("'preds.csv'" in err) == (getattr(full, "filename", None) is not None)
+
+
 def test_error_boundary_turns_tfxfer_errors_into_exit_2(capsys):
     assert cli.error_boundary(_raise(DataError("Data directory not found: 'photos/'."))) == 2
     captured = capsys.readouterr()

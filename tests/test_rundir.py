@@ -344,3 +344,24 @@ def test_a_checkpoint_of_another_model_with_the_same_shapes_is_refused_by_path(t
         verbose=0,
     )
     assert result.resumed_from_epoch == 2 and len(result.history) == 3
+
+
+def test_an_unreachable_bucket_is_named_in_one_line(monkeypatch):
+    import tensorflow as tf
+
+    from tfxfer import fs
+
+    def offline(path):  # what TensorFlow's GCS filesystem raises with no network (measured)
+        raise tf.errors.FailedPreconditionError(
+            None,
+            None,
+            "Error executing an HTTP request: libcurl code 6 meaning 'Could not resolve "
+            "hostname', error details: Could not resolve host: www.googleapis.com",
+        )
+
+    monkeypatch.setattr(fs, "exists", offline)
+    with pytest.raises(RunDirError) as raised:
+        RunDir.check("gs://no-such-bucket/run")
+    assert str(raised.value).startswith(
+        "Cannot reach 'gs://no-such-bucket/run' (Could not resolve host: www.googleapis.com)."
+    )

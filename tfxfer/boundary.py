@@ -90,6 +90,13 @@ def user_error_message(error: BaseException) -> str | None:
             "keeps its last complete checkpoint): free some space or choose another path, "
             "then run again (--resume continues a run)."
         )
+    text = str(error)
+    if "libcurl code" in text or "Could not resolve host" in text:
+        detail = one_line(text).rsplit("error details: ", 1)[-1]
+        return (
+            f"Cannot reach the storage a path names ({detail}). A gs:// or other URL path "
+            "needs the network: check the connection and credentials, or use local paths."
+        )
     if is_out_of_memory(error):
         return (
             f"Ran out of memory ({type(error).__name__}). Lower --batch-size, or --image-size "

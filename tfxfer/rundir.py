@@ -121,6 +121,20 @@ def _check_entry_name(name: Any) -> None:
         raise ValueError(f"entry {name!r} is not a plain file or folder name")
 
 
+def _check_reachable(url: str) -> None:
+    """Raises `RunDirError` naming `url` when its storage cannot be reached (no network, an
+    unknown host), instead of TensorFlow's page about libcurl."""
+    try:
+        fs.exists(url)
+    except tf.errors.OpError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        detail = first.rsplit("error details: ", 1)[-1]
+        raise RunDirError(
+            f"Cannot reach {url!r} ({detail}). Check the network connection, the bucket's "
+            "name and your credentials, or choose a local --output-dir."
+        ) from None
+
+
 def _stopped_before_first_checkpoint(path: str) -> bool:
     """Whether `path` holds only a tfxfer run that ended before anything could be resumed.
 
@@ -306,6 +320,8 @@ class RunDir:
         path = _absolute(path)
         if not fs.is_url(path):  # A bucket holds no home or working directory.
             _refuse_shared_locations(given, path)
+        else:
+            _check_reachable(path)
         if fs.exists(path) and not fs.isdir(path):
             raise RunDirError(f"Output path {path!r} is a file, not a directory.")
         names = _listing(path)
