@@ -22,7 +22,7 @@ MAX_POSITIONAL_ARGUMENTS = 5
 # Lowest first. A module may import its own layer and those below it. Prefixes end with "."
 # for a package's modules, exact names otherwise; the longest matching entry wins.
 LAYERS: list[tuple[str, ...]] = [
-    ("tfxfer.errors", "tfxfer.fs", "tfxfer.startup", "tfxfer.keras_compat"),
+    ("tfxfer.errors", "tfxfer.fs", "tfxfer.startup", "tfxfer.keras_compat", "tfxfer.runlock"),
     ("tfxfer.boundary", "tfxfer.flags"),
     ("tfxfer.layers", "tfxfer.layers."),
     ("tfxfer.saving",),

@@ -365,3 +365,83 @@ def test_an_unreachable_bucket_is_named_in_one_line(monkeypatch):
     assert str(raised.value).startswith(
         "Cannot reach 'gs://no-such-bucket/run' (Could not resolve host: www.googleapis.com)."
     )
+
+
+# === One run at a time: the run directory's lock ===
+
+
+def _lock_of(path, **holder) -> None:
+    import socket
+
+    from tfxfer.runlock import LOCK_FILE
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "started": "then", "command": "x", **holder}),
+        encoding="utf-8",
+    )
+
+
+def test_a_live_runs_lock_refuses_a_second_run_before_anything_is_touched(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "run"
+    first = RunDir(str(path))
+    first.write_json("config.json", {"seed": 0})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_of(path, pid=other.pid)  # as if that process had started the run
+        before = snapshot_files(str(path))
+        for flags in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(RunDirError, match=f"is in use by another run: process {other.pid}"):
+                RunDir(str(path), lock=True, **flags)
+        assert snapshot_files(str(path)) == before
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_dead_processs_lock_is_reported_and_replaced(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from tfxfer.runlock import LOCK_FILE
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    path = tmp_path / "run"
+    _lock_of(path, pid=ended.pid)
+    with caplog.at_level("WARNING", logger="tfxfer.runlock"):
+        run_dir = RunDir(str(path), lock=True)
+    assert f"Replacing a stale lock in {str(path)!r}: its process {ended.pid}" in caplog.text
+    held = json.loads((path / LOCK_FILE).read_text(encoding="utf-8"))
+    assert held["pid"] == os.getpid()
+    # The same process may open it again (a resume in one session); close releases it.
+    run_dir.write_json("config.json", {"seed": 0})
+    assert RunDir(str(path), resume=True, lock=True).resumed
+    run_dir.close()
+    assert not (path / LOCK_FILE).exists()
+    assert "config.json" in os.listdir(path)
+
+
+@pytest.mark.parametrize(
+    ("holder", "expected"),
+    [
+        ({"pid": 1, "host": "another-host"}, "cannot tell from this host whether it still runs"),
+        (None, "cannot be read"),
+    ],
+    ids=["another-host", "unreadable"],
+)
+def test_a_lock_tfxfer_cannot_judge_is_left_for_the_user(tmp_path, holder, expected):
+    from tfxfer.runlock import LOCK_FILE
+
+    path = tmp_path / "run"
+    if holder is None:
+        path.mkdir()
+        (path / LOCK_FILE).write_text("{half a lock", encoding="utf-8")
+    else:
+        _lock_of(path, **holder)
+    with pytest.raises(RunDirError, match=expected):
+        RunDir(str(path), lock=True)
+    assert (path / LOCK_FILE).exists()

@@ -527,3 +527,54 @@ def test_every_file_a_run_writes_has_the_mode_open_gives(tmp_path):
         if mode != expected[os.path.dirname(name) or "."]
     }
     assert wrong == {}
+
+
+@pytest.mark.large  # a real second process training for ~15 s
+def test_a_second_run_into_a_live_runs_directory_is_refused_in_one_line(
+    shapes_dir, tmp_path, capsys
+):
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO_ROOT
+
+    from tfxfer.runlock import LOCK_FILE
+
+    output = tmp_path / "run"
+    flags = [
+        "--data-dir", shapes_dir, "--output-dir", str(output), "--weights", "none",
+        "--image-size", "32", "--batch-size", "4", "--head-epochs", "1", "--no-export",
+        "--verbose", "0",
+    ]  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "recipes.resnet50_image_classifier", *flags]
+        + ["--backbone", "mobilenetv3small", "--finetune-epochs", "20"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (output / LOCK_FILE).exists():
+            assert first.poll() is None, first.communicate()[0]
+            assert time.monotonic() < deadline, "the first run never took its lock"
+            time.sleep(0.1)
+        # Started into the same directory while the first trains: refused, whatever the flags,
+        # before anything is written or deleted.
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            config = image_recipe.Config.from_flags([*flags, *extra])
+            assert cli.error_boundary(lambda config=config: image_recipe.main(config)) == 2
+            error = capsys.readouterr().err
+            assert error.count("\n") == 1, error
+            assert f"is in use by another run: process {first.pid} on host" in error
+        log, _ = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0, log
+    assert {"metrics.json", "model.keras"} <= set(os.listdir(output))
+    assert LOCK_FILE not in os.listdir(output)  # released when the run ended
+    history = (output / "history.csv").read_text(encoding="utf-8").splitlines()
+    assert len(history) == 1 + 21

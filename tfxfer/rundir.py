@@ -44,6 +44,7 @@ from tfxfer.errors import RunDirError
 
 # The atomic writes live in tfxfer.fs; `atomic_write_text` is importable from here as before.
 from tfxfer.fs import TMP_PREFIX, atomic_write_json, atomic_write_text  # noqa: F401
+from tfxfer.runlock import LOCK_FILE, RunLock, check_reachable, refuse_shared_locations
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +122,6 @@ def _check_entry_name(name: Any) -> None:
         raise ValueError(f"entry {name!r} is not a plain file or folder name")
 
 
-def _check_reachable(url: str) -> None:
-    """Raises `RunDirError` naming `url` when its storage cannot be reached (no network, an
-    unknown host), instead of TensorFlow's page about libcurl."""
-    try:
-        fs.exists(url)
-    except tf.errors.OpError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        detail = first.rsplit("error details: ", 1)[-1]
-        raise RunDirError(
-            f"Cannot reach {url!r} ({detail}). Check the network connection, the bucket's "
-            "name and your credentials, or choose a local --output-dir."
-        ) from None
-
-
 def _stopped_before_first_checkpoint(path: str) -> bool:
     """Whether `path` holds only a tfxfer run that ended before anything could be resumed.
 
@@ -159,7 +146,9 @@ def _stopped_before_first_checkpoint(path: str) -> bool:
 
 
 def _listing(directory: str) -> list[str]:
-    return sorted(fs.listdir(directory)) if fs.isdir(directory) else []
+    """The directory's entries but its lock, which is the run's and no entry of it."""
+    names = fs.listdir(directory) if fs.isdir(directory) else []
+    return sorted(name for name in names if name != LOCK_FILE)
 
 
 def _resolved(path: str) -> str:
@@ -180,39 +169,6 @@ def _some(names: list[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_NAMED_IN_ERRORS])
     more = len(names) - _NAMED_IN_ERRORS
     return shown + (f" and {more} more" if more > 0 else "")
-
-
-def _refuse_shared_locations(given: str, path: str) -> None:
-    """Refuses the directories a run must never own: /, home, the working directory."""
-    if not str(given).strip():
-        raise RunDirError(
-            f"Expected a directory for the run. Received: output_dir={given!r}, which would "
-            "be the current directory. Pass a new directory, e.g. --output-dir runs/my_run."
-        )
-    real = os.path.realpath(path)
-    shared = [
-        (os.path.realpath(os.sep), "the filesystem root"),
-        (os.path.realpath(os.path.expanduser("~")), "your home directory"),
-    ]
-    try:
-        shared.append((os.path.realpath(os.getcwd()), "the current directory"))
-    except OSError:  # The working directory was deleted: there is nothing there to protect.
-        pass
-    for location, what in shared:
-        if real == location:
-            raise RunDirError(
-                f"Expected a directory of the run's own. Received: output_dir={given!r}, "
-                f"which is {what} ({real!r}): a run there would mix its files into yours. "
-                "Pass a new directory, e.g. --output-dir runs/my_run."
-            )
-    for location, what in shared[1:]:
-        # A parent of home or of the working directory holds the user's files too.
-        if location.startswith(real.rstrip(os.sep) + os.sep):
-            raise RunDirError(
-                f"Expected a directory of the run's own. Received: output_dir={given!r} "
-                f"({real!r}), which holds {what}. Pass a new directory, e.g. --output-dir "
-                "runs/my_run."
-            )
 
 
 def _foreign(names: list[str], entries: set[str] | None) -> list[str]:
@@ -258,13 +214,17 @@ class RunDir:
         resume: bool. Continue the run in `path`. Defaults to `False`.
         write: bool. False on every worker of a multi-worker run but the chief: the
             directory is then only read (to resume from the checkpoint the chief chose),
-            never checked, created or deleted. Defaults to `True`.
+            never checked, created, locked or deleted. Defaults to `True`.
+        lock: bool. Hold the directory's lock (`tfxfer.runlock`) until `close` (or the
+            process's end), so that no other run writes it meanwhile (local paths only). The
+            recipes lock the runs they open, and close them when they end. Defaults to
+            `False`.
 
     Raises:
         RunDirError: `path` holds an earlier run and neither flag was given; or it holds
             files tfxfer did not write; or `overwrite` was asked of a run without a manifest;
             or `path` is a file, empty, `/`, home or the working directory; or both flags
-            were given.
+            were given; or another live run holds its lock.
 
     Example:
 
@@ -273,10 +233,17 @@ class RunDir:
     """
 
     def __init__(
-        self, path: str, *, overwrite: bool = False, resume: bool = False, write: bool = True
+        self,
+        path: str,
+        *,
+        overwrite: bool = False,
+        resume: bool = False,
+        write: bool = True,
+        lock: bool = False,
     ):
         self.path = _absolute(path)
         self.write = write
+        self.lock = None
         if not write:
             # The chief writes this (shared) directory at the same moment: what is there is
             # its new run, not an earlier one to refuse or delete. Nor does this worker decide
@@ -286,11 +253,17 @@ class RunDir:
             self.resumed = resume
             return
         self.resumed = self.check(path, overwrite=overwrite, resume=resume)
+        existed = fs.exists(self.path)
+        if lock and not fs.is_url(self.path):
+            # Before anything in it is replaced: never a directory another live run writes.
+            os.makedirs(self.path, exist_ok=True)
+            self.lock = RunLock(self.path)
+            self.lock.acquire()
         if resume and not self.resumed:
             log.warning(
                 "Nothing to resume in %r (%s); starting a new run there.",
                 self.path,
-                "no such directory" if not fs.exists(self.path) else "no run was saved in it",
+                "no such directory" if not existed else "no run was saved in it",
             )
         if overwrite:
             self._remove_earlier_run()
@@ -319,9 +292,11 @@ class RunDir:
         given = path
         path = _absolute(path)
         if not fs.is_url(path):  # A bucket holds no home or working directory.
-            _refuse_shared_locations(given, path)
+            refuse_shared_locations(given, path)
+            if os.path.isdir(path):
+                RunLock(path).check()
         else:
-            _check_reachable(path)
+            check_reachable(path)
         if fs.exists(path) and not fs.isdir(path):
             raise RunDirError(f"Output path {path!r} is a file, not a directory.")
         names = _listing(path)
@@ -469,6 +444,11 @@ class RunDir:
     def owned_entries(self) -> list[str]:
         """The top-level entries tfxfer wrote here, as the manifest lists them."""
         return sorted(_read_manifest(self.path) or ())
+
+    def close(self) -> None:
+        """Releases the directory's lock: another run may write it from now on."""
+        if self.lock is not None:
+            self.lock.release()
 
     def file(self, name: str) -> str:
         """The path of `name` in the run, recorded in the manifest as tfxfer's to write.

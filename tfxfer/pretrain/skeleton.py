@@ -210,50 +210,57 @@ def _run(config: PretrainConfig, build_data: BuildData, build_task: BuildTask) -
         overwrite=config.overwrite,
         resume=config.resume,
         write=distribution.is_chief,
+        lock=True,  # released by `run_dir.close()` when the run ends
         extra={
             "backbone_info": backbone_info(task.backbone),
             "pretraining": task.info,
             **distribution.describe(),
         },
     )
-    result: TrainResult = run_schedule(
-        task.model,
-        task.backbone,
-        config.stages(),
-        task.train,
-        task.val,
-        loss=task.loss,
-        metrics=task.metrics,
-        run_dir=run_dir,
-        strategy=distribution.strategy,
-        lr_scale=distribution.lr_scale,
-        verbose=config.fit_verbosity(),
-        cache_features=False,  # every layer trains: there is nothing frozen to cache
-        config={**dataclasses.asdict(config), "global_batch_size": distribution.global_batch_size},
-    )
-    metrics = task.finish(run_dir, distribution.is_chief)
-    output = run_dir.file(task.info["output"]) if distribution.is_chief else None
-    if distribution.is_chief:
-        run_dir.write_json("metrics.json", metrics)
-        if result.best:
-            run_dir.write_json("best.json", result.best)
-        if result.stages:
-            run_dir.write_json("stages.json", result.stages)
-        if result.history:
-            # Both objectives name their metric "accuracy"; the plot says which it is.
-            measured = {"masked_lm": "masked-token accuracy", "simclr": "contrastive accuracy"}
-            report.plot_training_curves(
-                result.history,
-                run_dir.file("training_curves.png"),
-                accuracy_label=measured.get(task.info.get("objective"), "accuracy"),
-            )
-        print(f"[tfxfer] pretrained backbone written to {output}", flush=True)
-    return {
-        "run_dir": run_dir.path,
-        "model": task.model,
-        "backbone": task.backbone,
-        "history": result.history,
-        "metrics": metrics,
-        "output": output,
-        "result": result,
-    }
+    try:
+        result: TrainResult = run_schedule(
+            task.model,
+            task.backbone,
+            config.stages(),
+            task.train,
+            task.val,
+            loss=task.loss,
+            metrics=task.metrics,
+            run_dir=run_dir,
+            strategy=distribution.strategy,
+            lr_scale=distribution.lr_scale,
+            verbose=config.fit_verbosity(),
+            cache_features=False,  # every layer trains: there is nothing frozen to cache
+            config={
+                **dataclasses.asdict(config),
+                "global_batch_size": distribution.global_batch_size,
+            },
+        )
+        metrics = task.finish(run_dir, distribution.is_chief)
+        output = run_dir.file(task.info["output"]) if distribution.is_chief else None
+        if distribution.is_chief:
+            run_dir.write_json("metrics.json", metrics)
+            if result.best:
+                run_dir.write_json("best.json", result.best)
+            if result.stages:
+                run_dir.write_json("stages.json", result.stages)
+            if result.history:
+                # Both objectives name their metric "accuracy"; the plot says which it is.
+                measured = {"masked_lm": "masked-token accuracy", "simclr": "contrastive accuracy"}
+                report.plot_training_curves(
+                    result.history,
+                    run_dir.file("training_curves.png"),
+                    accuracy_label=measured.get(task.info.get("objective"), "accuracy"),
+                )
+            print(f"[tfxfer] pretrained backbone written to {output}", flush=True)
+        return {
+            "run_dir": run_dir.path,
+            "model": task.model,
+            "backbone": task.backbone,
+            "history": result.history,
+            "metrics": metrics,
+            "output": output,
+            "result": result,
+        }
+    finally:
+        run_dir.close()  # its lock: another run may write the directory from now on

@@ -77,8 +77,13 @@ def find_learning_rate(
             class_weight=prepared.class_weight,
             steps=steps,
         )
-        run_dir = RunDir(output_dir, overwrite=overwrite, resume=False, write=distribution.is_chief)
-        return _report(config, stages[index].name, index, finding, run_dir)
+        run_dir = RunDir(
+            output_dir, overwrite=overwrite, resume=False, write=distribution.is_chief, lock=True
+        )
+        try:
+            return _report(config, stages[index].name, index, finding, run_dir)
+        finally:
+            run_dir.close()
 
 
 def _stage_index(stages: list[Stage], stage: str | None) -> int:

@@ -74,6 +74,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
         overwrite=config.overwrite,
         resume=config.resume,
         write=distribution.is_chief,
+        lock=True,  # released by `run_dir.close()` when the run ends
         extra={
             "data": prepared.data.summary(),
             "backbone_info": backbone_info(prepared.backbone),
@@ -81,27 +82,33 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
             **distribution.describe(),
         },
     )
-    datasets = prepared.datasets()
-    stages = _from_scratch(stages, prepared, datasets, run_dir)
-    _contrastive_first(config, prepared, datasets, run_dir)
-    result = run_schedule(
-        prepared.model,
-        prepared.backbone,
-        stages,
-        datasets.train,
-        datasets.val,
-        run_dir=run_dir,
-        strategy=distribution.strategy,
-        lr_scale=distribution.lr_scale,
-        verbose=config.fit_verbosity(),
-        cache_features=config.cache_features,
-        class_weight=prepared.class_weight,
-        # Resuming on another number of replicas would change every batch.
-        config={**dataclasses.asdict(config), "global_batch_size": distribution.global_batch_size},
-        callbacks=report.tensorboard_callbacks(run_dir, write=distribution.is_chief),
-        keep_better=config.keep_better,
-    )
-    return _finish(prepared, datasets, run_dir, result, ranking)
+    try:
+        datasets = prepared.datasets()
+        stages = _from_scratch(stages, prepared, datasets, run_dir)
+        _contrastive_first(config, prepared, datasets, run_dir)
+        result = run_schedule(
+            prepared.model,
+            prepared.backbone,
+            stages,
+            datasets.train,
+            datasets.val,
+            run_dir=run_dir,
+            strategy=distribution.strategy,
+            lr_scale=distribution.lr_scale,
+            verbose=config.fit_verbosity(),
+            cache_features=config.cache_features,
+            class_weight=prepared.class_weight,
+            # Resuming on another number of replicas would change every batch.
+            config={
+                **dataclasses.asdict(config),
+                "global_batch_size": distribution.global_batch_size,
+            },
+            callbacks=report.tensorboard_callbacks(run_dir, write=distribution.is_chief),
+            keep_better=config.keep_better,
+        )
+        return _finish(prepared, datasets, run_dir, result, ranking)
+    finally:
+        run_dir.close()  # its lock: another run may write the directory from now on
 
 
 def _finish(prepared: Prepared, datasets, run_dir: RunDir, result, ranking) -> dict[str, Any]:

@@ -180,9 +180,13 @@ def open_run(
     resume: bool,
     extra: dict[str, Any] | None = None,
     write: bool = True,
+    lock: bool = False,
 ) -> RunDir:
-    """Opens the run directory and writes `config.json` (the resolved config plus facts)."""
-    run_dir = RunDir(output_dir, overwrite=overwrite, resume=resume, write=write)
+    """Opens the run directory and writes `config.json` (the resolved config plus facts).
+
+    `lock` holds the directory's lock (`tfxfer.runlock`) until `RunDir.close`, as the
+    recipes do for the whole run."""
+    run_dir = RunDir(output_dir, overwrite=overwrite, resume=resume, write=write, lock=lock)
     if write and not run_dir.resumed:
         run_dir.write_json(
             "config.json",
