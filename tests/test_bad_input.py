@@ -364,6 +364,9 @@ CASES = [
          lambda d, t: tfxfer("train", write(
              t, "run.yaml", "recipe: bert_text_classifier\nseed: 1\nseed: 2\n")),
          "line 3, column 1: the key 'seed' is given twice (first on line 2)", in_process=True),
+    Case("set-an-index-of-a-list-the-config-does-not-set",
+         lambda d, t: tfxfer("train", "bert_text_classifier", "--set", "hidden_units.5=3"),
+         "'5' is an index, but hidden_units has no items to index here", in_process=True),
     Case("config-json-gives-a-key-twice",
          lambda d, t: tfxfer("train", write(
              t, "run.json", '{"recipe": "bert_text_classifier", "seed": 1, "seed": 2}')),

@@ -162,6 +162,14 @@ def set_path(document: dict[str, Any], path: list[str], value: Any) -> None:
     """Sets `document[path[0]][path[1]]...` to `value`; list items are addressed by index."""
     node: Any = document
     for depth, part in enumerate(path[:-1]):
+        following = path[depth + 1]
+        if isinstance(node, dict) and node.get(part) is None and following.isdigit():
+            where = ".".join(path[: depth + 1])
+            raise TfxferError(
+                f"--set {'.'.join(path)}: {following!r} is an index, but {where} has no items "
+                f"to index here (the config does not set it). Set the whole list instead, e.g. "
+                f"--set {where}=[...]."
+            )
         node = _child(node, part, path[: depth + 1])
     last = path[-1]
     if isinstance(node, list):
