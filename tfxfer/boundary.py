@@ -12,6 +12,7 @@ raise.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -24,6 +25,14 @@ from tfxfer.errors import Preempted, TfxferError
 
 # What `--debug` says in `--help`, for this command and every recipe.
 DEBUG_HELP = "on an unexpected error, show the full traceback instead of one line"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends like every other error: one `tfxfer: error:` line and
+    status 2, pointing to --help instead of printing the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"tfxfer: error: {message} (see {self.prog} --help)\n")
 
 
 def error_boundary(action: Callable[[], Any], *, debug: bool = False) -> int:

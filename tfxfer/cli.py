@@ -21,7 +21,13 @@ import numpy as np
 
 from tfxfer import export, prediction, report, runs
 from tfxfer.backbones import known_backbones
-from tfxfer.boundary import DEBUG_HELP, cli_logging, error_boundary, user_error_message
+from tfxfer.boundary import (
+    DEBUG_HELP,
+    OneLineParser,
+    cli_logging,
+    error_boundary,
+    user_error_message,
+)
 from tfxfer.configfile import resolve, to_yaml
 from tfxfer.data.images import make_image_dataset, scan_image_folder
 from tfxfer.data.text import read_text_file
@@ -439,7 +445,7 @@ def _add_export(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `tfxfer` command's argument parser, one subcommand per `_add_*` function."""
-    parser = argparse.ArgumentParser(prog="tfxfer", description="Transfer learning on Keras 3.")
+    parser = OneLineParser(prog="tfxfer", description="Transfer learning on Keras 3.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     _command(commands, "backbones", _cmd_backbones, "list the named backbones")

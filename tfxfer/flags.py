@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from tfxfer.boundary import DEBUG_HELP
+from tfxfer.boundary import DEBUG_HELP, OneLineParser
 
 
 def parse_flags(
@@ -50,7 +50,7 @@ def parse_flags(
         The config, and whether `--debug` was given.
     """
     summary, _, details = (description or config_cls.__doc__ or "").strip().partition("\n")
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description=summary,
         epilog=textwrap.dedent(details).strip() or None,
