@@ -7,7 +7,11 @@ user reads, and none of them is a problem. `import_tensorflow_quietly` imports T
 lets it look for GPUs with file descriptor 2 pointed at a temporary file, then writes back
 every captured line that is not one of these known start-up messages, so nothing else is
 hidden; if the import fails, everything captured is written back. It also sets
-`TF_CPP_MIN_LOG_LEVEL=2` (C++ INFO and WARNING lines off, errors kept) unless the user set it.
+`TF_CPP_MIN_LOG_LEVEL=3` unless the user set it: TensorFlow's C++ log lines off, errors
+included. An error that matters reaches Python as an exception, which tfxfer reports; what
+is left are notices written at the "error" level that are none, such as "oneDNN supports
+DT_INT64 only on platforms with AVX-512. Falling back..." on every text prediction on a CPU
+without AVX-512. Set `TF_CPP_MIN_LOG_LEVEL=2` (or pass `--debug`) to see them.
 
 `--debug` on the command line, or `TFXFER_DEBUG=1`, leaves TensorFlow's output as it is.
 """
@@ -40,7 +44,7 @@ def import_tensorflow_quietly() -> None:
     """Imports TensorFlow (and lets it probe for GPUs) without its known start-up lines."""
     if "tensorflow" in sys.modules or debug_requested():
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         sys.stderr.flush()
         saved = os.dup(2)
