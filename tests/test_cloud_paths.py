@@ -6,6 +6,7 @@ TPU run writing to a bucket relies on.
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import numpy as np
@@ -101,7 +102,7 @@ def _write_image_folder_to_ram(root: str, n: int = 18) -> str:
 @pytest.mark.parametrize(
     "backbone", ["tinynet", pytest.param("mobilenetv3small", marks=pytest.mark.large)]
 )
-def test_image_recipe_writes_its_run_to_ram(tiny_backbones, backbone):
+def test_image_recipe_writes_its_run_to_ram(tiny_backbones, backbone, tmp_path, capsys):
     from recipes import resnet50_image_classifier as recipe
 
     root = _ram("recipe")
@@ -122,6 +123,17 @@ def test_image_recipe_writes_its_run_to_ram(tiny_backbones, backbone):
     exported = tf.saved_model.load(fs.join(output_dir, "export"))
     served = exported.serve(tf.constant(images))
     np.testing.assert_allclose(served.numpy(), loaded.predict(images, verbose=0), atol=1e-5)
+    # The commands take the run where it is: RUN_DIR may be a URL too.
+    from tfxfer import cli
+
+    image = fs.join(data_dir, "class_0", "0.png")
+    local = tmp_path / "0.png"
+    local.write_bytes(fs.read_bytes(image))
+    assert cli.main(["predict", output_dir, str(local), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["input"] == str(local) and row["label"].startswith("class_")
+    assert cli.main(["evaluate", output_dir, "--images-dir", data_dir]) == 0
+    assert "accuracy" in capsys.readouterr().out
 
 
 def test_export_on_ram_replaces_only_its_own_export():

@@ -37,9 +37,9 @@ METRICS_FILE = "metrics.json"
 
 def check_model_path(path: str) -> None:
     """Cheap checks of a model path (--model), made before anything slow."""
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise TfxferError(f"Model file not found: {path!r}. Pass the model.keras a run wrote.")
-    if os.path.isdir(path):
+    if fs.isdir(path):
         raise TfxferError(
             f"--model {path!r} is a folder. Pass the model.keras file a run wrote, e.g. "
             "runs/photos/model.keras (a SavedModel export/ folder is for serving, not for "
@@ -47,10 +47,17 @@ def check_model_path(path: str) -> None:
         )
 
 
+def _is_zip(path: str) -> bool:
+    if not fs.is_url(path):
+        return zipfile.is_zipfile(path)
+    with fs.open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
 def load_model(path: str):
     """The model in `path`, or a `TfxferError` that says what the file is not."""
     check_model_path(path)
-    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+    if path.endswith(".keras") and not _is_zip(path):
         raise TfxferError(
             f"--model {path!r} is not a Keras model: a .keras file is a zip archive, and this "
             "one is not (or is truncated). Pass the model.keras a tfxfer run wrote, or copy it "
@@ -107,23 +114,25 @@ def check_kind(model, model_path: str, given: str, flag: str) -> None:
 
 def class_names_path(model_path: str, class_names: str | None = None) -> str:
     """`class_names` (--class-names) if given, else class_names.json beside the model."""
-    return class_names or os.path.join(
-        os.path.dirname(os.path.abspath(model_path)), CLASS_NAMES_FILE
-    )
+    if class_names:
+        return class_names
+    if fs.is_url(model_path):
+        return fs.join(fs.dirname(model_path), CLASS_NAMES_FILE)
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), CLASS_NAMES_FILE)
 
 
 def read_class_names(path: str, num_outputs: int | None) -> list[str]:
     """The class names in `path`, checked against the model's number of outputs."""
     expected = 'the class_names.json a run wrote: a JSON list of names, e.g. ["cat", "dog"]'
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise TfxferError(
             f"Class names not found at {path!r}; pass --class-names run/class_names.json"
         )
-    if os.path.isdir(path):
+    if fs.isdir(path):
         raise TfxferError(f"--class-names {path!r} is a folder. Expected {expected}.")
     try:
-        with open(path, encoding="utf-8") as handle:
-            names = json.load(handle)
+        with fs.open(path, "rb") as handle:
+            names = json.loads(handle.read().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TfxferError(
             f"--class-names {path!r} is not JSON ({one_line(error)}). Expected {expected}."
@@ -147,8 +156,8 @@ def read_class_names(path: str, num_outputs: int | None) -> list[str]:
 
 def run_class_names(run_dir: str, model, class_names: str | None = None) -> list[str] | None:
     """`class_names` (--class-names), else the run's class_names.json if any, else None."""
-    path = class_names or os.path.join(run_dir, CLASS_NAMES_FILE)
-    if class_names or os.path.exists(path):
+    path = class_names or fs.join(run_dir, CLASS_NAMES_FILE)
+    if class_names or fs.exists(path):
         return read_class_names(path, num_outputs(model))
     return None
 
@@ -187,23 +196,23 @@ def resolve_run(run: str | None, model: str | None, command: str) -> tuple[str, 
     """
     if run is not None and model is not None:
         raise TfxferError(f"Pass a run directory or --model, not both: tfxfer {command} RUN_DIR")
-    if model is not None or (run is not None and not os.path.isdir(run)):
+    if model is not None or (run is not None and not fs.isdir(run)):
         path = model if model is not None else run
-        if model is None and not os.path.exists(path):
+        if model is None and not fs.exists(path):
             raise TfxferError(
                 f"Run directory not found: {path!r}. Pass the folder a run wrote (its "
                 "--output-dir), or its model.keras."
             )
         check_model_path(path)
-        return path, os.path.dirname(os.path.abspath(path))
+        return path, fs.dirname(path) if fs.is_url(path) else os.path.dirname(os.path.abspath(path))
     if run is None:
         raise TfxferError(
             f"Pass the run directory to {command}: tfxfer {command} RUN_DIR ... (the folder "
             "a run wrote, its --output-dir), or --model runs/NAME/model.keras."
         )
-    path = os.path.join(run, MODEL_FILE)
-    if not os.path.isfile(path):
-        started = any(os.path.exists(os.path.join(run, n)) for n in (*RUN_MARKERS, MANIFEST))
+    path = fs.join(run, MODEL_FILE)
+    if not fs.isfile(path):
+        started = any(fs.exists(fs.join(run, n)) for n in (*RUN_MARKERS, MANIFEST))
         why = (
             "the run may not have finished: a run writes model.keras when its last stage "
             "ends (pass --resume to the recipe to finish it)"
@@ -212,7 +221,7 @@ def resolve_run(run: str | None, model: str | None, command: str) -> tuple[str, 
             "--output-dir), or --model PATH/model.keras"
         )
         raise TfxferError(f"{run!r} has no model.keras, so there is no model to use: {why}.")
-    return path, os.path.abspath(run)
+    return path, run.rstrip("/") if fs.is_url(run) else os.path.abspath(run)
 
 
 def read_config(run_dir: str) -> dict:
@@ -280,8 +289,6 @@ def run_entry(run_dir: str, name: str) -> str:
     that is not a run (a model.keras copied alone) gets no manifest: the export's own marker
     is what protects it.
     """
-    if os.path.isfile(os.path.join(run_dir, MANIFEST)) and os.path.isdir(
-        os.path.join(run_dir, "checkpoints")
-    ):
+    if fs.isfile(fs.join(run_dir, MANIFEST)) and fs.isdir(fs.join(run_dir, "checkpoints")):
         return RunDir(run_dir, resume=True).file(name)
-    return os.path.join(run_dir, name)
+    return fs.join(run_dir, name)
