@@ -153,7 +153,6 @@ def test_an_unexpected_error_is_one_line_and_exit_1_unless_debug(capsys):
     [
         (PermissionError(errno.EACCES, "Permission denied", "/data/run"), "permission denied"),
         (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/data/file/run"), "is a file"),
-        (OSError(errno.ENOSPC, "No space left on device", "/data/run"), "no space left"),
         (OSError(errno.EROFS, "Read-only file system", "/data/run"), "read-only"),
     ],
 )
