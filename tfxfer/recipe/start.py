@@ -94,7 +94,9 @@ def prepare(config: RecipeConfig, build_data: BuildData, build_model: BuildModel
             flush=True,
         )
     replicas = int(distribution.strategy.num_replicas_in_sync)
-    if keras_compat.is_patched() and keras_compat.in_multi_worker_mode(distribution.strategy):
+    if keras_compat.is_patched("symbolic_build") and keras_compat.builds_from_one_replica(
+        distribution.strategy
+    ):
         replicas = 1  # the patched build reads one local replica's batch, whatever its share
     for split in ("train", "val"):
         problem = uneven_first_batch(
