@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
 from helpers import (
@@ -236,10 +237,34 @@ def test_a_gain_that_a_few_examples_carry_is_noise_and_a_steady_one_is_not():
     assert chosen["kept"] == "finetuned", chosen
     # Identical models tie, and a tie keeps the probe (it is refit on every label).
     assert choose([], "head", paired_comparison(probe, probe))["kept"] == "probe"
-    # A fine-tuned model that outputs NaN on an example loses on it.
+    # A fine-tuned model that outputs NaN on an example loses on it; a probe that does, too.
     broken = probe - 0.5
     broken[3] = np.nan
     assert choose([], "head", paired_comparison(probe, broken))["kept"] == "probe"
+    broken_probe = np.full(10, 1.0)
+    broken_probe[2:] = np.nan
+    chosen = choose([], "head", paired_comparison(broken_probe, np.full(10, 1.0)))
+    assert chosen["kept"] == "finetuned", chosen
+
+
+def test_the_paired_rule_needs_the_same_examples_in_the_same_order_twice():
+    import tensorflow as tf
+
+    from tfxfer.train.selection import example_losses
+
+    backbone, model = tiny_model()
+    _, val, images, labels = _data()
+    losses, seen = example_losses(model, val, "sparse_categorical_crossentropy")
+    assert losses.shape == (12,) and np.array_equal(seen[:, 0], labels[:12])
+    # Sample weights scale each example's loss, as Keras' validation loss weighs them.
+    weighted = val.map(lambda x, y: (x, y, tf.fill(tf.shape(y), 2.0)))
+    doubled, _ = example_losses(model, weighted, "sparse_categorical_crossentropy")
+    np.testing.assert_allclose(doubled, 2 * losses, rtol=1e-6)
+    # A loss that returns its mean gives no pairs: the last epochs decide instead.
+    mean_only = lambda y, p: tf.reduce_mean(  # noqa: E731
+        keras.losses.sparse_categorical_crossentropy(y, p)
+    )
+    assert example_losses(model, val, mean_only) is None
 
 
 def test_under_two_validation_examples_the_last_epochs_decide():

@@ -123,33 +123,49 @@ def _key(index: int) -> str:
     return f"v{index:05d}"
 
 
-def example_losses(model: keras.Model, dataset: tf.data.Dataset, loss: Any) -> np.ndarray:
-    """`loss` of every example of a batched `(x, y[, weight])` dataset, in order: one
-    compiled forward pass in inference mode."""
+def example_losses(
+    model: keras.Model, dataset: tf.data.Dataset, loss: Any
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """`(losses, labels)` of every example of a batched `(x, y[, weight])` dataset, in
+    order: one compiled forward pass in inference mode, each loss times its sample weight
+    where the data has one. None when the loss does not give one value per example (a
+    user's loss function that returns its mean)."""
     function = keras.losses.get(loss) if isinstance(loss, str) else loss
     per_example = function.call if isinstance(function, keras.losses.Loss) else function
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-    values = []
+    values, labels = [], []
     for batch in dataset:
         x, y = batch[0], batch[1]
         output = tf.cast(forward(x), "float32")
-        values.append(np.asarray(per_example(tf.cast(y, output.dtype), output), "float64"))
-    return np.concatenate(values).reshape(-1) if values else np.zeros(0)
+        value = np.atleast_1d(np.asarray(per_example(tf.cast(y, output.dtype), output), "float64"))
+        if value.shape[0] != int(tf.shape(output)[0]):
+            return None
+        if len(batch) > 2 and batch[2] is not None:
+            value = value * np.asarray(batch[2], "float64").reshape(value.shape[0], -1)[:, 0]
+        values.append(value.reshape(value.shape[0], -1).mean(axis=1))
+        labels.append(np.asarray(y).reshape(value.shape[0], -1))
+    if not values:
+        return np.zeros(0), np.zeros((0, 1))
+    return np.concatenate(values), np.concatenate(labels)
 
 
 def paired_comparison(probe: np.ndarray, finetuned: np.ndarray) -> dict[str, Any] | None:
     """The per-example loss differences' mean and standard error, or None under 2 examples."""
     if len(probe) != len(finetuned) or len(probe) < 2:
         return None
-    gains = np.asarray(probe, "float64") - np.asarray(finetuned, "float64")
-    if not np.all(np.isfinite(gains)):
-        # A model that outputs NaN or infinity on an example is worse on it.
-        finite = np.isfinite(finetuned)
-        gains = np.where(finite, np.nan_to_num(gains, posinf=1e9, neginf=-1e9), -1e9)
+    probe, finetuned = np.asarray(probe, "float64"), np.asarray(finetuned, "float64")
+    probe_ok, finetuned_ok = np.isfinite(probe), np.isfinite(finetuned)
+    # A model that outputs NaN or infinity on an example is worse on it; both: a tie.
+    both = probe_ok & finetuned_ok
+    gains = np.where(
+        both,
+        np.where(both, probe, 0.0) - np.where(both, finetuned, 0.0),
+        np.where(finetuned_ok, 1e9, np.where(probe_ok, -1e9, 0.0)),
+    )
     return {
         "examples": int(len(gains)),
-        "probe_loss": float(np.mean(probe)) if np.all(np.isfinite(probe)) else None,
-        "finetuned_loss": float(np.mean(finetuned)) if np.all(np.isfinite(finetuned)) else None,
+        "probe_loss": float(np.mean(probe)) if np.all(probe_ok) else None,
+        "finetuned_loss": float(np.mean(finetuned)) if np.all(finetuned_ok) else None,
         "mean_gain": float(np.mean(gains)),
         "standard_error": float(np.std(gains, ddof=1) / math.sqrt(len(gains))),
         "examples_better": int(np.sum(gains > 0)),
