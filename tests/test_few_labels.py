@@ -231,6 +231,15 @@ def test_a_gain_that_a_few_examples_carry_is_noise_and_a_steady_one_is_not():
     assert chosen["paired"]["mean_gain"] > 0
     assert chosen["kept"] == "probe", chosen
     assert "2 of 10 validation examples scored better, 8 worse" in chosen["reason"]
+    # Heavy tails: 41 of 48 examples a little better, 7 much worse, the mean barely ahead
+    # and far under its standard error: the count shows the gain is real.
+    heavy = np.full(48, 1.0) - np.array([0.1] * 41 + [-0.5] * 7)
+    chosen = choose([], "head", paired_comparison(np.full(48, 1.0), heavy))
+    assert chosen["paired"]["mean_gain"] < chosen["paired"]["standard_error"]
+    assert chosen["kept"] == "finetuned" and "41 against 7" in chosen["reason"], chosen
+    # The same counts with the mean behind: the loss rises on the whole, the probe stays.
+    behind = np.full(48, 1.0) - np.array([0.05] * 41 + [-0.5] * 7)
+    assert choose([], "head", paired_comparison(np.full(48, 1.0), behind))["kept"] == "probe"
     # A smaller mean gain, on every one of 200 examples, is real.
     steady = np.full(200, 1.0) - np.random.default_rng(0).uniform(0.05, 0.15, 200)
     chosen = choose([], "head", paired_comparison(np.full(200, 1.0), steady))
