@@ -561,7 +561,36 @@ def run_pretraining_under_mirrored(recipe: str, out: Path) -> dict:
     return config
 
 
+def _small_split(argv: Sequence[str]) -> None:
+    """The image recipe under a strategy on 9 images: 6 to train, a validation split of 3,
+    which 2 replicas cannot share evenly. Writes the run into `<out>/run`."""
+    parser = argparse.ArgumentParser(prog="small_split")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--strategy", default="cpu")
+    parser.add_argument("--logical-cpus", type=int, default=0)
+    args = parser.parse_args(argv)
+    _split_cpu(args.logical_cpus)
+    from recipes.resnet50_image_classifier import Config, main
+    from tfxfer.data.synthetic import write_shapes_dataset
+
+    data = write_shapes_dataset(str(args.out / "data"), per_class=3, image_size=32, seed=0)
+    result = main(
+        Config.smoke(
+            data_dir=data,
+            output_dir=str(args.out / "run"),
+            strategy=args.strategy,
+            backbone="mobilenetv3small",
+            weights="none",
+            image_size=32,
+            val_split=0.34,
+        )
+    )
+    print(f"[worker] val examples {result['metrics']['val']['num_examples']}", flush=True)
+    print("[worker] TFXFER_DONE", flush=True)
+
+
 PROGRAMS: dict[str, Callable[[Sequence[str]], None]] = {
+    "small_split": _small_split,
     "pretraining": _pretraining,
     "two_stage": _two_stage,
     "regularized": _regularized,

@@ -301,3 +301,17 @@ def test_train_runs_the_config_and_its_config_json_repeats_the_run(tiny_text_con
     assert (again / "history.csv").read_text() == history
     # And a run directory is never replaced by accident.
     assert cli.main(["train", str(root / "run" / "config.json")]) == 2
+
+
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    from tfxfer.configfile import read_document
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "recipe: bert_text_classifier\n"
+        "x-common: &common {seed: 1, batch_size: 4}\n"
+        "stage: {<<: *common, seed: 2}\n",
+        encoding="utf-8",
+    )
+    document = read_document(str(path))
+    assert document["stage"] == {"seed": 2, "batch_size": 4}

@@ -208,6 +208,9 @@ def test_a_run_writes_the_backbone_and_measures_it(pretrain_run):
     assert {"loss", "accuracy"} <= set(pretrain_run["history"][-1])
     assert len(pretrain_run["history"]) == 2
     assert (run / "training_curves.png").is_file()
+    # TensorBoard's event file, with the epochs' losses in it, as a fine-tuning run has.
+    events = list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and any(event.stat().st_size > 0 for event in events)
     assert not any(name.startswith(".tmp-") for name in os.listdir(run))
     info = tfxfer.backbones.from_run.pretraining_output(run)
     assert info["path"] == str((run / WEIGHTS_FILE).resolve())

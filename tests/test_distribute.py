@@ -430,6 +430,21 @@ def test_mirrored_over_two_logical_cpus_trains_two_stages(
 
 
 @pytest.mark.large
+def test_mirrored_trains_a_split_its_replicas_cannot_share_evenly(tmp_path: Path) -> None:
+    # 3 validation images over 2 replicas: Keras' stock build averaged the first batch over
+    # the replicas and failed on the unequal shares; the recipe refused the run instead.
+    script = str(mh.THIS_FILE)
+    args = ["small_split", "--out", str(tmp_path), "--strategy", "mirrored"]
+    result = mh.run_single(script, [*args, "--logical-cpus", "2"], log_dir=tmp_path / "logs")
+    assert result.ok, mh.describe_results([result])
+    assert "[worker] val examples 3" in result.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["distribution"]["num_replicas"] == 2
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["val"]["num_examples"] == 3
+
+
+@pytest.mark.large
 def test_multi_worker_trains_two_stages_like_one_process(
     tmp_path: Path, reference: tuple[dict[str, np.ndarray], dict]
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
 from helpers import (
@@ -230,16 +231,49 @@ def test_a_gain_that_a_few_examples_carry_is_noise_and_a_steady_one_is_not():
     assert chosen["paired"]["mean_gain"] > 0
     assert chosen["kept"] == "probe", chosen
     assert "2 of 10 validation examples scored better, 8 worse" in chosen["reason"]
+    # Heavy tails: 41 of 48 examples a little better, 7 much worse, the mean barely ahead
+    # and far under its standard error: the count shows the gain is real.
+    heavy = np.full(48, 1.0) - np.array([0.1] * 41 + [-0.5] * 7)
+    chosen = choose([], "head", paired_comparison(np.full(48, 1.0), heavy))
+    assert chosen["paired"]["mean_gain"] < chosen["paired"]["standard_error"]
+    assert chosen["kept"] == "finetuned" and "41 against 7" in chosen["reason"], chosen
+    # The same counts with the mean behind: the loss rises on the whole, the probe stays.
+    behind = np.full(48, 1.0) - np.array([0.05] * 41 + [-0.5] * 7)
+    assert choose([], "head", paired_comparison(np.full(48, 1.0), behind))["kept"] == "probe"
     # A smaller mean gain, on every one of 200 examples, is real.
     steady = np.full(200, 1.0) - np.random.default_rng(0).uniform(0.05, 0.15, 200)
     chosen = choose([], "head", paired_comparison(np.full(200, 1.0), steady))
     assert chosen["kept"] == "finetuned", chosen
     # Identical models tie, and a tie keeps the probe (it is refit on every label).
     assert choose([], "head", paired_comparison(probe, probe))["kept"] == "probe"
-    # A fine-tuned model that outputs NaN on an example loses on it.
+    # A fine-tuned model that outputs NaN on an example loses on it; a probe that does, too.
     broken = probe - 0.5
     broken[3] = np.nan
     assert choose([], "head", paired_comparison(probe, broken))["kept"] == "probe"
+    broken_probe = np.full(10, 1.0)
+    broken_probe[2:] = np.nan
+    chosen = choose([], "head", paired_comparison(broken_probe, np.full(10, 1.0)))
+    assert chosen["kept"] == "finetuned", chosen
+
+
+def test_the_paired_rule_needs_the_same_examples_in_the_same_order_twice():
+    import tensorflow as tf
+
+    from tfxfer.train.selection import example_losses
+
+    backbone, model = tiny_model()
+    _, val, images, labels = _data()
+    losses, seen = example_losses(model, val, "sparse_categorical_crossentropy")
+    assert losses.shape == (12,) and np.array_equal(seen[:, 0], labels[:12])
+    # Sample weights scale each example's loss, as Keras' validation loss weighs them.
+    weighted = val.map(lambda x, y: (x, y, tf.fill(tf.shape(y), 2.0)))
+    doubled, _ = example_losses(model, weighted, "sparse_categorical_crossentropy")
+    np.testing.assert_allclose(doubled, 2 * losses, rtol=1e-6)
+    # A loss that returns its mean gives no pairs: the last epochs decide instead.
+    mean_only = lambda y, p: tf.reduce_mean(  # noqa: E731
+        keras.losses.sparse_categorical_crossentropy(y, p)
+    )
+    assert example_losses(model, val, mean_only) is None
 
 
 def test_under_two_validation_examples_the_last_epochs_decide():

@@ -375,16 +375,18 @@ def test_an_export_removes_what_a_killed_export_left_and_nothing_else(tmp_path):
             (path / EXPORT_MARKER).write_text("{}", encoding="utf-8")
         return name
 
-    killed = temporary(".tmp-export-k1ll3d", {"pid": dead_pid.pid, "host": host})
-    moved_aside = temporary(".tmp-old-export-0ld", marker=True)
-    live = temporary(".tmp-export-l1ve", {"pid": os.getpid(), "host": host})
-    elsewhere = temporary(".tmp-export-0th3r", {"pid": dead_pid.pid, "host": host + "-other"})
-    unowned = temporary(".tmp-export-n0wner")
-    other_name = temporary(".tmp-exports-mine", {"pid": dead_pid.pid, "host": host})
+    killed = temporary(".tmp-export-k1ll3d00", {"pid": dead_pid.pid, "host": host})
+    moved_aside = temporary(".tmp-old-export-0ld00000", marker=True)
+    live = temporary(".tmp-export-l1ve0000", {"pid": os.getpid(), "host": host})
+    elsewhere = temporary(".tmp-export-0th3r000", {"pid": dead_pid.pid, "host": host + "-x"})
+    unowned = temporary(".tmp-export-n0wner00")
+    other_name = temporary(".tmp-exports-mine0000", {"pid": dead_pid.pid, "host": host})
+    # Another export's (`export-v2`) moved-aside copy: not this export's to judge.
+    sibling = temporary(".tmp-old-export-v2-0ld00000", marker=True)
     export_saved_model(tiny_model(num_classes=2)[1], target)
     left = set(os.listdir(tmp_path))
     assert killed not in left and moved_aside not in left
-    assert {live, elsewhere, unowned, other_name, "export"} == left
+    assert {live, elsewhere, unowned, other_name, sibling, "export"} == left
     assert not (tmp_path / "export" / OWNER_FILE).exists()
 
 

@@ -110,19 +110,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     keeps the last value and drops the first without a word."""
 
     def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
+        seen: dict[tuple[type, Any], int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: merged keys may be given again, that is the point
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if not isinstance(key, str | int | float | bool):
+                continue
+            typed = (type(key), key)  # `1:` and `true:` are two keys
+            if typed in seen:
                 raise yaml.constructor.ConstructorError(
                     None,
                     None,
-                    f"the key {key!r} is given twice (first on line {seen[key] + 1}); "
+                    f"the key {key!r} is given twice (first on line {seen[typed] + 1}); "
                     "remove one of them",
                     key_node.start_mark,
                 )
-            if isinstance(key, str | int | float | bool):
-                seen[key] = key_node.start_mark.line
+            seen[typed] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 

@@ -405,6 +405,9 @@ class Distribution:
         self.strategy = get_strategy(strategy)
         if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             keras_compat.patch_keras_for_multi_worker()
+        elif keras_compat.builds_from_one_replica(self.strategy):
+            # Several mirrored replicas: a first batch they share unequally still builds.
+            keras_compat.patch_keras_for_multi_worker(only=("symbolic_build",))
         self.policy = mixed_precision_policy(mixed_precision, self.strategy)
         apply_mixed_precision(self.policy)
         self.global_batch_size = global_batch_size(self.per_replica_batch_size, self.strategy)

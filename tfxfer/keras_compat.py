@@ -63,8 +63,20 @@ def in_multi_worker_mode(strategy: Any) -> bool:
     )
 
 
+def builds_from_one_replica(strategy: Any) -> bool:
+    """Whether the patched build applies to `strategy`: several workers, or several mirrored
+    replicas on one host (where the stock build averages the first batch over the replicas,
+    and fails, "AddN ... must have the same size", when they got unequal shares of it: a
+    split smaller than one global batch whose size is not a multiple of the replicas)."""
+    import tensorflow as tf
+
+    return in_multi_worker_mode(strategy) or (
+        isinstance(strategy, tf.distribute.MirroredStrategy) and strategy.num_replicas_in_sync > 1
+    )
+
+
 def _patch_symbolic_build(trainer: Any) -> None:
-    """Builds from the first local replica's batch instead of a cross-worker mean."""
+    """Builds from the first local replica's batch instead of a mean over the replicas."""
     import tensorflow as tf
     from keras.src import tree
 
@@ -73,7 +85,7 @@ def _patch_symbolic_build(trainer: Any) -> None:
 
     def _maybe_symbolic_build(self: Any, iterator: Any = None, data_batch: Any = None) -> Any:
         strategy = self._distribute_strategy
-        if iterator is not None and strategy is not None and in_multi_worker_mode(strategy):
+        if iterator is not None and strategy is not None and builds_from_one_replica(strategy):
             for _, _, distributed_iterator in iterator:
                 batch = next(distributed_iterator)
                 data_batch = tree.map_structure(
@@ -206,6 +218,7 @@ def unpatch_keras_for_multi_worker() -> list[str]:
     return removed
 
 
-def is_patched() -> bool:
-    """Whether any multi-worker patch is currently applied in this process."""
-    return bool(_originals)
+def is_patched(name: str | None = None) -> bool:
+    """Whether any multi-worker patch (or the one named, from `PATCHES`) is applied in this
+    process."""
+    return name in _originals if name is not None else bool(_originals)

@@ -252,13 +252,24 @@ class RunDir:
             # the chief's choice of checkpoint and loads exactly that one on every worker.
             self.resumed = resume
             return
-        self.resumed = self.check(path, overwrite=overwrite, resume=resume)
         existed = fs.exists(self.path)
         if lock and not fs.is_url(self.path):
-            # Before anything in it is replaced: never a directory another live run writes.
+            # The refusals that need no lock come first (never a lock file in a home
+            # directory or beside a user's files); then the lock, before anything in the
+            # directory is read to be replaced; then the checks again, under the lock.
+            RunLock(self.path).check()  # "in use" before "holds a run": the better reason
+            self.check(path, overwrite=overwrite, resume=resume)
             os.makedirs(self.path, exist_ok=True)
             self.lock = RunLock(self.path)
             self.lock.acquire()
+        try:
+            self._open(path, overwrite, resume, existed)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, given: str, overwrite: bool, resume: bool, existed: bool) -> None:
+        self.resumed = self.check(given, overwrite=overwrite, resume=resume)
         if resume and not self.resumed:
             log.warning(
                 "Nothing to resume in %r (%s); starting a new run there.",
@@ -293,8 +304,6 @@ class RunDir:
         path = _absolute(path)
         if not fs.is_url(path):  # A bucket holds no home or working directory.
             refuse_shared_locations(given, path)
-            if os.path.isdir(path):
-                RunLock(path).check()
         else:
             check_reachable(path)
         if fs.exists(path) and not fs.isdir(path):

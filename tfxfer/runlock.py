@@ -1,24 +1,23 @@
 """Where a run may write, and one run at a time there: refused places, unreachable buckets,
-and a lock file naming the process that holds a run directory.
+and a lock on the run directory naming the process that holds it.
 
 `refuse_shared_locations` keeps runs out of `/`, the home and the working directory;
 `check_reachable` names a bucket that cannot be reached instead of TensorFlow's page.
 
 Two runs started into one `--output-dir` would write the same checkpoints, history and
 model, and one of them (or a `--overwrite`, or the replacement of a run that stopped before
-its first checkpoint) could delete what the other is writing. So a run directory is locked
-while a run writes it: `.tfxfer-lock.json` holds the writer's process id, host, start time
-and command, created atomically (`O_EXCL`: of two runs started at once, exactly one gets
-it). A second run is refused at once, in one line that names the holder.
+its first checkpoint) could delete what the other is writing. So a recipe locks its run
+directory while it runs: `.tfxfer-lock.json` is held with `flock` (an exclusive lock the
+kernel drops when the holding process ends, however it ends: SIGKILL, a crash, a power cut)
+and names the holder (process id, host, start time, command) for the message a second run
+gets. A second run is refused at once, in one line that names the holder. A lock file whose
+`flock` is free is stale, whatever it says: the run that wrote it has ended, and the next
+run reports it and takes it over. A process may take a lock it already holds (a resume in
+the same Python session): holds are counted, and the lock goes when the last is released.
 
-A lock whose holder has ended without removing it (SIGKILL, a power cut) is stale. On the
-same host tfxfer can tell (the process id no longer runs): the stale lock is reported and
-replaced. Held from another host (a shared file system), it cannot: the run is refused with
-the holder's details, and the user deletes the file once sure that run is gone. A process
-may take a lock it already holds again (a resume in the same Python session).
-
-Only local directories are locked: an object store (`gs://`) has no atomic create-if-absent
-through `tf.io.gfile`, and there the rule stays the user's (one run per directory).
+Only local directories are locked: an object store (`gs://`) has no such lock through
+`tf.io.gfile`, and there the rule stays the user's (one run per directory). Where `fcntl`
+is missing (Windows), runs are not locked.
 """
 
 from __future__ import annotations
@@ -38,9 +37,17 @@ import tensorflow as tf
 from tfxfer import fs
 from tfxfer.errors import RunDirError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 LOCK_FILE = ".tfxfer-lock.json"
 
 log = logging.getLogger(__name__)
+
+# The locks this process holds: real path of the lock file -> [descriptor, holds].
+_HELD: dict[str, list[int]] = {}
 
 
 def holder_description(holder: dict[str, Any]) -> str:
@@ -55,63 +62,98 @@ class RunLock:
 
     def __init__(self, directory: str):
         self.path = os.path.join(directory, LOCK_FILE)
+        self.key = os.path.realpath(self.path)
         self.held = False
 
-    def holder(self) -> dict[str, Any] | None:
-        """What the lock file says, None without one; `{}` when it cannot be read."""
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                found = json.load(handle)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-        return found if isinstance(found, dict) else {}
-
     def check(self) -> None:
-        """Raises `RunDirError` when another live run holds the lock (changes nothing)."""
-        holder = self.holder()
-        if holder is None or _is_this_process(holder) or _stale(holder):
+        """Raises `RunDirError` when another live process holds the lock; takes nothing."""
+        if fcntl is None or self.key in _HELD:
             return
-        raise _in_use(os.path.dirname(self.path), holder)
+        try:
+            descriptor = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file (or none this user can read): nothing holds it
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _in_use(os.path.dirname(self.path), _read(descriptor)) from None
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+        finally:
+            os.close(descriptor)
 
     def acquire(self) -> None:
-        """Takes the lock, replacing a stale one with a warning; raises `RunDirError` when
-        another live run (or one this host cannot see) holds it."""
-        for _ in range(2):
+        """Takes the lock (once more, if this process holds it); raises `RunDirError` when
+        another live process holds it. A stale lock file is reported and taken over."""
+        if fcntl is None or self.held:
+            return
+        if self.key in _HELD:
+            _HELD[self.key][1] += 1
+            self.held = True
+            return
+        for _ in range(3):
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.holder()
-                if holder is None:
-                    continue  # released in between: try again
-                if _is_this_process(holder):
-                    self.held = True
-                    return
-                if not _stale(holder):
-                    raise _in_use(os.path.dirname(self.path), holder) from None
-                log.warning(
-                    "Replacing a stale lock in %r: its %s is no longer running.",
-                    os.path.dirname(self.path),
-                    holder_description(holder),
-                )
-                _remove_if(self.path, holder)
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read(descriptor)
+                os.close(descriptor)
+                raise _in_use(os.path.dirname(self.path), holder) from None
+            # Locked; but the file may have been removed (a holder releasing it) between
+            # the open and the lock: then this lock guards nothing, and the next try opens
+            # the file that is there now.
+            try:
+                same = os.fstat(descriptor).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(descriptor)
                 continue
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(_this_process(), handle)
+            earlier = _read(descriptor)
+            if earlier:
+                log.warning(
+                    "Replacing a stale lock in %r: its %s has ended.",
+                    os.path.dirname(self.path),
+                    holder_description(earlier),
+                )
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, json.dumps(_this_process()).encode("utf-8"), 0)
+            _HELD[self.key] = [descriptor, 1]
             self.held = True
             atexit.register(self.release)
             return
-        raise _in_use(os.path.dirname(self.path), self.holder() or {})
+        raise RunDirError(
+            f"Could not lock {os.path.dirname(self.path)!r}: its lock file kept changing. "
+            "Another run is starting there; wait for it, or choose another --output-dir."
+        )
 
     def release(self) -> None:
-        """Removes the lock if this process holds it; otherwise leaves it."""
+        """Gives back this hold; the lock goes (and its file) with the last one."""
         if not self.held:
             return
         self.held = False
-        holder = self.holder()
-        if holder and _is_this_process(holder):
-            _remove_if(self.path, holder)
+        entry = _HELD.get(self.key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _HELD[self.key]
+        try:
+            os.remove(self.path)  # while still locked: no other run holds this file
+        except FileNotFoundError:
+            pass
+        os.close(entry[0])
+
+
+def _read(descriptor: int) -> dict[str, Any]:
+    """The holder the lock file names; {} when it names none (empty, or not JSON)."""
+    try:
+        size = os.fstat(descriptor).st_size
+        found = json.loads(os.pread(descriptor, size, 0).decode("utf-8")) if size else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _this_process() -> dict[str, Any]:
@@ -123,54 +165,12 @@ def _this_process() -> dict[str, Any]:
     }
 
 
-def _is_this_process(holder: dict[str, Any]) -> bool:
-    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
-
-
-def _stale(holder: dict[str, Any]) -> bool:
-    """Whether the holder is known to have ended: a process of this host that is gone."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
-
-
 def _in_use(directory: str, holder: dict[str, Any]) -> RunDirError:
-    if not holder:
-        return RunDirError(
-            f"Output directory {directory!r} is locked ({LOCK_FILE} is there but cannot be "
-            "read). If no run is using it, delete that file and run again; otherwise choose "
-            "another --output-dir."
-        )
-    elsewhere = holder.get("host") != socket.gethostname()
+    who = holder_description(holder) if holder else "a process that is still starting"
     return RunDirError(
-        f"Output directory {directory!r} is in use by another run: {holder_description(holder)}."
-        + (
-            " tfxfer cannot tell from this host whether it still runs: if it does not, delete "
-            f"{os.path.join(directory, LOCK_FILE)!r} and run again."
-            if elsewhere
-            else " Wait for it to finish, or choose another --output-dir."
-        )
+        f"Output directory {directory!r} is in use by another run: {who}. Wait for it to "
+        "finish, or choose another --output-dir."
     )
-
-
-def _remove_if(path: str, holder: dict[str, Any]) -> None:
-    """Removes the lock file if it still names `holder` (not a lock taken since)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            current = json.load(handle)
-    except (OSError, ValueError):
-        return
-    if current == holder:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
 
 
 def check_reachable(url: str) -> None:

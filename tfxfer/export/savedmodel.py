@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -90,7 +91,7 @@ def export_saved_model(model: keras.Model, directory: str) -> str:
             )
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # done; what is left goes next time
         else:
             os.replace(tmp, target)
     except BaseException:
@@ -111,14 +112,18 @@ def _remove_stale_temporaries(parent: str, name: str) -> None:
         entries = os.listdir(parent)
     except OSError:
         return
+    # mkdtemp's names: the prefix, then 8 characters of its alphabet. Exactly this name's:
+    # `.tmp-old-export-v2-...` is another export's, not `export`'s.
+    ours = re.compile(rf"{re.escape(TMP_PREFIX)}(old-)?{re.escape(name)}-[a-z0-9_]{{8}}")
     for entry in entries:
         path = os.path.join(parent, entry)
-        if entry.startswith(f"{TMP_PREFIX}old-{name}-"):
-            stale = os.path.isdir(os.path.join(parent, name)) and _holds_tfxfer_export(path)
-        elif entry.startswith(f"{TMP_PREFIX}{name}-"):
-            stale = _writer_is_gone(os.path.join(path, OWNER_FILE))
-        else:
+        match = ours.fullmatch(entry)
+        if match is None:
             continue
+        if match.group(1):
+            stale = os.path.isdir(os.path.join(parent, name)) and _holds_tfxfer_export(path)
+        else:
+            stale = _writer_is_gone(os.path.join(path, OWNER_FILE))
         if stale and os.path.isdir(path):
             log.info("Removing %r, which an interrupted export left.", path)
             shutil.rmtree(path, ignore_errors=True)

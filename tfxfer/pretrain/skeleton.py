@@ -231,6 +231,7 @@ def _run(config: PretrainConfig, build_data: BuildData, build_task: BuildTask) -
             lr_scale=distribution.lr_scale,
             verbose=config.fit_verbosity(),
             cache_features=False,  # every layer trains: there is nothing frozen to cache
+            callbacks=report.tensorboard_callbacks(run_dir, write=distribution.is_chief),
             config={
                 **dataclasses.asdict(config),
                 "global_batch_size": distribution.global_batch_size,

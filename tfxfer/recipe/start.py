@@ -94,7 +94,9 @@ def prepare(config: RecipeConfig, build_data: BuildData, build_model: BuildModel
             flush=True,
         )
     replicas = int(distribution.strategy.num_replicas_in_sync)
-    if keras_compat.is_patched() and keras_compat.in_multi_worker_mode(distribution.strategy):
+    if keras_compat.is_patched("symbolic_build") and keras_compat.builds_from_one_replica(
+        distribution.strategy
+    ):
         replicas = 1  # the patched build reads one local replica's batch, whatever its share
     for split in ("train", "val"):
         problem = uneven_first_batch(
@@ -187,6 +189,15 @@ def open_run(
     `lock` holds the directory's lock (`tfxfer.runlock`) until `RunDir.close`, as the
     recipes do for the whole run."""
     run_dir = RunDir(output_dir, overwrite=overwrite, resume=resume, write=write, lock=lock)
+    try:
+        _write_config(run_dir, config, extra, write)
+    except BaseException:
+        run_dir.close()  # no lock left behind by a run that could not start
+        raise
+    return run_dir
+
+
+def _write_config(run_dir: RunDir, config: dict[str, Any], extra, write: bool) -> None:
     if write and not run_dir.resumed:
         run_dir.write_json(
             "config.json",
@@ -200,4 +211,3 @@ def open_run(
                 },
             },
         )
-    return run_dir

@@ -25,6 +25,7 @@ import logging
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfxfer.backbones.base import Backbone, LayerGroups
@@ -222,7 +223,7 @@ def _train_stages(run: ScheduleRun) -> None:
         if notice.received and trainer.position is not None:
             # The notice came after the last epoch's end was handled: its checkpoint is the
             # final one; stop before evaluation and export all the same.
-            raise trainer.preempted(run.steps_per_epoch)
+            raise trainer.preempted(run.steps_per_epoch, notice.signum)
     if run.state is not None and not run.loaded:
         # Every stage had finished: the checkpoint holds the final weights.
         with run.scope():
@@ -430,13 +431,20 @@ def _paired_losses(run: ScheduleRun) -> dict[str, Any] | None:
     """Both models' validation losses, example by example (`selection.paired_comparison`).
 
     The fine-tuned weights are held in memory while the probe's are put back to score it,
-    then restored: the model leaves as it came."""
+    then restored, whatever happens: the model leaves as it came. None (the last epochs
+    then decide) without validation data, when the loss is not one value per example, or
+    when the validation data does not come in the same order twice (a shuffled dataset of
+    the user's), since the pairs would not be pairs."""
     if run.val_data is None:
         return None
     finetuned = ProbeSnapshot(None, write=False)
     finetuned.take(run.model)
-    finetuned_losses = example_losses(run.model, run.val_data, run.loss)
-    run.snapshot.restore(run.model)
-    probe_losses = example_losses(run.model, run.val_data, run.loss)
-    finetuned.restore(run.model)
-    return paired_comparison(probe_losses, finetuned_losses)
+    try:
+        scored = example_losses(run.model, run.val_data, run.loss)
+        run.snapshot.restore(run.model)
+        probe = example_losses(run.model, run.val_data, run.loss)
+    finally:
+        finetuned.restore(run.model)
+    if scored is None or probe is None or not np.array_equal(scored[1], probe[1]):
+        return None
+    return paired_comparison(probe[0], scored[0])
