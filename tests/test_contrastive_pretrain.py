@@ -325,7 +325,8 @@ def test_a_run_stopped_mid_epoch_resumes_from_the_command_line_to_the_same_weigh
     run_schedule = skeleton.run_schedule
 
     def with_notice(*args, **kwargs):
-        return run_schedule(*args, callbacks=[_SigtermAt(epoch=1, step=0)], **kwargs)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _SigtermAt(epoch=1, step=0)]
+        return run_schedule(*args, **kwargs)
 
     config = dataclasses.replace(
         _config(data_root, backbone=pretrain_run["name"]), output_dir=str(tmp_path / "run")
