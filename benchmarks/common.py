@@ -175,6 +175,16 @@ def replace_section(name: str, body: str, path: Path = README) -> None:
     print(f"[benchmarks] wrote section {name!r} of {path}", flush=True)
 
 
+def publish(section: str, body: str, facts: dict[str, Any], started: float, write: bool) -> None:
+    """Prints a script's tables; with `write`, puts them under the run's facts into its
+    section of the README (`started`: the script's `time.perf_counter()` at its start)."""
+    print("\n" + body + "\n", flush=True)
+    if write:
+        replace_section(
+            section, facts_markdown(facts, time.perf_counter() - started) + "\n\n" + body
+        )
+
+
 def median_spread(values: list[float]) -> tuple[float, float, float]:
     """Median, minimum and maximum."""
     return statistics.median(values), min(values), max(values)

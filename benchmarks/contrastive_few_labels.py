@@ -43,11 +43,10 @@ from common import (
     add_common_arguments,
     dispatch,
     emit_result,
-    facts_markdown,
     machine_facts,
     markdown_table,
+    publish,
     quiet_tensorflow,
-    replace_section,
     run_child,
 )
 
@@ -322,11 +321,7 @@ def parent(args) -> int:
                 if args.save_json:
                     Path(args.save_json).write_text(json.dumps(runs, indent=1), "utf-8")
     body = results(runs, args)
-    print("\n" + body + "\n", flush=True)
-    if not args.no_readme:
-        replace_section(
-            SECTION, facts_markdown(facts, time.perf_counter() - started) + "\n\n" + body
-        )
+    publish(SECTION, body, facts, started, write=not args.no_readme)
     return 0
 
 

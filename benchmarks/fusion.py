@@ -28,12 +28,11 @@ from common import (
     add_common_arguments,
     dispatch,
     emit_result,
-    facts_markdown,
     machine_facts,
     markdown_table,
     peak_rss_mb,
+    publish,
     quiet_tensorflow,
-    replace_section,
     run_child,
 )
 from real_text import DEFAULT_DATA_ROOT, build
@@ -144,11 +143,7 @@ def parent(args: argparse.Namespace) -> int:
             ),  # fmt: skip
         ]
     )
-    print("\n" + body + "\n", flush=True)
-    if not args.no_readme:
-        replace_section(
-            SECTION, facts_markdown(facts, time.perf_counter() - started) + "\n\n" + body
-        )
+    publish(SECTION, body, facts, started, write=not args.no_readme)
     return 0
 
 

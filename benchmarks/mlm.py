@@ -36,11 +36,10 @@ from common import (
     add_common_arguments,
     dispatch,
     emit_result,
-    facts_markdown,
     machine_facts,
     markdown_table,
+    publish,
     quiet_tensorflow,
-    replace_section,
     run_child,
 )
 from real_text import DEFAULT_DATA_ROOT, SECTIONS, build, candidate_pool, read_packages
@@ -281,12 +280,8 @@ def parent(args) -> int:
     if args.part in ("both", "adaptation"):
         parts.append(adaptation(args, corpus, data_root)[0])
     body = "\n\n".join(parts)
-    print("\n" + body + "\n", flush=True)
-    if not args.no_readme:
-        section = SECTION if args.part == "both" else f"{SECTION}_{args.part}"
-        replace_section(
-            section, facts_markdown(facts, time.perf_counter() - started) + "\n\n" + body
-        )
+    section = SECTION if args.part == "both" else f"{SECTION}_{args.part}"
+    publish(section, body, facts, started, write=not args.no_readme)
     return 0
 
 

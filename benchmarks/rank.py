@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import few_labels
-from common import facts_markdown, machine_facts, markdown_table, replace_section
+from common import machine_facts, markdown_table, publish
 
 SECTION = "rank"
 IMAGE_CANDIDATES = "mobilenetv3small@none,efficientnetv2b0@none,resnet50@none"
@@ -200,11 +200,7 @@ def parent(args) -> int:
             body(runs, args),
         ]
     )
-    print("\n" + text + "\n", flush=True)
-    if not args.no_readme:
-        replace_section(
-            args.section, facts_markdown(facts, time.perf_counter() - started) + "\n\n" + text
-        )
+    publish(args.section, text, facts, started, write=not args.no_readme)
     return 0
 
 

@@ -33,11 +33,10 @@ from common import (
     add_common_arguments,
     dispatch,
     emit_result,
-    facts_markdown,
     machine_facts,
     markdown_table,
+    publish,
     quiet_tensorflow,
-    replace_section,
     run_child,
 )
 from few_labels_data import DEFAULT_DATA_ROOT
@@ -157,11 +156,7 @@ def parent(args) -> int:
             )  # fmt: skip
         )
     body = "\n\n".join(parts)
-    print("\n" + body + "\n", flush=True)
-    if not args.no_readme:
-        replace_section(
-            SECTION, facts_markdown(facts, time.perf_counter() - started) + "\n\n" + body
-        )
+    publish(SECTION, body, facts, started, write=not args.no_readme)
     return 0
 
 

@@ -164,7 +164,7 @@ def paired_comparison(probe: np.ndarray, finetuned: np.ndarray) -> dict[str, Any
     both = probe_ok & finetuned_ok
     gains = np.where(
         both,
-        np.where(both, probe, 0.0) - np.where(both, finetuned, 0.0),
+        np.nan_to_num(probe - finetuned),  # only read where both are finite
         np.where(finetuned_ok, 1e9, np.where(probe_ok, -1e9, 0.0)),
     )
     return {
