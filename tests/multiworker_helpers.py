@@ -570,16 +570,22 @@ def _small_split(argv: Sequence[str]) -> None:
     parser.add_argument("--logical-cpus", type=int, default=0)
     args = parser.parse_args(argv)
     _split_cpu(args.logical_cpus)
+    import pytest
+    from helpers import register_tiny_backbones
+
     from recipes.resnet50_image_classifier import Config, main
     from tfxfer.data.synthetic import write_shapes_dataset
 
+    # A tiny CNN (with BatchNorm) is enough: what is tested is Keras' build under the
+    # strategy on a batch the replicas cannot share, not the network.
+    register_tiny_backbones(pytest.MonkeyPatch())
     data = write_shapes_dataset(str(args.out / "data"), per_class=3, image_size=32, seed=0)
     result = main(
         Config.smoke(
             data_dir=data,
             output_dir=str(args.out / "run"),
             strategy=args.strategy,
-            backbone="mobilenetv3small",
+            backbone="tinynet",
             weights="none",
             image_size=32,
             val_split=0.34,
