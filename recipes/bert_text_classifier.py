@@ -32,6 +32,7 @@ import tfxfer
 from tfxfer.demo_data import demo_text_paths
 from tfxfer.recipe import RecipeConfig, build_task_model, command_line, load_data, run
 from tfxfer.train.setfit import SETFIT_AUTO_MAX_PER_CLASS
+from tfxfer.train.setfit_inbatch import DEFAULT_STEPS
 
 
 @dataclass
@@ -54,8 +55,11 @@ class Config(RecipeConfig):
     head_learning_rate: float | str = 3e-3
     finetune_learning_rate: float | str = 5e-5
     dropout: float = 0.1
-    # auto: 20 when the smallest class has at most 16 training texts, else 0 (no SetFit)
-    contrastive_pairs: int | str = "auto"  # SetFit pairs per text before the head, or auto
+    # SetFit before the head. auto: when the smallest class has at most 16 training texts,
+    # contrastive_steps steps on every pair inside each batch of 32 texts; N: N sampled
+    # pairs of each kind per text instead; 0: none.
+    contrastive_pairs: int | str = "auto"
+    contrastive_steps: int | str = "auto"  # in-batch SetFit steps; auto: 30 when few labels
 
     # Smoke runs skip SetFit, as they skip everything costly; tests that want it ask for it.
     SMOKE: ClassVar[dict] = {"sequence_length": 16, "contrastive_pairs": 0}
@@ -68,8 +72,15 @@ class Config(RecipeConfig):
         pairs = self.contrastive_pairs
         if pairs != "auto" and not (type(pairs) is int and pairs >= 0):
             found.append(
-                f"contrastive_pairs={pairs!r} (expected an integer >= 0, or auto: 20 when a "
-                f"class has at most {SETFIT_AUTO_MAX_PER_CLASS} training texts)"
+                f"contrastive_pairs={pairs!r} (expected an integer >= 0, or auto: in-batch "
+                f"SetFit when a class has at most {SETFIT_AUTO_MAX_PER_CLASS} training texts)"
+            )
+        steps = self.contrastive_steps
+        if steps != "auto" and not (type(steps) is int and steps >= 0):
+            found.append(
+                f"contrastive_steps={steps!r} (expected an integer >= 0, or auto: "
+                f"{DEFAULT_STEPS} when a class has at most {SETFIT_AUTO_MAX_PER_CLASS} "
+                "training texts)"
             )
         return found
 

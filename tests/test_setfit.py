@@ -12,6 +12,12 @@ import tensorflow as tf
 import tfxfer
 from tfxfer.train.features import split_at_head
 from tfxfer.train.setfit import contrastive_finetune, make_pairs
+from tfxfer.train.setfit_inbatch import (
+    _batch_plan,
+    all_pairs_loss,
+    contrastive_plan,
+    in_batch_finetune,
+)
 
 # Each class's texts mix its own words with words every class uses.
 CLASS_WORDS = [["great", "good", "loved", "fun"], ["bad", "awful", "boring", "hated"]]
@@ -76,29 +82,6 @@ def test_same_class_pairs_grow_closer_and_different_class_pairs_apart(tiny_bert)
     json.dumps(info)  # the run records it as is
 
 
-def test_the_backbone_trains_in_place_and_trainable_flags_come_back(tiny_bert):
-    backbone, model, features = _encoder(tiny_bert)
-    # A head stage's flags: the backbone frozen, one head weight frozen inside a trainable layer.
-    backbone.network.trainable = False
-    output = model.layers[-1]
-    output.kernel.trainable = False
-    flags = [(layer.name, layer.trainable) for layer in model._flatten_layers()]
-    weights = {v.path: v.trainable for v in model.weights}
-    before = {v.path: np.array(v.numpy()) for v in backbone.network.weights}
-    head_before = [np.array(v.numpy()) for v in output.weights]
-
-    texts, labels = _texts([5, 5])
-    contrastive_finetune(
-        features, _tokens(backbone, texts), labels, pairs_per_example=2, learning_rate=1e-3
-    )
-    changed = [p for p, w in before.items() if not np.allclose(w, _weight(backbone, p))]
-    assert len(changed) > len(before) // 2  # the encoder itself trained, frozen or not
-    for old, variable in zip(head_before, output.weights, strict=True):
-        np.testing.assert_array_equal(old, variable.numpy())  # the head took no part
-    assert [(layer.name, layer.trainable) for layer in model._flatten_layers()] == flags
-    assert {v.path: v.trainable for v in model.weights} == weights
-
-
 def _weight(backbone, path):
     return next(v.numpy() for v in backbone.network.weights if v.path == path)
 
@@ -154,29 +137,123 @@ def test_bad_labels_are_refused_with_what_was_received(tiny_bert):
         contrastive_finetune(features, _tokens(backbone, texts), labels, pairs_per_example=0)
 
 
-# === contrastive_pairs="auto": the text recipe's default ===
+# === In-batch SetFit (`setfit_inbatch`): the default with few labels ===
+
+
+def test_the_all_pairs_loss_is_setfits_loss_over_every_pair_of_the_batch():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(6, 5)).astype("float32")
+    labels = np.asarray([0, 0, 1, 1, 1, 2])
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    same, other = [], []
+    for i in range(6):
+        for j in range(i + 1, 6):
+            cosine = float(unit[i] @ unit[j])
+            (same if labels[i] == labels[j] else other).append(cosine)
+    expected = 0.5 * np.mean([(c - 1) ** 2 for c in same]) + 0.5 * np.mean([c**2 for c in other])
+    got = float(all_pairs_loss(labels, embeddings))
+    assert got == pytest.approx(expected, rel=1e-5)
+    # One kind of pair only: that kind's term alone.
+    alone = float(all_pairs_loss(np.asarray([0, 1, 2]), embeddings[:3]))
+    others = [float(unit[i] @ unit[j]) ** 2 for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert alone == pytest.approx(np.mean(others), rel=1e-5)
+
+
+def test_batches_go_through_every_example_before_repeating_one():
+    plan = _batch_plan(10, 7, 4, np.random.default_rng(0))
+    assert [len(b) for b in plan] == [4] * 7
+    flat = np.concatenate(plan)
+    assert sorted(flat[:10].tolist()) == list(range(10))  # the first pass: each once
+    assert sorted(flat[10:20].tolist()) == list(range(10))
+    again = _batch_plan(10, 7, 4, np.random.default_rng(0))
+    assert all(np.array_equal(x, y) for x, y in zip(plan, again, strict=True))
+
+
+def test_in_batch_setfit_pulls_classes_together_and_apart(tiny_bert):
+    backbone, model, features = _encoder(tiny_bert, 2)
+    texts, labels = _texts([6, 6])
+    info = in_batch_finetune(
+        features, _tokens(backbone, texts), labels, steps=12, batch_size=8, learning_rate=3e-3
+    )
+    assert info["mode"] == "in_batch" and info["steps"] == 12 and info["batch_size"] == 8
+    assert info["pairs"] == 12 * 28
+    assert info["positive_cosine_after"] > info["positive_cosine_before"]
+    assert info["negative_cosine_after"] < info["negative_cosine_before"]
+    assert info["positive_cosine_after"] - info["negative_cosine_after"] > 0.1
+    json.dumps(info)
+
+
+@pytest.mark.parametrize("train", ["pairs", "in_batch"])
+def test_the_backbone_trains_in_place_and_trainable_flags_come_back(tiny_bert, train):
+    backbone, model, features = _encoder(tiny_bert)
+    # A head stage's flags: the backbone frozen, one head weight frozen inside a trainable layer.
+    backbone.network.trainable = False
+    output = model.layers[-1]
+    output.kernel.trainable = False
+    flags = [(layer.name, layer.trainable) for layer in model._flatten_layers()]
+    weights = {v.path: v.trainable for v in model.weights}
+    before = {v.path: np.array(v.numpy()) for v in backbone.network.weights}
+    head_before = [np.array(v.numpy()) for v in output.weights]
+
+    texts, labels = _texts([5, 5])
+    if train == "pairs":
+        contrastive_finetune(
+            features, _tokens(backbone, texts), labels, pairs_per_example=2, learning_rate=1e-3
+        )
+    else:
+        in_batch_finetune(features, _tokens(backbone, texts), labels, steps=3, learning_rate=1e-3)
+    changed = [p for p, w in before.items() if not np.allclose(w, _weight(backbone, p))]
+    assert len(changed) > len(before) // 2  # the encoder itself trained, frozen or not
+    for old, variable in zip(head_before, output.weights, strict=True):
+        np.testing.assert_array_equal(old, variable.numpy())  # the head took no part
+    assert [(layer.name, layer.trainable) for layer in model._flatten_layers()] == flags
+    assert {v.path: v.trainable for v in model.weights} == weights
+
+
+def test_in_batch_setfit_refuses_bad_arguments_in_one_line(tiny_bert):
+    backbone, _, features = _encoder(tiny_bert)
+    texts, labels = _texts([3, 3])
+    tokens = _tokens(backbone, texts)
+    for kwargs, message in (
+        ({"steps": 0}, "steps=0"),
+        ({"batch_size": 1}, "batch_size` of at least 2"),
+        ({"warmup": 1.0}, "warmup=1.0"),
+    ):
+        with pytest.raises(tfxfer.TfxferError, match=message):
+            in_batch_finetune(features, tokens, labels, **kwargs)
+    with pytest.raises(tfxfer.TfxferError, match="at least two examples"):
+        in_batch_finetune(features, {k: v[:1] for k, v in tokens.items()}, labels[:1])
+
+
+# === contrastive_pairs / contrastive_steps: what a run does ===
 
 
 @pytest.mark.parametrize(
     ("counts", "multi_label", "expected"),
     [
-        ({"a": 8, "b": 8}, False, 20),  # few texts a class: SetFit
-        ({"a": 16, "b": 200}, False, 20),  # the smallest class decides
-        ({"a": 17, "b": 40}, False, 0),  # enough labels: the solved head alone
-        ({"a": 4, "b": 4}, True, 0),  # multi-label: not measured
-        ({"a": 8}, False, 0),  # one class: no other-class pairs
+        ({"a": 8, "b": 8}, False, ("in_batch", 30)),  # few texts a class: SetFit
+        ({"a": 16, "b": 200}, False, ("in_batch", 30)),  # the smallest class decides
+        ({"a": 17, "b": 40}, False, None),  # enough labels: the solved head alone
+        ({"a": 4, "b": 4}, True, None),  # multi-label: not measured
+        ({"a": 8}, False, None),  # one class: no other-class pairs
     ],
 )
-def test_auto_runs_setfit_only_with_few_labels_a_class(counts, multi_label, expected):
-    from tfxfer.train.setfit import DEFAULT_PAIRS_PER_EXAMPLE, pairs_for
+def test_auto_runs_in_batch_setfit_only_with_few_labels_a_class(counts, multi_label, expected):
+    def plan(pairs, steps, plain=True):
+        found = contrastive_plan(pairs, steps, counts, multi_label=multi_label, plain=plain)
+        if found is None:
+            return None
+        return (found.mode, found.steps or found.pairs_per_example)
 
-    assert pairs_for("auto", counts, multi_label=multi_label) == expected
-    assert expected in (0, DEFAULT_PAIRS_PER_EXAMPLE)
-    assert pairs_for(5, counts, multi_label=multi_label) == 5  # a number is what it says
-    assert pairs_for(0, {"a": 2, "b": 2}, multi_label=False) == 0
+    assert plan("auto", "auto") == expected
+    # Numbers are what they say, whatever the counts.
+    assert plan(5, "auto") == ("pairs", 5)
+    assert plan("auto", 7) == ("in_batch", 7)
+    assert plan(0, "auto") is None and plan("auto", 0) is None
     # Fused encoders or a regularizer: auto stays off (not measured); a number still runs.
-    assert pairs_for("auto", counts, multi_label=multi_label, plain=False) == 0
-    assert pairs_for(5, counts, multi_label=multi_label, plain=False) == 5
+    assert plan("auto", "auto", plain=False) is None
+    assert plan(5, "auto", plain=False) == ("pairs", 5)
+    assert plan("auto", 4, plain=False) == ("in_batch", 4)
 
 
 def test_the_text_recipe_defaults_to_auto_and_checks_the_field():
@@ -186,13 +263,16 @@ def test_the_text_recipe_defaults_to_auto_and_checks_the_field():
     assert Config.smoke().contrastive_pairs == 0  # smoke runs skip SetFit
     assert Config.from_flags(["--contrastive-pairs", "7"]).contrastive_pairs == 7
     assert Config.from_flags(["--contrastive-pairs", "auto"]).contrastive_pairs == "auto"
+    assert Config().contrastive_steps == "auto"
+    assert Config.from_flags(["--contrastive-steps", "12"]).contrastive_steps == 12
     for bad in (-1, "many", 2.5, True):
-        problems = Config(contrastive_pairs=bad).problems()
-        assert any(p.startswith(f"contrastive_pairs={bad!r} (expected") for p in problems), bad
+        for field in ("contrastive_pairs", "contrastive_steps"):
+            problems = Config(**{field: bad}).problems()
+            assert any(p.startswith(f"{field}={bad!r} (expected") for p in problems), bad
 
 
 def test_a_default_text_run_with_few_labels_trains_pairs_first(tiny_bert, tmp_path):
-    """The recipe's default ("auto") on 6 texts a class: SetFit runs and says it was auto."""
+    """The recipe's default ("auto") on 7 texts a class: in-batch SetFit runs and says so."""
     from recipes.bert_text_classifier import Config, main
 
     texts, labels = _texts([7, 7])
@@ -208,5 +288,6 @@ def test_a_default_text_run_with_few_labels_trains_pairs_first(tiny_bert, tmp_pa
     )
     main(config)
     info = json.loads((tmp_path / "run" / "contrastive.json").read_text())
-    assert info["requested"] == "auto"
-    assert info["pairs"] > 0 and info["steps"] > 0
+    assert info["requested"] == "auto" and info["requested_steps"] == "auto"
+    assert info["mode"] == "in_batch" and info["steps"] == 30
+    assert info["pairs"] > 0

@@ -390,6 +390,7 @@ def test_contrastive_pairs_train_the_encoder_before_the_solved_head(bert_dir, te
     )
     result = main(config)
     info = json.loads((tmp_path / "run" / "contrastive.json").read_text())
+    assert info["mode"] == "pairs" and info["pairs_per_example"] == 2
     assert info["pairs"] > 0 and info["steps"] > 0
     assert result["result"].stages["head"]["solver"]["folds"] >= 2
     assert [row["stage"] for row in result["history"]] == ["head"]

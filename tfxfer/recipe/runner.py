@@ -38,7 +38,8 @@ from tfxfer.train.checkpoints import Checkpointer
 from tfxfer.train.features import split_at_head
 from tfxfer.train.head_solver import linear_output_layer
 from tfxfer.train.random_start import start_batchnorm
-from tfxfer.train.setfit import contrastive_finetune, pairs_for
+from tfxfer.train.setfit import contrastive_finetune
+from tfxfer.train.setfit_inbatch import contrastive_plan, in_batch_finetune
 
 
 def run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -> dict[str, Any]:
@@ -195,43 +196,59 @@ def _solved_head(stages: list[Stage], model, config) -> bool:
 
 
 def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) -> None:
-    """SetFit before the schedule, where the config asks for it (`contrastive_pairs`).
+    """SetFit before the schedule, where the config asks for it (`contrastive_pairs`,
+    `contrastive_steps`; `setfit_inbatch.contrastive_plan`).
 
     "auto" (the text recipe's default) runs it for single-label data with few texts in a
-    class, one backbone and no regularizer (`setfit.pairs_for`).
+    class, one backbone and no regularizer, on every pair inside each batch.
 
-    The text encoder is trained on pairs of labelled examples (same class or not,
-    `tfxfer.train.setfit`), then the schedule fits the head on its new features. A resumed run
-    whose checkpoint exists skips it: the checkpoint holds the weights it trained.
+    The text encoder is trained on pairs of labelled examples (same class or not), then the
+    schedule fits the head on its new features. A resumed run whose checkpoint exists skips
+    it: the checkpoint holds the weights it trained.
     """
     requested = getattr(config, "contrastive_pairs", 0) or 0
-    pairs = pairs_for(
+    plan = contrastive_plan(
         requested,
+        getattr(config, "contrastive_steps", "auto"),
         prepared.data.train.counts(),
         multi_label=prepared.data.multi_label,
         plain=not isinstance(prepared.backbone, list) and not config.regularizer,
     )
-    if not pairs:
+    if plan is None:
         return
     distribution = prepared.distribution
     if config.resume and Checkpointer(run_dir.checkpoints, write=False).latest() is not None:
         return
+    features = split_at_head(prepared.model).features
     with distribution.scope():
-        info = contrastive_finetune(
-            split_at_head(prepared.model).features,
-            datasets.train.examples,
-            pairs_per_example=pairs,
-            seed=config.seed,
-            verbose=0,
-        )
+        if plan.mode == "in_batch":
+            info = in_batch_finetune(
+                features, datasets.train.examples, steps=plan.steps, seed=config.seed
+            )
+        else:
+            info = contrastive_finetune(
+                features,
+                datasets.train.examples,
+                pairs_per_example=plan.pairs_per_example,
+                seed=config.seed,
+            )
+            info["mode"] = "pairs"
     info["requested"] = requested  # "auto" or the number asked for
+    info["requested_steps"] = getattr(config, "contrastive_steps", "auto")
     if distribution.is_chief:
         run_dir.write_json("contrastive.json", info)
     if not config.quiet:
         print(
-            f"[tfxfer] contrastive (SetFit): {info['pairs']} pairs, {info['steps']} steps in "
-            f"{info['seconds']:.0f} s; same-class cosine {info['positive_cosine_before']:.2f}"
-            f" -> {info['positive_cosine_after']:.2f}, other-class "
-            f"{info['negative_cosine_before']:.2f} -> {info['negative_cosine_after']:.2f}",
+            f"[tfxfer] contrastive (SetFit, {info['mode']}): {info['pairs']} pairs, "
+            f"{info['steps']} steps in {info['seconds']:.0f} s; same-class cosine "
+            f"{_cosine(info, 'positive_cosine_before')} -> "
+            f"{_cosine(info, 'positive_cosine_after')}, other-class "
+            f"{_cosine(info, 'negative_cosine_before')} -> "
+            f"{_cosine(info, 'negative_cosine_after')}",
             flush=True,
         )
+
+
+def _cosine(info: dict, key: str) -> str:
+    """A mean cosine of `contrastive.json` for the progress line (None: no such pairs)."""
+    return "n/a" if info.get(key) is None else f"{info[key]:.2f}"

@@ -33,37 +33,21 @@ from keras import ops
 from tfxfer.errors import TfxferError
 from tfxfer.train.features import _materialize, _token_lengths, extract
 
-# Pairs drawn per example and kind (same class, other class). With MiniLM-L6 at 8 texts a
-# class (fortunes, debian-sections, 2 seeds each), 20 scored 2.7 points above 5 on average
-# (3 runs of 4), at 4x the training time.
+# Pairs drawn per example and kind (same class, other class) when pairs are sampled
+# (`contrastive_pairs=N`). With MiniLM-L6 at 8 texts a class (fortunes, debian-sections,
+# 2 seeds each), 20 scored 2.7 points above 5 on average (3 runs of 4), at 4x the time.
 DEFAULT_PAIRS_PER_EXAMPLE = 20
 # `contrastive_pairs="auto"` (the text recipe's default) runs SetFit when the smallest class
-# has at most this many training texts. At 8 texts a class (fortunes and debian-sections,
-# 3 seeds each; benchmarks/README.md, "SetFit at 8 labels a class") it beat the solved head
-# on frozen features; above 16 it is not measured, and it costs minutes on a CPU.
+# has at most this many training texts, on every pair inside each batch
+# (`tfxfer.train.setfit_inbatch`). At 4 and 8 texts a class (fortunes and debian-sections,
+# 3 seeds each; benchmarks/README.md) it beat the solved head on frozen features; above 16
+# it is not measured.
 SETFIT_AUTO_MAX_PER_CLASS = 16
 # Batches sorted by length together: long enough that batches of similar lengths form, short
 # enough that the order stays shuffled.
 _SORT_WINDOW_BATCHES = 32
 # Trimmed batch widths are multiples of this, so few shapes are traced.
 _WIDTH_STEP = 16
-
-
-def pairs_for(
-    requested: int | str, class_counts: dict[str, int], *, multi_label: bool, plain: bool = True
-) -> int:
-    """SetFit pairs per example for a run: `requested`, or what "auto" means for this data.
-
-    "auto" gives `DEFAULT_PAIRS_PER_EXAMPLE` for single-label data whose smallest class has
-    at most `SETFIT_AUTO_MAX_PER_CLASS` training examples (and at least two classes), on a
-    `plain` model (one encoder, no regularizer: the case measured), else 0.
-    """
-    if requested != "auto":
-        return int(requested)
-    if multi_label or not plain or len(class_counts) < 2:
-        return 0
-    few = min(class_counts.values()) <= SETFIT_AUTO_MAX_PER_CLASS
-    return DEFAULT_PAIRS_PER_EXAMPLE if few else 0
 
 
 def contrastive_finetune(
