@@ -271,11 +271,15 @@ def test_the_text_recipe_defaults_to_auto_and_checks_the_field():
             assert any(p.startswith(f"{field}={bad!r} (expected") for p in problems), bad
 
 
-def test_a_default_text_run_with_few_labels_trains_pairs_first(tiny_bert, tmp_path):
-    """The recipe's default ("auto") on 7 texts a class: in-batch SetFit runs and says so."""
+@pytest.mark.parametrize("finetune_epochs", [None, 1])
+def test_a_default_text_run_with_few_labels_trains_pairs_first(
+    tiny_bert, tmp_path, finetune_epochs
+):
+    """The recipe's default ("auto") on 8 texts a class: in-batch SetFit runs and says so;
+    then the solved head alone, refit on every label, unless fine-tuning epochs are given."""
     from recipes.bert_text_classifier import Config, main
 
-    texts, labels = _texts([7, 7])
+    texts, labels = _texts([8, 8])
     names = ["pos" if y == 0 else "neg" for y in labels]
     rows = "".join(f"{t},{name}\n" for t, name in zip(texts, names, strict=True))
     (tmp_path / "train.csv").write_text("text,label\n" + rows, encoding="utf-8")
@@ -284,10 +288,24 @@ def test_a_default_text_run_with_few_labels_trains_pairs_first(tiny_bert, tmp_pa
         output_dir=str(tmp_path / "run"),
         backbone=tiny_bert,
         contrastive_pairs="auto",
-        finetune_epochs=0,
+        head_epochs=None,  # the solved head
+        finetune_epochs=finetune_epochs,
+        val_split=0.25,
     )
-    main(config)
-    info = json.loads((tmp_path / "run" / "contrastive.json").read_text())
+    result = main(config)
+    run = tmp_path / "run"
+    info = json.loads((run / "contrastive.json").read_text())
     assert info["requested"] == "auto" and info["requested_steps"] == "auto"
     assert info["mode"] == "in_batch" and info["steps"] == 30
     assert info["pairs"] > 0
+    stages = {row["stage"] for row in result["history"]}
+    selection = json.loads((run / "metrics.json").read_text())["selection"]
+    if finetune_epochs is None:
+        assert info["finetune"] == "dropped after the automatic SetFit"
+        assert stages == {"head"}
+        assert selection["rule"] == "head_only" and selection["kept"] == "probe"
+        assert selection["refit"]["examples"] == 16  # 12 training + 4 validation texts
+    else:
+        assert info["finetune"] == "run"
+        assert stages == {"head", "finetune"}
+        assert selection["rule"] != "head_only"

@@ -86,7 +86,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
     try:
         datasets = prepared.datasets()
         stages = _from_scratch(stages, prepared, datasets, run_dir)
-        _contrastive_first(config, prepared, datasets, run_dir)
+        stages = _contrastive_first(config, prepared, datasets, run_dir, stages)
         result = run_schedule(
             prepared.model,
             prepared.backbone,
@@ -195,30 +195,41 @@ def _solved_head(stages: list[Stage], model, config) -> bool:
     )
 
 
-def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) -> None:
+def _contrastive_first(
+    config, prepared: Prepared, datasets, run_dir: RunDir, stages: list[Stage]
+) -> list[Stage]:
     """SetFit before the schedule, where the config asks for it (`contrastive_pairs`,
-    `contrastive_steps`; `setfit_inbatch.contrastive_plan`).
+    `contrastive_steps`; `setfit_inbatch.contrastive_plan`); returns the stages to run.
 
     "auto" (the text recipe's default) runs it for single-label data with few texts in a
-    class, one backbone and no regularizer, on every pair inside each batch.
+    class, one backbone and no regularizer, on every pair inside each batch. After such an
+    automatic SetFit the fine-tuning stage is dropped unless `finetune_epochs` or `stages`
+    was given: LP-FT discarded it in 11 of 12 measured runs at 4-8 texts a class
+    (benchmarks/README.md), so it cost time and changed nothing; the solved head is then
+    refit on training and validation examples together (`run_schedule`'s head-only case).
 
     The text encoder is trained on pairs of labelled examples (same class or not), then the
     schedule fits the head on its new features. A resumed run whose checkpoint exists skips
-    it: the checkpoint holds the weights it trained.
+    the pair training (the checkpoint holds the weights it trained), not the plan.
     """
     requested = getattr(config, "contrastive_pairs", 0) or 0
+    requested_steps = getattr(config, "contrastive_steps", "auto")
     plan = contrastive_plan(
         requested,
-        getattr(config, "contrastive_steps", "auto"),
+        requested_steps,
         prepared.data.train.counts(),
         multi_label=prepared.data.multi_label,
         plain=not isinstance(prepared.backbone, list) and not config.regularizer,
     )
     if plan is None:
-        return
+        return stages
+    automatic = requested == "auto" and requested_steps == "auto"
+    others_train = any(s.epochs != 0 for s in stages if s.name != "finetune")
+    if automatic and others_train and config.finetune_epochs is None and config.stages is None:
+        stages = [dataclasses.replace(s, epochs=0) if s.name == "finetune" else s for s in stages]
     distribution = prepared.distribution
     if config.resume and Checkpointer(run_dir.checkpoints, write=False).latest() is not None:
-        return
+        return stages
     features = split_at_head(prepared.model).features
     with distribution.scope():
         if plan.mode == "in_batch":
@@ -234,7 +245,12 @@ def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) ->
             )
             info["mode"] = "pairs"
     info["requested"] = requested  # "auto" or the number asked for
-    info["requested_steps"] = getattr(config, "contrastive_steps", "auto")
+    info["requested_steps"] = requested_steps
+    info["finetune"] = (
+        "run"
+        if any(s.name == "finetune" and s.epochs for s in stages)
+        else ("dropped after the automatic SetFit" if automatic else "none in the schedule")
+    )
     if distribution.is_chief:
         run_dir.write_json("contrastive.json", info)
     if not config.quiet:
@@ -244,9 +260,15 @@ def _contrastive_first(config, prepared: Prepared, datasets, run_dir: RunDir) ->
             f"{_cosine(info, 'positive_cosine_before')} -> "
             f"{_cosine(info, 'positive_cosine_after')}, other-class "
             f"{_cosine(info, 'negative_cosine_before')} -> "
-            f"{_cosine(info, 'negative_cosine_after')}",
+            f"{_cosine(info, 'negative_cosine_after')}"
+            + (
+                "; no fine-tuning stage after it (give finetune_epochs to have one)"
+                if info["finetune"].startswith("dropped")
+                else ""
+            ),
             flush=True,
         )
+    return stages
 
 
 def _cosine(info: dict, key: str) -> str:

@@ -72,6 +72,8 @@ class ScheduleRun:
     # `keep_better`: the index of the linear probe's stage, and its weights' snapshot.
     probe_index: int | None = None
     snapshot: Any = None
+    # `keep_better` on a schedule that never trains the backbone: its last head stage.
+    head_only_index: int | None = None
 
     def __post_init__(self):
         self.strategy = self.strategy or tf.distribute.get_strategy()

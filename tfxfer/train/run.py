@@ -195,6 +195,9 @@ def _start(run: ScheduleRun, backbones: Any, keep_better: bool) -> None:
     if keep_better:
         trains = [bool(s.trainable_groups(run.groups)) for s in stages]
         run.probe_index = probe_stage_index(stages, trains)
+        heads = [i for i, s in enumerate(stages) if s.epochs != 0 and not trains[i]]
+        if heads and not any(t for s, t in zip(stages, trains, strict=True) if s.epochs != 0):
+            run.head_only_index = heads[-1]
     run_dir = run.trainer.run_dir
     run.snapshot = ProbeSnapshot(
         run_dir.checkpoints if run_dir else None, run.trainer.checkpointer.write
@@ -382,7 +385,11 @@ def _announce(stage_run: StageRun, initial_epoch: int, first_step: int) -> None:
 def _result(run: ScheduleRun) -> TrainResult:
     """The `TrainResult`, with `keep_better`'s choice between the probe and the fine-tuned."""
     trainer = run.trainer
-    chosen = _keep_better(run) if run.probe_index is not None else None
+    chosen = None
+    if run.probe_index is not None:
+        chosen = _keep_better(run)
+    elif run.head_only_index is not None:
+        chosen = _head_only(run)
     return TrainResult(
         run.model,
         trainer.history,
@@ -392,6 +399,32 @@ def _result(run: ScheduleRun) -> TrainResult:
         stages=dict(trainer.stages),
         selection=chosen,
     )
+
+
+def _head_only(run: ScheduleRun) -> dict[str, Any] | None:
+    """A schedule that never trained the backbone ends on its solved head, refit on the
+    training and validation examples together (as `_keep_better` refits a kept probe): no
+    choice is left for the validation labels to make. None where the head was not solved or
+    there is no validation data."""
+    stage = run.stages[run.head_only_index]
+    if "solver" not in run.trainer.stages.get(stage.name, {}) or run.val_data is None:
+        return None
+    with run.scope():
+        refit = refit_probe_on_all_labels(
+            run.model,
+            run.groups,
+            run.split,
+            stage,
+            train_data=run.train_data,
+            val_data=run.val_data,
+            class_weight=run.class_weight,
+            seed=int(run.trainer.config.get("seed", 0) or 0),
+        )
+    if refit is None:
+        return None
+    reason = "no stage trained the backbone: the solved head refit on train and validation"
+    log.info("Kept the probe model: %s.", reason)
+    return {"kept": "probe", "rule": "head_only", "reason": reason, "refit": refit}
 
 
 def _keep_better(run: ScheduleRun) -> dict[str, Any]:
