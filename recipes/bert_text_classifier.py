@@ -56,9 +56,10 @@ class Config(RecipeConfig):
     finetune_learning_rate: float | str = 5e-5
     dropout: float = 0.1
     # SetFit before the head. auto: when the smallest class has at most 16 training texts,
-    # contrastive_steps steps on every pair inside each batch of 32 texts; N: N sampled
-    # pairs of each kind per text instead; 0: none.
-    contrastive_pairs: int | str = "auto"
+    # contrastive_steps steps on every pair inside each batch of 32 texts, and no
+    # fine-tuning stage unless finetune_epochs is given; N: N sampled pairs of each kind per
+    # text instead; 0: none.
+    contrastive_pairs: int | str = "auto"  # SetFit: auto, N sampled pairs per text, or 0
     contrastive_steps: int | str = "auto"  # in-batch SetFit steps; auto: 30 when few labels
 
     # Smoke runs skip SetFit, as they skip everything costly; tests that want it ask for it.
