@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
@@ -33,16 +34,48 @@ class PreemptionNotice:
 
     received = False
     signum: int = signal.SIGTERM
+    # A multi-worker run's agreement (`any_worker`): set, `stop()` asks every worker.
+    agree: Callable[[bool], bool] | None = None
+
+    def stop(self) -> bool:
+        """Whether to stop after this step: this process's notice, or in a multi-worker run
+        any worker's. There it is a collective: every worker must call it at the same step
+        (the callbacks do, between steps), and all get the same answer."""
+        if self.agree is None:
+            return self.received
+        return self.agree(self.received)
+
+    def barrier(self) -> None:
+        """In a multi-worker run, waits until every worker gets here (the chief's checkpoint
+        is written before any worker leaves); elsewhere returns at once."""
+        if self.agree is not None:
+            self.agree(False)
+
+
+def any_worker(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
+    """`flag -> whether any worker's flag is set`: an all-reduce over every replica of a
+    multi-worker strategy, traced once."""
+
+    @tf.function
+    def total(flag):
+        per_replica = strategy.run(lambda: tf.identity(flag))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return lambda flag: bool(total(tf.constant(1.0 if flag else 0.0, tf.float32)) > 0)
 
 
 @contextlib.contextmanager
-def preemption_notice(listen: bool):
+def preemption_notice(listen: bool, strategy: tf.distribute.Strategy | None = None):
     """Yields a `PreemptionNotice` that SIGTERM sets while the block runs (when `listen`).
 
+    With `strategy` a multi-worker strategy of several workers, the notice is agreed among
+    them (`PreemptionNotice.stop`): a notice to one worker stops all after the same step.
     The previous SIGTERM handler is back when the block ends, however it ends: after
     training, a SIGTERM ends the process as it did before.
     """
     notice = PreemptionNotice()
+    if listen and strategy is not None and not answers_preemption(strategy):
+        notice.agree = any_worker(strategy)
     # Handlers can only be set from the main thread; elsewhere SIGTERM keeps its action.
     if not listen or threading.current_thread() is not threading.main_thread():
         yield notice
@@ -68,11 +101,10 @@ def preemption_notice(listen: bool):
 def answers_preemption(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process runs every replica of `strategy` (one device, GPUs, a TPU host).
 
-    Only such a run stops on its own preemption notice. The workers of a multi-worker run
-    must all stop after the same step, which takes an agreement among them that tfxfer does
-    not make (TensorFlow's `PreemptionCheckpointHandler` does); a worker that stopped alone
-    would leave the others waiting in a collective. There SIGTERM ends the process as
-    before, and the run resumes from its last epoch checkpoint, as after a SIGKILL.
+    Such a run stops on its own preemption notice. The workers of a multi-worker run must
+    all stop after the same step (a worker that stopped alone would leave the others
+    waiting in a collective), so there every worker listens and they agree between steps
+    (`preemption_notice(listen, strategy)`, one small all-reduce a step).
     """
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
@@ -126,16 +158,20 @@ class StopOnPreemption(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.steps_before + batch + 1
-        if not self.notice.received or step >= self.steps_per_epoch:
+        # (`stop()` is a collective in a multi-worker run: every worker reaches this line
+        # at the same steps.)
+        if step >= self.steps_per_epoch or not self.notice.stop():
             return
         log.info(
             "%s: writing a checkpoint, then stopping.",
             "Ctrl-C" if self.notice.signum == signal.SIGINT else "Preemption notice (SIGTERM)",
         )
         self.trainer.checkpoint(self.whole_model, self.stage_index, self.stage, self.epoch, step)
+        self.notice.barrier()
         raise self.trainer.preempted(self.steps_per_epoch, self.notice.signum)
 
     def on_epoch_end(self, epoch, logs=None):
-        # `_EpochEnd` ran first: this epoch's checkpoint is written.
-        if self.notice.received:
+        # `_EpochEnd` ran first: this epoch's checkpoint is written (and, in a multi-worker
+        # run, `stop()` keeps every worker here until the chief has written it).
+        if self.notice.stop():
             raise self.trainer.preempted(self.steps_per_epoch, self.notice.signum)

@@ -207,14 +207,11 @@ def _start(run: ScheduleRun, backbones: Any, keep_better: bool) -> None:
 def _train_stages(run: ScheduleRun) -> None:
     """Every stage not finished before an interruption, listening for a preemption notice."""
     trainer = run.trainer
-    # Only the process that writes checkpoints, and only when it is the whole run, stops on
-    # a notice; elsewhere SIGTERM ends the process, and the run resumes as after a SIGKILL.
-    listen = (
-        trainer.run_dir is not None
-        and trainer.checkpointer.write
-        and answers_preemption(run.strategy)
-    )
-    with preemption_notice(listen) as notice:
+    # A run with a directory stops on a notice: a single process by itself; the workers of a
+    # multi-worker run all together, after the same step (`PreemptionNotice.stop`).
+    multi_worker = not answers_preemption(run.strategy)
+    listen = trainer.run_dir is not None and (trainer.checkpointer.write or multi_worker)
+    with preemption_notice(listen, run.strategy) as notice:
         run.notice = notice
         start = 0
         for index, stage in enumerate(run.stages):
@@ -223,7 +220,7 @@ def _train_stages(run: ScheduleRun) -> None:
                 start = stage_run.end  # finished before the interruption
                 continue
             start = _train_stage(stage_run)
-        if notice.received and trainer.position is not None:
+        if notice.stop() and trainer.position is not None:
             # The notice came after the last epoch's end was handled: its checkpoint is the
             # final one; stop before evaluation and export all the same.
             raise trainer.preempted(run.steps_per_epoch, notice.signum)
