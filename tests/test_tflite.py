@@ -251,3 +251,33 @@ def test_models_tflite_cannot_take_are_refused_with_the_reason(image_model, tmp_
         export_tflite(keras.Model(strings, strings), str(tmp_path / "s.tflite"))
     with pytest.raises(TfxferError, match="ending in '.tflite'"):
         export_tflite(image_model, str(tmp_path / "m.lite"))
+
+
+def test_an_int8_export_prints_nothing_of_the_converters_own(image_model, tmp_path, capfd):
+    # The converter writes "fully_quantize: 0, inference_type: 6, ..." from C++ to file
+    # descriptor 2 on every quantized conversion, whatever TF_CPP_MIN_LOG_LEVEL says.
+    export_tflite(
+        image_model,
+        str(tmp_path / "model.tflite"),
+        quantize="int8",
+        representative_data=sample_images(8, seed=2),
+        class_names=IMAGE_CLASSES,
+    )
+    captured = capfd.readouterr()
+    assert "fully_quantize" not in captured.err + captured.out
+
+
+def test_stderr_without_drops_only_the_noise_and_keeps_everything_on_failure(capfd):
+    import os
+    import re
+
+    from tfxfer.startup import stderr_without
+
+    noise = re.compile(r"^known noise")
+    with stderr_without(noise):
+        os.write(2, b"known noise: 1\nsomething else\n")
+    assert capfd.readouterr().err == "something else\n"
+    with pytest.raises(RuntimeError), stderr_without(noise):
+        os.write(2, b"known noise: 2\n")
+        raise RuntimeError("failed")
+    assert capfd.readouterr().err == "known noise: 2\n"

@@ -18,6 +18,7 @@ without AVX-512. Set `TF_CPP_MIN_LOG_LEVEL=2` (or pass `--debug`) to see them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -45,19 +46,32 @@ def import_tensorflow_quietly() -> None:
     if "tensorflow" in sys.modules or debug_requested():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with stderr_without(STARTUP_NOISE):
+        import tensorflow as tf
+
+        # The cuInit message comes when TensorFlow first looks for devices, not at import.
+        tf.config.list_physical_devices("GPU")
+
+
+@contextlib.contextmanager
+def stderr_without(noise: re.Pattern):
+    """Runs the block with file descriptor 2 (C++ writes there too) pointed at a temporary
+    file, then writes back every captured line `noise` does not match; everything, when the
+    block raised. With `--debug` (or no file descriptor 2) the block runs as it is."""
+    if debug_requested():
+        yield
+        return
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (AttributeError, OSError, ValueError):  # no file descriptor 2 to point elsewhere
+        yield
         return
     failed = True
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
-            import tensorflow as tf
-
-            # The cuInit message comes when TensorFlow first looks for devices, not at import.
-            tf.config.list_physical_devices("GPU")
+            yield
             failed = False
         finally:
             try:
@@ -71,7 +85,7 @@ def import_tensorflow_quietly() -> None:
             kept = [
                 line
                 for line in text.splitlines()
-                if line.strip() and (failed or not STARTUP_NOISE.search(line))
+                if line.strip() and (failed or not noise.search(line))
             ]
             if kept:
                 sys.stderr.write("\n".join(kept) + "\n")

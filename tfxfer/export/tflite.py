@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 import keras
@@ -21,6 +22,7 @@ from tfxfer.layers.raw_text_model import RawTextModel
 from tfxfer.rundir import TMP_PREFIX, listed_in_run_manifest
 from tfxfer.runs import image_size_of, num_outputs
 from tfxfer.saving import ensure_built
+from tfxfer.startup import stderr_without
 
 # `tfxfer export --quantize` and `export_tflite(quantize=)`: what each does to the weights.
 QUANTIZATIONS = {
@@ -35,6 +37,9 @@ TFLITE_SIDECAR_SUFFIX = ".json"
 # How many representative inputs int8 calibration reads at most: the converter's own advice
 # is a few hundred; a hundred is enough for a classifier and keeps an export under a minute.
 CALIBRATION_EXAMPLES = 100
+# What the converter prints from C++ on every quantized conversion, whatever the log level
+# ("fully_quantize: 0, inference_type: 6, ..."); a failed conversion shows everything.
+CONVERTER_NOISE = re.compile(r"^fully_quantize: \d+, inference_type: ")
 
 
 def tflite_file_name(quantize: str | None = None) -> str:
@@ -160,7 +165,8 @@ def _convert(network: keras.Model, signature, quantize: str | None, calibration)
             # Integer kernels only: a model that needs a float op fails here, not on a device.
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
-            return converter.convert()
+            with stderr_without(CONVERTER_NOISE):
+                return converter.convert()
         except Exception as error:  # the converter's errors are many and pages long
             what = f"with quantize={quantize!r}" if quantize else "in float32"
             raise TfxferError(
