@@ -162,6 +162,34 @@ def test_texts_and_files_of_texts_in_one_batched_call(text_run, tmp_path, monkey
         assert row["probability"] == pytest.approx(float(probabilities.max()), abs=1e-5)
 
 
+def test_blank_lines_and_rows_left_out_of_predictions_are_counted_aloud(
+    text_run, tmp_path, caplog, capsys
+):
+    table = tmp_path / "in.csv"
+    table.write_text('review\nhello\n""\n"   "\nbye\n', encoding="utf-8")
+    lines = tmp_path / "in.txt"
+    lines.write_text("hello\n\n   \nbye\n", encoding="utf-8")
+    for path in (table, lines):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert cli.main(["predict", text_run["run"], str(path), "--json"]) == 0
+        assert [row["input"] for row in _json_lines(capsys.readouterr().out)] == ["hello", "bye"]
+        assert f"Skipped 2 blank line(s) or row(s) of {path}: the 2 results" in caplog.text
+
+
+def test_int8_calibration_on_an_empty_folder_names_the_flag_that_gave_it(
+    image_run, tmp_path, capsys
+):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["export", image_run["run"], "--format", "tflite", "--quantize", "int8"]
+    argv += ["--calibration-data", str(empty), "--output", str(tmp_path / "q.tflite")]
+    assert cli.main(argv) == 2
+    error = _error(capsys)
+    assert "holds no readable images" in error and "Point --calibration-data at" in error
+    assert not (tmp_path / "q.tflite").exists()
+
+
 def test_the_old_model_flags_still_work(image_run, capsys):
     model = os.path.join(image_run["run"], "model.keras")
     path = str(image_run["root"] / "a.png")

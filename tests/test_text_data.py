@@ -168,6 +168,13 @@ def test_non_utf8_bytes_name_the_file_offset_and_line(tmp_path):
     assert "latin1.csv" in str(error.value)
 
 
+def test_a_utf16_file_is_told_to_convert_from_utf16_not_latin1(tmp_path):
+    path = write(tmp_path / "utf16.csv", "text,label\nok,a\nfine,b\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"byte 0 \(line 1\) is 0xff") as error:
+        load_texts(path)
+    assert "iconv -f utf-16 -t utf-8" in str(error.value)
+
+
 def test_missing_columns_name_the_columns_found(tmp_path):
     path = write(tmp_path / "train.csv", "review,sentiment\ngood,pos\n")
     with pytest.raises(DataError, match=r"no column 'text'.*\['review', 'sentiment'\]"):

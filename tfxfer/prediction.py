@@ -92,7 +92,7 @@ def _text_inputs(item: str, text_column: str) -> list[str]:
     if lowered.endswith(TEXT_FILE_SUFFIXES):
         if not fs.exists(item):
             raise DataError(f"Text file not found: {item!r}.")
-        return read_unlabelled_texts(item, text_column=text_column)
+        return read_unlabelled_texts(item, text_column=text_column, warn_blank=True)
     if lowered.endswith(IMAGE_EXTENSIONS):
         raise DataError(f"{item!r} names an image (which does not exist); this model takes texts.")
     if fs.isfile(item):
@@ -269,7 +269,7 @@ def calibration_inputs(source: str, kind: str, run_dir: str, image_size):
                 f"Calibration data {source!r} is a file; an image model calibrates on a folder "
                 "of images. Pass --calibration-data DIR."
             )
-        inputs = list_unlabelled_images(source)
+        inputs = list_unlabelled_images(source, flag="--calibration-data")
     else:
         column = runs.read_config(run_dir).get("text_column") or "text"
         inputs = read_unlabelled_texts(source, text_column=column)

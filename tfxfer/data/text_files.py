@@ -63,9 +63,11 @@ def decode_utf8(path: str) -> str:
     except UnicodeDecodeError as error:
         offset = start + error.start
         line = data[:offset].count(b"\n") + 1
+        # A UTF-16 file starts with its byte-order mark; anything else is most often Latin-1.
+        source = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin1"
         raise DataError(
             f"{path} is not UTF-8: byte {offset} (line {line}) is 0x{data[offset]:02x}. "
-            "Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+            f"Re-save the file as UTF-8 (e.g. `iconv -f {source} -t utf-8`)."
         ) from None
 
 

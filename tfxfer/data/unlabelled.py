@@ -9,6 +9,7 @@ corpus with no text left is an error, since pretraining on nothing would "succee
 
 from __future__ import annotations
 
+import logging
 import os
 
 from tfxfer import fs
@@ -16,8 +17,12 @@ from tfxfer.data.images import IMAGE_EXTENSIONS, decodes
 from tfxfer.data.text_files import TEXT_FILE_SUFFIXES, decode_utf8, normalized_path, read_table
 from tfxfer.errors import DataError
 
+log = logging.getLogger(__name__)
 
-def read_unlabelled_texts(source: str, *, text_column: str = "text") -> list[str]:
+
+def read_unlabelled_texts(
+    source: str, *, text_column: str = "text", warn_blank: bool = False
+) -> list[str]:
     """The non-blank texts of a corpus, in file order.
 
     Args:
@@ -25,6 +30,8 @@ def read_unlabelled_texts(source: str, *, text_column: str = "text") -> list[str
             `text_column`), or a folder (every visible `.txt` file under it, one text each).
         text_column: str. The column (JSON key) that holds the text in a table. Defaults to
             `"text"`.
+        warn_blank: bool. Log a warning naming how many blank lines or rows were left out
+            (where the texts' positions matter, as predictions'). Defaults to `False`.
 
     Returns:
         The texts, stripped of surrounding whitespace, blank ones left out.
@@ -62,6 +69,14 @@ def read_unlabelled_texts(source: str, *, text_column: str = "text") -> list[str
             f"Received: {str(source)!r}"
         )
     kept = [text.strip() for text in texts if text and text.strip()]
+    if warn_blank and kept and len(kept) < len(texts):
+        log.warning(
+            "Skipped %d blank line(s) or row(s) of %s: the %d results are for the texts that "
+            "are not blank, in their order.",
+            len(texts) - len(kept),
+            source,
+            len(kept),
+        )
     if not kept:
         raise DataError(
             f"{str(source)!r} holds no texts: every line or row in it is blank. Check the "
@@ -70,7 +85,7 @@ def read_unlabelled_texts(source: str, *, text_column: str = "text") -> list[str
     return kept
 
 
-def list_unlabelled_images(directory: str) -> list[str]:
+def list_unlabelled_images(directory: str, flag: str = "--data-dir") -> list[str]:
     """Every image file anywhere under `directory`, sorted; class subfolders mean nothing.
 
     Hidden files and folders are skipped, as the labelled loaders skip them; files that do
@@ -81,7 +96,7 @@ def list_unlabelled_images(directory: str) -> list[str]:
     """
     if not fs.isdir(directory):
         raise DataError(
-            f"Image folder not found: {directory!r}. Pass --data-dir, a folder of unlabelled "
+            f"Image folder not found: {directory!r}. Pass {flag}, a folder of unlabelled "
             "images (in subfolders or not)."
         )
     files, _ = fs.visible_files(directory)
@@ -89,7 +104,7 @@ def list_unlabelled_images(directory: str) -> list[str]:
     if not paths:
         raise DataError(
             f"Image folder {directory!r} holds no readable images (looked for "
-            f"{', '.join(IMAGE_EXTENSIONS)} anywhere under it). Point --data-dir at the "
+            f"{', '.join(IMAGE_EXTENSIONS)} anywhere under it). Point {flag} at the "
             "folder your images are in."
         )
     return paths
