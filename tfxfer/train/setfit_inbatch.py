@@ -8,8 +8,10 @@ similarity and its target, 1 for same class, 0 for other class), averaged over t
 same-class pairs and over the other-class pairs of the batch and the two halves weighted
 equally, as sampling equal numbers of each kind would.
 
-Measured at 8 texts a class (benchmarks/README.md, "SetFit on every pair in a batch"), 30
-such steps at 1e-4 matched or beat 160 sampled-pair steps at 2e-5 in a fifth of the time.
+Measured (benchmarks/README.md, "SetFit on every pair in a batch"; two real text sets, 3
+seeds): at 4 and 8 texts a class 30 such steps at 1e-4 scored -0.3 to +4.1 points against
+the sampled pairs' 160 steps at 2e-5 on the means, in 55-75% of the whole-process time; at
+4, 8 and 16 a class, 2.8-7.2 points above frozen features + logistic regression.
 """
 
 from __future__ import annotations
