@@ -305,6 +305,7 @@ def test_a_default_text_run_with_few_labels_trains_pairs_first(
         assert stages == {"head"}
         assert selection["rule"] == "head_only" and selection["kept"] == "probe"
         assert selection["refit"]["examples"] == 16  # 12 training + 4 validation texts
+        assert selection["val_held_out"] is False
     else:
         assert info["finetune"] == "run"
         assert stages == {"head", "finetune"}

@@ -387,6 +387,9 @@ def _result(run: ScheduleRun) -> TrainResult:
         chosen = _keep_better(run)
     elif run.head_only_index is not None:
         chosen = _head_only(run)
+    if chosen and chosen.get("refit"):
+        # The validation examples are in the head now: its scores on them are not held out.
+        chosen["val_held_out"] = False
     return TrainResult(
         run.model,
         trainer.history,
@@ -407,21 +410,26 @@ def _head_only(run: ScheduleRun) -> dict[str, Any] | None:
     if "solver" not in run.trainer.stages.get(stage.name, {}) or run.val_data is None:
         return None
     with run.scope():
-        refit = refit_probe_on_all_labels(
-            run.model,
-            run.groups,
-            run.split,
-            stage,
-            train_data=run.train_data,
-            val_data=run.val_data,
-            class_weight=run.class_weight,
-            seed=int(run.trainer.config.get("seed", 0) or 0),
-        )
+        refit = _refit_on_all_labels(run, stage)
     if refit is None:
         return None
     reason = "no stage trained the backbone: the solved head refit on train and validation"
     log.info("Kept the probe model: %s.", reason)
     return {"kept": "probe", "rule": "head_only", "reason": reason, "refit": refit}
+
+
+def _refit_on_all_labels(run: ScheduleRun, stage: Stage) -> dict[str, Any] | None:
+    """`refit_probe_on_all_labels` for the run's model, data and seed."""
+    return refit_probe_on_all_labels(
+        run.model,
+        run.groups,
+        run.split,
+        stage,
+        train_data=run.train_data,
+        val_data=run.val_data,
+        class_weight=run.class_weight,
+        seed=int(run.trainer.config.get("seed", 0) or 0),
+    )
 
 
 def _keep_better(run: ScheduleRun) -> dict[str, Any]:
@@ -436,16 +444,7 @@ def _keep_better(run: ScheduleRun) -> dict[str, Any]:
             with run.scope():
                 run.snapshot.restore(run.model)
                 if "solver" in run.trainer.stages.get(probe.name, {}):
-                    chosen["refit"] = refit_probe_on_all_labels(
-                        run.model,
-                        run.groups,
-                        run.split,
-                        probe,
-                        train_data=run.train_data,
-                        val_data=run.val_data,
-                        class_weight=run.class_weight,
-                        seed=int(run.trainer.config.get("seed", 0) or 0),
-                    )
+                    chosen["refit"] = _refit_on_all_labels(run, probe)
         else:
             chosen = {
                 **chosen,

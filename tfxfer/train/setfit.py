@@ -20,6 +20,7 @@ weights: a siamese network), so each step moves the encoder for both texts of ev
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -201,10 +202,7 @@ def _train_on_pairs(
     """
     first, second, targets = pairs
     lengths = _token_lengths(features_model, inputs)
-    flags = _trainable_flags(features_model)
-    try:
-        _unfreeze_except_batchnorm(features_model)
-        keras.utils.set_random_seed(seed)  # dropout inside the encoder
+    with encoder_training(features_model, seed):
         siamese = _Siamese(features_model, name="siamese")
         steps = epochs * math.ceil(len(targets) / batch_size)
         siamese.compile(
@@ -230,9 +228,20 @@ def _train_on_pairs(
             losses.append(float(history.history["loss"][-1]))
             if verbose:
                 print(f"[tfxfer] contrastive epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}")
+    return steps, losses
+
+
+@contextlib.contextmanager
+def encoder_training(features_model: keras.Model, seed: int):
+    """Every layer under `features_model` but BatchNorm trainable while the block runs (the
+    trainable flags put back after, however it ends), dropout seeded by `seed`."""
+    flags = _trainable_flags(features_model)
+    try:
+        _unfreeze_except_batchnorm(features_model)
+        keras.utils.set_random_seed(seed)  # dropout inside the encoder
+        yield
     finally:
         _restore_trainable_flags(flags)
-    return steps, losses
 
 
 def make_pairs(
@@ -425,6 +434,15 @@ def _set_trainable(layer: keras.layers.Layer, value: bool) -> None:
 def _check_arguments(
     inputs, labels, pairs_per_example, *, epochs, batch_size, warmup
 ) -> np.ndarray:
+    labels = checked_labels(inputs, labels)
+    check_counts(pairs_per_example=pairs_per_example, epochs=epochs, batch_size=batch_size)
+    if not 0.0 <= warmup < 1.0:
+        raise TfxferError(f"Expected `warmup` in [0, 1). Received: warmup={warmup!r}")
+    return labels
+
+
+def checked_labels(inputs, labels) -> np.ndarray:
+    """`labels` as an array: one int class id per example of `inputs`, or an error."""
     count = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
     if labels is None:
         raise TfxferError("Expected `labels` (int class ids) with array inputs. Received: None")
@@ -434,13 +452,11 @@ def _check_arguments(
             f"Expected `labels` a 1-D int array of {count} class ids, one per input. "
             f"Received: shape={labels.shape}, dtype={labels.dtype}"
         )
-    for name, value in (
-        ("pairs_per_example", pairs_per_example),
-        ("epochs", epochs),
-        ("batch_size", batch_size),
-    ):
+    return labels
+
+
+def check_counts(**values: Any) -> None:
+    """Each keyword's value a positive int (not a bool), or an error naming it."""
+    for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TfxferError(f"Expected `{name}` a positive int. Received: {name}={value!r}")
-    if not 0.0 <= warmup < 1.0:
-        raise TfxferError(f"Expected `warmup` in [0, 1). Received: warmup={warmup!r}")
-    return labels

@@ -32,9 +32,9 @@ from tfxfer.train.setfit import (
     _WIDTH_STEP,
     SETFIT_AUTO_MAX_PER_CLASS,
     WarmupLinear,
-    _restore_trainable_flags,
-    _trainable_flags,
-    _unfreeze_except_batchnorm,
+    check_counts,
+    checked_labels,
+    encoder_training,
 )
 
 # Steps, texts per step and peak rate of the default; see the module docstring.
@@ -213,10 +213,7 @@ class _Pooled(keras.Model):
 
 def _train(features_model, inputs, labels, batches, *, optimizer, seed, verbose) -> list[float]:
     lengths = _token_lengths(features_model, inputs)
-    flags = _trainable_flags(features_model)
-    try:
-        _unfreeze_except_batchnorm(features_model)
-        keras.utils.set_random_seed(seed)  # dropout inside the encoder
+    with encoder_training(features_model, seed):
         model = _Pooled(features_model, name="setfit_in_batch")
         # Batch widths vary: XLA would compile each one again.
         model.compile(optimizer=optimizer, loss=all_pairs_loss, jit_compile=False)
@@ -226,8 +223,6 @@ def _train(features_model, inputs, labels, batches, *, optimizer, seed, verbose)
             history = model.fit(
                 _dataset(inputs, labels, batches, lengths), epochs=1, shuffle=False, verbose=verbose
             )
-    finally:
-        _restore_trainable_flags(flags)
     return [float(x) for x in history.history["loss"]]
 
 
@@ -270,22 +265,12 @@ def _class_cosines(features_model, inputs, labels) -> tuple[float | None, float 
 
 
 def _check(inputs, labels, *, steps, batch_size, warmup) -> np.ndarray:
-    count = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
-    if labels is None:
-        raise TfxferError("Expected `labels` (int class ids) with array inputs. Received: None")
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
-        raise TfxferError(
-            f"Expected `labels` a 1-D int array of {count} class ids, one per input. "
-            f"Received: shape={labels.shape}, dtype={labels.dtype}"
-        )
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TfxferError(f"Expected `{name}` a positive int. Received: {name}={value!r}")
+    labels = checked_labels(inputs, labels)
+    check_counts(steps=steps, batch_size=batch_size)
     if batch_size < 2:
         raise TfxferError(f"Expected `batch_size` of at least 2. Received: {batch_size}")
-    if count < 2:
-        raise TfxferError(f"Expected at least two examples to make pairs. Received: {count}")
+    if len(labels) < 2:
+        raise TfxferError(f"Expected at least two examples to make pairs. Received: {len(labels)}")
     if not 0.0 <= warmup < 1.0:
         raise TfxferError(f"Expected `warmup` in [0, 1). Received: warmup={warmup!r}")
     return labels
