@@ -271,7 +271,11 @@ def test_the_text_recipe_defaults_to_auto_and_checks_the_field():
             assert any(p.startswith(f"{field}={bad!r} (expected") for p in problems), bad
 
 
-@pytest.mark.parametrize("finetune_epochs", [None, 1])
+@pytest.mark.parametrize(
+    "finetune_epochs",
+    # Asked-for fine-tuning after SetFit: a second recipe run (~17 s), in the large tier.
+    [None, pytest.param(1, marks=pytest.mark.large)],
+)
 def test_a_default_text_run_with_few_labels_trains_pairs_first(
     tiny_bert, tmp_path, finetune_epochs
 ):
