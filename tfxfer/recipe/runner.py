@@ -243,7 +243,6 @@ def _contrastive_first(
                 pairs_per_example=plan.pairs_per_example,
                 seed=config.seed,
             )
-            info["mode"] = "pairs"
     info["requested"] = requested  # "auto" or the number asked for
     info["requested_steps"] = requested_steps
     info["finetune"] = (

@@ -195,9 +195,9 @@ def _start(run: ScheduleRun, backbones: Any, keep_better: bool) -> None:
     if keep_better:
         trains = [bool(s.trainable_groups(run.groups)) for s in stages]
         run.probe_index = probe_stage_index(stages, trains)
-        heads = [i for i, s in enumerate(stages) if s.epochs != 0 and not trains[i]]
-        if heads and not any(t for s, t in zip(stages, trains, strict=True) if s.epochs != 0):
-            run.head_only_index = heads[-1]
+        trained = [i for i, s in enumerate(stages) if s.epochs != 0]
+        if trained and not any(trains[i] for i in trained):
+            run.head_only_index = trained[-1]
     run_dir = run.trainer.run_dir
     run.snapshot = ProbeSnapshot(
         run_dir.checkpoints if run_dir else None, run.trainer.checkpointer.write

@@ -98,10 +98,9 @@ def contrastive_finetune(
         verbose: int. Keras `fit` verbosity. Defaults to `0`.
 
     Returns:
-        A JSON-able dict: `pairs`, `positive_pairs`, `negative_pairs`, `steps`, `epochs`, `seconds`,
-        `final_loss`, the mean cosines of same-class and other-class pairs before and after
-        (`positive_cosine_before`, ...), and `note` when some class could not have same-class
-        pairs (a single example) or there was no other class.
+        A JSON-able dict: `mode` ("pairs"), `pairs`, `positive_pairs`, `negative_pairs`,
+        `steps`, `epochs`, `seconds`, `final_loss`, the pairs' mean cosines before and after
+        (`positive_cosine_before`, ...), and `note` when some kind of pair could not be made.
 
     Raises:
         TfxferError: the labels do not match the inputs, or an argument is out of range.
@@ -138,6 +137,7 @@ def contrastive_finetune(
     )
     after = _mean_cosines(features_model, inputs, first, second, targets)
     info = {
+        "mode": "pairs",
         **_pair_counts(targets),
         "pairs_per_example": pairs_per_example,
         "steps": steps,
