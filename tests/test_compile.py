@@ -81,3 +81,31 @@ def test_auto_leaves_xla_off_on_a_cpu():
     model = tfxfer.build_model(backbone, 3)
     result = _train(model, backbone, [tfxfer.Stage("head", 1)])
     assert result.stages["head"]["jit_compile"] is False
+
+
+def test_each_stage_traces_its_training_step_once(monkeypatch):
+    # Keras 3 without a strategy creates the optimizer's and metrics' variables inside the
+    # first trace, and tf.function then traces the step again: twice the compile time.
+    backbone = tiny_backbone()
+    model = tfxfer.build_model(backbone, 3, head=tfxfer.HeadConfig(dropout=0.0))
+    traces = []
+    train_step = model.train_step
+    monkeypatch.setattr(model, "train_step", lambda data: traces.append(1) or train_step(data))
+    result = _train(
+        model,
+        backbone,
+        [tfxfer.Stage("head", 2, learning_rate=1e-2), tfxfer.Stage("all", 1, train="all")],
+        cache_features=False,
+    )
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert len(traces) == 2  # one trace a stage
+
+
+def test_the_state_built_before_tracing_is_keras_own():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    data = tf.data.Dataset.from_tensor_slices((np.ones((6, 4)), np.ones((6, 2)))).batch(3)
+    tfxfer.train.compiling.build_before_tracing(model, data)
+    assert model.optimizer.built and len(model.optimizer.variables) > 1
+    model.fit(data, epochs=1, verbose=0)  # builds nothing twice: same variables after
+    assert model.optimizer.iterations.numpy() == 2

@@ -41,6 +41,7 @@ from tfxfer.errors import TfxferError
 from tfxfer.model import loss_and_metrics, task_of
 from tfxfer.schedule import Stage, apply_stage
 from tfxfer.train.checkpoints import Checkpointer
+from tfxfer.train.compiling import build_before_tracing
 from tfxfer.train.context import ScheduleRun, StageRun, cached_or_whole
 from tfxfer.train.features import split_at_head
 
@@ -195,6 +196,7 @@ def range_test(
     recorder = _ExponentialRate(start, end, steps)
     model.compile(optimizer=kinds[optimizer](), loss=loss)
     try:
+        build_before_tracing(model, batches)
         model.fit(
             batches,
             epochs=steps,

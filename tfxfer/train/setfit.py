@@ -32,6 +32,7 @@ import tensorflow as tf
 from keras import ops
 
 from tfxfer.errors import TfxferError
+from tfxfer.train.compiling import build_before_tracing
 from tfxfer.train.features import _materialize, _token_lengths, extract
 
 # Pairs drawn per example and kind (same class, other class) when pairs are sampled
@@ -224,6 +225,7 @@ def _train_on_pairs(
                 # Weights the pooled features do not use (BERT's [CLS] pooler under mean
                 # pooling) get no gradient, as expected.
                 warnings.filterwarnings("ignore", "Gradients do not exist", UserWarning)
+                build_before_tracing(siamese, dataset)
                 history = siamese.fit(dataset, epochs=1, shuffle=False, verbose=verbose)
             losses.append(float(history.history["loss"][-1]))
             if verbose:

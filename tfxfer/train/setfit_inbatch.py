@@ -27,6 +27,7 @@ import tensorflow as tf
 from keras import ops
 
 from tfxfer.errors import TfxferError
+from tfxfer.train.compiling import build_before_tracing
 from tfxfer.train.features import _materialize, _token_lengths, extract
 from tfxfer.train.setfit import (
     _WIDTH_STEP,
@@ -220,9 +221,9 @@ def _train(features_model, inputs, labels, batches, *, optimizer, seed, verbose)
         with warnings.catch_warnings():
             # Weights the pooled features do not use get no gradient, as expected.
             warnings.filterwarnings("ignore", "Gradients do not exist", UserWarning)
-            history = model.fit(
-                _dataset(inputs, labels, batches, lengths), epochs=1, shuffle=False, verbose=verbose
-            )
+            dataset = _dataset(inputs, labels, batches, lengths)
+            build_before_tracing(model, dataset)
+            history = model.fit(dataset, epochs=1, shuffle=False, verbose=verbose)
     return [float(x) for x in history.history["loss"]]
 
 
