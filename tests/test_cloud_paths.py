@@ -99,9 +99,11 @@ def _write_image_folder_to_ram(root: str, n: int = 18) -> str:
     return root
 
 
-@pytest.mark.parametrize(
-    "backbone", ["tinynet", pytest.param("mobilenetv3small", marks=pytest.mark.large)]
-)
+# The tiny row only: what is under test is the ram:// plumbing, the same for any network. A
+# real network's run end to end, its export served value for value and reloaded alike, is
+# conftest's ResNet50 `image_recipe_run` (test_image_recipe.py); the MobileNetV3 case here
+# repeated that for 38 s of the large tier.
+@pytest.mark.parametrize("backbone", ["tinynet"])
 def test_image_recipe_writes_its_run_to_ram(tiny_backbones, backbone, tmp_path, capsys):
     from recipes import resnet50_image_classifier as recipe
 
