@@ -298,3 +298,44 @@ def test_mirrored_over_two_logical_cpus_gives_the_same_statistics_on_every_repli
             assert len(copies) == 2, path  # one per replica, and both the same
             for copy in copies:
                 np.testing.assert_allclose(copy, reference[path][0], rtol=1e-5, atol=1e-6)
+
+
+_TWO_REPLICAS = textwrap.dedent(
+    """
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, numpy as np
+    from tfxfer.batchnorm import average_across_replicas
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(momentum=0.0)])
+        model.compile(optimizer="sgd", loss="mse")
+    # One batch of 8 split in order: replica 0 sees zeros, replica 1 sees twos.
+    x = np.concatenate([np.zeros((4, 3)), np.full((4, 3), 2.0)]).astype("float32")
+    model.fit(tf.data.Dataset.from_tensor_slices((x, x)).batch(8), verbose=0, shuffle=False)
+    copies = lambda: [c.numpy().tolist() for c in model.layers[0].moving_mean.value.values]
+    before = copies()
+    averaged = average_across_replicas(model, strategy)
+    print(json.dumps({"before": before, "after": copies(), "averaged": averaged}))
+    """
+)
+
+
+@pytest.mark.large  # a child process with two logical CPUs, ~8 s
+def test_moving_statistics_of_two_replicas_are_averaged_into_one(tmp_path):
+    # Keras 3 makes them aggregation="none": each replica kept the statistics of its own share.
+    script = tmp_path / "two_replicas.py"
+    script.write_text(_TWO_REPLICAS)
+    result = mh.run_single(script, log_dir=tmp_path / "logs", timeout=120)
+    assert result.ok, mh.describe_results([result])
+    found = json.loads(result.output.strip().splitlines()[-1])
+    assert found["before"] == [[0.0] * 3, [2.0] * 3]
+    assert found["after"] == [[1.0] * 3, [1.0] * 3]
+    assert found["averaged"] == 2  # the moving mean and variance
+
+
+def test_one_replica_has_nothing_to_average():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    assert tfxfer.batchnorm.average_across_replicas(model, tf.distribute.get_strategy()) == 0

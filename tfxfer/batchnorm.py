@@ -236,3 +236,40 @@ def _inputs_of(element: Any) -> Any:
 def _batch_size(x: Any) -> int:
     first = keras.tree.flatten(x)[0]
     return int(first.shape[0])
+
+
+def average_across_replicas(model: keras.Layer, strategy: tf.distribute.Strategy) -> int:
+    """Sets every BatchNorm layer's moving statistics to their mean over the replicas.
+
+    Keras 3 makes them with `aggregation="none"`, so under a distribution strategy each
+    replica updates its own copy from its own share of the batch and nothing brings the
+    copies together (tf.keras made them `ON_READ`/`MEAN`): after a stage that trains BatchNorm
+    layers, the workers of a multi-worker run held different models and reported different
+    validation losses. Called by every replica at the end of each epoch, before the
+    checkpoint. A collective operation: all workers must call it, in the same order. Returns
+    how many variables it averaged (0 on one replica).
+    """
+    if strategy.num_replicas_in_sync < 2:
+        return 0
+    variables = [
+        variable
+        for layer in batchnorm_layers(model)
+        for variable in (layer.moving_mean, layer.moving_variance)
+    ]
+    if not variables:
+        return 0
+
+    sizes = [int(np.prod(variable.shape)) for variable in variables]
+
+    @tf.function
+    def local_copies():
+        # Read in a replica's context, a mirrored variable gives that replica's own copy; one
+        # flat vector, so one all-reduce.
+        return tf.concat(
+            [tf.reshape(tf.cast(variable.value, "float32"), [-1]) for variable in variables], 0
+        )
+
+    averaged = strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(local_copies), axis=None)
+    for variable, value in zip(variables, tf.split(averaged, sizes), strict=True):
+        variable.assign(tf.cast(tf.reshape(value, variable.shape), variable.dtype))
+    return len(variables)

@@ -7,6 +7,7 @@ import logging
 import keras
 import numpy as np
 
+from tfxfer.batchnorm import average_across_replicas
 from tfxfer.errors import TfxferError
 from tfxfer.schedule import Stage
 from tfxfer.train.context import StageRun
@@ -66,8 +67,11 @@ class _EpochEnd(keras.callbacks.Callback):
         self.stage = stage_run.stage
         self.stage_start = stage_run.start
         self.whole_model = stage_run.run.model
+        self.strategy = stage_run.run.strategy
 
     def on_epoch_end(self, epoch, logs=None):
+        # One model on every replica before it is kept, compared or checkpointed.
+        average_across_replicas(self.whole_model, self.strategy)
         t = self.trainer
         logs = {k: float(v) for k, v in (logs or {}).items()}
         row = {
