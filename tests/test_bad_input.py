@@ -653,7 +653,12 @@ BUGGY_RECIPE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+@pytest.mark.parametrize(
+    "debug",
+    # --debug's traceback in the large tier: each case is a child interpreter, ~6 s.
+    [False, pytest.param(True, marks=pytest.mark.large)],
+    ids=["plain", "debug"],
+)
 def test_an_unexpected_error_is_one_line_unless_debug(debug, tmp_path):
     argv = ["-c", BUGGY_RECIPE, *(["--debug"] if debug else [])]
     outcome = _run_subprocess(argv, tmp_path, [tmp_path])

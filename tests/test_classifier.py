@@ -174,6 +174,7 @@ def test_text_run_from_a_local_bert(texts_csv, tmp_path):
     )
 
 
+@pytest.mark.large  # an MLM-preset run with its source head, ~8 s
 def test_source_task_regularizer_keeps_the_checkpoints_masked_lm_head(texts_csv, tmp_path):
     from bert_helpers import write_masked_lm_preset
 

@@ -209,6 +209,7 @@ def test_bad_settings_are_clear_errors_and_leave_no_run_behind(
     assert not left, f"a failed start left {left} behind"
 
 
+@pytest.mark.large  # a child interpreter pays TensorFlow's import, ~6 s
 def test_command_line_bad_input_exits_2_with_one_message(tmp_path):
     missing = str(tmp_path / "missing_photos")
     env = {

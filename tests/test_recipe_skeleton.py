@@ -184,6 +184,7 @@ def test_a_run_with_nothing_to_evaluate_says_so(shapes_dir, tmp_path, caplog):
     assert not {"val", "test"} & set(written)
 
 
+@pytest.mark.large  # a run, a failed run and a resume, ~7 s
 def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_resumes(
     shapes_dir, tmp_path, monkeypatch, capsys
 ):

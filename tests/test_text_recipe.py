@@ -246,6 +246,7 @@ def test_existing_run_is_not_overwritten(finished_run, bert_dir, text_files):
     assert (run / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.large  # a child interpreter pays TensorFlow's import, ~6 s
 def test_command_line_error_is_one_clear_line(tmp_path):
     result = subprocess.run(
         [
@@ -310,6 +311,7 @@ def test_cli_evaluate_refuses_labels_the_model_never_saw(finished_run, tmp_path,
     assert "neutral" in capsys.readouterr().err
 
 
+@pytest.mark.large  # two recipe runs (LoRA, then full fine-tuning), ~8 s
 def test_full_finetune_after_a_lora_stage_trains_the_backbone_again(bert_dir):
     stages = [
         tfxfer.Stage("lora", 1, train="all", learning_rate=1e-2, lora_rank=2),
