@@ -109,3 +109,12 @@ def test_the_state_built_before_tracing_is_keras_own():
     assert model.optimizer.built and len(model.optimizer.variables) > 1
     model.fit(data, epochs=1, verbose=0)  # builds nothing twice: same variables after
     assert model.optimizer.iterations.numpy() == 2
+
+
+def test_without_keras_own_build_the_optimizer_is_still_built_first(monkeypatch):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    monkeypatch.setattr(model, "_symbolic_build", lambda: None)  # another Keras' signature
+    data = tf.data.Dataset.from_tensor_slices((np.ones((6, 4)), np.ones((6, 2)))).batch(3)
+    tfxfer.train.compiling.build_before_tracing(model, data)
+    assert model.optimizer.built

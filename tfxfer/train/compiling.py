@@ -50,8 +50,12 @@ def build_before_tracing(model: keras.Model, data: tf.data.Dataset) -> None:
         return
     symbolic_build = getattr(model, "_symbolic_build", None)  # Keras' own pre-`fit` build
     if symbolic_build is not None:
-        symbolic_build(data_batch=data.element_spec)
-    elif model.optimizer is not None and not model.optimizer.built:
+        try:
+            symbolic_build(data_batch=data.element_spec)
+            return
+        except TypeError:  # a Keras whose private build takes other arguments
+            log.debug("Keras' _symbolic_build did not take data_batch; building the optimizer.")
+    if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
 
 
