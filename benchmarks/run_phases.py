@@ -10,8 +10,10 @@ without it, in another process, and both totals are shown. Phases nest (checkpoi
 written inside `fit`): read each row as "time spent inside this", not as a share of a sum.
 
 Text: the text recipe on `few_labels.py`'s Debian sections, 64 texts a class, seed 0 (the
-default schedule: solved head, then fine-tuning). Images: the image recipe on its digits,
-64 a class, MobileNetV3Small from random weights at 32 px (no pretrained weights offline).
+default schedule: solved head, then fine-tuning); `--text-set fortunes --text-budget 8` (and
+`--section`) profiles a few-label run instead (SetFit, then the solved head alone). Images:
+the image recipe on its digits, 64 a class, MobileNetV3Small from random weights at 32 px
+(no pretrained weights offline).
 
     .venv/bin/python benchmarks/run_phases.py            # both, ~6 min; writes the README
     .venv/bin/python benchmarks/run_phases.py --kinds text --no-readme
@@ -51,7 +53,7 @@ PHASES = [
     ("  model: backbone and head built", "tfxfer/recipe/task.py", "build_task_model"),
     ("  dataset pipelines (tokenization)", "tfxfer/recipe/start.py", "datasets"),
     ("  random backbone's BatchNorm start", "tfxfer/recipe/runner.py", "_from_scratch"),
-    ("  SetFit pairs (few labels only)", "tfxfer/recipe/runner.py", "_contrastive_first"),
+    ("  SetFit (few labels only)", "tfxfer/recipe/runner.py", "_contrastive_first"),
     ("  the schedule (run_schedule)", "tfxfer/train/run.py", "run_schedule"),
     ("    feature extraction (cached head)", "tfxfer/train/features.py", "extract"),
     ("    head solver", "tfxfer/train/solving.py", "solve_stage"),
@@ -60,6 +62,7 @@ PHASES = [
     ("      checkpoints written", "tfxfer/train/checkpoints.py", "save"),
     ("        of which SHA-256 hashing", "tfxfer/train/checkpoints.py", "_file_record"),
     ("    LP-FT refit / selection", "tfxfer/train/run.py", "_keep_better"),
+    ("    head-only refit (no stage trained the backbone)", "tfxfer/train/run.py", "_head_only"),
     ("  finishing (finish_run)", "tfxfer/recipe/finish.py", "finish_run"),
     ("    evaluation (val, test)", "tfxfer/recipe/finish.py", "_evaluate"),
     ("    reports (plots, tables)", "tfxfer/report/writing.py", "write_reports"),
@@ -68,13 +71,13 @@ PHASES = [
 ]
 
 
-def _config(kind: str, output_dir: str):
+def _config(kind: str, output_dir: str, text_set: str, budget: str):
     if kind == "text":
         from recipes.bert_text_classifier import Config
 
-        split = DATA / "debian-sections" / "seed-0"
+        split = DATA / text_set / "seed-0"
         return Config(
-            train=str(split / "train-64.csv"),
+            train=str(split / f"train-{budget}.csv"),
             test=str(split / "test.csv"),
             output_dir=output_dir,
             verbose=0,
@@ -104,7 +107,9 @@ def child(spec: dict[str, Any]) -> None:
         from recipes.resnet50_image_classifier import main
     imports = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="tfxfer-phases-") as tmp:
-        config = _config(spec["kind"], os.path.join(tmp, "run"))
+        config = _config(
+            spec["kind"], os.path.join(tmp, "run"), spec["text_set"], spec["text_budget"]
+        )
         profiler = cProfile.Profile() if spec["profile"] else None
         run_started = time.perf_counter()
         if profiler:
@@ -137,12 +142,13 @@ def parent(args) -> int:
     facts = machine_facts()
     parts = []
     for kind in args.kinds:
-        plain = run_child(__file__, {"kind": kind, "profile": False}, f"{kind}, unprofiled")
-        profiled = run_child(__file__, {"kind": kind, "profile": True}, f"{kind}, profiled")
+        spec = {"kind": kind, "text_set": args.text_set, "text_budget": args.text_budget}
+        plain = run_child(__file__, {**spec, "profile": False}, f"{kind}, unprofiled")
+        profiled = run_child(__file__, {**spec, "profile": True}, f"{kind}, profiled")
         rows = [["imports (tfxfer, TensorFlow, Keras, the recipe)", f"{profiled['imports_s']:.1f}"]]
         rows += [[label, f"{seconds:.1f}"] for label, seconds in profiled["phases"].items()]
         title = {
-            "text": "text recipe, Debian sections, 512 training texts (64 a class), seed 0",
+            "text": f"text recipe, {args.text_set}, {args.text_budget} texts a class, seed 0",
             "image": "image recipe, digits, 640 images (64 a class), MobileNetV3Small from "
             "random weights at 32 px, seed 0",
         }[kind]
@@ -156,13 +162,16 @@ def parent(args) -> int:
             )  # fmt: skip
         )
     body = "\n\n".join(parts)
-    publish(SECTION, body, facts, started, write=not args.no_readme)
+    publish(args.section, body, facts, started, write=not args.no_readme)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", nargs="+", default=["text", "image"], choices=["text", "image"])
+    parser.add_argument("--text-set", default="debian-sections", help="few_labels.py's text set")
+    parser.add_argument("--text-budget", default="64", help="texts a class: 4, 8, 16, 64, all")
+    parser.add_argument("--section", default=SECTION, help="the benchmarks/README.md section")
     add_common_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return dispatch(args, child, parent)
