@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import keras
 
 from tfxfer.backbones.base import Backbone
+from tfxfer.backbones.lexical import is_lexical
 from tfxfer.data.datasets import data_backbone
 from tfxfer.errors import TfxferError
 from tfxfer.heads import HeadConfig, Task, dense_head, mark_head_features, pool_features
@@ -35,6 +36,7 @@ from tfxfer.layers.fusion_layers import (
     ProductFusion,
     SumFusion,
 )
+from tfxfer.layers.text_views import TEXT_KEY, TokensAndText
 
 FUSIONS = ("concat", "sum", "product", "gated", "attention")
 
@@ -74,7 +76,8 @@ def build_fusion_model(
         backbones: list of Backbones (two or more) from `tfxfer.build_backbone`, all for
             images or all for text. Text backbones must share one tokenizer (the same
             vocabulary, as BERT checkpoints trained from one vocabulary do): the model
-            takes one set of token ids.
+            takes one set of token ids. A lexical backbone (`"tfidf"`) is the exception:
+            it reads the raw string, which the model then takes beside the token ids.
         num_outputs: int. Number of classes, or of regression targets.
         fusion: str. One of `FUSIONS`. Defaults to "concat".
         width: int, "auto" or None. The common width element-wise modes project to. "auto"
@@ -114,7 +117,10 @@ def _shared_input(backbones: list[Backbone]):
     if backbones[0].input_kind == "image":
         inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
         return inputs, [b.network(b.preprocessor(inputs)) for b in backbones]
-    network_inputs = data_backbone(backbones).network.input
+    readers = [b for b in backbones if not is_lexical(b)]
+    if readers and readers[0].preprocessor is not None and len(readers) < len(backbones):
+        return _tokens_and_text_input(backbones, readers)
+    network_inputs = data_backbone(readers or backbones).network.input
     if isinstance(network_inputs, dict):
         inputs = {
             key: keras.Input(shape=(None,), dtype=tensor.dtype, name=key)
@@ -123,6 +129,29 @@ def _shared_input(backbones: list[Backbone]):
     else:
         inputs = keras.Input(shape=(), dtype="string", name="text")
     return inputs, [b.network(inputs) for b in backbones]
+
+
+def _tokens_and_text_input(backbones: list[Backbone], readers: list[Backbone]):
+    """Token ids for the BERT branches and the raw string for the lexical ones.
+
+    The lexical backbones get `TokensAndText` as their preprocessor, so the data pipelines
+    and the serving model (`data_backbone` picks it) make both views of every text.
+    """
+    token_source = data_backbone(readers)
+    views = TokensAndText(token_source.preprocessor, name="tokens_and_text")
+    token_inputs = {
+        key: keras.Input(shape=(None,), dtype=tensor.dtype, name=key)
+        for key, tensor in token_source.network.input.items()
+    }
+    inputs = {**token_inputs, TEXT_KEY: keras.Input(shape=(), dtype="string", name=TEXT_KEY)}
+    outputs = []
+    for backbone in backbones:
+        if is_lexical(backbone):
+            backbone.preprocessor = views
+            outputs.append(backbone.network(inputs[TEXT_KEY]))
+        else:
+            outputs.append(backbone.network(token_inputs))
+    return inputs, outputs
 
 
 def _pooled_per_backbone(backbones: list[Backbone], outputs: list, head: HeadConfig) -> list:
@@ -175,7 +204,10 @@ def _check_fusable(backbones: list[Backbone]) -> None:
             "that read the same input; pick all image backbones or all text backbones."
         )
     if backbones[0].input_kind == "text":
-        _check_one_tokenizer(backbones)
+        # A lexical branch reads the raw string beside any tokenizer's ids: it fuses with all.
+        readers = [b for b in backbones if not is_lexical(b)]
+        if len(readers) > 1:
+            _check_one_tokenizer(readers)
 
 
 def _check_one_tokenizer(backbones: list[Backbone]) -> None:
@@ -184,7 +216,7 @@ def _check_one_tokenizer(backbones: list[Backbone]) -> None:
         raise TfxferError(
             f"Cannot fuse text backbones that take raw strings ({raw}) with ones that take "
             "token ids: the fused model has one input. Fuse TF-Hub text models with each other, "
-            "or BERT checkpoints with each other."
+            "or BERT checkpoints with each other (a lexical 'tfidf' branch fuses with either)."
         )
     if raw:
         return
@@ -195,7 +227,8 @@ def _check_one_tokenizer(backbones: list[Backbone]) -> None:
             raise TfxferError(
                 f"Cannot fuse {reference.name!r} and {other.name!r}: their tokenizers differ "
                 "(vocabulary or lowercasing), and a fused text model takes one set of token "
-                "ids. Fuse checkpoints that share a vocabulary (e.g. BERT uncased models)."
+                "ids. Fuse checkpoints that share a vocabulary (e.g. BERT uncased models); "
+                "only a lexical branch ('tfidf', which reads the raw words) fuses with any."
             )
 
 

@@ -20,9 +20,10 @@ HUB_PREFIX = "hub:"
 
 
 def _text_table() -> dict[str, Any]:
+    from tfxfer.backbones.lexical import LEXICAL_BACKBONES
     from tfxfer.backbones.text import TEXT_BACKBONES
 
-    return TEXT_BACKBONES
+    return {**TEXT_BACKBONES, **LEXICAL_BACKBONES}
 
 
 def known_backbones() -> dict[str, list[str]]:
@@ -53,9 +54,10 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
         name: str. An image table name ("resnet50", ...), a text table name ("minilm-l6",
             "bert-tiny", ...), a keras-hub BERT preset ("bert_base_en_uncased"), a local
             keras-hub preset or Hugging Face BERT directory, or "hub:" followed by a TF-Hub
-            handle or SavedModel path.
+            handle or SavedModel path; or "tfidf", the lexical backbone, learned from
+            `texts=` (the training texts).
         **kwargs: passed to the family's builder (`weights`, `image_size`,
-            `sequence_length`, ...).
+            `sequence_length`, `texts`, ...).
     """
     source, layers = split_layers_option(name)
     if layers is not None:  # "minilm-l6:layers=3"
@@ -70,6 +72,8 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
     key = name.lower()
     if key in VISION_BACKBONES:
         return build_vision_backbone(key, **kwargs)
+    if key in _lexical_table():
+        return _build_lexical(key, kwargs)
     if name.startswith(HUB_PREFIX):
         from tfxfer.backbones.hub import build_hub_backbone
 
@@ -93,3 +97,31 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
         f"{known['text']}; or a keras-hub BERT preset name (bert_...), a local BERT directory, "
         "or 'hub:<TF-Hub handle or SavedModel path>'."
     )
+
+
+def _lexical_table() -> dict[str, Any]:
+    from tfxfer.backbones.lexical import LEXICAL_BACKBONES
+
+    return LEXICAL_BACKBONES
+
+
+def _build_lexical(key: str, kwargs: dict[str, Any]) -> Backbone:
+    """A TF-IDF backbone from `texts=` (the training texts); other text settings do not apply."""
+    from tfxfer.backbones.lexical import LEXICAL_BACKBONES, build_tfidf_backbone
+
+    weights = kwargs.pop("weights", True)
+    if weights in (None, False) or str(weights).lower() in ("none", "random"):
+        raise TfxferError(
+            f"The {key!r} backbone has no pretrained weights to leave out: its vocabulary is "
+            "learned from the training texts. Drop --no-pretrained for it."
+        )
+    texts = kwargs.pop("texts", None)
+    # A TF-IDF vector counts every word of a text: no sequence length applies to it.
+    kwargs.pop("sequence_length", None)
+    if kwargs.pop("source_head", False):
+        raise TfxferError(
+            f"regularizer='source_task' keeps a checkpoint's own source-task head, and the "
+            f"{key!r} backbone has none. Use it without that regularizer."
+        )
+    settings = {**LEXICAL_BACKBONES[key], **kwargs}
+    return build_tfidf_backbone(texts, name=key, **settings)

@@ -147,7 +147,8 @@ def padded_length(spec: Any) -> int | None:
     if not isinstance(spec, dict) or "padding_mask" not in spec:
         return None
     width = spec["padding_mask"].shape[-1]
-    same = all(s.shape.rank == 1 and s.shape[-1] == width for s in spec.values())
+    tokens = [s for s in spec.values() if s.dtype != tf.string]  # a raw text rides along
+    same = all(s.shape.rank == 1 and s.shape[-1] == width for s in tokens)
     return int(width) if width is not None and same else None
 
 
@@ -162,8 +163,11 @@ def bucket_of(length: tf.Tensor, buckets: tf.Tensor) -> tf.Tensor:
 
 
 def trimmed(x: dict[str, tf.Tensor], length: tf.Tensor) -> dict[str, tf.Tensor]:
-    # Only padding is cut: `length` is at least the longest text's token count.
-    return {key: value[:, :length] for key, value in x.items()}
+    # Only padding is cut: `length` is at least the longest text's token count. A raw
+    # string beside the token ids (a fusion with a lexical branch) is kept whole.
+    return {
+        key: value if value.dtype == tf.string else value[:, :length] for key, value in x.items()
+    }
 
 
 def as_arrays(examples: tf.data.Dataset) -> tuple[Any, np.ndarray]:

@@ -229,6 +229,10 @@ def data_backbone(backbones: Backbone | Sequence[Backbone]) -> Backbone:
             return size * size if isinstance(size, int) else int(size[0]) * int(size[1])
 
         return max(backbones, key=area)
+    # A fusion with a lexical branch: its preprocessor makes the token ids and keeps the text.
+    views = [b for b in backbones if getattr(b.preprocessor, "carries_text", False)]
+    if views:
+        return views[0]
     return min(
         backbones,
         key=lambda b: getattr(b.preprocessor, "sequence_length", None) or float("inf"),

@@ -20,6 +20,8 @@ from tfxfer.layers.layerwise_adamw import LayerwiseAdamW
 from tfxfer.layers.masked_sequence_pooling import MaskedSequencePooling
 from tfxfer.layers.nt_xent_loss import NTXentLoss
 from tfxfer.layers.raw_text_model import RawTextModel
+from tfxfer.layers.text_views import TokensAndText
+from tfxfer.layers.tfidf_vectorizer import TfIdfVectorizer
 from tfxfer.layers.warmup_cosine import WarmupCosine
 
 __all__ = [
@@ -36,5 +38,7 @@ __all__ = [
     "ProductFusion",
     "RawTextModel",
     "SumFusion",
+    "TfIdfVectorizer",
+    "TokensAndText",
     "WarmupCosine",
 ]

@@ -19,6 +19,7 @@ import keras
 
 from tfxfer.backbones import build_backbone
 from tfxfer.backbones.base import Backbone
+from tfxfer.backbones.lexical import LEXICAL_BACKBONES
 from tfxfer.data.examples import LabelledData
 from tfxfer.data.images import load_images
 from tfxfer.data.text import load_texts
@@ -85,8 +86,11 @@ def weights_per_backbone(config: Any) -> list[Any]:
     return weights
 
 
-def build_backbones(config: Any) -> list[Backbone]:
-    """The backbones `config.backbone` names (`a,b` for several), built as the config says."""
+def build_backbones(config: Any, texts: list[str] | None = None) -> list[Backbone]:
+    """The backbones `config.backbone` names (`a,b` for several), built as the config says.
+
+    `texts`: the training texts, which a lexical backbone (`tfidf`) learns its vocabulary
+    from; `build_task_model` passes them."""
     # Only asked for when used: a hub backbone, or one without a source head, takes no flag.
     source = {"source_head": True} if wants_source_head(config) else {}
     names = config.backbone_names()
@@ -96,10 +100,15 @@ def build_backbones(config: Any) -> list[Backbone]:
             build_backbone(name, weights=weights, image_size=config.image_size, **source)
             for name, weights in zip(names, weights_per_backbone(config), strict=True)
         ]
-    return [_text_backbone(config, name, source) for name in names]
+    return [_text_backbone(config, name, source, texts) for name in names]
 
 
-def _text_backbone(config: Any, name: str, source: dict[str, bool]) -> Backbone:
+def _text_backbone(
+    config: Any, name: str, source: dict[str, bool], texts: list[str] | None
+) -> Backbone:
+    if name.lower() in LEXICAL_BACKBONES:
+        # Learned from the training split only: validation and test words stay unknown to it.
+        return build_backbone(name.lower(), texts=texts)
     if name.startswith(HUB_PREFIX):
         # A TF-Hub text model takes raw strings and tokenizes inside itself.
         return build_backbone(name, input_kind="text")
@@ -141,6 +150,7 @@ def build_task_model(
         `(backbone, model)`, or `(backbones, model)` for a fusion model over several.
     """
     if backbones is None:
-        backbones = build_backbones(config)
+        texts = list(data.train.inputs) if config.data_kind() == "text" else None
+        backbones = build_backbones(config, texts)
     task = "multi_label" if data.multi_label else "single_label"
     return build_classifier(config, backbones, len(data.class_names), task)

@@ -20,7 +20,7 @@ from tfxfer.schedule import Stage, apply_stage
 from tfxfer.train.callbacks import _EpochEnd
 from tfxfer.train.context import StageRun
 from tfxfer.train.features import STORE, HeadSplit, why_not_cached
-from tfxfer.train.head_solver import linear_output_layer, solve_head
+from tfxfer.train.head_solver import feature_blocks, linear_output_layer, solve_head
 
 
 def solver_layer(stage_run: StageRun) -> keras.layers.Dense | None:
@@ -72,6 +72,7 @@ def solve_stage(stage_run: StageRun) -> None:
         class_weight=run.class_weight,
         seed=int(trainer.config.get("seed", 0) or 0),
         solver=stage.solver,
+        blocks=feature_blocks(run.split),
     )
     info.update(solver=fitted)
     logs = head.evaluate(
@@ -86,7 +87,13 @@ def solve_stage(stage_run: StageRun) -> None:
     if run.verbose:
         shown = ", ".join(f"{key} {float(value):.4g}" for key, value in logs.items())
         print(
-            f"[tfxfer] stage {stage.name!r}: C={fitted['C']:.3g} ({fitted['folds']}-fold), "
+            f"[tfxfer] stage {stage.name!r}: C={fitted['C']:.3g} ({fitted['folds']}-fold"
+            + (
+                f"; branch weights {fitted['blocks_chosen']['weights']}"
+                if "blocks_chosen" in fitted
+                else ""
+            )
+            + "), "
             f"{fitted['iterations']} iterations in {fitted['seconds']:.2f} s; {shown}",
             flush=True,
         )
@@ -127,5 +134,9 @@ def refit_probe_on_all_labels(
         class_weight=class_weight,
         seed=seed,
         solver=stage.solver,
+        blocks=feature_blocks(split),
     )
-    return {"examples": int(len(train_x) + len(val_x)), "C": info["C"], "folds": info["folds"]}
+    refit = {"examples": int(len(train_x) + len(val_x)), "C": info["C"], "folds": info["folds"]}
+    if "blocks_chosen" in info:
+        refit["blocks_chosen"] = info["blocks_chosen"]["weights"]
+    return refit
