@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import keras
+
 from tfxfer import export, report
 from tfxfer.backbones.base import LayerGroups
+from tfxfer.backbones.lexical import is_lexical
 from tfxfer.batchnorm import has_batchnorm
 from tfxfer.configfile import to_document
 from tfxfer.recipe.config import RecipeConfig
@@ -219,7 +222,8 @@ def _contrastive_first(
         requested_steps,
         prepared.data.train.counts(),
         multi_label=prepared.data.multi_label,
-        plain=not isinstance(prepared.backbone, list) and not config.regularizer,
+        # One encoder to train: a single backbone, or one BERT beside lexical branches.
+        plain=len(_encoders(prepared.backbone)) == 1 and not config.regularizer,
     )
     if plan is None:
         return stages
@@ -230,7 +234,7 @@ def _contrastive_first(
     distribution = prepared.distribution
     if config.resume and Checkpointer(run_dir.checkpoints, write=False).latest() is not None:
         return stages
-    features = split_at_head(prepared.model).features
+    features = _encoder_features(prepared.model, prepared.backbone)
     with distribution.scope():
         if plan.mode == "in_batch":
             info = in_batch_finetune(
@@ -268,6 +272,23 @@ def _contrastive_first(
             flush=True,
         )
     return stages
+
+
+def _encoders(backbone) -> list:
+    """The backbones SetFit could train: all but the lexical ones (nothing to train there)."""
+    backbones = backbone if isinstance(backbone, list) else [backbone]
+    return [b for b in backbones if not is_lexical(b)]
+
+
+def _encoder_features(model, backbone):
+    """From the model's inputs to the pooled features SetFit trains on: the whole head input
+    for one backbone; the encoder's own part of it in a fusion with lexical branches, so the
+    pairs' cosines are the encoder's and not diluted by fixed TF-IDF vectors."""
+    if not isinstance(backbone, list) or len(backbone) == 1:
+        return split_at_head(model).features
+    encoder = backbone.index(_encoders(backbone)[0])
+    pooled = model.get_layer("pooled_features").input[encoder]
+    return keras.Model(model.inputs, pooled, name="encoder_features")
 
 
 def _cosine(info: dict, key: str) -> str:

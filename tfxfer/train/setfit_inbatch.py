@@ -228,23 +228,26 @@ def _train(features_model, inputs, labels, batches, *, optimizer, seed, verbose)
 
 
 def _dataset(inputs, labels, batches, lengths) -> tf.data.Dataset:
-    """`(inputs, labels)` batches in plan order, token arrays cut to each batch's longest."""
+    """`(inputs, labels)` batches in plan order, token arrays cut to each batch's longest
+    (a raw text beside them, for a lexical branch, passes whole)."""
     is_dict = isinstance(inputs, dict)
 
     def rows(index):
         if not is_dict:
             return inputs[index]
-        width = max(v.shape[1] for v in inputs.values())
+        width = max(v.shape[1] for v in inputs.values() if v.ndim == 2)
         if lengths is not None:
             longest = max(int(lengths[index].max()), 1)
             width = min(-(-longest // _WIDTH_STEP) * _WIDTH_STEP, width)
-        return {k: v[index][:, :width] for k, v in inputs.items()}
+        return {k: v[index][:, :width] if v.ndim == 2 else v[index] for k, v in inputs.items()}
 
     def generate():
         for index in batches:
             yield rows(index), labels[index].astype(np.int32)
 
     def spec(array):
+        if array.dtype.kind in "OSU":  # raw texts
+            return tf.TensorSpec((None,), tf.string)
         shape = (None, None) if lengths is not None else (None, *array.shape[1:])
         return tf.TensorSpec(shape, tf.as_dtype(array.dtype))
 
