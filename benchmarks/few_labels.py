@@ -810,11 +810,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--subject",
-        default=SUBJECT,
+        default="tfxfer",
         help="the variant whose targets are checked against all the others run beside it",
     )
     parser.add_argument(
-        "--margin", type=float, default=MARGIN_MEAN, help="points target (1) asks above the best"
+        "--margin", type=float, default=2.0, help="points target (1) asks above the best"
     )
     parser.add_argument("--image-backbone", default="mobilenetv3small")
     parser.add_argument("--image-weights", default="none")
@@ -828,8 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    global SUBJECT, MARGIN_MEAN
-    SUBJECT, MARGIN_MEAN = args.subject, args.margin
+    globals().update(SUBJECT=args.subject, MARGIN_MEAN=args.margin)  # read by the report
     if parser.prog == "few_labels.py build":
         build_all(args)
         return 0

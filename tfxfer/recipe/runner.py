@@ -67,7 +67,7 @@ def _run(config: RecipeConfig, build_data: BuildData, build_model: BuildModel) -
     distribution = start_run(config)
     config, build_data, ranking = choose_backbone(config, build_data, build_model, distribution)
     prepared = prepare(config, build_data, build_model, distribution)
-    stages = config.schedule()
+    stages = _nothing_to_fine_tune(config, prepared, config.schedule())
     validate_schedule(stages, LayerGroups.of(prepared.backbone))
     check_regularizers(stages, prepared.backbone)
     # Only now, with every setting checked, is the run directory written: a typo in a flag
@@ -144,6 +144,24 @@ def _finish(prepared: Prepared, datasets, run_dir: RunDir, result, ranking) -> d
         "data": data,
         "result": result,
     }
+
+
+def _nothing_to_fine_tune(config, prepared: Prepared, stages: list[Stage]) -> list[Stage]:
+    """The default fine-tuning stage dropped where no backbone has weights to train.
+
+    A lexical backbone alone (`tfidf`) learns its vocabulary from the texts and has no
+    trainable weights, so its run is the solved head; the stage would only train the head
+    again by gradient steps. `finetune_epochs` or `stages` given keep the schedule as asked.
+    """
+    if _encoders(prepared.backbone) or config.finetune_epochs is not None or config.stages:
+        return stages
+    if not config.quiet:
+        print(
+            "[tfxfer] no backbone weights to fine-tune (a lexical backbone alone): the run "
+            "fits the head only.",
+            flush=True,
+        )
+    return [dataclasses.replace(s, epochs=0) if s.name == "finetune" else s for s in stages]
 
 
 def _from_scratch(stages: list[Stage], prepared: Prepared, datasets, run_dir: RunDir):
