@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -90,7 +92,7 @@ def test_the_tfidf_model_takes_raw_strings_saves_reloads_and_exports_alike(tmp_p
     np.testing.assert_allclose(served, model.predict(probe, verbose=0), atol=1e-6)
 
 
-def test_the_recipe_learns_the_vocabulary_from_the_training_split_only(tmp_path):
+def test_the_recipe_learns_the_vocabulary_from_the_training_split_only(tmp_path, capsys):
     from recipes.bert_text_classifier import Config, main
 
     rows = [*TRAIN_ROWS, ("zebra zebra zebra", "mail")]
@@ -110,6 +112,15 @@ def test_the_recipe_learns_the_vocabulary_from_the_training_split_only(tmp_path)
     # Nothing to fine-tune: the default schedule ends on the solved head.
     assert result["metrics"]["selection"]["rule"] == "head_only"
     assert result["metrics"]["test"]["accuracy"] == 1.0
+    # The saved model takes raw strings in its first layer: predict and evaluate feed them.
+    from tfxfer.cli import main as tfxfer_command
+
+    run = str(result["run_dir"])
+    capsys.readouterr()  # the run's own lines
+    assert tfxfer_command(["evaluate", run, "--text-file", config.test]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+    assert tfxfer_command(["predict", run, "--texts", "gcc link error", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["label"] == "devel"
 
 
 # === Fused with a BERT ===
@@ -225,3 +236,14 @@ def test_the_solver_weighs_branches_by_cross_validation_and_folds_it_into_the_ke
     np.testing.assert_allclose(
         layer(features), features * scale @ fit.kernel + fit.bias, rtol=1e-4, atol=1e-4
     )
+
+
+def test_a_classifier_on_tfidf_fine_tunes_predicts_and_evaluates_raw_strings(tmp_path):
+    train = _csv(tmp_path / "train.csv", TRAIN_ROWS)
+    clf = tfxfer.Classifier.from_file(
+        train, backbone="tfidf", output_dir=str(tmp_path / "run"), verbose=0, quiet=True
+    )
+    clf.fine_tune()
+    seen = ["gcc fails to link libfoo.so", "dovecot imap login is slow"]  # training texts
+    assert [p["label"] for p in clf.predict(seen)] == ["devel", "mail"]
+    assert clf.evaluate(_csv(tmp_path / "test.csv", TEST_ROWS))["accuracy"] == 1.0

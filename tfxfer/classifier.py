@@ -344,7 +344,9 @@ class Classifier:
         else:
             labels = examples.labels
             probabilities = np.asarray(
-                model.predict(np.array(examples.inputs), batch_size=batch_size, verbose=0)
+                model.predict(
+                    prediction.text_tensor(examples.inputs), batch_size=batch_size, verbose=0
+                )
             )
         return report.classification_metrics(
             labels, probabilities, self.class_names, self._multi_label()

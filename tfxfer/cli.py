@@ -149,7 +149,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
         labels = examples.labels
         probabilities = np.asarray(
-            model.predict(list(examples.inputs), batch_size=args.batch_size, verbose=0)
+            model.predict(
+                prediction.text_tensor(examples.inputs), batch_size=args.batch_size, verbose=0
+            )
         )
     metrics = report.classification_metrics(labels, probabilities, class_names)
     print(json.dumps(metrics, indent=2))

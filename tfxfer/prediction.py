@@ -105,6 +105,13 @@ def _text_inputs(item: str, text_column: str) -> list[str]:
     return [item]
 
 
+def text_tensor(texts) -> tf.Tensor:
+    """Texts as one string tensor: what every text model takes, the ones that take raw
+    strings in their first layer (`tfidf`, TF-IDF Hub models) as well as those wrapped with
+    their tokenizer (Keras' `predict` refuses Python lists and numpy unicode arrays there)."""
+    return tf.constant([str(text) for text in texts], tf.string)
+
+
 def predict_all(
     model, kind: str, inputs: list[str], *, batch_size: int, image_size=None
 ) -> np.ndarray:
@@ -117,7 +124,7 @@ def predict_all(
     if batch_size < 1:
         raise TfxferError(f"Expected --batch-size to be a positive integer. Received: {batch_size}")
     if kind == "text":
-        return np.asarray(model.predict(list(inputs), batch_size=batch_size, verbose=0))
+        return np.asarray(model.predict(text_tensor(inputs), batch_size=batch_size, verbose=0))
     outputs = []
     for start in range(0, len(inputs), batch_size):
         batch = np.stack(
