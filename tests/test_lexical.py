@@ -141,7 +141,9 @@ def _fused(bert_dir: str, texts: list[str]):
     return backbones, build_fusion_model(backbones, 2)
 
 
-def test_a_bert_and_tfidf_fuse_and_each_branch_reads_its_own_view(bert_dir):
+def test_a_bert_and_tfidf_fuse_each_reads_its_own_view_and_the_whole_saves_and_exports(
+    bert_dir, tmp_path
+):
     texts = [t for t, _ in TRAIN_ROWS]
     backbones, model = _fused(bert_dir, texts)
     assert sorted(model.input) == ["padding_mask", "segment_ids", "text", "token_ids"]
@@ -149,7 +151,12 @@ def test_a_bert_and_tfidf_fuse_and_each_branch_reads_its_own_view(bert_dir):
     probe = ["gcc cannot link", "smtp mail relay"]
     views = backbones[1].preprocessor(tf.constant(probe))
     assert sorted(views) == ["padding_mask", "segment_ids", "text", "token_ids"]
-    np.testing.assert_allclose(serving.predict(np.array(probe), verbose=0), model(views), atol=1e-5)
+    expected = np.asarray(model(views))
+    np.testing.assert_allclose(serving.predict(np.array(probe), verbose=0), expected, atol=1e-5)
+    save_and_reload_alike(serving, tmp_path / "fused.keras", np.array(probe), atol=1e-5)
+    tfxfer.export.export_saved_model(serving, str(tmp_path / "export"))
+    exported = tf.saved_model.load(str(tmp_path / "export"))
+    np.testing.assert_allclose(exported.serve(tf.constant(probe)), expected, atol=1e-5)
 
 
 def test_two_tokenizers_fuse_only_when_one_branch_is_lexical(bert_dir, tmp_path):
