@@ -198,6 +198,7 @@ def _fused_run(run_dir, bert_dir, *, callbacks=None, resume=False):
     return model, result
 
 
+@pytest.mark.large  # three fused runs, ~15-28 s
 def test_a_fused_run_solves_the_head_fine_tunes_bert_and_resumes_where_it_would_end(
     bert_dir, tmp_path
 ):
