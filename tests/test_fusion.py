@@ -257,27 +257,26 @@ def test_the_image_recipe_refuses_a_fusion_mode_with_one_backbone_and_unmatched_
         Config(backbone="resnet50,mobilenetv3small", fusion="mean").validate()
 
 
-@pytest.mark.parametrize(
-    "backbones",
-    [
-        # The tiny pair took 36 s of the default tier; the real pair checks the same.
-        pytest.param(("mobilenetv3small", "efficientnetv2b0"), marks=pytest.mark.large),
-    ],
-    ids=["real"],
-)
-def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path, tiny_backbones, backbones):
+# The tiny pair: what is under test is the recipe's fusion plumbing (two backbones from one
+# flag, cached head features over both, fine-tuning the top group of each branch, the gated
+# weights in metrics.json, save and export), the same for any two networks. The real pair
+# (MobileNetV3 with EfficientNetV2-B0, 73-97 s) repeated it; a real pair is still built,
+# fused and trained by `image_quickstart.ipynb` (`test_notebooks.py`), and real networks run
+# the recipe in `test_image_recipe.py` (ResNet50) and `test_run_as_backbone.py`. In the large
+# tier still (8 s measured alone): the default tier is over its 6 minutes.
+@pytest.mark.large
+def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path, tiny_backbones):
     from recipes.resnet50_image_classifier import Config, main
 
+    backbones = ("tinynet", "tinynetb")
     data = write_image_folder(str(tmp_path / "data"), {"a": 6, "b": 6}, size=32)
     config = Config.smoke(
         data_dir=data,
         output_dir=str(tmp_path / "run"),
         backbone=",".join(backbones),
         fusion="gated",
-        # Fine-tuning trains the top group of each backbone (the top-K of every branch, as
-        # the recipe's --unfreeze K means): the run still fine-tunes through both real
-        # backbones, without tracing EfficientNetV2-B0's whole backward pass, the test's
-        # most expensive part. Whole-backbone fine-tuning is the LwF and recipe tests' job.
+        # The top group of each backbone (the top-K of every branch, as the recipe's
+        # --unfreeze K means).
         unfreeze="1",
         export=True,
     )
@@ -296,13 +295,9 @@ def test_the_image_recipe_fuses_two_backbones_end_to_end(tmp_path, tiny_backbone
     assert_reloads_alike(run, result["model"], images, atol=1e-5)
     exported = tf.saved_model.load(os.path.join(run, "export"))
     served = np.asarray(exported.serve(tf.constant(images)))
-    # Not compared value for value: these two backbones are randomly initialised (nothing is
-    # downloaded here) with BatchNorm statistics recomputed from the data, which puts them in
-    # the chaotic regime of random deep networks, where the last-bit differences between
-    # kernels (eager, tf.function and SavedModel gave three answers on 40 px noise) grow into
-    # opposite saturated outputs. The export path itself is checked value for value on
-    # random ResNet50 (`test_export_serves_raw_uint8_images`) and on trained models.
-    assert served.shape == expected.shape
+    # Value for value: three layers deep, the tiny networks are not in the chaotic regime
+    # that made two random real networks' eager, tf.function and SavedModel answers differ.
+    np.testing.assert_allclose(served, expected, atol=1e-5)
     np.testing.assert_allclose(served.sum(-1), 1.0, rtol=1e-4)
 
 
