@@ -342,12 +342,8 @@ class Classifier:
             )
             labels, probabilities = report.collect(model, dataset)
         else:
-            labels = examples.labels
-            probabilities = np.asarray(
-                model.predict(
-                    prediction.text_tensor(examples.inputs), batch_size=batch_size, verbose=0
-                )
-            )
+            labels, texts = examples.labels, prediction.text_tensor(examples.inputs)
+            probabilities = np.asarray(model.predict(texts, batch_size=batch_size, verbose=0))
         return report.classification_metrics(
             labels, probabilities, self.class_names, self._multi_label()
         )
