@@ -595,7 +595,44 @@ def _small_split(argv: Sequence[str]) -> None:
     print("[worker] TFXFER_DONE", flush=True)
 
 
+def _image_recipe(argv: Sequence[str]) -> None:
+    """`python -m recipes.resnet50_image_classifier ARGS` with the tiny rows registered
+    (`--backbone tinynet`), for the command-line tests whose point is not the network.
+
+    `--block-after-checkpoint E` (before the recipe's own arguments) stops the run once the
+    checkpoint of global epoch E is complete and waits to be killed, as `schedule_worker.py`'s
+    `--block-*` options do: a kill at an exact epoch, however fast the epochs are.
+    """
+    import runpy
+
+    parser = argparse.ArgumentParser(prog="image_recipe", allow_abbrev=False)
+    parser.add_argument("--block-after-checkpoint", type=int, default=None)
+    args, recipe_argv = parser.parse_known_args(argv)
+    import pytest
+    from helpers import register_tiny_backbones
+
+    register_tiny_backbones(pytest.MonkeyPatch())
+    if args.block_after_checkpoint is not None:
+        import threading
+
+        from tfxfer.train.checkpoints import Checkpointer
+
+        save = Checkpointer.save
+
+        def save_then_block(self, model, state, *rest, **kwargs):
+            save(self, model, state, *rest, **kwargs)
+            if state["global_epoch"] == args.block_after_checkpoint and not state.get("step"):
+                print(f"[worker] BLOCKED after checkpoint {state['global_epoch']}", flush=True)
+                threading.Event().wait()  # Until the test kills this process.
+
+        Checkpointer.save = save_then_block
+    module = "recipes.resnet50_image_classifier"
+    sys.argv = [module, *recipe_argv]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
 PROGRAMS: dict[str, Callable[[Sequence[str]], None]] = {
+    "image_recipe": _image_recipe,
     "small_split": _small_split,
     "pretraining": _pretraining,
     "two_stage": _two_stage,
