@@ -11,7 +11,9 @@ the top-level handling of an exception nothing caught, is checked in a process o
 
     python bad_input_driver.py JOBS.json RESULTS.json
 
-JOBS.json: a list of {"id", "argv" (["-m", module, *flags]), "cwd", "stdout", "stderr"}.
+JOBS.json: a list of {"id", "argv" (["-m", module, *flags]), "cwd", "stdout", "stderr",
+"tiny_rows"}; a job with "tiny_rows" true runs with the tiny image rows ("tinynet",
+`helpers.TINY_ROWS`) in the backbone table, for that job only.
 RESULTS.json: {id: exit status}, written after every case (a crash still leaves the earlier
 ones).
 """
@@ -39,6 +41,13 @@ def run_case(job: dict) -> int:
     if argv[:1] != ["-m"]:
         raise ValueError(f"a case runs a module: ['-m', module, *flags]; got {argv!r}")
     os.chdir(job["cwd"])
+    tiny_rows = None
+    if job.get("tiny_rows"):
+        import pytest
+        from helpers import register_tiny_backbones  # this file's folder is on sys.path
+
+        tiny_rows = pytest.MonkeyPatch()
+        register_tiny_backbones(tiny_rows)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -57,6 +66,8 @@ def run_case(job: dict) -> int:
             traceback.print_exc()
             status = 1
     finally:
+        if tiny_rows is not None:
+            tiny_rows.undo()
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(saved[0], 1)

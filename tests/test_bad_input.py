@@ -10,7 +10,9 @@ To add a case, add a row: an id, a function `(inputs, tmp) -> argv` (it may writ
 it needs into `tmp`, the case's own folder and working directory), and a fragment of the
 expected message. Rows run through `python -m ...` in another interpreter, one after another
 (`bad_input_driver.py`: each with its own working directory, stdout and stderr, TensorFlow
-imported once for all); a row that only checks what a config validates may say
+imported once for all; a row whose flags name `--backbone tinynet` runs with the tiny rows
+registered, for the rows that must build and train a network to fail, where which network
+does not matter); a row that only checks what a config validates may say
 `in_process=True` and run through `command_line` / `cli.main` in this process instead.
 In-process rows are in the default test tier, the others in the large one.
 """
@@ -261,7 +263,7 @@ CASES = [
          "overwrite and resume", in_process=True),
     Case("resume-a-run-without-checkpoint",
          lambda d, t: image_run(d, t, "--output-dir", earlier_run(t), "--resume",
-                                "--backbone", "mobilenetv3small"),
+                                "--backbone", "tinynet"),
          "no complete checkpoint"),
     Case("image-size-too-large-for-memory",
          lambda d, t: image_run(d, t, "--image-size", "100000"),
@@ -282,7 +284,7 @@ CASES = [
          "finetune_learning_rate=nan", in_process=True),
     Case("learning-rate-so-high-training-diverges",
          lambda d, t: image_run(d, t, "--head-learning-rate", "1e30",
-                                "--backbone", "mobilenetv3small"),
+                                "--backbone", "tinynet"),
          "Training diverged"),
     Case("negative-epochs",
          lambda d, t: image_run(d, t, "--head-epochs", "-1"), "head_epochs=-1", in_process=True),
@@ -547,9 +549,11 @@ def subprocess_outcomes(request, inputs, tmp_path_factory) -> dict[str, Outcome]
             tmp = tmp_path_factory.mktemp(case.id)
             logs = tmp_path_factory.mktemp(f"{case.id}-logs")
             folders[case.id] = (tmp, logs)
+            argv = case.argv(inputs, tmp)
             jobs.append({
-                "id": case.id, "argv": case.argv(inputs, tmp), "cwd": str(tmp),
+                "id": case.id, "argv": argv, "cwd": str(tmp),
                 "stdout": str(logs / "stdout"), "stderr": str(logs / "stderr"),
+                "tiny_rows": "tinynet" in argv,
             })  # fmt: skip
     if not jobs:
         return {}
