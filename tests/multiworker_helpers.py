@@ -517,6 +517,7 @@ def _pretraining(argv: Sequence[str]) -> None:
     parser.add_argument("--strategy", default="cpu")
     parser.add_argument("--mixed-precision", default="float32")
     parser.add_argument("--logical-cpus", type=int, default=0)
+    parser.add_argument("--backbone", default=None, help="contrastive: tinynet, or a real row")
     args = parser.parse_args(argv)
     _split_cpu(args.logical_cpus)
     run = {
@@ -540,18 +541,24 @@ def _pretraining(argv: Sequence[str]) -> None:
 
         write_shapes_dataset(str(args.out / "data"), per_class=4, image_size=32)
         fields = {"data_dir": str(args.out / "data")}
+        if args.backbone is not None:
+            import pytest
+            from helpers import register_tiny_backbones
+
+            register_tiny_backbones(pytest.MonkeyPatch())
+            fields["backbone"] = args.backbone
     main(Config.smoke(**run, **fields))
     print("[worker] TFXFER_DONE", flush=True)
 
 
-def run_pretraining_under_mirrored(recipe: str, out: Path) -> dict:
+def run_pretraining_under_mirrored(recipe: str, out: Path, *extra: str) -> dict:
     """Runs `_pretraining` under MirroredStrategy over 2 logical CPUs in bfloat16.
 
     Checks that it finished, trained two epochs and recorded its strategy and precision;
-    returns the run's `config.json`.
+    returns the run's `config.json`. `extra`: more of `_pretraining`'s flags (`--backbone`).
     """
     args = ["pretraining", recipe, "--out", str(out), "--strategy", "mirrored"]
-    args += ["--logical-cpus", "2", "--mixed-precision", "mixed_bfloat16"]
+    args += ["--logical-cpus", "2", "--mixed-precision", "mixed_bfloat16", *extra]
     result = run_single(str(THIS_FILE), args, log_dir=out / "logs", timeout=240)
     assert result.ok, describe_results([result])
     config = json.loads((out / "run" / "config.json").read_text())
