@@ -157,6 +157,10 @@ def test_a_bert_and_tfidf_fuse_each_reads_its_own_view_and_the_whole_saves_and_e
     tfxfer.export.export_saved_model(serving, str(tmp_path / "export"))
     exported = tf.saved_model.load(str(tmp_path / "export"))
     np.testing.assert_allclose(exported.serve(tf.constant(probe)), expected, atol=1e-5)
+    # TFLite has no string ops for the lexical branch: refused in one line, nothing written.
+    with pytest.raises(TfxferError, match="lexical branch.*--format savedmodel"):
+        tfxfer.export.export_tflite(serving, str(tmp_path / "m.tflite"))
+    assert not (tmp_path / "m.tflite").exists()
 
 
 def test_two_tokenizers_fuse_only_when_one_branch_is_lexical(bert_dir, tmp_path):

@@ -95,7 +95,8 @@ def export_tflite(
 
     Raises:
         TfxferError: an unknown quantization; "int8" without representative data; a model
-            TFLite cannot take (several inputs, raw strings it tokenizes itself); `path` is
+            TFLite cannot take (several inputs, raw strings it tokenizes itself, a lexical
+            `tfidf` branch); `path` is
             not a `.tflite` name, or exists and is not a file tfxfer wrote.
 
     Example:
@@ -192,6 +193,12 @@ def _text_signature(model: RawTextModel):
             "TFLite export of this text model is not supported: tfxfer exports a BERT "
             "classifier on token ids, and this one's preprocessor has no tokenizer and "
             "sequence length to record. Use --format savedmodel."
+        )
+    if any(tensor.dtype == "string" for tensor in inputs.values()):
+        raise TfxferError(
+            "TFLite export of this text model is not supported: its lexical branch (tfidf) "
+            "reads the raw strings, and TFLite's interpreter has no string ops to vectorize "
+            "them. Use --format savedmodel, or train with a BERT backbone alone for TFLite."
         )
     signature = {
         name: tf.TensorSpec([None, int(length)], "int32", name=name) for name in sorted(inputs)
