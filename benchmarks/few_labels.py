@@ -743,7 +743,7 @@ def _target_two(runs, name) -> tuple[str, bool, str]:
     budget = KERAS_HUB_BUDGET
     ours, theirs = _accs(runs, name, budget, SUBJECT), _accs(runs, name, budget, "keras-hub")
     title = (
-        f"(2) {budget}/class: tfxfer >= keras-hub + {KERAS_HUB_MARGIN:g} points in no more "
+        f"(2) {budget}/class: {NAMES[SUBJECT]} >= keras-hub + {KERAS_HUB_MARGIN:g} points in no more "
         "wall time"
     )
     if not ours or not theirs:
