@@ -743,8 +743,8 @@ def _target_two(runs, name) -> tuple[str, bool, str]:
     budget = KERAS_HUB_BUDGET
     ours, theirs = _accs(runs, name, budget, SUBJECT), _accs(runs, name, budget, "keras-hub")
     title = (
-        f"(2) {budget}/class: {NAMES[SUBJECT]} >= keras-hub + {KERAS_HUB_MARGIN:g} points in no more "
-        "wall time"
+        f"(2) {budget}/class: {NAMES[SUBJECT]} >= keras-hub + {KERAS_HUB_MARGIN:g} points in "
+        "no more wall time"
     )
     if not ours or not theirs:
         return title, False, "a run failed"

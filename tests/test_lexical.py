@@ -259,3 +259,44 @@ def test_a_classifier_on_tfidf_fine_tunes_predicts_and_evaluates_raw_strings(tmp
     seen = ["gcc fails to link libfoo.so", "dovecot imap login is slow"]  # training texts
     assert [p["label"] for p in clf.predict(seen)] == ["devel", "mail"]
     assert clf.evaluate(_csv(tmp_path / "test.csv", TEST_ROWS))["accuracy"] == 1.0
+
+
+def test_few_labels_run_setfit_on_the_bert_branch_of_the_hybrid_and_leave_tfidf_as_fitted(
+    bert_dir, tmp_path
+):
+    """The recipe's automatic SetFit (few texts a class) trains the BERT branch of a fusion
+    with a lexical branch, on the BERT's own pooled features; the TF-IDF branch is untouched."""
+    from recipes.bert_text_classifier import Config, main
+
+    config = Config.smoke(
+        train=_csv(tmp_path / "train.csv", TRAIN_ROWS),
+        output_dir=str(tmp_path / "run"),
+        backbone=f"{bert_dir},tfidf",
+        contrastive_pairs="auto",
+        head_epochs=None,  # the solved head
+        finetune_epochs=None,  # dropped after the automatic SetFit: only SetFit moves the BERT
+        val_split=0.25,
+    )
+    keras.utils.set_random_seed(0)
+    untrained = tfxfer.build_backbone(bert_dir, sequence_length=config.sequence_length)
+    result = main(config)
+    info = json.loads((tmp_path / "run" / "contrastive.json").read_text())
+    assert info["mode"] == "in_batch" and info["finetune"] == "dropped after the automatic SetFit"
+    assert info["positive_cosine_after"] > info["positive_cosine_before"]
+    bert, lexical = result["backbone"]
+    moved = [
+        not np.allclose(a, b)
+        for a, b in zip(bert.network.get_weights(), untrained.network.get_weights(), strict=True)
+    ]
+    assert any(moved)
+    layer = lexical.network.get_layer("tfidf")
+    assert layer.vocabulary == fit_tfidf(_texts_of(config)).vocabulary
+    solved = json.loads((tmp_path / "run" / "stages.json").read_text())["head"]["solver"]
+    assert "blocks_chosen" in solved
+
+
+def _texts_of(config) -> list[str]:
+    """The training split's texts of a run's config (its validation split held out)."""
+    from tfxfer.recipe import load_data
+
+    return list(load_data(config, config.train).train.inputs)
