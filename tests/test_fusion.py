@@ -312,10 +312,13 @@ def test_the_text_recipe_fuses_two_berts_from_the_command_line_flags(two_berts, 
         [
             "--train", str(train), "--output-dir", str(tmp_path / "run"),
             "--backbone", ",".join(two_berts), "--fusion", "attention", "--fusion-width", "8",
-            "--head-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8",
+            "--head-epochs", "1", "--finetune-epochs", "0", "--batch-size", "8",
             "--sequence-length", "12", "--no-export",
         ]
     )  # fmt: skip
+    # The head stage only: the flags, the projection and the namespaces are what this checks;
+    # fine-tuning through fused branches is test_lexical.py's fused resume and the image
+    # recipe's fusion test (19.7 -> 11.1 s).
     result = main(config)
     assert result["model"].get_layer("fusion").width == 8
     assert [b.namespace for b in result["backbone"]] == ["bert", "bert_2"]
