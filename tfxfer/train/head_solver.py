@@ -130,7 +130,8 @@ def _fit_blocks(fit_at, features: np.ndarray, blocks: list[int] | None):
     ]
     unit = [1.0 / n if n > 0 else 1.0 for n in norms]
     if len(blocks) == 2:
-        weightings = [(1.0, r) for r in BLOCK_RATIOS]
+        # Equal first: it is the fit where no cross-validation can run, and wins a tie.
+        weightings = [(1.0, 1.0)] + [(1.0, r) for r in BLOCK_RATIOS if r != 1.0]
     else:
         weightings = [(1.0,) * len(blocks)]
         weightings += [
